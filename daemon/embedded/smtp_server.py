@@ -1,0 +1,176 @@
+"""A real SMTP server in-process (aiosmtpd) that delivers into the embedded IMAP server.
+
+Runs on the caller's event loop (no thread), so the demo and the tests see one
+process with one loop. Optional STARTTLS or implicit TLS, optional AUTH, and a
+sendmail-style log line per delivery so the demo's leak watcher has a real
+stream to follow. Test seams: `mutate` alters a message in transit, `drop`
+accepts and loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from daemon.embedded.imap_server import EmbeddedImapServer
+
+
+def _queue_id() -> str:
+    # Shaped like sendmail's: 8 base-62-ish characters then a 6-digit pid.
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    return "".join(secrets.choice(alphabet) for _ in range(8)) + f"{secrets.randbelow(10**6):06d}"
+
+
+class _DeliveryHandler:
+    def __init__(self, server: EmbeddedSmtpServer) -> None:
+        self._server = server
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self, _srv: SMTP, _session: Session, envelope: Envelope, address: str,
+        _options: list[str],
+    ) -> str:
+        if not self._server.accepts(address):
+            return "550 5.1.1 User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
+        self, _srv: SMTP, _session: Session, envelope: Envelope,
+    ) -> str:
+        data = envelope.original_content or b""
+        qid = _queue_id()
+        self._server.log_line(
+            f"{qid}: from=<{envelope.mail_from}>, size={len(data)}, class=0, "
+            f"nrcpts={len(envelope.rcpt_tos)}, proto=ESMTP, daemon=MTA, relay=localhost [127.0.0.1]"
+        )
+        task = asyncio.ensure_future(self._server.deliver_later(qid, envelope.rcpt_tos, data))
+        self._server.tasks.add(task)
+        task.add_done_callback(self._server.tasks.discard)
+        return f"250 2.0.0 {qid} Message accepted for delivery"
+
+
+class EmbeddedSmtpServer:
+    """aiosmtpd on 127.0.0.1 delivering to local users of `imap`.
+
+    `route` maps a domain (lowercase) to a callable that takes an address and
+    returns the IMAP user that receives it; addresses of other domains are
+    accepted and logged as relayed elsewhere (that is what the leak watcher sees).
+    """
+
+    def __init__(
+        self,
+        imap: EmbeddedImapServer,
+        local_users: dict[str, str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        credentials: tuple[str, str] | None = None,
+        maillog: Path | None = None,
+        delivery_delay: float = 0.0,
+    ) -> None:
+        self._imap = imap
+        self._local_users = {k.lower(): v for k, v in local_users.items()}
+        self._host = host
+        self._requested_port = port
+        self._tls = tls
+        self._ssl_context = ssl_context
+        self._credentials = credentials
+        self._maillog = maillog
+        self.delivery_delay = delivery_delay
+        self.mutate: Callable[[bytes], bytes] | None = None
+        self.drop = False
+        self.delivered = 0
+        self.tasks: set[asyncio.Future[None]] = set()
+        self._server: asyncio.Server | None = None
+        # Server.close_clients() is Python 3.13+; track connections to close them on stop.
+        self._connections: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        self.port = 0
+
+    def accepts(self, address: str) -> bool:
+        # Local users get local delivery; everything else is "relayed" (logged only).
+        return "@" in address
+
+    def _authenticate(
+        self, _srv: SMTP, _session: Session, _envelope: Envelope, mechanism: str, data: Any,
+    ) -> AuthResult:
+        if mechanism not in ("LOGIN", "PLAIN") or not isinstance(data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        assert self._credentials is not None
+        user, password = self._credentials
+        ok = data.login.decode() == user and secrets.compare_digest(data.password.decode(), password)
+        return AuthResult(success=ok, handled=False)
+
+    def _protocol(self) -> SMTP:
+        proto = SMTP(
+            _DeliveryHandler(self),
+            hostname="smtp.selfcheckd.test",
+            ident="selfcheckd embedded SMTP",
+            tls_context=self._ssl_context if self._tls == "starttls" else None,
+            require_starttls=self._tls == "starttls",
+            auth_required=self._credentials is not None,
+            auth_require_tls=self._tls is not None,
+            authenticator=self._authenticate if self._credentials else None,
+            timeout=30,
+            loop=asyncio.get_running_loop(),
+        )
+        self._connections.add(proto)
+        return proto
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, host=self._host, port=self._requested_port,
+            ssl=self._ssl_context if self._tls == "tls" else None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            for proto in list(self._connections):
+                if proto.transport is not None:
+                    proto.transport.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def log_line(self, text: str) -> None:
+        """Append a sendmail-shaped line (rsyslog's default format) to the maillog."""
+        if self._maillog is None:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        frac = f"{time.time() % 1:.6f}"[1:]
+        line = f"{stamp}{frac}+00:00 selfcheckd-demo sendmail[{1000 + secrets.randbelow(9000)}]: {text}\n"
+        with self._maillog.open("a", encoding="utf-8") as fh:
+            fh.write(line)
+
+    async def deliver_later(self, qid: str, rcpts: list[str], data: bytes) -> None:
+        if self.delivery_delay:
+            await asyncio.sleep(self.delivery_delay)
+        if self.drop:
+            return
+        if self.mutate is not None:
+            data = self.mutate(data)
+        for rcpt in rcpts:
+            user = self._local_users.get(rcpt.lower())
+            if user is not None:
+                await self._imap.deliver(user, data)
+                self.delivered += 1
+                status = "mailer=local, stat=Sent"
+            else:
+                status = "mailer=esmtp, relay=relay.invalid., dsn=4.0.0, stat=Deferred"
+            self.log_line(f"{qid}: to=<{rcpt}>, delay=00:00:00, xdelay=00:00:00, {status}")

@@ -1,0 +1,1 @@
+"""The leak watcher: mail log sources, the sendmail/Postfix parser, the sinkhole leak detector."""
