@@ -161,7 +161,7 @@ class ServerConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_listen(self) -> Any:
-        host, sep, port = self.listen.rpartition(":")
+        _host, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise key_error("listen", "must be HOST:PORT with PORT 0-65535")
         return self

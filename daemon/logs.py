@@ -78,5 +78,6 @@ def configure_logging(fmt: str = "kv", level: str = "info", stream: TextIO | Non
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Library chatter that is noise at info level (and aioimaplib logs commands).
-    for noisy in ("aioimaplib", "aiobotocore", "botocore", "mail.log", "aiohttp.access"):
+    # pymap and aiosmtpd ("mail.log") only run in the embedded demo stack.
+    for noisy in ("aioimaplib", "aiobotocore", "botocore", "mail.log", "aiohttp.access", "pymap"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,13 +13,13 @@ from argparse import Namespace
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
+from proxyprotocol.reader import ProxyProtocolReader
 from pymap.backend.dict import Config as DictConfig
 from pymap.backend.dict import Identity, Login
 from pymap.imap import IMAPServer
-from pymap.parsing.specials.fetchattr import FetchRequirement
 from pymap.parsing.message import AppendMessage
+from pymap.parsing.specials.fetchattr import FetchRequirement
 from pymap.user import Passwords, UserMetadata
-from proxyprotocol.reader import ProxyProtocolReader
 
 
 class EmbeddedImapServer:

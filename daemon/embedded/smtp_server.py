@@ -107,7 +107,9 @@ class EmbeddedSmtpServer:
             return AuthResult(success=False, handled=False)
         assert self._credentials is not None
         user, password = self._credentials
-        ok = data.login.decode() == user and secrets.compare_digest(data.password.decode(), password)
+        ok = data.login.decode() == user and secrets.compare_digest(
+            data.password.decode(), password
+        )
         return AuthResult(success=ok, handled=False)
 
     def _protocol(self) -> SMTP:
@@ -154,7 +156,8 @@ class EmbeddedSmtpServer:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         frac = f"{time.time() % 1:.6f}"[1:]
-        line = f"{stamp}{frac}+00:00 selfcheckd-demo sendmail[{1000 + secrets.randbelow(9000)}]: {text}\n"
+        pid = 1000 + secrets.randbelow(9000)
+        line = f"{stamp}{frac}+00:00 selfcheckd-demo sendmail[{pid}]: {text}\n"
         with self._maillog.open("a", encoding="utf-8") as fh:
             fh.write(line)
 

@@ -1,0 +1,170 @@
+"""`selfcheckd run | check | scan | config-check | demo`.
+
+Exit codes: 0 success, 1 a check failed or a leak was found, 2 bad configuration
+or input, 3 the daemon could not start (e.g. its port is in use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+from pathlib import Path
+
+from daemon import __version__
+from daemon.config import Config, ConfigError, LoadedConfig, load_config
+from daemon.logs import configure_logging
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
+
+
+def probe_secret(config: Config) -> bytes:
+    """The configured secret, or a random one for this process (probes still verify)."""
+    if config.selfcheck.secret is not None:
+        return config.selfcheck.secret.get_secret_value().encode()
+    return secrets.token_bytes(32)
+
+
+def _load(args: argparse.Namespace) -> LoadedConfig | None:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"selfcheckd: config: {problem}", file=sys.stderr)
+        return None
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
+        return EXIT_CONFIG
+    cfg = loaded.config
+    source = str(loaded.path) if loaded.path else "environment"
+    print(f"config OK ({source}): {len(cfg.selfcheck.routes)} route(s), "
+          f"{len(cfg.heartbeat)} heartbeat target(s), "
+          f"leak watcher {'on' if cfg.leakwatch else 'off'}")
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from daemon.runner import run_check
+
+    loaded = _load(args)
+    if loaded is None:
+        return EXIT_CONFIG
+    cfg = loaded.config
+    if not cfg.selfcheck.routes:
+        print("selfcheckd: config: selfcheck.routes: no route to check", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(cfg.logging.format, "debug" if args.verbose else cfg.logging.level)
+    secret = probe_secret(cfg)
+
+    async def all_routes() -> list[dict[str, object]]:
+        results = await asyncio.gather(
+            *(run_check(route, cfg.selfcheck, secret) for route in cfg.selfcheck.routes)
+        )
+        return [r.as_dict(verbose=args.verbose) for r in results]
+
+    results = asyncio.run(all_routes())
+    for result in results:
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return EXIT_OK if all(r["success"] for r in results) else EXIT_FAILED
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from daemon.app import serve
+
+    loaded = _load(args)
+    if loaded is None:
+        return EXIT_CONFIG
+    configure_logging(loaded.config.logging.format, loaded.config.logging.level)
+    return serve(loaded, config_path=args.config)
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from daemon.logwatch.config import LeakWatchConfig
+    from daemon.logwatch.scan_command import run as run_scan
+
+    leakwatch: LeakWatchConfig | None = None
+    if args.config is not None or _env_config():
+        loaded = _load(args)
+        if loaded is None:
+            return EXIT_CONFIG
+        leakwatch = loaded.config.leakwatch
+        configure_logging(loaded.config.logging.format, loaded.config.logging.level)
+    else:
+        configure_logging()
+    return run_scan(args, leakwatch if leakwatch is not None else LeakWatchConfig())
+
+
+def _env_config() -> bool:
+    import os
+
+    return bool(os.environ.get("SELFCHECKD_CONFIG"))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfcheckd",
+        description="End-to-end mail pipeline selfchecks and a sinkhole leak watcher.",
+    )
+    parser.add_argument("--version", action="version", version=f"selfcheckd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, default=None,
+                       help="TOML config file (default: $SELFCHECKD_CONFIG, else env only)")
+        return p
+
+    p = with_config(sub.add_parser("run", help="run the daemon: scheduled checks, leak "
+                                               "watcher, /metrics"))
+    p.set_defaults(func=_cmd_run)
+
+    p = with_config(sub.add_parser("check", help="one round trip of every route, then exit"))
+    p.add_argument("--verbose", action="store_true", help="log each step with its timing")
+    p.add_argument("--json", action="store_true", help="one compact JSON object per route")
+    p.set_defaults(func=_cmd_check)
+
+    p = with_config(sub.add_parser("config-check", help="validate the configuration and exit"))
+    p.set_defaults(func=_cmd_config_check)
+
+    p = with_config(sub.add_parser("scan", help="one-shot scan of a mail log for leaked "
+                                                "sinkhole recipients"))
+    try:
+        from daemon.logwatch.scan_command import add_arguments as add_scan_arguments
+    except ImportError:  # the leak watcher is optional at import time
+        pass
+    else:
+        add_scan_arguments(p)
+    p.set_defaults(func=_cmd_scan)
+
+    p = sub.add_parser("demo", help="run against an embedded mail stack (no setup needed)")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between selfchecks")
+    p.add_argument("--listen", default="127.0.0.1:9787", help="HOST:PORT for /metrics")
+    p.add_argument("--workdir", type=Path, default=Path(".demo"),
+                   help="where the demo's maillog and state live")
+    p.add_argument("--duration", type=float, default=0.0,
+                   help="stop after this many seconds (0: until Ctrl-C)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
