@@ -1,11 +1,139 @@
-"""The `[leakwatch]` config section (placeholder: the leak-watcher work fills it in)."""
+"""The `[leakwatch]` config section: where mail log lines come from and what counts as a leak.
+
+Every key has a default, so `scan --file` works with an empty `LeakWatchConfig()`.
+docs/leakwatch.md lists each key with its default.
+"""
 
 from __future__ import annotations
 
-from daemon.config_base import StrictModel
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+
+from daemon.config_base import (
+    NonBlankStr,
+    NonNegativeFloat,
+    PositiveFloat,
+    SecretsModel,
+    StrictModel,
+)
+
+
+class CloudWatchSource(StrictModel):
+    """FilterLogEvents polling of the smtp-out log group(s)."""
+
+    log_groups: list[NonBlankStr] = Field(default_factory=lambda: ["/ecs/cabal-smtp-out"])
+    stream_prefix: str | None = "smtp-out"
+    # Server-side filter; "" fetches every line (needed for sender correlation
+    # without the second, targeted query).
+    filter_pattern: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    poll_interval: PositiveFloat = 10.0
+    # Re-queried on every poll so late-ingested events are still seen.
+    overlap: PositiveFloat = 300.0
+    # How far back the first poll reaches when there is no checkpoint.
+    lookback: NonNegativeFloat = 900.0
+    state_file: Path | None = None
+    request_timeout: PositiveFloat = 20.0
+    max_backoff: PositiveFloat = 300.0
+    # Bound on remembered event ids (each lives for `overlap` seconds anyway).
+    max_seen_events: int = Field(default=200_000, ge=1000)
+    # With a filter pattern, from= lines are not fetched: look the sender up by
+    # queue id within this window before the delivery line (0 disables).
+    sender_lookup_window: NonNegativeFloat = 86400.0
+    # FilterLogEvents `limit` (events per page); unset lets the service decide.
+    page_size: int | None = Field(default=None, ge=1, le=10_000)
+
+    @field_validator("log_groups")
+    @classmethod
+    def _at_least_one(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one log group")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+
+class FileSource(StrictModel):
+    """A local mail log followed like `tail -F`."""
+
+    path: Path = Path("/var/log/maillog")
+    poll_interval: PositiveFloat = 1.0
+    # Start at the end (like tail -F) or read the whole file first.
+    from_beginning: bool = False
+
+
+class AlertWebhook(SecretsModel):
+    """Cabalmail alert_sink compatible webhook (POST summary/severity/source)."""
+
+    url: NonBlankStr
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    secret_env: str | None = None
+    source: NonBlankStr = "selfcheckd-leakwatch"
+    severity: Literal["critical", "warning", "info"] = "critical"
+    timeout: PositiveFloat = 10.0
+    retries: int = Field(default=4, ge=0, le=10)
+    backoff: PositiveFloat = 1.0
+    # At most `rate_limit` alerts per `rate_period` seconds; the rest are
+    # folded into one summary alert.
+    rate_limit: int = Field(default=10, ge=1)
+    rate_period: PositiveFloat = 60.0
+    # Also send blindness and sinkhole-mode warnings (severity "warning").
+    send_warnings: bool = True
+
+    secret_fields = ("secret",)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+
+class SinkholeModeWatch(StrictModel):
+    """Poll the SSM parameter that sets the sinkhole's behaviour."""
+
+    enabled: bool = False
+    parameter: NonBlankStr = "/cabal/sinkhole_mode"
+    interval: PositiveFloat = 60.0
+    # Warn when the mode stays accept/accept-log longer than this.
+    max_accept_duration: PositiveFloat = 3600.0
+    region: str | None = None
+    endpoint_url: str | None = None
+    request_timeout: PositiveFloat = 10.0
 
 
 class LeakWatchConfig(StrictModel):
     """Settings of the smtp-out log watcher."""
 
-    domains: list[str] = ["sinkhole.test"]
+    source: Literal["cloudwatch", "file", "stdin"] = "cloudwatch"
+    domains: list[NonBlankStr] = Field(default_factory=lambda: ["sinkhole.test"])
+    # Glob patterns (case-insensitive) of senders whose sinkhole mail is expected.
+    allowed_senders: list[NonBlankStr] = Field(default_factory=lambda: ["qp-test-*@*"])
+    # Warn when sendmail lines flow but no to= line was seen for this long.
+    blind_after: PositiveFloat = 3600.0
+    # Bounds on the queue-id -> sender map and the alerted (queue id, recipient) set.
+    max_tracked_queue_ids: int = Field(default=100_000, ge=100)
+    cloudwatch: CloudWatchSource = Field(default_factory=CloudWatchSource)
+    file: FileSource = Field(default_factory=FileSource)
+    alert: AlertWebhook | None = None
+    sinkhole_mode: SinkholeModeWatch = Field(default_factory=SinkholeModeWatch)
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one domain")
+        for d in value:
+            if "@" in d or any(c.isspace() for c in d):
+                raise ValueError(f"not a domain name: {d!r}")
+        return value

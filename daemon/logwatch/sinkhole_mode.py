@@ -1,0 +1,103 @@
+"""Watch the SSM parameter that sets the sinkhole's behaviour (/cabal/sinkhole_mode).
+
+The runbook parks the sinkhole in `defer`; `accept` / `accept-log` make mail to
+the sinkhole succeed silently, so staying there too long is worth a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from daemon.logwatch.config import SinkholeModeWatch
+from daemon.logwatch.sources.cloudwatch import RETRYABLE, error_reason
+from daemon.metrics import Metrics
+
+log = structlog.get_logger()
+
+KNOWN_MODES = ("defer", "accept", "accept-log", "bounce", "greylist")
+ACCEPTING = frozenset({"accept", "accept-log"})
+
+Warn = Callable[[str, str], None]  # (summary, dedupe key)
+
+
+class SinkholeModeWatcher:
+    def __init__(
+        self,
+        cfg: SinkholeModeWatch,
+        metrics: Metrics,
+        warn: Warn = lambda _summary, _key: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.warn = warn
+        self.clock = clock
+        self.mode: str | None = None
+        self.accepting_since: float | None = None
+        self.warned = False
+
+    def _client(self) -> Any:
+        config = AioConfig(
+            retries={"mode": "standard", "max_attempts": 3},
+            connect_timeout=min(self.cfg.request_timeout, 10.0),
+            read_timeout=self.cfg.request_timeout,
+        )
+        return get_session().create_client(
+            "ssm", region_name=self.cfg.region, endpoint_url=self.cfg.endpoint_url, config=config
+        )
+
+    def observe(self, value: str, modified: datetime | None) -> None:
+        """Record one reading of the parameter; export it; warn if accepting too long."""
+        mode = value.strip().lower()
+        label = mode if mode in KNOWN_MODES else "other"
+        for known in (*KNOWN_MODES, "other"):
+            self.metrics.sinkhole_mode.labels(mode=known).set(1 if known == label else 0)
+        now = self.clock()
+        if mode != self.mode:
+            self.mode = mode
+            self.warned = False
+            # LastModifiedDate tells how long it has really been in this mode,
+            # even across our own restarts.
+            self.accepting_since = (
+                (modified.timestamp() if modified else now) if mode in ACCEPTING else None
+            )
+            log.info("sinkhole_mode", mode=label)
+        if self.accepting_since is None or self.warned:
+            return
+        stuck_for = now - self.accepting_since
+        if stuck_for > self.cfg.max_accept_duration:
+            self.warned = True
+            log.warning("sinkhole_mode_accepting_too_long", mode=label,
+                        seconds=round(stuck_for), max_seconds=self.cfg.max_accept_duration,
+                        hint=f"park it again: aws ssm put-parameter --name {self.cfg.parameter} "
+                             "--value defer --overwrite")
+            self.warn(f"sinkhole mode has been {label} for {round(stuck_for)} s "
+                      f"(more than {round(self.cfg.max_accept_duration)} s): mail to the "
+                      "sinkhole now succeeds silently; set it back to defer",
+                      f"sinkhole_mode {label} {self.accepting_since}")
+
+    async def run(self) -> None:
+        """Poll until cancelled; errors are counted and retried on the next interval."""
+        while True:
+            try:
+                async with self._client() as client:
+                    while True:
+                        async with asyncio.timeout(self.cfg.request_timeout * 2):
+                            resp = await client.get_parameter(Name=self.cfg.parameter)
+                        param = resp.get("Parameter", {})
+                        self.observe(str(param.get("Value", "")), param.get("LastModifiedDate"))
+                        await asyncio.sleep(self.cfg.interval)
+            except RETRYABLE as exc:
+                reason = f"ssm_{error_reason(exc)}"
+                self.metrics.leakwatch_errors.labels(reason=reason).inc()
+                log.warning("sinkhole_mode_read_failed", reason=reason,
+                            parameter=self.cfg.parameter, error=type(exc).__name__)
+                await asyncio.sleep(self.cfg.interval)

@@ -1,0 +1,250 @@
+"""CloudWatch Logs source: FilterLogEvents polling that misses nothing and repeats nothing.
+
+Each poll asks for [cursor - overlap, now], where the cursor is the newest event
+timestamp seen. The overlap catches events ingested late with older
+timestamps (PutLogEvents accepts them up to 14 days old); event ids seen in the
+overlap are remembered (bounded, evicted once they fall out of the window) so
+nothing is emitted twice. Paging follows `nextToken` until it is absent, even
+through empty pages. Failures back off exponentially and retry the same window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import structlog
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    NoRegionError,
+)
+
+from daemon.logwatch.config import CloudWatchSource
+from daemon.logwatch.parser import QueueAdd, parse_line
+
+if TYPE_CHECKING:
+    from types_aiobotocore_logs import CloudWatchLogsClient
+    from types_aiobotocore_logs.type_defs import FilterLogEventsRequestTypeDef
+
+log = structlog.get_logger()
+
+ErrorSink = Callable[[str], None]
+# Guard against a server that never stops handing out tokens.
+MAX_PAGES_PER_QUERY = 10_000
+
+
+def error_reason(exc: BaseException) -> str:
+    """A bounded label for leakwatch_errors_total{reason}."""
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("ThrottlingException", "Throttling", "TooManyRequestsException"):
+            return "throttled"
+        if code in ("AccessDeniedException", "UnrecognizedClientException",
+                    "ExpiredTokenException", "InvalidSignatureException"):
+            return "access_denied"
+        if code == "ResourceNotFoundException":
+            return "not_found"
+        return "api_error"
+    if isinstance(exc, NoCredentialsError):
+        return "credentials"
+    if isinstance(exc, NoRegionError):
+        return "config"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, (EndpointConnectionError, ConnectionClosedError,
+                        aiohttp.ClientError, OSError)):
+        return "connection"
+    return "other"
+
+
+# What a poll may raise that is worth a retry (everything else is a bug).
+RETRYABLE = (BotoCoreError, ClientError, aiohttp.ClientError, OSError, TimeoutError)
+
+
+def create_logs_client(cfg: CloudWatchSource) -> Any:
+    """An aiobotocore logs client context manager (botocore's standard retry mode)."""
+    config = AioConfig(
+        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=min(cfg.request_timeout, 10.0),
+        read_timeout=cfg.request_timeout,
+        inject_host_prefix=cfg.endpoint_url is None,
+    )
+    return get_session().create_client(
+        "logs", region_name=cfg.region, endpoint_url=cfg.endpoint_url, config=config
+    )
+
+
+class CloudWatchPoller:
+    """Polls the configured log groups; yields one batch of new lines per poll."""
+
+    def __init__(
+        self,
+        cfg: CloudWatchSource,
+        on_error: ErrorSink = lambda _reason: None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.cfg = cfg
+        self.on_error = on_error
+        self.clock = clock
+        self.sleep = sleep
+        self.cursor_ms: int | None = None  # newest event timestamp seen
+        self.seen: OrderedDict[str, int] = OrderedDict()  # eventId -> timestamp (ms)
+        self.newest_event_ms: int | None = None
+        self.client: CloudWatchLogsClient | None = None
+
+    # -- checkpoint -----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"cursor_ms": self.cursor_ms, "seen": list(self.seen.items())}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        cursor = state.get("cursor_ms")
+        self.cursor_ms = int(cursor) if isinstance(cursor, int) else None
+        for event_id, ts in state.get("seen", []):
+            self.seen[str(event_id)] = int(ts)
+
+    # -- querying -------------------------------------------------------------------------
+    async def _pages(
+        self, client: CloudWatchLogsClient, group: str, start_ms: int, end_ms: int,
+        filter_pattern: str,
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        kwargs: FilterLogEventsRequestTypeDef = {
+            "logGroupName": group, "startTime": start_ms, "endTime": end_ms,
+            "interleaved": True,
+        }
+        if self.cfg.stream_prefix:
+            kwargs["logStreamNamePrefix"] = self.cfg.stream_prefix
+        if filter_pattern:
+            kwargs["filterPattern"] = filter_pattern
+        if self.cfg.page_size:
+            kwargs["limit"] = self.cfg.page_size
+        for _ in range(MAX_PAGES_PER_QUERY):
+            async with asyncio.timeout(self.cfg.request_timeout):
+                resp = await client.filter_log_events(**kwargs)
+            yield [dict(e) for e in resp.get("events", [])]
+            token = resp.get("nextToken")
+            if not token:
+                return
+            kwargs["nextToken"] = token
+        log.warning("leakwatch_paging_stopped", log_group=group, pages=MAX_PAGES_PER_QUERY)
+
+    async def query(
+        self, client: CloudWatchLogsClient, start_ms: int, end_ms: int, filter_pattern: str
+    ) -> list[dict[str, Any]]:
+        """All events of all groups in [start, end], sorted by timestamp."""
+        events: list[dict[str, Any]] = []
+        for group in self.cfg.log_groups:
+            async for page in self._pages(client, group, start_ms, end_ms, filter_pattern):
+                events.extend(page)
+        events.sort(key=lambda e: (e.get("timestamp", 0), e.get("eventId", "")))
+        return events
+
+    def window(self) -> tuple[int, int]:
+        now_ms = int(self.clock() * 1000)
+        if self.cursor_ms is None:
+            start = now_ms - int(self.cfg.lookback * 1000)
+        else:
+            start = self.cursor_ms - int(self.cfg.overlap * 1000)
+        return start, now_ms
+
+    def take_new(self, events: list[dict[str, Any]], start_ms: int) -> list[str]:
+        """Drop events already emitted, remember the rest, advance the cursor."""
+        lines: list[str] = []
+        for event in events:
+            event_id = str(event.get("eventId", ""))
+            ts = int(event.get("timestamp", 0))
+            if event_id in self.seen:
+                continue
+            self.seen[event_id] = ts
+            lines.append(str(event.get("message", "")).rstrip("\r\n"))
+            if self.cursor_ms is None or ts > self.cursor_ms:
+                self.cursor_ms = ts
+            if self.newest_event_ms is None or ts > self.newest_event_ms:
+                self.newest_event_ms = ts
+        self._evict(start_ms)
+        return lines
+
+    def _evict(self, start_ms: int) -> None:
+        # Ids older than the next window's start can never be returned again.
+        horizon = min(start_ms, (self.cursor_ms or start_ms) - int(self.cfg.overlap * 1000))
+        stale = [k for k, ts in self.seen.items() if ts < horizon]
+        for k in stale:
+            del self.seen[k]
+        while len(self.seen) > self.cfg.max_seen_events:
+            self.seen.popitem(last=False)
+
+    async def poll_once(self, client: CloudWatchLogsClient) -> list[str]:
+        start, end = self.window()
+        events = await self.query(client, start, end, self.cfg.filter_pattern)
+        return self.take_new(events, start)
+
+    async def lookup_sender(self, queue_id: str, before_ms: int) -> str | None:
+        """Find the from= line of a queue id (needed when a filter pattern hides it)."""
+        client = self.client
+        if client is None or self.cfg.sender_lookup_window <= 0:
+            return None
+        start = before_ms - int(self.cfg.sender_lookup_window * 1000)
+        end = before_ms + int(self.cfg.overlap * 1000)
+        try:
+            events = await self.query(client, start, end, f'"{queue_id}: from="')
+        except RETRYABLE as exc:
+            self.on_error(error_reason(exc))
+            log.warning("leakwatch_sender_lookup_failed", queue_id=queue_id,
+                        reason=error_reason(exc))
+            return None
+        for event in events:
+            record = parse_line(str(event.get("message", "")).rstrip("\r\n"))
+            if isinstance(record, QueueAdd) and record.queue_id == queue_id:
+                return record.sender
+        return None
+
+    # -- the running loop -----------------------------------------------------------------
+    async def batches(self) -> AsyncIterator[list[str]]:
+        """Poll forever: one (possibly empty) batch per successful poll."""
+        backoff = self.cfg.poll_interval
+        while True:
+            try:
+                async with AsyncExitStack() as stack:
+                    client = await stack.enter_async_context(create_logs_client(self.cfg))
+                    self.client = client
+                    while True:
+                        try:
+                            lines = await self.poll_once(client)
+                        except RETRYABLE as exc:
+                            backoff = await self._back_off(exc, backoff)
+                            continue
+                        backoff = self.cfg.poll_interval
+                        yield lines
+                        await self.sleep(self.cfg.poll_interval)
+            except RETRYABLE as exc:  # creating the client failed (region, endpoint)
+                backoff = await self._back_off(exc, backoff)
+            finally:
+                self.client = None
+
+    async def _back_off(self, exc: BaseException, backoff: float) -> float:
+        reason = error_reason(exc)
+        self.on_error(reason)
+        delay = min(backoff, self.cfg.max_backoff) * random.uniform(0.8, 1.2)
+        log.warning("leakwatch_poll_failed", reason=reason, error=_describe(exc),
+                    retry_in=round(delay, 3))
+        await self.sleep(delay)
+        return min(backoff * 2, self.cfg.max_backoff)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return f"{err.get('Code', 'ClientError')}: {err.get('Message', '')}"
+    return f"{type(exc).__name__}: {exc}"
