@@ -13,6 +13,7 @@ import asyncio
 import secrets
 import ssl
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -113,20 +114,27 @@ class EmbeddedSmtpServer:
         return AuthResult(success=ok, handled=False)
 
     def _protocol(self) -> SMTP:
-        proto = SMTP(
+        with warnings.catch_warnings():
+            # aiosmtpd warns about AUTH without STARTTLS; under implicit TLS it is encrypted.
+            warnings.simplefilter("ignore", UserWarning)
+            proto = self._new_protocol()
+        self._connections.add(proto)
+        return proto
+
+    def _new_protocol(self) -> SMTP:
+        return SMTP(
             _DeliveryHandler(self),
             hostname="smtp.selfcheckd.test",
             ident="selfcheckd embedded SMTP",
             tls_context=self._ssl_context if self._tls == "starttls" else None,
             require_starttls=self._tls == "starttls",
             auth_required=self._credentials is not None,
-            auth_require_tls=self._tls is not None,
+            # aiosmtpd only recognises STARTTLS as "TLS"; implicit TLS already is.
+            auth_require_tls=self._tls == "starttls",
             authenticator=self._authenticate if self._credentials else None,
             timeout=30,
             loop=asyncio.get_running_loop(),
         )
-        self._connections.add(proto)
-        return proto
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()

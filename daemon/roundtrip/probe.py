@@ -73,10 +73,14 @@ def build_probe(*, route: str, sender: str, recipient: str, secret: bytes, run_i
         "It is deleted as soon as it arrives; no action is needed.\n\n"
         f"selfcheck-token: {token}\n"
     )
+    # Short lines keep the HTML part 7bit, so the token is greppable in the raw message.
     msg.add_alternative(
-        "<html><body><p>This is an automated end-to-end delivery check sent by selfcheckd."
-        "</p><p>It is deleted as soon as it arrives; no action is needed.</p>"
-        f'<p>selfcheck-token: <code id="selfcheck-token">{token}</code></p></body></html>\n',
+        "<html><body>\n"
+        "<p>This is an automated end-to-end delivery check sent by selfcheckd.</p>\n"
+        "<p>It is deleted as soon as it arrives; no action is needed.</p>\n"
+        "<p>selfcheck-token:\n"
+        f"<code>{token}</code></p>\n"
+        "</body></html>\n",
         subtype="html",
     )
     return Probe(run_id, token, message_id, subject, sender, recipient, msg)
