@@ -1,0 +1,102 @@
+"""Dovecot behind a real MTA: private sendmail relays the lab domain to Dovecot's LMTP.
+
+The fixture hands tests a `DovecotLab`: where to submit (plain SMTP, no auth), where to
+read (IMAP STARTTLS / imaps, verified against the lab CA) and how to look in the mailbox.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .certs import ServerCerts, make_server_certs
+from .dovecot import Dovecot
+from .sendmail import LMTP_TCP_MAILER, Sendmail
+
+LAB_DOMAIN = "lab.test"
+
+
+@dataclass
+class DovecotLab:
+    """Connection facts for one Dovecot + sendmail pair, plus mailbox helpers."""
+
+    smtp_host: str
+    smtp_port: int
+    imap_host: str
+    imap_port: int
+    imaps_port: int
+    lmtp_port: int
+    username: str
+    password: str = field(repr=False)
+    ca_file: Path
+    sender: str
+    recipient: str
+    dovecot: Dovecot = field(repr=False)
+    sendmail: Sendmail = field(repr=False)
+
+    @classmethod
+    def start(cls, directory: Path, dovecot_base: Path) -> DovecotLab:
+        certs: ServerCerts = make_server_certs(dovecot_base)
+        username = f"tester{secrets.token_hex(3)}"
+        dovecot = Dovecot(dovecot_base, certs, username=username, domain=LAB_DOMAIN)
+        dovecot.start()
+        sendmail_dir = directory / "sendmail-lmtp"
+        sendmail_dir.mkdir()
+        try:
+            sendmail = Sendmail(
+                sendmail_dir,
+                mailertable={
+                    LAB_DOMAIN: "lmtptcp:[127.0.0.1]",
+                    # Anything else (e.g. a DSN to an outside sender) fails fast, no DNS.
+                    ".": 'error:5.1.2:"550 no route outside the lab"',
+                },
+                mailer_definitions=LMTP_TCP_MAILER.format(port=dovecot.ports.lmtp),
+            )
+            sendmail.start()
+        except BaseException:
+            dovecot.stop()
+            raise
+        return cls(
+            smtp_host=sendmail.host,
+            smtp_port=sendmail.port,
+            imap_host="127.0.0.1",
+            imap_port=dovecot.ports.imap,
+            imaps_port=dovecot.ports.imaps,
+            lmtp_port=dovecot.ports.lmtp,
+            username=username,
+            password=dovecot.password,
+            ca_file=certs.ca_file,
+            sender=f"selfcheck@{LAB_DOMAIN}",
+            recipient=f"{username}@{LAB_DOMAIN}",
+            dovecot=dovecot,
+            sendmail=sendmail,
+        )
+
+    def stop(self) -> None:
+        self.sendmail.stop()
+        self.dovecot.stop()
+
+    def message_count(self) -> int:
+        """How many messages Dovecot reports in the test user's INBOX."""
+        return len(self.dovecot.message_uids())
+
+    def message_uids(self) -> list[int]:
+        """UIDs in the test user's INBOX (doveadm search)."""
+        return self.dovecot.message_uids()
+
+    def message_files(self) -> list[Path]:
+        """The INBOX maildir files on disk."""
+        return self.dovecot.message_files()
+
+    def header_values(self, header: str) -> list[str]:
+        """One header's value for each INBOX message (doveadm fetch), e.g. "Message-ID"."""
+        out = self.dovecot.doveadm(
+            "fetch", "-u", self.username, f"hdr.{header.lower()}", "mailbox", "INBOX", "ALL"
+        )
+        prefix = f"hdr.{header.lower()}:"
+        return [line[len(prefix):].strip() for line in out.splitlines() if line.startswith(prefix)]
+
+    def delete_all(self) -> None:
+        """Expunge every INBOX message (doveadm), so a test leaves the mailbox empty."""
+        self.dovecot.doveadm("expunge", "-u", self.username, "mailbox", "INBOX", "ALL")

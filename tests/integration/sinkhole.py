@@ -1,0 +1,86 @@
+"""An SMTP sinkhole on 127.0.0.2:25 whose answer for the sinkhole domain a test switches.
+
+Modes: "defer" (421 to RCPT), "accept" (250, message discarded) and "bounce" (550 5.1.1 to
+RCPT). Recipients outside the sinkhole domain (the DSNs sendmail sends back to senders) are
+always accepted, so a bounce never turns into a double bounce or a DNS lookup.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiosmtpd.controller import Controller
+
+Mode = Literal["defer", "accept", "bounce"]
+
+SINKHOLE_HOST = "127.0.0.2"
+SINKHOLE_PORT = 25  # sendmail's smtp mailer always dials 25; a mailertable cannot name a port
+DEFER_REPLY = "421 4.3.2 Service temporarily unavailable"
+BOUNCE_REPLY = "550 5.1.1 User unknown"
+ACCEPT_REPLY = "250 2.0.0 Message accepted for discard"
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message the sinkhole accepted."""
+
+    sender: str
+    recipients: tuple[str, ...]
+
+
+@dataclass
+class SinkholeHandler:
+    """aiosmtpd handler: answers per the current mode and records what it accepted."""
+
+    domain: str
+    mode: Mode = "accept"
+    received: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address.rpartition("@")[2].lower() == self.domain:
+            if self.mode == "defer":
+                return DEFER_REPLY
+            if self.mode == "bounce":
+                return BOUNCE_REPLY
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
+        self, server: Any, session: Any, envelope: Any
+    ) -> str:
+        with self.lock:
+            self.received.append(Received(envelope.mail_from, tuple(envelope.rcpt_tos)))
+        return ACCEPT_REPLY
+
+
+class Sinkhole:
+    """The sinkhole server, running in aiosmtpd's own thread and event loop."""
+
+    def __init__(self, domain: str) -> None:
+        self.handler = SinkholeHandler(domain=domain.lower())
+        self._controller = Controller(
+            self.handler,
+            hostname=SINKHOLE_HOST,
+            port=SINKHOLE_PORT,
+            server_hostname="sinkhole.lab.test",
+            ready_timeout=10,
+        )
+
+    def start(self) -> None:
+        self._controller.start()
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def set_mode(self, mode: Mode) -> None:
+        """Switch how the sinkhole answers the sinkhole domain's recipients from now on."""
+        self.handler.mode = mode
+
+    def received(self) -> list[Received]:
+        with self.handler.lock:
+            return list(self.handler.received)
