@@ -1,0 +1,1 @@
+"""Tests of the leak watcher (daemon/logwatch)."""

@@ -1,0 +1,141 @@
+"""`selfcheckd scan` one-shot contract: output, summary, exit status."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.logwatch import scan_command
+from daemon.logwatch.config import LeakWatchConfig
+from daemon.logwatch.scan_command import parse_duration
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _scan(argv: list[str], config: LeakWatchConfig | None = None) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser()
+    scan_command.add_arguments(parser)
+    out, err = io.StringIO(), io.StringIO()
+    code = scan_command.run(parser.parse_args(argv), config or LeakWatchConfig(), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_json_leaks_for_the_real_lines() -> None:
+    """Every sinkhole recipient of the real lines is one JSON leak with sender and timestamp."""
+    code, out, err = _scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json"])
+    leaks = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert [x["recipient"] for x in leaks] == [
+        "nobody-1@sinkhole.test", "nobody-2@sinkhole.test", "nobody-3@sinkhole.test",
+        "nobody-4@sinkhole.test", "nobody-9@sinkhole.test", "nobody-6@sinkhole.test",
+        "nobody-8@sinkhole.test"]
+    first = leaks[0]
+    assert first == {
+        "type": "leak", "queue_id": "6ANJUQna010773", "recipient": "nobody-1@sinkhole.test",
+        "sender": "qp-test@sub.example.com",
+        "stat": "Deferred: 421 4.3.2 Service temporarily unavailable",
+        "timestamp": "2026-11-23T19:30:26.073041+00:00"}
+    assert leaks[1]["sender"] is None  # no from= line for 6ANJUTfa010820
+    summary = json.loads(err.splitlines()[0])
+    assert summary["type"] == "summary"
+    assert summary["leaks"] == 7
+    assert summary["kinds"] == {"from": 2, "to": 5, "other": 1, "unparsed": 0}
+
+
+def test_allowlist_makes_test_traffic_silent() -> None:
+    """With the runbook sender allowlisted, its recipients are counted, not printed."""
+    config = LeakWatchConfig(allowed_senders=["qp-test*@*"])
+    code, out, err = _scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json"], config)
+    recipients = [json.loads(line)["recipient"] for line in out.splitlines()]
+    assert "nobody-1@sinkhole.test" not in recipients
+    assert "nobody-6@sinkhole.test" not in recipients
+    assert json.loads(err.splitlines()[0])["test_recipients"] == 2
+    assert code == 1
+
+
+def test_mixed_log_dedupes_retries_and_ignores_other_programs() -> None:
+    """Retries report once; lookalike domains and other programs produce nothing."""
+    code, out, _ = _scan(["--file", str(FIXTURES / "mixed.log"), "--json"])
+    leaks = [json.loads(line) for line in out.splitlines()]
+    assert [(x["queue_id"], x["recipient"]) for x in leaks] == [
+        ("6ANJUwxy012000", '"a,b"@sinkhole.test'),
+        ("6ANJUwxy012000", "Nobody-14@SinkHole.TEST"),
+        ("6ANJUwxy012000", "nobody-15@deep.sinkhole.test."),
+        ("6ANJVbbb012401", "nobody-17@sinkhole.test"),
+    ]
+    assert leaks[0]["sender"] == "App@Example.COM"
+    assert code == 1
+
+
+def test_postfix_log_text_output() -> None:
+    """Text mode prints one LEAK line per leak and a key=value summary on stderr."""
+    code, out, err = _scan(["--file", str(FIXTURES / "postfix.log")])
+    assert code == 1
+    assert out.splitlines() == [
+        "LEAK Nov 23 19:40:02 queue_id=4Y8KqT1Zx3z9sWP recipient=Nobody-20@SinkHole.TEST. "
+        "sender=app@example.com stat=deferred (connect to sinkhole.test[192.0.2.99]:25: "
+        "Connection timed out)",
+        "LEAK Nov 23 19:41:10 queue_id=3F2A1B2C3D recipient=x@relay.sinkhole.test "
+        "sender=unknown stat=bounced (Host or domain name not found)",
+    ]
+    assert err.startswith("scan_summary source=")
+    assert "leaks=2" in err
+
+
+def test_clean_log_exits_zero(tmp_path: Path) -> None:
+    """No sinkhole recipient: exit 0, nothing on stdout."""
+    log = tmp_path / "maillog"
+    log.write_text("2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: to=<a@example.org>, "
+                   "delay=00:00:00, stat=Sent\n")
+    assert _scan(["--file", str(log), "--json"])[:2] == (0, "")
+
+
+def test_blind_log_warns_about_loglevel(tmp_path: Path) -> None:
+    """sendmail lines without any to= line: exit 0 but the summary says blind and why."""
+    log = tmp_path / "maillog"
+    log.write_text("2026-11-23T19:30:26Z h sendmail[1]: STARTTLS=client, relay=x\n" * 3)
+    code, out, err = _scan(["--file", str(log), "--json"])
+    assert (code, out) == (0, "")
+    assert json.loads(err.splitlines()[0])["blind"] is True
+    assert "LogLevel 9" in err
+
+
+def test_missing_file_is_bad_input(tmp_path: Path) -> None:
+    """An unreadable file exits 2 with one line naming it."""
+    code, out, err = _scan(["--file", str(tmp_path / "nope.log")])
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1
+    assert "nope.log" in err
+
+
+@pytest.mark.parametrize("argv", [["--cloudwatch"], ["--since", "1h"],
+                                  ["--cloudwatch", "--since", "soon"]])
+def test_bad_arguments_exit_two(argv: list[str]) -> None:
+    """--cloudwatch without --since, --since without --cloudwatch, bad durations: exit 2."""
+    code, out, err = _scan(argv)
+    assert (code, out) == (2, "")
+    assert err.startswith("scan: ")
+
+
+def test_undecodable_bytes_do_not_stop_the_scan(tmp_path: Path) -> None:
+    """Invalid UTF-8 is replaced, and the lines after it are still scanned."""
+    log = tmp_path / "maillog"
+    log.write_bytes(b"\xff\xfe garbage\n2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: "
+                    b"to=<a@sinkhole.test>, stat=Sent\n")
+    code, out, _ = _scan(["--file", str(log), "--json"])
+    assert code == 1
+    assert json.loads(out)["recipient"] == "a@sinkhole.test"
+
+
+def test_durations() -> None:
+    """Durations accept s/m/h/d/w suffixes and plain seconds."""
+    assert parse_duration("90") == 90
+    assert parse_duration("15m") == 900
+    assert parse_duration("2h") == 7200
+    assert parse_duration("1d") == 86400
+    with pytest.raises(ValueError, match="--since"):
+        parse_duration("0")
