@@ -9,22 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import secrets
 import sys
 from pathlib import Path
 
 from daemon import __version__
-from daemon.config import Config, ConfigError, LoadedConfig, load_config
+from daemon.config import ConfigError, LoadedConfig, load_config
 from daemon.logs import configure_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
-
-
-def probe_secret(config: Config) -> bytes:
-    """The configured secret, or a random one for this process (probes still verify)."""
-    if config.selfcheck.secret is not None:
-        return config.selfcheck.secret.get_secret_value().encode()
-    return secrets.token_bytes(32)
 
 
 def _load(args: argparse.Namespace) -> LoadedConfig | None:
@@ -49,7 +41,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from daemon.runner import run_check
+    from daemon.runner import probe_secret, run_check
 
     loaded = _load(args)
     if loaded is None:
@@ -153,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the demo's maillog and state live")
     p.add_argument("--duration", type=float, default=0.0,
                    help="stop after this many seconds (0: until Ctrl-C)")
+    p.add_argument("--no-inject-leak", dest="inject_leak", action="store_false",
+                   help="do not append a leaked-recipient line 5 s after start")
+    p.add_argument("--print-leak-line", action="store_true",
+                   help="print a leaked-recipient maillog line (to append to the demo log)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

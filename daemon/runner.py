@@ -8,11 +8,12 @@ deadline, the `selfcheck_completed` line and the metrics are decided here, so
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 
 import structlog
 
-from daemon.config import RouteConfig, SelfcheckConfig
+from daemon.config import Config, RouteConfig, SelfcheckConfig
 from daemon.metrics import Metrics
 from daemon.roundtrip.check import run_roundtrip
 from daemon.roundtrip.probe import new_run_id
@@ -33,9 +34,18 @@ def hard_deadline(route: RouteConfig, selfcheck: SelfcheckConfig) -> float:
     )
 
 
-async def run_check(route: RouteConfig, selfcheck: SelfcheckConfig, secret: bytes) -> CheckResult:
+def probe_secret(config: Config) -> bytes:
+    """The configured secret, or a random one for this process (probes still verify)."""
+    if config.selfcheck.secret is not None:
+        return config.selfcheck.secret.get_secret_value().encode()
+    return secrets.token_bytes(32)
+
+
+async def run_check(
+    route: RouteConfig, selfcheck: SelfcheckConfig, secret: bytes, run_id: str | None = None,
+) -> CheckResult:
     """One round trip of `route`; cancellation still deletes the probe, then propagates."""
-    result = CheckResult(route=route.name, run_id=new_run_id())
+    result = CheckResult(route=route.name, run_id=run_id or new_run_id())
     budget = hard_deadline(route, selfcheck)
     log.debug("selfcheck_started", route=route.name, run_id=result.run_id)
     task = asyncio.ensure_future(run_roundtrip(route, selfcheck, secret, result))

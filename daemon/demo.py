@@ -1,0 +1,145 @@
+"""`selfcheckd demo`: the daemon against an embedded mail stack, in one process.
+
+A real SMTP server (aiosmtpd) delivers into a real IMAP server (pymap); the
+SMTP server writes sendmail-shaped lines to a maillog that the leak watcher
+follows; a local HTTP receiver prints heartbeats and leak alerts. Nothing
+outside 127.0.0.1 is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon.config import Config, ConfigError, LoadedConfig
+from daemon.logs import configure_logging
+
+log = structlog.get_logger("daemon.demo")
+
+LEAK_LINE = (
+    "{ts} selfcheckd-demo sendmail[4242]: 6ANJUQna010773: to=<nobody-1@sinkhole.test>, "
+    "delay=00:00:00, xdelay=00:00:00, mailer=smtp, pri=30237, "
+    "relay=sinkhole.cabal.internal. [127.0.0.2], dsn=4.0.0, "
+    "stat=Deferred: 421 4.3.2 Service temporarily unavailable"
+)
+
+
+def leak_line() -> str:
+    """A real-shaped deferred delivery to a sinkhole.test recipient, stamped now."""
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S.000000+00:00", time.gmtime())
+    return LEAK_LINE.format(ts=ts)
+
+
+async def _start_receiver() -> tuple[web.AppRunner, int]:
+    """Stands in for updown.io (heartbeats) and alert_sink (leak alerts)."""
+
+    async def pulse(request: web.Request) -> web.Response:
+        log.info("demo_heartbeat_received", body=await request.text())
+        return web.Response(text="ok")
+
+    async def alert(request: web.Request) -> web.Response:
+        body = await request.json()
+        log.warning("demo_alert_received", summary=body.get("summary"),
+                    severity=body.get("severity"))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/pulse/{token}", pulse)
+    app.router.add_post("/alert", alert)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1] if site._server else 0
+    return runner, port
+
+
+def demo_config(route: dict[str, Any], receiver_port: int, maillog: Path,
+                args: argparse.Namespace) -> Config:
+    return Config.model_validate({
+        "selfcheck": {"interval": args.interval, "timeout": 20, "routes": [route]},
+        "server": {"listen": args.listen},
+        "heartbeat": [{"name": "demo-pulse",
+                       "url": f"http://127.0.0.1:{receiver_port}/pulse/demo-token"}],
+        "leakwatch": {
+            "source": "file",
+            "file": {"path": str(maillog), "from_beginning": True, "poll_interval": 0.5},
+            "alert": {"url": f"http://127.0.0.1:{receiver_port}/alert",
+                      "secret": "demo-alert-secret"},
+        },
+        "shutdown_grace": 5,
+    })
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from daemon.app import Daemon
+    from daemon.embedded.stack import EmbeddedMailStack, StackOptions
+
+    workdir: Path = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    maillog = workdir / "maillog"
+    maillog.write_text("", encoding="utf-8")
+
+    stack = await EmbeddedMailStack(StackOptions(maillog=maillog)).start()
+    receiver, receiver_port = await _start_receiver()
+    daemon: Daemon | None = None
+    try:
+        try:
+            config = demo_config(stack.route_table(), receiver_port, maillog, args)
+        except ConfigError as exc:  # pragma: no cover - the demo config is ours
+            print(f"selfcheckd demo: {exc}", file=sys.stderr)
+            return 2
+        daemon = Daemon(LoadedConfig(config=config, path=None))
+        try:
+            await daemon.start()
+        except OSError as exc:
+            print(f"selfcheckd demo: cannot listen on {args.listen}: {exc.strerror} "
+                  "(try --listen 127.0.0.1:0)", file=sys.stderr)
+            return 3
+        base = f"http://{config.server.host}:{daemon.listen_port}"
+        print(
+            f"\nselfcheckd demo is running (selfcheck every {args.interval:g}s).\n"
+            f"  metrics:  {base}/metrics\n  status:   {base}/status\n"
+            f"  maillog:  {maillog.resolve()}  (the leak watcher follows it)\n"
+            f"  leak:     a leaked recipient line is appended in 5 s"
+            f"{'' if args.inject_leak else ' (disabled)'}; append your own with\n"
+            f"            selfcheckd demo --print-leak-line >> {maillog}\n"
+            "Ctrl-C stops it.\n",
+            file=sys.stderr, flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if args.inject_leak:
+            loop.call_later(5.0, _append, maillog, leak_line())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.duration or None)
+        return 0
+    finally:
+        if daemon is not None:
+            await daemon.shutdown()
+        await receiver.cleanup()
+        await stack.stop()
+
+
+def _append(path: Path, line: str) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.print_leak_line:
+        print(leak_line())
+        return 0
+    configure_logging("kv", "info")
+    return asyncio.run(_demo(args))
