@@ -333,7 +333,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         raise ConfigError(problems)
 
     try:
-        config = Config.model_validate(tree)
+        config = Config.model_validate(tree, context={"environ": env})
     except ValidationError as exc:
         raise ConfigError([_problem(e, origin) for e in exc.errors()]) from None
     if not config.selfcheck.routes and config.leakwatch is None:

@@ -11,7 +11,14 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    SecretStr,
+    ValidationInfo,
+    model_validator,
+)
 
 
 class StrictModel(BaseModel):
@@ -66,7 +73,9 @@ class SecretsModel(StrictModel):
     secret_fields: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="after")
-    def _resolve_secrets(self) -> Any:
+    def _resolve_secrets(self, info: ValidationInfo) -> Any:
+        # load_config passes the environment it was given (tests pass their own).
+        environ = (info.context or {}).get("environ", os.environ)
         for name in self.secret_fields:
             inline: SecretStr | None = getattr(self, name)
             path: Path | None = getattr(self, f"{name}_file")
@@ -82,7 +91,7 @@ class SecretsModel(StrictModel):
                     raise key_error(f"{name}_file", f"cannot read {path}: {exc.strerror}") from None
                 setattr(self, name, SecretStr(text))
             elif env is not None:
-                value = os.environ.get(env)
+                value = environ.get(env)
                 if value is None:
                     raise key_error(f"{name}_env", f"environment variable {env} is not set")
                 setattr(self, name, SecretStr(value))

@@ -84,10 +84,7 @@ async def _demo(args: argparse.Namespace) -> int:
     from daemon.app import Daemon
     from daemon.embedded.stack import EmbeddedMailStack, StackOptions
 
-    workdir: Path = args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    maillog = workdir / "maillog"
-    maillog.write_text("", encoding="utf-8")
+    maillog = _fresh_maillog(args.workdir)
 
     stack = await EmbeddedMailStack(StackOptions(maillog=maillog)).start()
     receiver, receiver_port = await _start_receiver()
@@ -130,6 +127,13 @@ async def _demo(args: argparse.Namespace) -> int:
             await daemon.shutdown()
         await receiver.cleanup()
         await stack.stop()
+
+
+def _fresh_maillog(workdir: Path) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    maillog = workdir / "maillog"
+    maillog.write_text("", encoding="utf-8")
+    return maillog
 
 
 def _append(path: Path, line: str) -> None:
