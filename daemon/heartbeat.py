@@ -139,7 +139,9 @@ def _uptime_kuma_ping(url: str, result: CheckResult) -> Ping:
         params = {"status": "down", "msg": _short(f"{_reason(result)}: {result.error or ''}")}
     if result.reception_time is not None:
         params["ping"] = str(round(result.reception_time * 1000))
-    return Ping("up" if result.success else "down", "GET", edit_url(url, "", params))
+    # The push URL Uptime Kuma displays ends in `?status=up&msg=OK&ping=`: ours replace those.
+    return Ping("up" if result.success else "down", "GET",
+                edit_url(url, "", params, remove=("ping",)))
 
 
 def target_url(target: HeartbeatTarget) -> str:
@@ -148,12 +150,15 @@ def target_url(target: HeartbeatTarget) -> str:
     return target.url.get_secret_value()
 
 
-def edit_url(url: str, path_suffix: str, params: dict[str, str]) -> str:
-    """Append to the path and set `params`, keeping other query items byte for byte."""
+def edit_url(
+    url: str, path_suffix: str, params: dict[str, str], remove: Iterable[str] = (),
+) -> str:
+    """Append to the path, set `params`, drop `remove`; other query items stay byte for byte."""
     parts = urlsplit(url)
     path = parts.path.rstrip("/") + path_suffix if path_suffix else parts.path
+    dropped = {*params, *remove}
     kept = [item for item in parts.query.split("&")
-            if item and unquote_plus(item.partition("=")[0]) not in params]
+            if item and unquote_plus(item.partition("=")[0]) not in dropped]
     # %20, not +: every receiver decodes it the same way.
     query = "&".join([*kept, urlencode(params, quote_via=quote)] if params else kept)
     return urlunsplit(parts._replace(path=path, query=query))
@@ -184,7 +189,8 @@ def backoff_delay(base: float, retry: int, rng: Callable[[], float] = random.ran
 def scrub(text: str, url: str) -> str:
     """`text` with any piece of `url`'s path, query or credentials replaced by `…`."""
     parts = urlsplit(url)
-    pieces = {url, parts.path, parts.query, parts.netloc.rpartition("@")[0]}
+    userinfo = parts.netloc.rpartition("@")[0]
+    pieces = {url, parts.path, parts.query, userinfo, *userinfo.split(":")}
     pieces.update(parts.path.split("/"))
     for item in parts.query.split("&"):
         pieces.update(item.split("="))
@@ -206,7 +212,9 @@ class _Chain:
 
     task: asyncio.Task[None]
 
-    def __init__(self) -> None:
+    def __init__(self, target: HeartbeatTarget, ping: Ping) -> None:
+        self.target = target
+        self.ping = ping
         self.drop_reason = "cancelled"
 
 
@@ -295,25 +303,31 @@ class Heartbeats:
         old = self._chains.get(key)
         if old is not None and not old.task.done():
             old.drop_reason = f"superseded by a newer {ping.signal} ping"
-            old.task.cancel()  # the old chain counts itself as failed
-        chain = _Chain()
+            old.task.cancel()  # _forget counts it as a failure
+        chain = _Chain(target, ping)
         chain.task = asyncio.get_running_loop().create_task(
-            self._deliver(self._session, target, ping, chain),
+            self._deliver(self._session, target, ping),
             name=f"heartbeat:{target.name}:{route}")
         self._chains[key] = chain
         chain.task.add_done_callback(partial(self._forget, key, chain))
 
-    def _forget(self, key: tuple[str, str], chain: _Chain, _task: asyncio.Task[None]) -> None:
+    def _forget(self, key: tuple[str, str], chain: _Chain, task: asyncio.Task[None]) -> None:
         if self._chains.get(key) is chain:
             del self._chains[key]
+        # Counted here, not in _deliver: a task cancelled before it ran never enters it.
+        if task.cancelled():
+            self._count(chain.target, "failure")
+            log.warning("heartbeat_dropped", target=chain.target.name,
+                        url=redact_url(chain.ping.url), signal=chain.ping.signal,
+                        reason=chain.drop_reason)
 
     def _count(self, target: HeartbeatTarget, result: str) -> None:
         self._metrics.heartbeats.labels(target=target.name, result=result).inc()
 
     async def _deliver(
-        self, session: aiohttp.ClientSession, target: HeartbeatTarget, ping: Ping, chain: _Chain,
+        self, session: aiohttp.ClientSession, target: HeartbeatTarget, ping: Ping,
     ) -> None:
-        """One ping with bounded retries; counts and logs its own outcome."""
+        """One ping with bounded retries; counts and logs its outcome (unless cancelled)."""
         context = {"target": target.name, "url": redact_url(ping.url), "signal": ping.signal}
         attempts = target.retries + 1
         try:
@@ -332,10 +346,6 @@ class Heartbeats:
                     break
                 await asyncio.sleep(delay)
             self._count(target, "failure")
-        except asyncio.CancelledError:
-            self._count(target, "failure")
-            log.warning("heartbeat_dropped", **context, reason=chain.drop_reason)
-            raise
         except Exception as exc:  # a bug here must not kill the daemon's loop quietly
             self._count(target, "failure")
             log.error("heartbeat_failed", **context, attempt=0, attempts=attempts,

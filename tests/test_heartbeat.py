@@ -1,0 +1,409 @@
+"""Heartbeats against a real aiohttp receiver on 127.0.0.1: bodies, kinds, retries, blocking."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from daemon.config import HeartbeatTarget
+from daemon.heartbeat import (
+    BODY_LIMIT,
+    MAX_BACKOFF,
+    Heartbeats,
+    backoff_delay,
+    redact_url,
+    run_uuid,
+    scrub,
+)
+from daemon.metrics import Metrics
+from daemon.roundtrip.result import CheckResult, FailureReason
+
+TOKEN = "s3cr3t-pulse-token-0123456789"
+ROUTE = "local"
+RUN_ID = "0a1b2c3d4e5f"
+# An upper bound for "returns at once": far above a scheduling hiccup, far below any timeout.
+IMMEDIATE = 0.5
+
+
+@dataclass
+class Seen:
+    """One request as the receiver got it."""
+
+    method: str
+    path: str
+    query: list[tuple[str, str]]
+    body: bytes
+    content_type: str | None
+
+
+class Receiver:
+    """A heartbeat endpoint: records requests, answers with scripted statuses, can stall."""
+
+    def __init__(self) -> None:
+        self.requests: list[Seen] = []
+        self.statuses: list[int] = []  # popped per request; 200 once empty
+        self.stall = 0.0
+        self.release = asyncio.Event()
+        self.port = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(Seen(request.method, request.path, list(request.query.items()),
+                                  await request.read(), request.headers.get("Content-Type")))
+        if self.stall:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.release.wait(), self.stall)
+        status = self.statuses.pop(0) if self.statuses else 200
+        return web.Response(status=status, text="OK")
+
+    def url(self, path_and_query: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path_and_query}"
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", rec.handle)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    rec.port = runner.addresses[0][1]
+    yield rec
+    rec.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nobody listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+Factory = Callable[..., Awaitable[Heartbeats]]
+
+
+@pytest.fixture
+async def make_heartbeats(metrics: Metrics) -> AsyncIterator[Factory]:
+    """Start a Heartbeats for target dicts; all are closed at teardown."""
+    started: list[Heartbeats] = []
+
+    async def factory(*targets: dict[str, Any]) -> Heartbeats:
+        hb = Heartbeats([HeartbeatTarget.model_validate(t) for t in targets], metrics)
+        await hb.start()
+        started.append(hb)
+        return hb
+
+    yield factory
+    for hb in started:
+        await hb.close(grace=0.1)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+def count(metrics: Metrics, target: str, result: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "selfcheck_heartbeats_total", {"target": target, "result": result})
+    return value or 0.0
+
+
+def succeeded(**kw: Any) -> CheckResult:
+    return CheckResult(route=ROUTE, run_id=RUN_ID, success=True,
+                       send_time=0.150_49, reception_time=2.340_4, **kw)
+
+
+def failed(error: str = "probe not received within 60s") -> CheckResult:
+    result = CheckResult(route=ROUTE, run_id=RUN_ID)
+    result.fail(FailureReason.RECEIVE_TIMEOUT, error)
+    result.send_time = 0.2
+    return result
+
+
+# -- updown (the seed's webhook) ---------------------------------------------------------
+
+
+async def test_updown_posts_seed_body_after_success(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics,
+) -> None:
+    """A successful run POSTs exactly {"send_time", "reception_time"} (3 decimals) as JSON."""
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}/key")})
+    hb.run_finished(succeeded())
+    assert await hb.drain(5.0)
+    [req] = receiver.requests
+    assert (req.method, req.path, req.content_type) == ("POST", f"/{TOKEN}/key", "application/json")
+    assert req.body == b'{"send_time": 0.15, "reception_time": 2.34}'
+    assert count(metrics, "default", "success") == 1
+
+
+async def test_updown_sends_nothing_after_failure(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics,
+) -> None:
+    """A failed run sends no request at all: the missing pulse is the alarm."""
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}")})
+    hb.run_finished(failed())
+    hb.run_started(ROUTE, RUN_ID)
+    assert await hb.drain(5.0)
+    await asyncio.sleep(0.05)
+    assert receiver.requests == []
+    assert count(metrics, "default", "success") == count(metrics, "default", "failure") == 0
+
+
+async def test_routes_do_not_supersede_each_other(
+    receiver: Receiver, make_heartbeats: Factory,
+) -> None:
+    """Two routes finishing together each get their pulse delivered."""
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}")})
+    hb.run_finished(succeeded())
+    hb.run_finished(CheckResult(route="other", run_id="ffffffffffff", success=True,
+                                send_time=0.1, reception_time=0.2))
+    assert await hb.drain(5.0)
+    assert len(receiver.requests) == 2
+
+
+# -- healthchecks ------------------------------------------------------------------------
+
+
+async def test_healthchecks_start_and_success_share_rid(
+    receiver: Receiver, make_heartbeats: Factory,
+) -> None:
+    """send_start pings <url>/start, success pings <url>, both with the run's UUID as rid."""
+    hb = await make_heartbeats({"kind": "healthchecks", "send_start": True,
+                                "url": receiver.url(f"/ping/{TOKEN}")})
+    hb.run_started(ROUTE, RUN_ID)
+    assert await hb.drain(5.0)
+    hb.run_finished(succeeded())
+    assert await hb.drain(5.0)
+    start, success = receiver.requests
+    rid = run_uuid(ROUTE, RUN_ID)
+    assert uuid.UUID(rid).version == 5
+    assert (start.method, start.path, start.query) == ("POST", f"/ping/{TOKEN}/start",
+                                                       [("rid", rid)])
+    assert (success.path, success.query) == (f"/ping/{TOKEN}", [("rid", rid)])
+    assert success.content_type == "application/json"
+    assert json.loads(success.body) == {"route": ROUTE, "run_id": RUN_ID,
+                                        "send_time": 0.15, "reception_time": 2.34}
+
+
+async def test_healthchecks_fail_carries_reason_and_truncated_error(
+    receiver: Receiver, make_heartbeats: Factory,
+) -> None:
+    """A failure pings <url>/fail with reason and error, cut to 10 kB on a UTF-8 boundary."""
+    hb = await make_heartbeats({"kind": "healthchecks", "url": receiver.url(f"/{TOKEN}/")})
+    hb.run_finished(failed("é" * 20_000))
+    assert await hb.drain(5.0)
+    [req] = receiver.requests
+    assert (req.path, req.query) == (f"/{TOKEN}/fail", [("rid", run_uuid(ROUTE, RUN_ID))])
+    assert req.content_type == "text/plain; charset=utf-8"
+    assert len(req.body) <= BODY_LIMIT
+    text = req.body.decode()  # strict: no half character at the cut
+    assert text.startswith(f"route={ROUTE} run_id={RUN_ID} reason=receive_timeout\néé")
+
+
+async def test_healthchecks_without_send_start_sends_no_start(
+    receiver: Receiver, make_heartbeats: Factory,
+) -> None:
+    """Without send_start, run_started sends nothing."""
+    hb = await make_heartbeats({"kind": "healthchecks", "url": receiver.url(f"/{TOKEN}")})
+    hb.run_started(ROUTE, RUN_ID)
+    assert await hb.drain(5.0)
+    assert receiver.requests == []
+
+
+def test_run_uuid_keeps_uuid_run_ids() -> None:
+    """A run_id that already is a UUID is used as the rid unchanged."""
+    run_id = str(uuid.uuid4())
+    assert run_uuid(ROUTE, run_id) == run_id
+    assert run_uuid(ROUTE, RUN_ID) != run_uuid("other", RUN_ID)
+
+
+# -- uptime kuma -------------------------------------------------------------------------
+
+
+async def test_uptime_kuma_sets_status_msg_ping_and_keeps_other_query(
+    receiver: Receiver, make_heartbeats: Factory,
+) -> None:
+    """The push sets status/msg/ping (replacing the UI's defaults) and keeps other query items."""
+    url = receiver.url(f"/api/push/{TOKEN}?status=up&msg=OK&ping=&keep=a%20b")
+    hb = await make_heartbeats({"kind": "uptime-kuma", "url": url})
+    hb.run_finished(succeeded())
+    assert await hb.drain(5.0)
+    hb.run_finished(failed())
+    assert await hb.drain(5.0)
+    up, down = receiver.requests
+    assert (up.method, up.path) == ("GET", f"/api/push/{TOKEN}")
+    assert sorted(up.query) == [("keep", "a b"), ("msg", "ok"), ("ping", "2340"), ("status", "up")]
+    assert sorted(down.query) == [("keep", "a b"), ("msg", "receive_timeout: probe not "
+                                  "received within 60s"), ("status", "down")]
+
+
+# -- retries and failures ----------------------------------------------------------------
+
+
+async def test_retries_with_backoff_on_5xx_then_success(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics,
+) -> None:
+    """500 and 503 are retried after a backoff; the later 200 counts as one success."""
+    receiver.statuses = [500, 503]
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}"), "retries": 3, "backoff": 0.01})
+    with capture_logs() as logs:
+        hb.run_finished(succeeded())
+        assert await hb.drain(5.0)
+    assert len(receiver.requests) == 3
+    assert count(metrics, "default", "success") == 1
+    assert count(metrics, "default", "failure") == 0
+    failures = [e for e in logs if e["event"] == "heartbeat_failed"]
+    assert [(e["attempt"], e["error"]) for e in failures] == [(1, "HTTP 500"), (2, "HTTP 503")]
+    assert all(e["retry_in"] > 0 for e in failures)
+
+
+async def test_gives_up_after_retries(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics,
+) -> None:
+    """After `retries` retries the delivery stops and counts one failure."""
+    receiver.statuses = [500] * 10
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}"), "retries": 2, "backoff": 0.01})
+    with capture_logs() as logs:
+        hb.run_finished(succeeded())
+        assert await hb.drain(5.0)
+    assert len(receiver.requests) == 3
+    assert count(metrics, "default", "failure") == 1
+    assert count(metrics, "default", "success") == 0
+    assert (logs[-1]["attempt"], logs[-1]["retry_in"]) == (3, None)
+
+
+async def test_client_error_is_not_retried(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics,
+) -> None:
+    """A 404 (wrong token, deleted check) fails at once: a retry cannot fix it."""
+    receiver.statuses = [404]
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}"), "retries": 3, "backoff": 0.01})
+    hb.run_finished(succeeded())
+    assert await hb.drain(5.0)
+    assert len(receiver.requests) == 1
+    assert count(metrics, "default", "failure") == 1
+
+
+def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
+    """Retry n waits base*2^(n-1) times a jitter factor in [0.5, 1.5), capped."""
+    assert backoff_delay(1.0, 1, lambda: 0.0) == 0.5
+    assert backoff_delay(1.0, 3, lambda: 0.5) == 4.0
+    assert backoff_delay(2.0, 2, lambda: 0.999) == pytest.approx(5.996)
+    assert backoff_delay(100.0, 10, lambda: 0.5) == MAX_BACKOFF
+
+
+async def test_down_receiver_never_blocks_and_counts_failures(
+    closed_port: int, make_heartbeats: Factory, metrics: Metrics,
+) -> None:
+    """With the receiver down, run_finished returns at once; the superseded chain is dropped."""
+    url = f"http://127.0.0.1:{closed_port}/{TOKEN}"
+    hb = await make_heartbeats({"url": url, "retries": 3, "backoff": 0.05})
+    with capture_logs() as logs:
+        t0 = time.perf_counter()
+        hb.run_finished(succeeded())
+        t1 = time.perf_counter()
+        hb.run_finished(succeeded())  # the first chain is still retrying: dropped
+        t2 = time.perf_counter()
+        assert await hb.drain(10.0)
+    assert max(t1 - t0, t2 - t1) < IMMEDIATE
+    assert count(metrics, "default", "failure") == 2
+    [dropped] = [e for e in logs if e["event"] == "heartbeat_dropped"]
+    assert dropped["reason"].startswith("superseded")
+    assert any("Cannot connect" in e.get("error", "") for e in logs)
+
+
+async def test_slow_receiver_times_out_without_blocking(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics,
+) -> None:
+    """A receiver that stalls past `timeout` costs the caller nothing and counts a failure."""
+    receiver.stall = 30.0
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}"), "timeout": 0.2,
+                                "retries": 0})
+    with capture_logs() as logs:
+        t0 = time.perf_counter()
+        hb.run_finished(succeeded())
+        assert time.perf_counter() - t0 < IMMEDIATE
+        assert await hb.drain(10.0)
+    assert count(metrics, "default", "failure") == 1
+    assert [e["error"] for e in logs if e["event"] == "heartbeat_failed"] == [
+        "no response within 0.2s"]
+
+
+async def test_close_cancels_stalled_deliveries_and_skips_later_ones(
+    receiver: Receiver, metrics: Metrics,
+) -> None:
+    """close() waits only its grace, drops what is in flight, and later pings are skipped."""
+    receiver.stall = 30.0
+    target = HeartbeatTarget.model_validate({"url": receiver.url(f"/{TOKEN}"), "timeout": 20})
+    hb = Heartbeats([target], metrics)
+    await hb.start()
+    with capture_logs() as logs:
+        hb.run_finished(succeeded())
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        await hb.close(grace=0.1)
+        assert time.perf_counter() - t0 < 5.0
+        hb.run_finished(succeeded())
+    assert count(metrics, "default", "failure") == 1
+    assert count(metrics, "default", "skipped") == 1
+    [dropped] = [e for e in logs if e["event"] == "heartbeat_dropped"]
+    assert dropped["reason"] == "shutdown"
+
+
+# -- secrets -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "redacted"), [
+    ("https://pulse.updown.io/abc123/def456", "https://pulse.updown.io/…"),
+    ("https://hc-ping.com/pingkey/slug?create=1", "https://hc-ping.com/…"),
+    ("http://kuma.local:3001/api/push/tok?status=up", "http://kuma.local:3001/…"),
+    ("https://user:pass@example.com/x", "https://example.com/…"),
+    ("https://[::1]:8443/t", "https://[::1]:8443/…"),
+    ("https://example.com", "https://example.com/…"),
+    ("not a url", "<invalid url>"),
+])
+def test_redact_url_keeps_only_scheme_and_host(url: str, redacted: str) -> None:
+    """redact_url keeps scheme://host[:port] and hides path, query and credentials."""
+    assert redact_url(url) == redacted
+
+
+def test_scrub_removes_url_pieces_from_error_text() -> None:
+    """Error text that echoes the URL loses its path, query and credentials."""
+    url = "https://user:hunter22@h.example/abcdef123456/key987654?token=qwerty123"
+    text = scrub(f"InvalidURL: {url} (abcdef123456, qwerty123, hunter22)", url)
+    for secret in ("abcdef123456", "key987654", "qwerty123", "hunter22"):
+        assert secret not in text
+
+
+async def test_logs_never_contain_the_token(
+    closed_port: int, make_heartbeats: Factory,
+) -> None:
+    """Failure logs show the redacted URL; the token, query secret and password never appear."""
+    url = f"http://user:pw-secret-99@127.0.0.1:{closed_port}/{TOKEN}/k?key=query-secret-77"
+    hb = await make_heartbeats({"kind": "healthchecks", "send_start": True, "url": url,
+                                "retries": 1, "backoff": 0.01})
+    with capture_logs() as logs:
+        hb.run_started(ROUTE, RUN_ID)
+        assert await hb.drain(5.0)
+        hb.run_finished(failed())
+        assert await hb.drain(5.0)
+    assert len([e for e in logs if e["event"] == "heartbeat_failed"]) == 4
+    assert {e["url"] for e in logs} == {f"http://127.0.0.1:{closed_port}/…"}
+    for secret in (TOKEN, "query-secret-77", "pw-secret-99"):
+        assert secret not in repr(logs)
