@@ -28,8 +28,13 @@ async def silent_server() -> AsyncIterator[int]:
 
 
 @contextlib.asynccontextmanager
-async def cutting_proxy(target_port: int, cut_on: bytes) -> AsyncIterator[int]:
-    """A TCP proxy to `target_port` that drops both sides once the client sends `cut_on`."""
+async def cutting_proxy(
+    target_port: int, cut_on: bytes, hold: float = 0.0
+) -> AsyncIterator[int]:
+    """A TCP proxy to `target_port` that drops both sides once the client sends `cut_on`.
+
+    The offending command is withheld from the server for `hold` seconds first.
+    """
     conns: list[asyncio.StreamWriter] = []
 
     async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, inspect: bool,
@@ -37,6 +42,7 @@ async def cutting_proxy(target_port: int, cut_on: bytes) -> AsyncIterator[int]:
         try:
             while data := await src.read(65536):
                 if inspect and cut_on in data:
+                    await asyncio.sleep(hold)
                     break
                 dst.write(data)
                 await dst.drain()

@@ -142,9 +142,9 @@ async def test_imap_server_that_never_answers(mail_stack: EmbeddedMailStack) -> 
 
 async def test_imap_connection_dropped_during_idle(mail_stack: EmbeddedMailStack) -> None:
     """A server that drops the connection on IDLE fails with imap; cleanup reconnects."""
-    # Lands after the first search (so we IDLE) but before cleanup's new login.
+    # Lands after the first search (so we IDLE), while the proxy withholds IDLE.
     mail_stack.smtp.delivery_delay = 0.1
-    async with cutting_proxy(mail_stack.imap.port, b"IDLE\r\n") as port:
+    async with cutting_proxy(mail_stack.imap.port, b"IDLE\r\n", hold=0.4) as port:
         route = mail_stack.route_table()
         route["imap"]["port"] = port
         started = time.monotonic()

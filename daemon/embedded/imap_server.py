@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
 from proxyprotocol.reader import ProxyProtocolReader
+from pysasl.hashing import BuiltinHash
 from pymap.backend.dict import Config as DictConfig
 from pymap.backend.dict import Identity, Login
 from pymap.imap import IMAPServer
@@ -59,6 +60,9 @@ class EmbeddedImapServer:
             invalid_user_sleep=0.0,
             reject_dnsbl=False,
             disable_idle=not idle,
+            # pymap's default is 500k PBKDF2 rounds (~0.25 s per login): fine for a
+            # real server, but it would dominate every demo and soak round trip.
+            hash_context=BuiltinHash(rounds=1000),
         )
         self._login = Login(self._config)
 
