@@ -211,6 +211,7 @@ async def test_other_routes_keep_cadence_while_one_ignores_cancellation() -> Non
     counts = Counts(fake)
     fast = Body(fake)
     hung_starts: list[float] = []
+    cleanups_done: list[float] = []
 
     async def hung() -> None:
         start = fake.now
@@ -220,6 +221,7 @@ async def test_other_routes_keep_cadence_while_one_ignores_cancellation() -> Non
         finally:
             # Ignores cancellation for a while, as a stuck TLS teardown would.
             await fake.reached(start + 55).wait()
+            cleanups_done.append(fake.now)
 
     sched = scheduler(fake, [Job("fast", fast, interval=10),
                              Job("hung", hung, interval=10, deadline=5)], counts)
@@ -231,6 +233,7 @@ async def test_other_routes_keep_cadence_while_one_ignores_cancellation() -> Non
         ("hung", t) for t in (10, 20, 30, 40, 50, 70, 80, 90)]
     # The second run is already cancelled: cancel_running must not cut its cleanup short.
     await assert_clean_shutdown(sched, timeout=100)
+    assert cleanups_done == [55, 115]
 
 
 async def test_deadline_cancels_the_run_and_its_cleanup_runs_inside() -> None:
