@@ -47,7 +47,7 @@ def test_sinkhole_modes_reach_sendmail(sendmail_lab: SendmailLab) -> None:
     """A deferred message stays queued until the sinkhole accepts and a queue run retries it."""
     sendmail_lab.set_mode("defer")
     qid = sendmail_lab.send(ALLOWED_SENDER, ["nobody-20@sinkhole.test"])
-    assert sendmail_lab.sendmail.queue_ids() == [qid]
+    assert qid in sendmail_lab.sendmail.queue_ids()
     sendmail_lab.set_mode("accept")
     sendmail_lab.queue_run()
     sendmail_lab.wait_for_log(rf"{qid}: to=<nobody-20@sinkhole\.test>, .*stat=Sent", what="Sent")
