@@ -29,6 +29,7 @@ VALUES = {
     "SELFCHECK_FROM": "selfcheck@mail.example.com",
     "SELFCHECK_TO": "selfcheck-receiver@mail.example.com",
     "SELFCHECK_USER": "selfcheck",
+    "ALERT_SINK_URL": "https://alerts.mail.example.com/alert",
 }
 SMTP_OUT_LOG_GROUP = f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/ecs/cabal-smtp-out:*"
 SINKHOLE_MODE = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/cabal/sinkhole_mode"
@@ -40,14 +41,34 @@ HEALTHCHECK_SNIPPET = (
 )
 
 
-def render(name: str) -> Any:
-    """Fill the ${PLACEHOLDERS} of a deploy/ecs file the way envsubst would, and parse it."""
+def render_text(name: str) -> str:
+    """Fill the ${PLACEHOLDERS} of a deploy/ecs file the way envsubst would."""
     text = (ECS_DIR / name).read_text(encoding="utf-8")
     placeholders = set(re.findall(r"\$\{([A-Z_]+)\}", text))
     assert placeholders <= set(VALUES), f"unknown placeholders: {placeholders - set(VALUES)}"
     rendered = Template(text).substitute(VALUES)
     assert "${" not in rendered
-    return json.loads(rendered)
+    return rendered
+
+
+def render(name: str) -> Any:
+    """A rendered deploy/ecs JSON document, parsed."""
+    return json.loads(render_text(name))
+
+
+def site_config_env_names() -> set[str]:
+    """Variables the site config file names through `*_env` keys."""
+    return set(re.findall(r'^\w+_env\s*=\s*"(\w+)"', render_text("selfcheckd.toml"), re.M))
+
+
+def container_environ() -> dict[str, str]:
+    """The container's environment as ECS would set it, with stand-in secret values."""
+    c = container()
+    environ = {e["name"]: e["value"] for e in c["environment"]}
+    stand_ins = {"MESSAGES_SELFCHECK_WEBHOOK_URL": "https://pulse.updown.io/token/key"}
+    for s in c["secrets"]:
+        environ[s["name"]] = stand_ins.get(s["name"], "not-a-real-secret")
+    return environ
 
 
 @pytest.fixture
@@ -120,14 +141,7 @@ def test_roles_and_task_definition_register_with_aws_apis(aws: None) -> None:
 
 def test_environment_loads_as_a_valid_config() -> None:
     """The container's environment plus its secrets is a config selfcheckd accepts."""
-    c = container()
-    environ = {e["name"]: e["value"] for e in c["environment"]}
-    fake_secrets = {
-        "MESSAGES_SELFCHECK_WEBHOOK_URL": "https://pulse.updown.io/token/key",
-    }
-    for s in c["secrets"]:
-        environ[s["name"]] = fake_secrets.get(s["name"], "not-a-real-secret")
-    config = load_config(path=None, environ=environ).config
+    config = load_config(path=None, environ=container_environ()).config
     (route,) = config.selfcheck.routes
     assert route.imap.host == "imap.cabal.internal"
     assert route.imap.port == 143
@@ -137,15 +151,49 @@ def test_environment_loads_as_a_valid_config() -> None:
     assert len(config.heartbeat) == 1
 
 
+def test_site_image_config_and_environment_load_together(tmp_path: Path) -> None:
+    """The site config file plus the task environment is valid and matches the IAM grants."""
+    path = tmp_path / "selfcheckd.toml"
+    path.write_text(render_text("selfcheckd.toml"), encoding="utf-8")
+    config = load_config(path=path, environ=container_environ()).config
+    assert len(config.selfcheck.routes) == 1
+    leakwatch = config.leakwatch
+    assert leakwatch is not None
+    task_stmts = statements("iam-task-role-policy.json")
+    for group in leakwatch.cloudwatch.log_groups:
+        arn = f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{group}:*"
+        assert grants(task_stmts, "logs:FilterLogEvents", arn), group
+    parameter = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{leakwatch.sinkhole_mode.parameter}"
+    assert grants(task_stmts, "ssm:GetParameter", parameter)
+    # The checkpoint must sit on a writable volume: the root fs is read-only.
+    state = leakwatch.cloudwatch.state_file
+    assert state is not None
+    mounts = {m["containerPath"] for m in container()["mountPoints"]}
+    assert any(state.is_relative_to(m) for m in mounts), state
+    assert leakwatch.alert is not None
+    assert leakwatch.alert.secret is not None  # resolved from CABAL_ALERT_SINK_SECRET
+
+
+def test_site_dockerfile_points_selfcheckd_at_the_copied_config() -> None:
+    """Dockerfile.site copies selfcheckd.toml to the path SELFCHECKD_CONFIG names."""
+    text = (ECS_DIR / "Dockerfile.site").read_text(encoding="utf-8")
+    copy = re.search(r"^COPY selfcheckd\.toml (\S+)$", text, re.M)
+    env = re.search(r"^ENV SELFCHECKD_CONFIG=(\S+)$", text, re.M)
+    assert copy
+    assert env
+    assert copy.group(1) == env.group(1)
+
+
 def test_every_selfcheckd_variable_is_one_the_daemon_reads() -> None:
-    """A misspelt variable would be silently ignored; every name must be a known override."""
+    """A misspelt variable would be silently ignored: each is an override or a config `*_env`."""
     c = container()
     names = [e["name"] for e in c["environment"]] + [s["name"] for s in c["secrets"]]
     assert len(names) == len(set(names)), "a variable is set twice"
     for name in names:
         if name.startswith("AWS_"):
             continue
-        assert name in ENV_OVERRIDES or name == "SELFCHECKD_CONFIG", name
+        known = name in ENV_OVERRIDES or name in site_config_env_names()
+        assert known or name == "SELFCHECKD_CONFIG", name
 
 
 def test_secrets_come_from_ssm_never_plain_environment() -> None:
