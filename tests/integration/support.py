@@ -95,9 +95,8 @@ def run(args: Sequence[str], *, timeout: float = 30, stdin: str | None = None) -
         list(args), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
     )
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(args)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}"
-        )
+        output = proc.stderr.strip() or proc.stdout.strip()
+        raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}: {output}")
     return proc.stdout
 
 

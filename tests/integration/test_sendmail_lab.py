@@ -23,15 +23,18 @@ def test_scenarios_produce_every_line_shape(sendmail_lab: SendmailLab) -> None:
     assert f"from=<{ALLOWED_SENDER}>" in text
     assert f"from=<{UNKNOWN_SENDER}>" in text
     assert f"from={UNKNOWN_SENDER}," in text  # command line: bare sender
-    assert re.search(rf"{qids['unknown-cmdline']}: to=nobody-6@sinkhole\.test, .*stat=queued", text)
-    assert re.search(
-        rf"{qids['unknown-deferred']}: to=<nobody-1@sinkhole\.test>, .*"
-        r"stat=Deferred: 421 4\.3\.2 Service temporarily unavailable",
-        text,
+
+    def logged(key: str, rest: str) -> bool:
+        return re.search(rf"{qids[key]}: {rest}", text) is not None
+
+    assert logged("unknown-cmdline", r"to=nobody-6@sinkhole\.test, .*stat=queued")
+    assert logged(
+        "unknown-deferred",
+        r"to=<nobody-1@sinkhole\.test>, .*stat=Deferred: 421 4\.3\.2 Service temporarily unavail",
     )
-    assert re.search(rf"{qids['unknown-deferred']}: to=<nobody-1@sinkhole\.test>, .*stat=Sent", text)
-    assert re.search(rf"{qids['unknown-bounced']}: to=<nobody-9@sinkhole\.test>, .*stat=User unknown", text)
-    assert re.search(rf"{qids['unknown-bounced']}: \w+: DSN: User unknown", text)
+    assert logged("unknown-deferred", r"to=<nobody-1@sinkhole\.test>, .*stat=Sent")
+    assert logged("unknown-bounced", r"to=<nobody-9@sinkhole\.test>, .*stat=User unknown")
+    assert logged("unknown-bounced", r"\w+: DSN: User unknown")
     many = [line for line in text.splitlines() if f"{qids['unknown-many']}: to=" in line]
     assert len(many) >= 2
     assert all(", [more], " in line for line in many[:-1])
