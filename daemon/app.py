@@ -139,8 +139,8 @@ class Daemon:
         except OSError:
             await self._runner.cleanup()
             raise
-        sockets = site._server.sockets if site._server else []
-        self.listen_port = sockets[0].getsockname()[1] if sockets else server.port
+        # The bound port, which differs from the configured one when that is 0.
+        self.listen_port = int(self._runner.addresses[0][1])
         await self.heartbeats.start()
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
         if self.config.leakwatch is not None:

@@ -59,8 +59,7 @@ async def _start_receiver() -> tuple[web.AppRunner, int]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1] if site._server else 0
-    return runner, port
+    return runner, int(runner.addresses[0][1])
 
 
 def demo_config(route: dict[str, Any], receiver_port: int, maillog: Path,

@@ -46,7 +46,8 @@ def problems(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> li
      "No such file or directory"),
     (ROUTE + '\n[server]\nlisten = "nowhere"\n',
      "server.listen: must be HOST:PORT with PORT 0-65535"),
-    (ROUTE + '\n[server]\nlisten = "0.0.0.0:9787"\ncolour = "blue"\n', "server.colour: unknown key"),
+    (ROUTE + '\n[server]\nlisten = "0.0.0.0:9787"\ncolour = "blue"\n',
+     "server.colour: unknown key"),
     (ROUTE.replace('from = "a@example.com"\n', ""), "selfcheck.routes[0].from: required"),
     (ROUTE + ROUTE, "selfcheck.routes: route names must be unique (repeated: default)"),
     (ROUTE + '\n[[heartbeat]]\nurl = "ftp://x"\n',
@@ -59,7 +60,8 @@ def test_invalid_config_names_key_and_rule(tmp_path: Path, text: str, expected: 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     """Several independent mistakes are all listed, not just the first."""
-    text = ROUTE.replace('host = "smtp.example.com"', 'host = "s", port = 0') + "\n[logging]\nlevel = 'loud'\n"
+    text = ROUTE.replace('host = "smtp.example.com"', 'host = "s", port = 0')
+    text += "\n[logging]\nlevel = 'loud'\n"
     assert problems(tmp_path, text) == [
         "selfcheck.routes[0].smtp.port: must be 1-65535",
         "logging.level: must be one of debug, info, warning or error",

@@ -12,15 +12,29 @@ import ssl
 from argparse import Namespace
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
+from typing import Any
 
 from proxyprotocol.reader import ProxyProtocolReader
 from pysasl.hashing import BuiltinHash
 from pymap.backend.dict import Config as DictConfig
 from pymap.backend.dict import Identity, Login
+from pymap.config import BackendCapability
 from pymap.imap import IMAPServer
 from pymap.parsing.message import AppendMessage
 from pymap.parsing.specials.fetchattr import FetchRequirement
 from pymap.user import Passwords, UserMetadata
+
+
+class _Config(DictConfig):  # type: ignore[misc]
+    """pymap's dict config; `idle=False` stops advertising IDLE (its disable_idle is unused)."""
+
+    def __init__(self, *args: Any, idle: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._idle = idle
+
+    @property
+    def backend_capability(self) -> BackendCapability:
+        return BackendCapability(idle=self._idle, object_id=True, multi_append=True)
 
 
 class EmbeddedImapServer:
@@ -48,7 +62,7 @@ class EmbeddedImapServer:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
-        self._config = DictConfig(
+        self._config = _Config(
             Namespace(passlib_cfg=None, proxy_protocol=None),
             host=host,
             port=port,
@@ -59,7 +73,7 @@ class EmbeddedImapServer:
             tls_enabled=tls == "starttls",
             invalid_user_sleep=0.0,
             reject_dnsbl=False,
-            disable_idle=not idle,
+            idle=idle,
             # pymap's default is 500k PBKDF2 rounds (~0.25 s per login): fine for a
             # real server, but it would dominate every demo and soak round trip.
             hash_context=BuiltinHash(rounds=1000),

@@ -17,7 +17,12 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from daemon.logwatch.config import SinkholeModeWatch
-from daemon.logwatch.sources.cloudwatch import RETRYABLE, error_reason
+from daemon.logwatch.sources.cloudwatch import (
+    BOTO_ATTEMPTS,
+    RETRYABLE,
+    call_deadline,
+    error_reason,
+)
 from daemon.metrics import Metrics
 
 log = structlog.get_logger()
@@ -46,7 +51,7 @@ class SinkholeModeWatcher:
 
     def _client(self) -> Any:
         config = AioConfig(
-            retries={"mode": "standard", "max_attempts": 3},
+            retries={"mode": "standard", "max_attempts": BOTO_ATTEMPTS},
             connect_timeout=min(self.cfg.request_timeout, 10.0),
             read_timeout=self.cfg.request_timeout,
         )
@@ -90,7 +95,7 @@ class SinkholeModeWatcher:
             try:
                 async with self._client() as client:
                     while True:
-                        async with asyncio.timeout(self.cfg.request_timeout * 2):
+                        async with asyncio.timeout(call_deadline(self.cfg.request_timeout)):
                             resp = await client.get_parameter(Name=self.cfg.parameter)
                         param = resp.get("Parameter", {})
                         self.observe(str(param.get("Value", "")), param.get("LastModifiedDate"))

@@ -177,6 +177,10 @@ async def _cleanup(
                     await session.close()
                 session = ImapSession(route.imap)
                 await session.connect()
+            else:
+                # Some servers (pymap) show a selected session new mail only after
+                # a NOOP; without it a probe that just landed would be missed.
+                await session.noop()
             uids = await session.search_probe(result.run_id)
             await session.delete(uids)
             steps.record("cleanup", t, True, f"{len(uids)} deleted")

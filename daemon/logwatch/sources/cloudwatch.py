@@ -43,6 +43,15 @@ log = structlog.get_logger()
 ErrorSink = Callable[[str], None]
 # Guard against a server that never stops handing out tokens.
 MAX_PAGES_PER_QUERY = 10_000
+# botocore's own retries (standard mode) absorb short throttling bursts; its
+# backoff between attempts is at most 20 s, so a call's deadline allows for it.
+BOTO_ATTEMPTS = 3
+BOTO_MAX_RETRY_DELAY = 20.0
+
+
+def call_deadline(request_timeout: float) -> float:
+    """Deadline of one API call including botocore's retries and their backoff."""
+    return request_timeout * BOTO_ATTEMPTS + BOTO_MAX_RETRY_DELAY * (BOTO_ATTEMPTS - 1)
 
 
 def error_reason(exc: BaseException) -> str:
@@ -76,7 +85,7 @@ RETRYABLE = (BotoCoreError, ClientError, aiohttp.ClientError, OSError, TimeoutEr
 def create_logs_client(cfg: CloudWatchSource) -> Any:
     """An aiobotocore logs client context manager (botocore's standard retry mode)."""
     config = AioConfig(
-        retries={"mode": "standard", "max_attempts": 3},
+        retries={"mode": "standard", "max_attempts": BOTO_ATTEMPTS},
         connect_timeout=min(cfg.request_timeout, 10.0),
         read_timeout=cfg.request_timeout,
         inject_host_prefix=cfg.endpoint_url is None,
@@ -131,7 +140,7 @@ class CloudWatchPoller:
         if self.cfg.page_size:
             kwargs["limit"] = self.cfg.page_size
         for _ in range(MAX_PAGES_PER_QUERY):
-            async with asyncio.timeout(self.cfg.request_timeout):
+            async with asyncio.timeout(call_deadline(self.cfg.request_timeout)):
                 resp = await client.filter_log_events(**kwargs)
             yield [dict(e) for e in resp.get("events", [])]
             token = resp.get("nextToken")

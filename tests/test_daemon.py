@@ -1,0 +1,286 @@
+"""`selfcheckd run` in-process and as a process: endpoints, metrics, heartbeats, SIGTERM, soak."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.app import Daemon
+from daemon.config import Config, LoadedConfig
+from daemon.embedded.stack import EmbeddedMailStack
+from tests.test_roundtrip import probes_left
+
+
+class Receiver:
+    """A real HTTP endpoint standing in for updown.io."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> Receiver:
+        async def pulse(request: web.Request) -> web.Response:
+            assert request.content_type == "application/json"
+            self.bodies.append(await request.json())
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/pulse/{token}", pulse)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/pulse/tok123"
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = await Receiver().start()
+    yield r
+    await r.stop()
+
+
+def daemon_config(stack: EmbeddedMailStack, pulse_url: str, **selfcheck: Any) -> Config:
+    return Config.model_validate({
+        "selfcheck": {"interval": 0.3, "timeout": 5, "secret": "soak-secret",
+                      **selfcheck, "routes": [stack.route_table()]},
+        "server": {"listen": "127.0.0.1:0"},
+        "heartbeat": [{"name": "pulse", "url": pulse_url, "retries": 0}],
+        "shutdown_grace": 2,
+    })
+
+
+async def wait_until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(
+        f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)
+    ) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_run_exports_metrics_status_and_heartbeats(
+    mail_stack: EmbeddedMailStack, receiver: Receiver
+) -> None:
+    """Runs move the counters and histograms; each success sends one exact heartbeat."""
+    daemon = Daemon(LoadedConfig(daemon_config(mail_stack, receiver.url), None))
+    await daemon.start()
+    try:
+        await wait_until(lambda: len(receiver.bodies) >= 3)
+        mail_stack.smtp.drop = True  # the next run fails: no heartbeat may follow it
+        await wait_until(lambda: daemon.results["default"].success is False)
+        beats_after_failure = len(receiver.bodies)
+        await asyncio.sleep(0.5)
+        status, text = await get(daemon.listen_port, "/metrics")
+        assert status == 200
+        m = samples(text)
+        route = (("route", "default"),)
+        successes = m[("selfcheck_runs_total", (("result", "success"), *route))]
+        assert successes >= 3
+        assert m[("selfcheck_failures_total", (("reason", "receive_timeout"), *route))] >= 0
+        assert m[("selfcheck_send_duration_seconds_count", route)] >= successes
+        assert m[("selfcheck_reception_duration_seconds_count", route)] == successes
+        assert m[("selfcheck_last_success_timestamp_seconds", route)] > time.time() - 60
+        assert m[("selfcheck_heartbeats_total", (("result", "success"), ("target", "pulse")))] \
+            == len(receiver.bodies)
+        assert m[("selfcheckd_build_info", (("version", "0.1.0"),))] == 1
+        assert m[("selfcheckd_config_last_reload_successful", ())] == 1
+        assert len(receiver.bodies) == successes == beats_after_failure
+        for body in receiver.bodies:
+            assert set(body) == {"send_time", "reception_time"}
+        assert (await get(daemon.listen_port, "/healthz"))[0] == 200
+        assert (await get(daemon.listen_port, "/readyz"))[0] == 200
+        code, body = await get(daemon.listen_port, "/status")
+        state = json.loads(body)["routes"]["default"]
+        assert code == 200 and state["success"] is False and state["reason"] == "receive_timeout"
+        assert "soak-secret" not in body and mail_stack.options.imap_password not in body
+        assert "tok123" not in text + body
+    finally:
+        await daemon.shutdown()
+
+
+async def test_reload_swaps_only_a_valid_config(
+    mail_stack: EmbeddedMailStack, receiver: Receiver, tmp_path: Path
+) -> None:
+    """SIGHUP reload takes a valid file and keeps the running config on an invalid one."""
+    path = tmp_path / "c.toml"
+    route = mail_stack.route_table()
+    toml = (
+        '[selfcheck]\ninterval = 0.3\nsecret = "x"\n[[selfcheck.routes]]\n'
+        f'from = "{route["from"]}"\nto = "{route["to"]}"\n'
+        f'smtp = {{ host = "127.0.0.1", port = {mail_stack.smtp.port}, security = "none" }}\n'
+        f'imap = {{ host = "127.0.0.1", port = {mail_stack.imap.port}, security = "none", '
+        f'username = "{mail_stack.options.imap_user}", '
+        f'password = "{mail_stack.options.imap_password}" }}\n'
+        '[server]\nlisten = "127.0.0.1:0"\n'
+    )
+    path.write_text(toml)
+    from daemon.config import load_config
+
+    daemon = Daemon(load_config(path, {}), path)
+    await daemon.start()
+    try:
+        path.write_text(toml.replace("interval = 0.3", "interval = 0.4"))
+        assert daemon.reload() is True
+        assert daemon.config.selfcheck.interval == 0.4
+        path.write_text(toml.replace("interval = 0.3", "interval = -1"))
+        assert daemon.reload() is False
+        assert daemon.config.selfcheck.interval == 0.4
+        assert daemon.metrics.config_reload_ok._value.get() == 0
+    finally:
+        await daemon.shutdown()
+
+
+def write_config(path: Path, stack: EmbeddedMailStack, **imap: Any) -> None:
+    r = stack.route_table()
+    extra = "".join(f", {k} = {json.dumps(v)}" for k, v in imap.items())
+    path.write_text(
+        'shutdown_grace = 1\n[selfcheck]\ninterval = 600\ntimeout = 30\nsecret = "x"\n'
+        f'[[selfcheck.routes]]\nfrom = "{r["from"]}"\nto = "{r["to"]}"\n'
+        f'smtp = {{ host = "127.0.0.1", port = {stack.smtp.port}, security = "none" }}\n'
+        f'imap = {{ host = "127.0.0.1", port = {stack.imap.port}, security = "none", '
+        f'username = "{stack.options.imap_user}", password = "{stack.options.imap_password}"'
+        f"{extra} }}\n"
+        '[server]\nlisten = "127.0.0.1:0"\n'
+    )
+
+
+async def test_sigterm_during_run_exits_within_grace(
+    make_stack: Any, tmp_path: Path
+) -> None:
+    """SIGTERM mid-run: the process cancels the run after the grace, deletes the probe, exits 0."""
+    stack = await make_stack(idle=False)
+    stack.smtp.delivery_delay = 0.3  # the first poll misses it; the next is 30 s away
+    cfg = tmp_path / "c.toml"
+    write_config(cfg, stack, poll_interval=30)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_until(lambda: stack.smtp.delivered == 1, timeout=20)
+        await asyncio.sleep(0.3)
+        assert await probes_left(stack) == 1  # in flight: delivered, not yet seen
+        proc.send_signal(signal.SIGTERM)
+        sent_at = time.monotonic()
+        code = await asyncio.wait_for(proc.wait(), timeout=15)
+        took = time.monotonic() - sent_at
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.stderr is not None
+    stderr = (await proc.stderr.read()).decode()
+    assert code == 0, stderr
+    assert took < 1 + 5, stderr  # grace 1 s + cleanup
+    assert "selfcheckd_cancelling_runs" in stderr
+    assert await probes_left(stack) == 0
+    assert "selfcheckd_stopped" in stderr
+
+
+async def test_port_in_use_is_one_line_and_exit_3(
+    mail_stack: EmbeddedMailStack, tmp_path: Path
+) -> None:
+    """Start-up on a taken port prints one clear line and exits with code 3."""
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    cfg = tmp_path / "c.toml"
+    write_config(cfg, mail_stack)
+    cfg.write_text(cfg.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        _out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    finally:
+        blocker.close()
+    assert proc.returncode == 3
+    assert err.decode().strip().splitlines()[-1] == (
+        f"selfcheckd: cannot listen on 127.0.0.1:{port}: address already in use "
+        "(set [server] listen or SELFCHECKD_LISTEN)"
+    )
+
+
+@pytest.mark.integration
+async def test_metrics_page_passes_promtool(
+    mail_stack: EmbeddedMailStack, receiver: Receiver, tmp_path: Path
+) -> None:
+    """Debian's `promtool check metrics` accepts the /metrics page after real runs."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing under CI (scripts/install-system-deps)")
+        pytest.skip("promtool not installed")
+    daemon = Daemon(LoadedConfig(daemon_config(mail_stack, receiver.url), None))
+    await daemon.start()
+    try:
+        await wait_until(lambda: len(receiver.bodies) >= 1)
+        _, text = await get(daemon.listen_port, "/metrics")
+    finally:
+        await daemon.shutdown()
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.slow
+async def test_soak_500_runs_without_growth(
+    mail_stack: EmbeddedMailStack, receiver: Receiver
+) -> None:
+    """500 runs at a very short interval leave tasks, sockets and the mailbox flat."""
+    daemon = Daemon(LoadedConfig(daemon_config(mail_stack, receiver.url, interval=0.01), None))
+    await daemon.start()
+    runs = daemon.metrics.runs.labels("default", "success")
+    baseline: tuple[int, int] | None = None
+    try:
+        await wait_until(lambda: runs._value.get() >= 50, timeout=120)
+        await daemon.heartbeats.drain(2)
+        baseline = (len(asyncio.all_tasks()), open_fds())
+        await wait_until(lambda: runs._value.get() >= 500, timeout=300)
+        await daemon.heartbeats.drain(2)
+        tasks, fds = len(asyncio.all_tasks()), open_fds()
+    finally:
+        await daemon.shutdown()
+    assert baseline is not None
+    assert tasks <= baseline[0] + 3, (baseline, tasks)
+    assert fds <= baseline[1] + 5, (baseline, fds)
+    assert daemon.metrics.failures.labels("default", "receive_timeout")._value.get() == 0
+    assert await probes_left(mail_stack) == 0
+    assert len(await mail_stack.inbox()) == 0
