@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
+import aiosmtplib
 import pytest
 
+from daemon.roundtrip.probe import build_probe, new_run_id
 from daemon.roundtrip.result import FailureReason
 from daemon.runner import run_check
 from tests.conftest import make_config
@@ -41,7 +46,8 @@ async def test_roundtrip_through_sendmail_into_dovecot(
     cfg = make_config(route_for(dovecot_lab, **imap), timeout=30.0)
     result = await run_check(cfg.selfcheck.routes[0], cfg.selfcheck, SECRET)
     assert result.success, result.error
-    assert result.reception_time is not None and result.send_time is not None
+    assert result.reception_time is not None
+    assert result.send_time is not None
     record_property(f"reception_time_{mode}", result.reception_time)
     print(f"dovecot {mode}: send_time={result.send_time:.3f} "
           f"reception_time={result.reception_time:.3f}")
@@ -59,23 +65,22 @@ async def test_dovecot_wrong_password(dovecot_lab: DovecotLab) -> None:
 
 
 async def test_dovecot_late_probe_swept(dovecot_lab: DovecotLab) -> None:
-    """A probe left by an earlier run past its timeout is deleted and counted."""
+    """A probe of an earlier run that landed after its timeout is deleted and counted."""
     dovecot_lab.delete_all()
-    cfg = make_config(route_for(dovecot_lab), timeout=0.05)
-    first = await run_check(cfg.selfcheck.routes[0], cfg.selfcheck, SECRET)
-    if first.success:  # delivered faster than 50 ms: nothing is late; skip the premise
-        pytest.skip("delivery beat a 50 ms timeout; cannot produce a late probe")
-    assert first.reason is FailureReason.RECEIVE_TIMEOUT
-    import asyncio
-
-    for _ in range(50):
+    earlier = build_probe(route="dovecot", sender=dovecot_lab.sender,
+                          recipient=dovecot_lab.recipient, secret=SECRET, run_id=new_run_id())
+    del earlier.message["Date"]
+    earlier.message["Date"] = format_datetime(datetime.now(UTC) - timedelta(minutes=5))
+    await aiosmtplib.send(earlier.message, hostname=dovecot_lab.smtp_host,
+                          port=dovecot_lab.smtp_port, local_hostname="test.localdomain",
+                          timeout=10)
+    for _ in range(100):
         if dovecot_lab.header_values("X-Selfcheck-Id"):
             break
-        await asyncio.sleep(0.1)
-    cfg = make_config(route_for(dovecot_lab), timeout=0.05)
-    # The sweep only touches probes older than the timeout: wait past it.
-    await asyncio.sleep(0.2)
-    cfg = make_config(route_for(dovecot_lab), timeout=10.0)
-    second = await run_check(cfg.selfcheck.routes[0], cfg.selfcheck, SECRET)
-    assert second.success, second.error
+        await asyncio.sleep(0.05)
+    assert dovecot_lab.header_values("X-Selfcheck-Id") == [earlier.run_id]
+    cfg = make_config(route_for(dovecot_lab), timeout=30.0)
+    result = await run_check(cfg.selfcheck.routes[0], cfg.selfcheck, SECRET)
+    assert result.success, result.error
+    assert result.late_arrivals == 1
     assert dovecot_lab.header_values("X-Selfcheck-Id") == []
