@@ -206,7 +206,7 @@ def test_scan_cloudwatch_since(moto_url: str) -> None:
     asyncio.run(Logs(moto_url).put(
         (t, from_line(t, "6ANJUQna010773", "app@example.com")),
         (t + 10, to_line(t + 10, "6ANJUQna010773", "Nobody-14@SinkHole.TEST")),
-        (now_ms() - 7_200_000, to_line(now_ms() - 7_200_000, "6ANJUaaa000001", "old@sinkhole.test")),
+        (t - 7_200_000, to_line(t - 7_200_000, "6ANJUaaa000001", "old@sinkhole.test")),
     ))
     parser = argparse.ArgumentParser()
     scan_command.add_arguments(parser)
