@@ -251,9 +251,12 @@ async def test_metrics_page_passes_promtool(
         _, text = await get(daemon.listen_port, "/metrics")
     finally:
         await daemon.shutdown()
-    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), timeout=60)
+    assert proc.returncode == 0, out.decode()
 
 
 def open_fds() -> int:

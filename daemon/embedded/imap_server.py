@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxyprotocol.reader import ProxyProtocolReader
-from pysasl.hashing import BuiltinHash
 from pymap.backend.dict import Config as DictConfig
 from pymap.backend.dict import Identity, Login
 from pymap.config import BackendCapability
@@ -23,9 +22,10 @@ from pymap.imap import IMAPServer
 from pymap.parsing.message import AppendMessage
 from pymap.parsing.specials.fetchattr import FetchRequirement
 from pymap.user import Passwords, UserMetadata
+from pysasl.hashing import BuiltinHash
 
 
-class _Config(DictConfig):  # type: ignore[misc]
+class _Config(DictConfig):
     """pymap's dict config; `idle=False` stops advertising IDLE (its disable_idle is unused)."""
 
     def __init__(self, *args: Any, idle: bool = True, **kwargs: Any) -> None:
