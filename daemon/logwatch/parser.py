@@ -44,10 +44,25 @@ class Delivery:
     queue_id: str
     recipients: tuple[str, ...]  # as logged (case kept), without angle brackets
     stat: str  # sendmail stat= / Postfix status=, to end of line
-    dsn: str | None
-    relay: str | None
-    delay: str | None
     more: bool  # sendmail split a long recipient list; more lines follow
+    # The fields between the recipients and stat=; relay/dsn/delay are read
+    # from it on demand, which keeps the scan's hot path short.
+    fields: str = ""
+
+    @property
+    def relay(self) -> str | None:
+        m = _RELAY.search(self.fields)
+        return m.group(1) if m else None
+
+    @property
+    def dsn(self) -> str | None:
+        m = _DSN.search(self.fields)
+        return m.group(1) if m else None
+
+    @property
+    def delay(self) -> str | None:
+        m = _DELAY.search(self.fields)
+        return m.group(1) if m else None
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,14 +104,11 @@ def parse_line(line: str) -> ParsedLine:
     m = _HEADER.match(line)
     if m is None:
         return UNPARSED
-    kind = m.group("kind")
-    prog = m.group("prog")
+    ts, prog, qid, kind = m.groups()
     if kind is None:
-        return OTHER_MTA if is_mta_program(prog) else OTHER
-    if not is_mta_program(prog):
+        return OTHER_MTA if prog in _SENDMAIL_PROGRAMS or prog.startswith("postfix") else OTHER
+    if not (prog in _SENDMAIL_PROGRAMS or prog.startswith("postfix")):
         return OTHER
-    ts = m.group("ts")
-    qid = m.group("qid")
     pos = m.end()
     if kind == "from":
         sender = _take_sender(line, pos)
@@ -208,19 +220,13 @@ def _parse_delivery(line: str, pos: int, ts: str, qid: str) -> ParsedLine:
         stat = "" if stat_at < 0 else line[stat_at + 7 :]
     else:
         stat = line[stat_at + 5 :]
-    head = line[fields_at:] if stat_at < 0 else line[fields_at:stat_at]
-    relay = _RELAY.search(head)
-    dsn = _DSN.search(head)
-    delay = _DELAY.search(head)
     return Delivery(
         timestamp=ts,
         queue_id=qid,
         recipients=tuple(recipients),
         stat=stat,
-        dsn=dsn.group(1) if dsn else None,
-        relay=relay.group(1) if relay else None,
-        delay=delay.group(1) if delay else None,
         more=more,
+        fields=line[fields_at:] if stat_at < 0 else line[fields_at:stat_at],
     )
 
 

@@ -7,7 +7,7 @@ from daemon.logwatch.parser import Delivery, QueueAdd
 
 
 def _delivery(qid: str, *rcpts: str, stat: str = "Sent") -> Delivery:
-    return Delivery("2026-11-23T19:30:26Z", qid, tuple(rcpts), stat, None, None, None, False)
+    return Delivery("2026-11-23T19:30:26Z", qid, tuple(rcpts), stat, False)
 
 
 def test_domain_match_is_case_insensitive_with_subdomains_and_trailing_dot() -> None:

@@ -139,3 +139,21 @@ def test_durations() -> None:
     assert parse_duration("1d") == 86400
     with pytest.raises(ValueError, match="--since"):
         parse_duration("0")
+
+
+def test_stdin_is_the_default_source() -> None:
+    """Without --file or --cloudwatch the scan reads standard input (run as a subprocess)."""
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys\n"
+            "from daemon.logwatch import scan_command\n"
+            "from daemon.logwatch.config import LeakWatchConfig\n"
+            "p = argparse.ArgumentParser(); scan_command.add_arguments(p)\n"
+            "sys.exit(scan_command.run(p.parse_args(['--json']), LeakWatchConfig()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], input=(FIXTURES / "postfix.log")
+                          .read_bytes(), capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 1
+    assert [json.loads(x)["queue_id"] for x in proc.stdout.splitlines()] == [
+        "4Y8KqT1Zx3z9sWP", "3F2A1B2C3D"]
+    assert json.loads(proc.stderr.splitlines()[0])["source"] == "stdin"
