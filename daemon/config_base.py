@@ -90,9 +90,13 @@ class SecretsModel(StrictModel):
                 except OSError as exc:
                     raise key_error(f"{name}_file", f"cannot read {path}: {exc.strerror}") from None
                 setattr(self, name, SecretStr(text))
+                # Resolved: leave one way of giving it, so re-validating a built
+                # model does not report "give only one of".
+                setattr(self, f"{name}_file", None)
             elif env is not None:
                 value = environ.get(env)
                 if value is None:
                     raise key_error(f"{name}_env", f"environment variable {env} is not set")
                 setattr(self, name, SecretStr(value))
+                setattr(self, f"{name}_env", None)
         return self
