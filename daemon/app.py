@@ -165,7 +165,9 @@ class Daemon:
         log.info("selfcheckd_stopping", grace=grace, running=sorted(self.scheduler.running))
         if not await self.scheduler.wait_idle(grace):
             log.warning("selfcheckd_cancelling_runs", running=sorted(self.scheduler.running))
-            await self.scheduler.cancel_running()
+            budget = self.config.selfcheck.cleanup_timeout + 5
+            if not await self.scheduler.cancel_running(timeout=budget):
+                log.error("selfcheckd_runs_ignored_cancel", running=sorted(self.scheduler.running))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

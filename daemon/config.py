@@ -119,6 +119,8 @@ class SelfcheckConfig(SecretsModel):
 
     @model_validator(mode="after")
     def _check_routes(self) -> Any:
+        if self.jitter >= self.interval:
+            raise key_error("jitter", "must be less than interval")
         names = [r.name for r in self.routes]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
