@@ -71,7 +71,8 @@ class Metrics:
             ["route"], registry=r,
         )
         self.heartbeats = Counter(
-            "selfcheck_heartbeats", "Heartbeat deliveries by target name and result.",
+            "selfcheck_heartbeats",
+            "Heartbeat deliveries by target name and result (success, failure, skipped).",
             ["target", "result"], registry=r,
         )
         self.build_info = Info("selfcheckd_build", "selfcheckd build information.", registry=r)

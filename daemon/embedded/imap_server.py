@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from argparse import Namespace
-from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,7 +57,6 @@ class EmbeddedImapServer:
         self._tls = tls
         self._ssl_context = ssl_context
         self._idle = idle
-        self._stack = AsyncExitStack()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
@@ -115,7 +113,6 @@ class EmbeddedImapServer:
                 writer.close()
             await self._server.wait_closed()
             self._server = None
-        await self._stack.aclose()
 
     async def deliver(self, user: str, data: bytes, mailbox: str = "INBOX") -> None:
         """Append a message as a delivery agent would (IDLE clients see EXISTS)."""
@@ -136,7 +133,3 @@ class EmbeddedImapServer:
                     loaded = await msg.load_content(FetchRequirement.CONTENT)
                     out.append(bytes(loaded))
             return out
-
-    def has_user(self, user: str) -> bool:
-        return user in self._users
-

@@ -34,15 +34,6 @@ class _DeliveryHandler:
     def __init__(self, server: EmbeddedSmtpServer) -> None:
         self._server = server
 
-    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
-        self, _srv: SMTP, _session: Session, envelope: Envelope, address: str,
-        _options: list[str],
-    ) -> str:
-        if not self._server.accepts(address):
-            return "550 5.1.1 User unknown"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
     async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
         self, _srv: SMTP, _session: Session, envelope: Envelope,
     ) -> str:
@@ -96,10 +87,6 @@ class EmbeddedSmtpServer:
         # Server.close_clients() is Python 3.13+; track connections to close them on stop.
         self._connections: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self.port = 0
-
-    def accepts(self, address: str) -> bool:
-        # Local users get local delivery; everything else is "relayed" (logged only).
-        return "@" in address
 
     def _authenticate(
         self, _srv: SMTP, _session: Session, _envelope: Envelope, mechanism: str, data: Any,

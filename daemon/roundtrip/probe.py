@@ -32,9 +32,6 @@ class Probe:
     recipient: str
     message: EmailMessage
 
-    def as_bytes(self) -> bytes:
-        return self.message.as_bytes(policy=policy.SMTP)
-
 
 class IntegrityError(Exception):
     """The received probe differs from what was sent; the message names the check."""
