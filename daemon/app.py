@@ -1,10 +1,22 @@
-"""`selfcheckd run`: start-up, serve, graceful shutdown, reload.
+"""`selfcheckd run`: build the components from the config, start, reload, stop in one budget.
 
-Shape after uvicorn: signal handlers only flip state; the main coroutine
-notices. SIGTERM/SIGINT stop scheduling, give an in-flight run `shutdown_grace`
-seconds, then cancel it (its cleanup still deletes the probe) and exit 0; a
-second signal exits at once. SIGHUP parses the config anew and swaps it in only
-if it is valid.
+Shape after uvicorn: signal handlers only set events; the main coroutine
+notices. Every long-running loop is a component of one `Supervisor`
+(daemon/supervisor.py); the checks run through one `Runner` scheduled by one
+`Scheduler`.
+
+Shutdown (SIGTERM, SIGINT) draws on one budget of `shutdown_grace` seconds:
+scheduling and reading the log source stop at once; runs in flight get what is
+left after reserving time for their cleanup and the final steps; then they are
+cancelled and their probe deletions run, shielded and bounded; then the leak
+watcher saves its state, flushes the alert outbox and saves again; then every
+component is stopped and clients close. Every path ends within
+`shutdown_grace + CLOSE_BUDGET` seconds. A second signal exits at once.
+
+SIGHUP reloads everything or nothing: the new file is validated, keys that
+cannot change live refuse the reload, a new listener is bound before anything
+is swapped; then changed components are rebuilt (the leak watcher hands its
+state over) and removed routes' series are dropped.
 """
 
 from __future__ import annotations
@@ -12,191 +24,370 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from daemon import __version__
-from daemon.config import ConfigError, LoadedConfig, load_config
-from daemon.heartbeat import Heartbeats
+from daemon.checks.result import CheckResult, new_run_id
+from daemon.checks.runner import Runner
+from daemon.checks.scheduler import IDLE_TICK, Job, Scheduler
+from daemon.config import Config, ConfigError, LoadedConfig, load_config
+from daemon.delivery.heartbeats import Heartbeats
+from daemon.http import HttpServer, make_app
+from daemon.logs import configure_logging, install_exception_hooks
+from daemon.logwatch.watcher import LeakWatch
 from daemon.metrics import Metrics
-from daemon.roundtrip.probe import new_run_id
-from daemon.roundtrip.result import CheckResult
-from daemon.runner import hard_deadline, probe_secret, record_metrics, run_check
-from daemon.scheduler import Job, Scheduler
+from daemon.roundtrip.check import RoundTrip
+from daemon.roundtrip.probe import probe_secret
+from daemon.stopping import StopBudget
+from daemon.supervisor import Progress, Supervisor
 
 log = structlog.get_logger("daemon.app")
 
 EXIT_OK, EXIT_STARTUP, EXIT_FORCED = 0, 3, 1
+# After the grace: stopping the components and closing listeners and clients.
+CLOSE_BUDGET = 2.0
+# Replacing a component on reload waits this long for the old one to end.
+SWAP_TIMEOUT = 5.0
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def final_reserve(grace: float) -> float:
+    """Seconds of the grace kept for the state save and the outbox flush."""
+    return min(4.0, grace * 0.2)
+
+
+def cleanup_reserve(grace: float, cleanup_timeout: float) -> float:
+    """Seconds of the grace kept for deleting the probes of cancelled runs."""
+    return min(cleanup_timeout, grace * 0.3)
+
+
+class ScheduledChecks:
+    """The `scheduler` component: the scheduler's loop, one tick = one unit of progress."""
+
+    name = "scheduler"
+    # The loop wakes at least every IDLE_TICK seconds, whatever the intervals.
+    progress_deadline = IDLE_TICK + 30.0
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    @property
+    def may_finish(self) -> bool:
+        return self.scheduler.stopping
+
+    async def run(self, progress: Progress) -> None:
+        self.scheduler.on_tick = progress.progress
+        await self.scheduler.run()
 
 
 class Daemon:
     """Everything `selfcheckd run` owns; tests drive it in-process via `start`/`shutdown`."""
 
-    def __init__(self, loaded: LoadedConfig, config_path: Path | None = None,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        config_path: Path | None = None,
+        metrics: Metrics | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
         self.config = loaded.config
         self.config_path = config_path if config_path is not None else loaded.path
         self.metrics = metrics or Metrics()
         self.metrics.config_reload_ok.set(1)
-        self.secret = probe_secret(self.config)
+        self._clock = clock
+        self._sleep = sleep
+        self.budget = StopBudget(clock)
+        self.supervisor = Supervisor(self.metrics, clock=clock, sleep=sleep)
+        self.runner = Runner(self.metrics, budget=self.budget,
+                             final_reserve=final_reserve(self.config.shutdown_grace))
+        self.runner.on_result(self._on_result)
         self.results: dict[str, CheckResult] = {}
-        self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics)
+        self.checks = self._checks(self.config)
         self.scheduler = Scheduler(
             self._jobs(), on_skip=self._on_skip,
-            on_deadline=lambda name: log.error("selfcheck_deadline_cancelled", route=name),
-        )
+            on_deadline=lambda name: log.error("selfcheck_deadline_cancelled", route=name))
+        self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics)
+        self.leakwatch = self._leakwatch(self.config)
+        self.http = self._http(self.config)
         self.started_at = time.time()
         self.ready = False
         self.stopping = False
-        self.leakwatch_stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._runner: web.AppRunner | None = None
-        self.listen_port = 0
+        self._supervising: asyncio.Task[None] | None = None
+        self._restore_hooks: Callable[[], None] | None = None
 
-    # -- jobs ----------------------------------------------------------------------------
+    # -- building -----------------------------------------------------------------------
+
+    @staticmethod
+    def _checks(config: Config) -> dict[str, RoundTrip]:
+        secret = probe_secret(config.selfcheck)
+        return {r.name: RoundTrip(r, config.selfcheck, secret) for r in config.selfcheck.routes}
 
     def _jobs(self) -> list[Job]:
         sc = self.config.selfcheck
         return [
-            Job(name=route.name, run=self._make_run(route.name), interval=sc.interval,
-                jitter=sc.jitter, deadline=hard_deadline(route, sc) + sc.cleanup_timeout + 5)
-            for route in sc.routes
+            Job(name=name, run=self._make_run(name), interval=sc.interval, jitter=sc.jitter,
+                # A backstop: the runner enforces the check's own deadline first.
+                deadline=check.deadline + check.cleanup_timeout + 5)
+            for name, check in self.checks.items()
         ]
 
-    def _make_run(self, name: str) -> Any:
+    def _make_run(self, name: str) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
-            # Look the route up at run time so a reload's new settings apply.
-            route = next((r for r in self.config.selfcheck.routes if r.name == name), None)
-            if route is None:
+            check = self.checks.get(name)  # looked up at run time, so a reload applies
+            if check is None:
                 return
             run_id = new_run_id()
-            self.heartbeats.run_started(route.name, run_id)
-            result = await run_check(route, self.config.selfcheck, self.secret, run_id=run_id)
-            record_metrics(self.metrics, result)
-            self.results[route.name] = result
-            self.heartbeats.run_finished(result)
+            self.heartbeats.run_started(name, run_id)
+            await self.runner.execute(check, run_id)
         return run
+
+    def _leakwatch(self, config: Config, handover: LeakWatch | None = None) -> LeakWatch | None:
+        if config.leakwatch is None:
+            return None
+        stdin = handover.source if handover is not None and handover.source.kind == "stdin" \
+            else None
+        return LeakWatch(config.leakwatch, self.metrics, clock=self._clock, sleep=self._sleep,
+                         stdin=stdin)
+
+    def _http(self, config: Config) -> HttpServer:
+        return HttpServer(make_app(self, self.metrics.registry), config.server.host,
+                          config.server.port)
+
+    def _on_result(self, result: CheckResult) -> None:
+        self.results[result.route] = result
+        self.heartbeats.run_finished(result)
 
     def _on_skip(self, name: str, count: int) -> None:
         self.metrics.skipped_runs.labels(name).inc(count)
         log.warning("selfcheck_skipped", route=name, skipped=count,
                     why="previous run still going")
 
-    # -- HTTP ----------------------------------------------------------------------------
+    @property
+    def listen_port(self) -> int:
+        """The port /metrics is served on (the bound one when the config says 0)."""
+        return self.http.bound_port
 
-    def make_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/status", self._status)
-        return app
+    # -- what the endpoints see -----------------------------------------------------------
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
-        alive = self.scheduler.alive(time.monotonic()) or not self.config.selfcheck.routes
-        return web.json_response({"alive": alive}, status=200 if alive else 503)
+    def problems(self) -> dict[str, str]:
+        return self.supervisor.problems()
 
-    async def _readyz(self, _request: web.Request) -> web.Response:
-        # Not tied to selfcheck success: a mail outage must not get the monitor killed.
-        ready = self.ready and not self.stopping
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+    def is_ready(self) -> bool:
+        return self.ready and not self.stopping
 
-    async def _status(self, _request: web.Request) -> web.Response:
+    def status(self) -> dict[str, Any]:
+        """The configuration in force and the state of everything; no secrets."""
+        cfg = self.config
         routes: dict[str, Any] = {}
-        for route in self.config.selfcheck.routes:
-            result = self.results.get(route.name)
-            routes[route.name] = None if result is None else {
-                **result.as_dict(verbose=True), "finished_at": result.finished_at,
+        for name in self.checks:
+            result = self.results.get(name)
+            routes[name] = None if result is None else {
+                **result.as_dict(verbose=True), "finished_at": result.finished_at}
+        leak: dict[str, Any] | None = None
+        if self.leakwatch is not None:
+            lw = self.leakwatch
+            leak = {
+                "source": lw.config.source,
+                "state_file": {"path": str(lw.state.path) if lw.state.path else None,
+                               "last_saved_at": lw.state.last_saved_at,
+                               "last_error": lw.state.last_error},
+                "pending_alerts": [] if lw.outbox is None else [
+                    {"id": a.id, "summary": a.summary, "severity": a.severity,
+                     "attempts": a.attempts, "last_error": a.last_error,
+                     "age": round(time.time() - a.created_at, 3)}
+                    for a in lw.outbox.pending()],
             }
-        body = {
+        return {
             "version": __version__,
             "started_at": self.started_at,
-            "interval": self.config.selfcheck.interval,
-            "leakwatch": self.config.leakwatch is not None,
+            "stopping": self.stopping,
+            "config": {
+                "listen": self.http.listen,
+                "interval": cfg.selfcheck.interval,
+                "timeout": cfg.selfcheck.timeout,
+                "shutdown_grace": cfg.shutdown_grace,
+                "routes": list(self.checks),
+                "heartbeats": [t.name for t in cfg.heartbeat],
+                "leakwatch": None if cfg.leakwatch is None else cfg.leakwatch.source,
+                "logging": cfg.logging.model_dump(),
+            },
+            "problems": self.problems(),
+            "components": self.supervisor.states(),
             "routes": routes,
+            "leakwatch": leak,
         }
-        return web.Response(text=json.dumps(body, indent=2), content_type="application/json")
 
-    # -- lifecycle -----------------------------------------------------------------------
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen, then start the scheduler and the leak watcher. Raises OSError on bind."""
-        self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        server = self.config.server
-        site = web.TCPSite(self._runner, server.host, server.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError:
-            await self._runner.cleanup()
-            raise
-        # The bound port, which differs from the configured one when that is 0.
-        self.listen_port = int(self._runner.addresses[0][1])
-        await self.heartbeats.start()
-        self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
-        if self.config.leakwatch is not None:
-            from daemon.logwatch.watcher import run_leakwatch
-
-            self._tasks.append(asyncio.create_task(
-                run_leakwatch(self.config.leakwatch, self.metrics, self.leakwatch_stop),
-                name="leakwatch",
-            ))
+        """Listen, restore the leak watcher, start every component. Raises OSError on bind."""
+        await self.http.bind()
+        self._restore_hooks = install_exception_hooks(asyncio.get_running_loop(), self.metrics)
+        if self.leakwatch is not None:
+            self.leakwatch.open()
+        self.supervisor.start(self.http)
+        self.supervisor.start(ScheduledChecks(self.scheduler))
+        self.supervisor.start(self.heartbeats)
+        for component in self.leakwatch.components() if self.leakwatch else []:
+            self.supervisor.start(component)
+        self._supervising = asyncio.create_task(self.supervisor.run(), name="supervisor")
+        await self.supervisor.started()
         self.ready = True
-        log.info("selfcheckd_started", version=__version__, listen=f"{server.host}:"
-                 f"{self.listen_port}", routes=len(self.config.selfcheck.routes),
-                 interval=self.config.selfcheck.interval,
-                 leakwatch=self.config.leakwatch is not None)
+        log.info("selfcheckd_started", version=__version__, listen=self.http.listen,
+                 routes=len(self.checks), interval=self.config.selfcheck.interval,
+                 leakwatch=self.config.leakwatch is not None,
+                 components=",".join(self.supervisor.names()))
 
     async def shutdown(self) -> None:
-        """Stop scheduling; let a run finish within the grace; cancel what is left."""
+        """Stop everything within `shutdown_grace` (+ CLOSE_BUDGET to close clients)."""
+        if self.stopping:
+            return
         self.stopping = True
-        self.scheduler.stop()
-        self.leakwatch_stop.set()
         grace = self.config.shutdown_grace
+        self.budget.start(grace)
+        final = final_reserve(grace)
+        cleanup = cleanup_reserve(grace, self.config.selfcheck.cleanup_timeout)
         log.info("selfcheckd_stopping", grace=grace, running=sorted(self.scheduler.running))
-        if not await self.scheduler.wait_idle(grace):
-            log.warning("selfcheckd_cancelling_runs", running=sorted(self.scheduler.running))
-            budget = self.config.selfcheck.cleanup_timeout + 5
-            if not await self.scheduler.cancel_running(timeout=budget):
-                log.error("selfcheckd_runs_ignored_cancel", running=sorted(self.scheduler.running))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.heartbeats.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        self.scheduler.stop()
+        if self.leakwatch is not None:  # read nothing new from here on
+            await self.supervisor.remove(self.leakwatch.source_loop.name,
+                                         timeout=min(1.0, self.budget.remaining()))
+        await self._finish_runs(cleanup, final)
+        if self.leakwatch is not None:
+            await self._close_leakwatch(self.leakwatch)
+        await self.heartbeats.close(grace=min(2.0, self.budget.remaining()))
+        self.supervisor.stop()
+        if self._supervising is not None:
+            done, _ = await asyncio.wait({self._supervising},
+                                         timeout=self.budget.remaining() + CLOSE_BUDGET)
+            if not done:
+                log.error("selfcheckd_components_ignored_stop")
+            elif self._supervising.exception() is not None:
+                log.error("supervisor_failed", exc_info=self._supervising.exception())
+        await self.http.close()  # if the http component never ran
+        if self._restore_hooks is not None:
+            self._restore_hooks()
         log.info("selfcheckd_stopped")
 
-    async def _swap_heartbeats(self, old: Heartbeats) -> None:
-        await self.heartbeats.start()
-        await old.close()
+    async def _finish_runs(self, cleanup: float, final: float) -> None:
+        """Runs in flight get what is left of the grace, then are cancelled (cleanup still runs)."""
+        if await self.scheduler.wait_idle(self.budget.remaining(cleanup + final)):
+            return
+        log.warning("selfcheckd_cancelling_runs", running=sorted(self.scheduler.running))
+        if not await self.scheduler.cancel_running(timeout=self.budget.remaining(final)):
+            log.error("selfcheckd_runs_ignored_cancel", running=sorted(self.scheduler.running))
 
-    def reload(self) -> bool:
-        """SIGHUP: parse the config anew; swap it in only if it is valid."""
+    async def _close_leakwatch(self, watch: LeakWatch) -> None:
+        """Save, flush undelivered alerts within the budget, save what is left."""
         try:
-            loaded = load_config(self.config_path)
+            await watch.save()
+            if watch.outbox is not None and watch.outbox.pending():
+                await watch.outbox.flush(self.budget.remaining(reserve=0.5))
+            for component in watch.components():
+                await self.supervisor.remove(component.name, timeout=min(
+                    1.0, self.budget.remaining() + CLOSE_BUDGET / 2))
+            await watch.close()
+        except Exception:  # the rest of the shutdown must still happen
+            log.exception("leakwatch_stop_failed")
+
+    # -- reload ---------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """SIGHUP: apply the file's configuration completely, or not at all."""
+        try:
+            new = load_config(self.config_path).config
         except ConfigError as exc:
-            self.metrics.config_reload_ok.set(0)
-            for problem in exc.problems:
-                log.error("config_reload_rejected", problem=problem)
-            return False
-        self.config = loaded.config
-        self.secret = probe_secret(self.config)
-        old, self.heartbeats = self.heartbeats, Heartbeats(self.config.heartbeat, self.metrics)
-        self._tasks.append(asyncio.create_task(self._swap_heartbeats(old), name="heartbeat-swap"))
+            return self._refuse(exc.problems)
+        problems = self._not_live(new)
+        if problems:
+            return self._refuse(problems)
+        old = self.config
+        http: HttpServer | None = None
+        if new.server.listen != old.server.listen:
+            http = self._http(new)
+            try:
+                await http.bind()
+            except OSError as exc:
+                return self._refuse([f"server.listen: cannot listen on {new.server.listen}: "
+                                     f"{exc.strerror or exc}"])
+        # Nothing below can fail on bad input: commit.
+        changed = _changed_sections(old, new)
+        self.config = new
+        self.runner.final_reserve = final_reserve(new.shutdown_grace)
+        removed = set(self.checks) - {r.name for r in new.selfcheck.routes}
+        self.checks = self._checks(new)
         self.scheduler.replace_jobs(self._jobs())
+        for name in removed:
+            self.results.pop(name, None)
+            self.metrics.forget_route(name)
+        if new.heartbeat != old.heartbeat:
+            await self._swap_heartbeats(new)
+        if new.leakwatch != old.leakwatch:
+            await self._swap_leakwatch(new)
+        if http is not None:
+            old_http, self.http = self.http, http
+            await self.supervisor.replace(http, timeout=SWAP_TIMEOUT)
+            await old_http.close()
+        if new.logging != old.logging:
+            configure_logging(new.logging.format, new.logging.level)
         self.metrics.config_reload_ok.set(1)
-        log.info("config_reloaded", routes=len(self.config.selfcheck.routes))
+        log.info("config_reloaded", changed=",".join(changed) or "nothing",
+                 routes=len(self.checks))
         return True
+
+    def _refuse(self, problems: list[str]) -> bool:
+        self.metrics.config_reload_ok.set(0)
+        for problem in problems:
+            log.error("config_reload_rejected", problem=problem)
+        return False
+
+    def _not_live(self, new: Config) -> list[str]:
+        """Keys that cannot change while running (the reload is refused, nothing applied)."""
+        old_src = self.config.leakwatch.source if self.config.leakwatch else None
+        new_src = new.leakwatch.source if new.leakwatch else None
+        if old_src != new_src and "stdin" in (old_src, new_src):
+            return ["leakwatch.source: cannot change to or from stdin while running "
+                    "(standard input is read once; restart selfcheckd)"]
+        return []
+
+    async def _swap_heartbeats(self, new: Config) -> None:
+        old = self.heartbeats
+        self.heartbeats = Heartbeats(new.heartbeat, self.metrics)
+        await old.close(grace=2.0)
+        await self.supervisor.replace(self.heartbeats, timeout=SWAP_TIMEOUT)
+        for target in {t.name for t in old.targets} - {t.name for t in new.heartbeat}:
+            self.metrics.forget_heartbeat_target(target)
+
+    async def _swap_leakwatch(self, new: Config) -> None:
+        old = self.leakwatch
+        handover: dict[str, Any] | None = None
+        if old is not None:
+            for component in old.components():
+                await self.supervisor.remove(component.name, timeout=SWAP_TIMEOUT)
+            handover = old.snapshot()
+            await old.close()
+        self.leakwatch = self._leakwatch(new, handover=old)
+        if self.leakwatch is not None:
+            self.leakwatch.open(handover)
+            for component in self.leakwatch.components():
+                self.supervisor.start(component)
+
+
+def _changed_sections(old: Config, new: Config) -> list[str]:
+    names = ["selfcheck", "server", "logging", "heartbeat", "leakwatch", "shutdown_grace"]
+    return [n for n in names if getattr(old, n) != getattr(new, n)]
 
 
 async def _main(loaded: LoadedConfig, config_path: Path | None) -> int:
@@ -211,6 +402,7 @@ async def _main(loaded: LoadedConfig, config_path: Path | None) -> int:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reload = asyncio.Event()
     signals_seen = 0
 
     def on_stop(signame: str) -> None:
@@ -224,15 +416,30 @@ async def _main(loaded: LoadedConfig, config_path: Path | None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
     try:
-        await stop.wait()
+        while not stop.is_set():
+            await _first(stop.wait(), reload.wait())
+            if reload.is_set() and not stop.is_set():
+                reload.clear()
+                await daemon.reload()
         await daemon.shutdown()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
     return EXIT_OK
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    """Wait until the first of `aws` completes; the others are cancelled."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
 
 
 def serve(loaded: LoadedConfig, config_path: Path | None = None) -> int:

@@ -41,7 +41,9 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from daemon.runner import probe_secret, run_check
+    from daemon.checks.runner import Runner
+    from daemon.roundtrip.check import RoundTrip
+    from daemon.roundtrip.probe import probe_secret
 
     loaded = _load(args)
     if loaded is None:
@@ -51,12 +53,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print("selfcheckd: config: selfcheck.routes: no route to check", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(cfg.logging.format, "debug" if args.verbose else cfg.logging.level)
-    secret = probe_secret(cfg)
+    secret = probe_secret(cfg.selfcheck)
 
     async def all_routes() -> list[dict[str, object]]:
-        results = await asyncio.gather(
-            *(run_check(route, cfg.selfcheck, secret) for route in cfg.selfcheck.routes)
-        )
+        runner = Runner()
+        results = []
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(runner.execute(RoundTrip(route, cfg.selfcheck, secret)))
+                     for route in cfg.selfcheck.routes]
+        results = [task.result() for task in tasks]
         return [r.as_dict(verbose=args.verbose) for r in results]
 
     results = asyncio.run(all_routes())

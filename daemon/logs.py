@@ -4,22 +4,30 @@ The key=value format prints the event first, then `key=value` pairs with
 lowercase booleans and floats to 3 decimals, so a result renders exactly as
 `selfcheck_completed success=true send_time=0.150 reception_time=2.340`.
 Timestamps and levels are left to the log shipper (awslogs, journald) in that
-format; the JSON format carries both.
+format; the JSON format carries both. Every record is one line, tracebacks
+included (quoted, newlines escaped): one line is one CloudWatch event.
+`install_exception_hooks` routes what would otherwise reach stderr raw (the
+event loop's exception handler, `sys.unraisablehook`) through the same path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
-from collections.abc import MutableMapping
-from typing import Any, TextIO
+import traceback
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
+if TYPE_CHECKING:
+    from daemon.metrics import Metrics
+
 # Keys rendered as quoted strings always, so a message that happens to have no
 # spaces still reads `error="..."` as in the seed.
-_ALWAYS_QUOTED = frozenset({"error", "msg", "reason_detail", "cleanup_error"})
+_ALWAYS_QUOTED = frozenset({"error", "msg", "reason_detail", "cleanup_error", "exception"})
 # structlog/stdlib bookkeeping that the key=value format leaves out.
 _HIDDEN = frozenset({"level", "timestamp", "logger", "_record", "_from_structlog"})
 
@@ -42,13 +50,9 @@ def _format_value(key: str, value: Any) -> str:
 def render_kv(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> str:
     """Render `event k=v ...` in insertion order (the order the caller passed keys)."""
     event = str(event_dict.pop("event", ""))
-    exc = event_dict.pop("exception", None)
     parts = [event]
     parts += [f"{k}={_format_value(k, v)}" for k, v in event_dict.items() if k not in _HIDDEN]
-    line = " ".join(parts)
-    if exc:
-        line += "\n" + str(exc)
-    return line
+    return " ".join(parts)
 
 
 def configure_logging(fmt: str = "kv", level: str = "info", stream: TextIO | None = None) -> None:
@@ -59,8 +63,8 @@ def configure_logging(fmt: str = "kv", level: str = "info", stream: TextIO | Non
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if fmt == "json":
-        shared.append(structlog.processors.format_exc_info)
+    # Both formats: the traceback becomes the `exception` field of the one line.
+    shared.append(structlog.processors.format_exc_info)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -81,3 +85,46 @@ def configure_logging(fmt: str = "kv", level: str = "info", stream: TextIO | Non
     # pymap and aiosmtpd ("mail.log") only run in the embedded demo stack.
     for noisy in ("aioimaplib", "aiobotocore", "botocore", "mail.log", "aiohttp.access", "pymap"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def install_exception_hooks(
+    loop: asyncio.AbstractEventLoop, metrics: Metrics | None = None,
+) -> Callable[[], None]:
+    """Log what escapes its owner through structlog, counted; returns an undo function.
+
+    The event loop's handler gets exceptions of tasks nobody awaited and of
+    callbacks; `sys.unraisablehook` gets those raised where nothing can catch
+    them (a coroutine's `finally` during garbage collection, `__del__`).
+    """
+    hooks_log = structlog.get_logger("daemon.internal")
+
+    def count(kind: str) -> None:
+        if metrics is not None:
+            metrics.internal_errors.labels(kind=kind).inc()
+
+    def loop_handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        count("event_loop")
+        exc = context.get("exception")
+        hooks_log.error("event_loop_error", msg=str(context.get("message", "")),
+                        exc_info=exc if isinstance(exc, BaseException) else None)
+
+    def unraisable(info: Any) -> None:
+        count("unraisable")
+        exc = info.exc_value
+        where = info.err_msg or "Exception ignored in"
+        hooks_log.warning("unraisable_exception", msg=f"{where}: {info.object!r}",
+                          error=f"{type(exc).__name__}: {exc}" if exc else None,
+                          exception="".join(traceback.format_exception(exc)).strip()
+                          if exc else None)
+
+    previous_handler = loop.get_exception_handler()
+    previous_hook = sys.unraisablehook
+    loop.set_exception_handler(loop_handler)
+    sys.unraisablehook = unraisable
+
+    def undo() -> None:
+        if not loop.is_closed():
+            loop.set_exception_handler(previous_handler)
+        sys.unraisablehook = previous_hook
+
+    return undo

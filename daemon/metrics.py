@@ -7,9 +7,13 @@ names from the config, reasons from a fixed enum, never error text.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from daemon import __version__
+from daemon.checks.result import FailureReason
 
 # 50 ms resolves a local loop-back round trip; 10 min is the longest timeout an
 # operator is likely to configure. Roughly x2 steps in between.
@@ -81,6 +85,60 @@ class Metrics:
             "selfcheckd_config_last_reload_successful",
             "1 if the last configuration (re)load succeeded, else 0.", registry=r,
         )
+        self.internal_errors = Counter(
+            "selfcheckd_internal_errors",
+            "Errors that escaped their owner (event loop handler, unraisable hook) by kind.",
+            ["kind"], registry=r,
+        )
+
+        # -- supervision: every long-running component -----------------------------------
+        self.component_up = Gauge(
+            "selfcheckd_component_up",
+            "1 while the component can do its job, 0 while it cannot (source unreadable, "
+            "last poll or delivery failed, crashed and waiting to restart).",
+            ["component"], registry=r,
+        )
+        self.component_progress = Gauge(
+            "selfcheckd_component_last_progress_timestamp_seconds",
+            "Unix time the component last made progress (a poll, a tick, a delivery).",
+            ["component"], registry=r,
+        )
+        self.component_deadline = Gauge(
+            "selfcheckd_component_progress_deadline_seconds",
+            "Seconds without progress after which the component counts as stalled.",
+            ["component"], registry=r,
+        )
+        self.component_restarts = Counter(
+            "selfcheckd_component_restarts",
+            "Times the supervisor restarted the component after it crashed.",
+            ["component"], registry=r,
+        )
+
+        # -- the alert outbox ------------------------------------------------------------
+        self.alerts_pending = Gauge(
+            "selfcheckd_alerts_pending",
+            "Alerts accepted for delivery and not yet accepted by the webhook.", registry=r,
+        )
+        self.alerts_oldest_pending_age = Gauge(
+            "selfcheckd_alerts_oldest_pending_age_seconds",
+            "Age of the oldest undelivered alert (0 when none is pending).", registry=r,
+        )
+        self.alert_deliveries = Counter(
+            "selfcheckd_alert_deliveries",
+            "Alert delivery attempts by result: sent (2xx), failed (network, timeout, 5xx: "
+            "retried), rejected (other 4xx: retried), expired (undelivered after max_age).",
+            ["result"], registry=r,
+        )
+        self.alerts_suppressed = Counter(
+            "selfcheckd_alerts_suppressed",
+            "Alerts not queued: duplicate (already pending or sent) or folded into a "
+            "rate-limit digest.",
+            ["reason"], registry=r,
+        )
+        self.state_saves = Counter(
+            "selfcheckd_state_saves",
+            "Writes of the state file by result (ok, failed).", ["result"], registry=r,
+        )
 
         # -- the leak watcher ------------------------------------------------------------
         self.leaked_recipients = Counter(
@@ -112,11 +170,24 @@ class Metrics:
         self.leakwatch_errors = Counter(
             "leakwatch_errors", "Leak watcher errors by reason.", ["reason"], registry=r,
         )
-        self.leakwatch_alerts = Counter(
-            "leakwatch_alerts", "Leak alerts sent to the alert webhook by result.",
-            ["result"], registry=r,
-        )
         self.sinkhole_mode = Gauge(
             "sinkhole_mode", "1 for the current value of /cabal/sinkhole_mode, 0 for the others.",
             ["mode"], registry=r,
         )
+
+    def forget_route(self, route: str) -> None:
+        """Drop every series of a route a reload removed, so no stale value lingers."""
+        per_route = (self.success, self.last_run, self.last_success, self.send_duration,
+                     self.reception_duration, self.late_arrivals, self.cleanup_failures,
+                     self.skipped_runs)
+        labelled: list[tuple[Any, tuple[str, ...]]] = [(m, (route,)) for m in per_route]
+        labelled += [(self.runs, (route, result)) for result in ("success", "failure")]
+        labelled += [(self.failures, (route, reason.value)) for reason in FailureReason]
+        for metric, labels in labelled:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+
+    def forget_heartbeat_target(self, target: str) -> None:
+        for result in ("success", "failure", "skipped"):
+            with contextlib.suppress(KeyError):
+                self.heartbeats.remove(target, result)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.scheduler import Job, Scheduler
+from daemon.checks.scheduler import Job, Scheduler
 
 # A safety net in real seconds: a bug that spins the fake clock forever fails fast.
 REAL_TIMEOUT = 5.0

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from daemon.config_base import (
     NonBlankStr,
@@ -17,6 +19,7 @@ from daemon.config_base import (
     PositiveFloat,
     SecretsModel,
     StrictModel,
+    key_error,
 )
 
 
@@ -35,6 +38,7 @@ class CloudWatchSource(StrictModel):
     overlap: PositiveFloat = 300.0
     # How far back the first poll reaches when there is no checkpoint.
     lookback: NonNegativeFloat = 900.0
+    # Alias of `[leakwatch] state_file`, the key of earlier releases.
     state_file: Path | None = None
     request_timeout: PositiveFloat = 20.0
     max_backoff: PositiveFloat = 300.0
@@ -80,16 +84,27 @@ class AlertWebhook(SecretsModel):
     source: NonBlankStr = "selfcheckd-leakwatch"
     severity: Literal["critical", "warning", "info"] = "critical"
     timeout: PositiveFloat = 10.0
-    retries: int = Field(default=4, ge=0, le=10)
+    # Undelivered alerts are retried after backoff, doubling up to max_backoff,
+    # until the webhook accepts them or they are max_age old.
     backoff: PositiveFloat = 1.0
-    # At most `rate_limit` alerts per `rate_period` seconds; the rest are
-    # folded into one summary alert.
+    max_backoff: PositiveFloat = 300.0
+    max_age: PositiveFloat = 86400.0
+    # Requests in flight at once, so one hanging request never holds back the rest.
+    max_concurrent: int = Field(default=4, ge=1, le=64)
+    # At most `rate_limit` alerts start per `rate_period` seconds; the rest are
+    # folded into one digest alert.
     rate_limit: int = Field(default=10, ge=1)
     rate_period: PositiveFloat = 60.0
     # Also send blindness and sinkhole-mode warnings (severity "warning").
     send_warnings: bool = True
 
     secret_fields = ("secret",)
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> Any:
+        if self.backoff > self.max_backoff:
+            raise key_error("backoff", "must not be greater than max_backoff")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -123,10 +138,26 @@ class LeakWatchConfig(StrictModel):
     blind_after: PositiveFloat = 3600.0
     # Bounds on the queue-id -> sender map and the alerted (queue id, recipient) set.
     max_tracked_queue_ids: int = Field(default=100_000, ge=100)
+    # Where the watcher keeps what must survive a restart: the source's position
+    # (CloudWatch cursor, file offset), the detector's memory, undelivered alerts.
+    state_file: Path | None = None
     cloudwatch: CloudWatchSource = Field(default_factory=CloudWatchSource)
     file: FileSource = Field(default_factory=FileSource)
     alert: AlertWebhook | None = None
     sinkhole_mode: SinkholeModeWatch = Field(default_factory=SinkholeModeWatch)
+
+    @model_validator(mode="after")
+    def _one_state_file(self) -> Any:
+        alias = self.cloudwatch.state_file
+        if alias is not None and self.state_file is not None and alias != self.state_file:
+            raise key_error("cloudwatch.state_file",
+                            "conflicts with leakwatch.state_file (give only one)")
+        return self
+
+    @property
+    def state_path(self) -> Path | None:
+        """The state file, whichever key gave it."""
+        return self.state_file if self.state_file is not None else self.cloudwatch.state_file
 
     @field_validator("domains")
     @classmethod

@@ -117,12 +117,16 @@ class LeakDetector:
     def needs_sender(self, queue_id: str) -> bool:
         return queue_id not in self.senders
 
-    # -- persistence (the CloudWatch checkpoint carries this across restarts) ------------
+    # -- persistence (the state file carries this across restarts) -----------------------
     def state(self) -> dict[str, Any]:
         return {"senders": list(self.senders.items()), "reported": list(self.reported)}
 
-    def restore(self, state: dict[str, Any]) -> None:
-        for qid, sender in state.get("senders", []):
-            self.senders.put(str(qid), str(sender))
-        for key in state.get("reported", []):
-            self.reported.put(str(key), "")
+    def restore(self, senders: Iterable[tuple[str, str]], reported: Iterable[str]) -> None:
+        for qid, sender in senders:
+            self.senders.put(qid, sender)
+        for key in reported:
+            self.reported.put(key, "")
+
+    def forget_reported(self, key: str) -> None:
+        """Alert about `key` again if it shows up again (its alert was never delivered)."""
+        self.reported.pop(key, None)

@@ -6,6 +6,7 @@ Shared by the one-shot `scan` (synchronous, hot loop) and the running watcher.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon.logwatch.detector import Finding, LeakDetector
@@ -29,6 +30,7 @@ class LineProcessor:
     """Parses lines and feeds the detector; returns findings (leaks and test traffic)."""
 
     detector: LeakDetector
+    clock: Callable[[], float] = time.monotonic
     counts: LineCounts = field(default_factory=LineCounts)
     # Header timestamp of the newest delivery line, and when (monotonic) any was seen.
     last_delivery_timestamp: str | None = None
@@ -65,7 +67,7 @@ class LineProcessor:
             found = self.feed(line)
             if found:
                 findings.extend(found)
-        now = time.monotonic()
+        now = self.clock()
         if lines:
             self.last_line_seen = now
         if self.counts.to != before_to:

@@ -1,14 +1,17 @@
 """Watch the SSM parameter that sets the sinkhole's behaviour (/cabal/sinkhole_mode).
 
 The runbook parks the sinkhole in `defer`; `accept` / `accept-log` make mail to
-the sinkhole succeed silently, so staying there too long is worth a warning.
+the sinkhole succeed silently, so staying there too long is worth a warning,
+once per episode (a new one starts whenever the mode changes). This is the
+`sinkhole-mode` component: a failed read is counted, reported down and retried
+with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +27,8 @@ from daemon.logwatch.sources.cloudwatch import (
     error_reason,
 )
 from daemon.metrics import Metrics
+from daemon.retry import Backoff
+from daemon.supervisor import Progress
 
 log = structlog.get_logger()
 
@@ -34,17 +39,25 @@ Warn = Callable[[str, str], None]  # (summary, dedupe key)
 
 
 class SinkholeModeWatcher:
+    name = "sinkhole-mode"
+
     def __init__(
         self,
         cfg: SinkholeModeWatch,
         metrics: Metrics,
         warn: Warn = lambda _summary, _key: None,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.warn = warn
         self.clock = clock
+        self._sleep = sleep
+        self._backoff = Backoff(initial=cfg.interval, maximum=max(cfg.interval, 300.0))
+        # Three missed readings (each a slow call at worst) plus the longest backoff.
+        self.progress_deadline = (3 * cfg.interval + call_deadline(cfg.request_timeout)
+                                  + self._backoff.maximum)
         self.mode: str | None = None
         self.accepting_since: float | None = None
         self.warned = False
@@ -89,8 +102,9 @@ class SinkholeModeWatcher:
                       "sinkhole now succeeds silently; set it back to defer",
                       f"sinkhole_mode {label} {self.accepting_since}")
 
-    async def run(self) -> None:
-        """Poll until cancelled; errors are counted and retried on the next interval."""
+    async def run(self, progress: Progress) -> None:
+        """Poll until cancelled; a failed read is counted, reported and retried with backoff."""
+        failures = 0
         while True:
             try:
                 async with self._client() as client:
@@ -99,10 +113,16 @@ class SinkholeModeWatcher:
                             resp = await client.get_parameter(Name=self.cfg.parameter)
                         param = resp.get("Parameter", {})
                         self.observe(str(param.get("Value", "")), param.get("LastModifiedDate"))
-                        await asyncio.sleep(self.cfg.interval)
+                        progress.progress()
+                        failures = 0
+                        await self._sleep(self.cfg.interval)
             except RETRYABLE as exc:
+                failures += 1
                 reason = f"ssm_{error_reason(exc)}"
                 self.metrics.leakwatch_errors.labels(reason=reason).inc()
+                progress.down(f"{reason}: {type(exc).__name__}")
+                delay = round(self._backoff.delay(failures), 3)
                 log.warning("sinkhole_mode_read_failed", reason=reason,
-                            parameter=self.cfg.parameter, error=type(exc).__name__)
-                await asyncio.sleep(self.cfg.interval)
+                            parameter=self.cfg.parameter, error=type(exc).__name__,
+                            retry_in=delay)
+                await self._sleep(delay)

@@ -1,8 +1,12 @@
-"""The running leak watcher (`selfcheckd run`): source -> parser -> detector -> alerts.
+"""The running leak watcher (`selfcheckd run`): source -> parser -> detector -> alert outbox.
 
-`run_leakwatch` never raises on source trouble: errors are counted in
-leakwatch_errors_total{reason}, backed off and retried. It returns promptly
-once `stop` is set, after saving the checkpoint (if configured).
+`LeakWatch` assembles the parts from `[leakwatch]` and hands the app its
+components: `leakwatch-source` (the read loop, with the blindness check),
+`leakwatch-alerts` (the outbox, when `[leakwatch.alert]` is set) and
+`sinkhole-mode` (when enabled). It owns the state file: restored once at
+start (or handed over from the watcher a reload replaces), saved after every
+read that moved the position or found something, after every outbox change,
+and once more, completely, at shutdown.
 """
 
 from __future__ import annotations
@@ -11,29 +15,36 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
 
-from daemon.logwatch.alerts import AlertSender
-from daemon.logwatch.checkpoint import load_checkpoint, save_checkpoint, trim
-from daemon.logwatch.config import LeakWatchConfig
+from daemon.delivery.outbox import Alert, Outbox, SessionFactory, default_session
+from daemon.logwatch.config import FileSource, LeakWatchConfig
 from daemon.logwatch.detector import Finding, LeakDetector
 from daemon.logwatch.parser import line_timestamp, timestamp_to_epoch
 from daemon.logwatch.pipeline import LineCounts, LineProcessor
 from daemon.logwatch.sinkhole_mode import SinkholeModeWatcher
-from daemon.logwatch.sources.cloudwatch import CloudWatchPoller
-from daemon.logwatch.sources.file import FileFollower
+from daemon.logwatch.sources import EndOfInput, LineSource, SourceError
+from daemon.logwatch.sources.cloudwatch import CloudWatchPoller, call_deadline
+from daemon.logwatch.sources.file import FilePosition, FileTail, SourceUnavailable
 from daemon.logwatch.sources.stdin import StdinReader
 from daemon.metrics import Metrics
+from daemon.retry import Backoff
+from daemon.state import LeakwatchState, StateFile, parse_state, trim
+from daemon.supervisor import Component, Progress
 
-log = structlog.get_logger()
+log = structlog.get_logger("daemon.leakwatch")
+
+Sleep = Callable[[float], Awaitable[None]]
 
 LOGLEVEL_HINT = (
     "sendmail logs to= delivery lines only at LogLevel 9 (8 for stat=Sent): set "
     "define(`confLOG_LEVEL', `9') in sendmail.mc; until then the leak watcher is blind"
 )
+# A read loop that fails waits at least this long before the next try.
+MIN_RETRY = 1.0
 
 
 def format_sender(sender: str | None) -> str:
@@ -49,32 +60,277 @@ def leak_summary(f: Finding) -> str:
     )
 
 
-class LeakWatcher:
-    """One watcher instance: its source, detector memory, alert queue and metrics."""
+def leak_key(f: Finding) -> str:
+    """The outbox key of a leak; `leak ` + the detector's (queue id, recipient) key."""
+    return f"leak {f.queue_id} {f.recipient.lower()}"
 
-    def __init__(self, config: LeakWatchConfig, metrics: Metrics) -> None:
+
+class FileLines:
+    """`LineSource` over a `FileTail` that remembers its position between openings."""
+
+    kind = "file"
+
+    def __init__(self, cfg: FileSource) -> None:
+        self.cfg = cfg
+        self.poll_interval = cfg.poll_interval
+        self.max_backoff = max(30.0, cfg.poll_interval)
+        self.position: FilePosition | None = None
+        self._tail: FileTail | None = None
+
+    @property
+    def more_pending(self) -> bool:
+        return self._tail is not None and self._tail.more_pending
+
+    @contextlib.asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        self._tail = FileTail(self.cfg.path, from_beginning=self.cfg.from_beginning,
+                              position=self.position)
+        try:
+            yield
+        finally:
+            self._tail.close()
+            self._tail = None
+
+    async def read(self) -> list[str]:
+        if self._tail is None:
+            raise SourceError("other", "file source not open")
+        try:
+            lines = await self._tail.read()
+        except SourceUnavailable as exc:
+            raise SourceError(exc.reason, str(exc)) from None
+        if self._tail.position is not None:
+            self.position = self._tail.position
+        return lines
+
+    def state(self) -> dict[str, Any] | None:
+        if self.position is None:
+            return None
+        return {"path": str(self.cfg.path), **self.position.as_dict()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state.get("path") == str(self.cfg.path):
+            self.position = FilePosition.from_dict(
+                {k: v for k, v in state.items() if k != "path"})
+
+
+class SourceLoop:
+    """The `leakwatch-source` component: read, detect, save, check blindness, repeat."""
+
+    name = "leakwatch-source"
+
+    def __init__(self, watch: LeakWatch, sleep: Sleep) -> None:
+        self.watch = watch
+        self.source = watch.source
+        self._sleep = sleep
+        self.ended = False
+        interval = self.source.poll_interval
+        self._backoff = Backoff(initial=max(MIN_RETRY, interval),
+                                maximum=max(MIN_RETRY, interval, self.source.max_backoff))
+        # Room for a slow poll and the longest backoff before counting as stalled.
+        slow_call = call_deadline(watch.config.cloudwatch.request_timeout) \
+            if self.source.kind == "cloudwatch" else 0.0
+        self.progress_deadline = max(120.0, 3 * interval + self._backoff.maximum + slow_call)
+
+    @property
+    def may_finish(self) -> bool:
+        return self.ended  # standard input closed
+
+    async def run(self, progress: Progress) -> None:
+        failures = 0
+        while True:
+            try:
+                async with self.source.opened():
+                    while True:
+                        try:
+                            batch = await self.source.read()
+                        except SourceError as exc:
+                            failures += 1
+                            await self._failed(exc, failures, progress)
+                            continue
+                        if failures:
+                            log.info("leakwatch_source_recovered", source=self.source.kind,
+                                     failures=failures)
+                            failures = 0
+                        await self.watch.handle_batch(batch)
+                        progress.progress()
+                        if batch:
+                            await self.watch.save()
+                        self.watch.check_blindness()
+                        if not self.source.more_pending:
+                            await self._sleep(self.source.poll_interval)
+            except SourceError as exc:  # opening the source failed
+                failures += 1
+                await self._failed(exc, failures, progress)
+            except EndOfInput:
+                log.info("leakwatch_source_ended", source=self.source.kind)
+                self.ended = True
+                return
+
+    async def _failed(self, exc: SourceError, failures: int, progress: Progress) -> None:
+        """Count every failure, log the first of an episode, report down, back off."""
+        delay = round(self._backoff.delay(failures), 3)
+        self.watch.count_error(exc.reason)
+        progress.down(f"{exc.reason}: {exc}")
+        if failures == 1:
+            log.warning("leakwatch_poll_failed", source=self.source.kind, reason=exc.reason,
+                        error=str(exc), retry_in=delay)
+        else:
+            log.debug("leakwatch_poll_failed", source=self.source.kind, reason=exc.reason,
+                      error=str(exc), retry_in=delay, failures=failures)
+        await self._sleep(delay)
+
+
+class LeakWatch:
+    """One configured leak watcher: detector memory, source, outbox, state file."""
+
+    def __init__(
+        self,
+        config: LeakWatchConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        sleep: Sleep = asyncio.sleep,
+        session_factory: SessionFactory = default_session,
+        stdin: LineSource | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        self._clock = clock
+        self._wall = wall
         self.detector = LeakDetector(
-            config.domains, config.allowed_senders, config.max_tracked_queue_ids
-        )
-        self.processor = LineProcessor(self.detector)
-        self.alerts = AlertSender(config.alert, metrics) if config.alert else None
+            config.domains, config.allowed_senders, config.max_tracked_queue_ids)
+        self.processor = LineProcessor(self.detector, clock=clock)
+        self.state = StateFile(config.state_path, metrics, wall)
+        self.outbox: Outbox | None = None
+        if config.alert is not None:
+            self.outbox = Outbox(config.alert, metrics, on_change=self.save,
+                                 on_expired=self._expired, clock=clock, wall=wall,
+                                 sleep=sleep, session_factory=session_factory)
+        # Undelivered alerts restored while no webhook is configured: kept, not dropped.
+        self._orphans: list[dict[str, Any]] = []
         self.poller: CloudWatchPoller | None = None
+        self.source: LineSource
         if config.source == "cloudwatch":
-            self.poller = CloudWatchPoller(config.cloudwatch, on_error=self._count_error)
+            self.poller = CloudWatchPoller(config.cloudwatch, on_error=self.count_error)
+            self.source = self.poller
+        elif config.source == "file":
+            self.source = FileLines(config.file)
+        else:
+            self.source = stdin if stdin is not None else StdinReader()
+        self.source_loop = SourceLoop(self, sleep)
+        self.sinkhole: SinkholeModeWatcher | None = None
+        if config.sinkhole_mode.enabled:
+            self.sinkhole = SinkholeModeWatcher(config.sinkhole_mode, metrics, warn=self.warn,
+                                                sleep=sleep)
         self._flushed = LineCounts()
-        self.started = time.monotonic()
-        self._blind_warned = False
+        self.started = clock()
+        self._blind_since: float | None = None
         self._silent_warned = False
 
-    # -- errors, alerts, metrics ----------------------------------------------------------
-    def _count_error(self, reason: str) -> None:
+    def components(self) -> list[Component]:
+        parts: list[Component] = [self.source_loop]
+        if self.outbox is not None:
+            parts.append(self.outbox)
+        if self.sinkhole is not None:
+            parts.append(self.sinkhole)
+        return parts
+
+    # -- state ------------------------------------------------------------------------------
+
+    def open(self, handover: dict[str, Any] | None = None) -> None:
+        """Restore what an earlier process (or the watcher being replaced) left; log start."""
+        if handover is not None:
+            self._restore_document(handover, origin="handover")
+        else:
+            loaded = self.state.load()
+            if loaded is not None and not self._apply(loaded):
+                self.state.quarantine("the saved state could not be applied")
+        cursor = self.poller.cursor_ms if self.poller is not None else None
+        log.info("leakwatch_started", source=self.config.source,
+                 domains=",".join(self.config.domains),
+                 state_file=str(self.state.path) if self.state.path else None,
+                 resumed=cursor is not None or self._file_position() is not None,
+                 pending_alerts=len(self.outbox.pending()) if self.outbox else 0)
+
+    def _restore_document(self, document: dict[str, Any], origin: str) -> None:
+        try:
+            parsed = parse_state({"version": 2, **document})
+        except ValueError as exc:
+            log.warning("leakwatch_state_not_taken", origin=origin, reason=str(exc))
+            return
+        if not self._apply(parsed):
+            log.warning("leakwatch_state_not_taken", origin=origin, reason="could not apply")
+
+    def _apply(self, state: LeakwatchState) -> bool:
+        """Apply every section or none; False (nothing changed) if one does not fit."""
+        try:
+            position = None
+            if state.file is not None and isinstance(self.source, FileLines):
+                probe = FileLines(self.source.cfg)
+                probe.restore(state.file.model_dump())
+                position = probe.position
+            alerts = [Alert(**a.model_dump()) for a in state.outbox]
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("leakwatch_state_unusable", reason=f"{type(exc).__name__}: {exc}")
+            return False
+        if state.detector is not None:
+            self.detector.restore(state.detector.senders, state.detector.reported)
+        if state.cloudwatch is not None and self.poller is not None:
+            self.poller.restore(state.cloudwatch.cursor_ms, state.cloudwatch.seen)
+        if position is not None and isinstance(self.source, FileLines):
+            self.source.position = position
+        if self.outbox is not None:
+            self.outbox.restore(alerts)
+        elif alerts:
+            self._orphans = [a.as_dict() for a in alerts]
+            log.warning("leakwatch_alerts_undeliverable", pending=len(alerts),
+                        hint="configure [leakwatch.alert] to deliver them; they are kept "
+                             "in the state file meanwhile")
+        return True
+
+    def _file_position(self) -> FilePosition | None:
+        return self.source.position if isinstance(self.source, FileLines) else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything worth keeping, as the state file stores it (without the version)."""
+        detector = self.detector.state()
+        document: dict[str, Any] = {
+            "detector": {"senders": trim(detector["senders"]),
+                         "reported": trim(detector["reported"])},
+            "outbox": self.outbox.snapshot() if self.outbox is not None else self._orphans,
+        }
+        source = self.source.state()
+        if source is not None and self.source.kind in ("cloudwatch", "file"):
+            document[self.source.kind] = source
+        return document
+
+    async def save(self) -> bool:
+        ok = await self.state.save(self.snapshot())
+        if not ok:
+            self.count_error("state_write")
+        return ok
+
+    async def close(self) -> None:
+        """The final save, after the source stopped and the outbox was flushed."""
+        await self.save()
+        log.info("leakwatch_stopped", source=self.config.source,
+                 pending_alerts=len(self.outbox.pending()) if self.outbox else 0)
+
+    # -- lines, findings, alerts ------------------------------------------------------------
+
+    def count_error(self, reason: str) -> None:
         self.metrics.leakwatch_errors.labels(reason=reason).inc()
 
-    def _warn_webhook(self, summary: str, key: str) -> None:
-        if self.alerts is not None and self.alerts.cfg.send_warnings:
-            self.alerts.submit(summary, "warning", key)
+    def warn(self, summary: str, key: str) -> None:
+        """A warning alert (blindness, sinkhole mode), if warnings go to the webhook."""
+        if self.outbox is not None and self.outbox.cfg.send_warnings:
+            self.outbox.submit(summary, "warning", key)
+
+    def _expired(self, key: str) -> None:
+        # Its alert was never delivered: alert again if sendmail logs it again.
+        if key.startswith("leak "):
+            self.detector.forget_reported(key.removeprefix("leak "))
 
     def report(self, f: Finding) -> None:
         if f.expected:
@@ -85,17 +341,17 @@ class LeakWatcher:
         self.metrics.leaked_recipients.inc()
         log.error("sinkhole_leak_detected", queue_id=f.queue_id, recipient=f.recipient,
                   sender=format_sender(f.sender), stat=f.stat)
-        if self.alerts is not None:
-            self.alerts.submit(leak_summary(f), key=f"leak {f.queue_id} {f.recipient.lower()}")
+        if self.outbox is not None:
+            self.outbox.submit(leak_summary(f), key=leak_key(f))
 
     def _flush_counts(self) -> None:
-        now, was = self.processor.counts, self._flushed
+        now, was = self.processor.counts.as_dict(), self._flushed.as_dict()
         m = self.metrics.maillog_lines
-        for kind, value in now.as_dict().items():
-            delta = value - was.as_dict()[kind]
+        for kind, value in now.items():
+            delta = value - was[kind]
             if delta:
                 m.labels(kind=kind).inc(delta)
-        self._flushed = dataclasses.replace(now)
+        self._flushed = dataclasses.replace(self.processor.counts)
         ts = self.processor.last_delivery_timestamp
         if ts is not None:
             epoch = timestamp_to_epoch(ts)
@@ -108,7 +364,7 @@ class LeakWatcher:
         if f.sender is not None or poller is None or not poller.cfg.filter_pattern:
             return f
         epoch = timestamp_to_epoch(f.timestamp)
-        before_ms = int((epoch if epoch is not None else time.time()) * 1000)
+        before_ms = int((epoch if epoch is not None else self._wall()) * 1000)
         sender = await poller.lookup_sender(f.queue_id, before_ms)
         if sender is None:
             return f
@@ -116,10 +372,11 @@ class LeakWatcher:
         return dataclasses.replace(f, sender=sender, expected=self.detector.is_allowed(sender))
 
     async def handle_batch(self, batch: list[str]) -> None:
+        """One successful read: detect, report, export counts, lag and the poll time."""
         for finding in self.processor.feed_batch(batch):
             self.report(await self.resolve_sender(finding))
         self._flush_counts()
-        now = time.time()
+        now = self._wall()
         self.metrics.leakwatch_last_poll_success.set(now)
         newest: float | None = None
         if self.poller is not None and self.poller.newest_event_ms is not None:
@@ -130,85 +387,25 @@ class LeakWatcher:
         if newest is not None:
             self.metrics.leakwatch_lag.set(max(0.0, now - newest))
 
-    # -- checkpoint -----------------------------------------------------------------------
-    def checkpoint_state(self) -> dict[str, Any]:
-        detector = self.detector.state()
-        state: dict[str, Any] = {
-            "detector": {"senders": trim(detector["senders"]),
-                         "reported": trim(detector["reported"])},
-        }
-        if self.poller is not None:
-            state["cloudwatch"] = self.poller.state()
-        return state
-
-    def restore(self) -> None:
-        path = self.config.cloudwatch.state_file
-        if path is None or self.poller is None:
-            return
-        data = load_checkpoint(path)
-        if data is None:
-            log.info("leakwatch_no_checkpoint", path=str(path),
-                     lookback=self.config.cloudwatch.lookback)
-            return
-        self.poller.restore(data.get("cloudwatch", {}))
-        self.detector.restore(data.get("detector", {}))
-        log.info("leakwatch_checkpoint_loaded", path=str(path), cursor_ms=self.poller.cursor_ms)
-
-    async def save(self) -> None:
-        path = self.config.cloudwatch.state_file
-        if path is None or self.poller is None:
-            return
-        try:
-            await asyncio.to_thread(save_checkpoint, path, self.checkpoint_state())
-        except OSError as exc:
-            self._count_error("checkpoint_write")
-            log.warning("leakwatch_checkpoint_write_failed", path=str(path), error=exc.strerror)
-
-    # -- the loops ------------------------------------------------------------------------
-    def batches(self) -> AsyncIterator[list[str]]:
-        if self.poller is not None:
-            return self.poller.batches()
-        if self.config.source == "file":
-            f = self.config.file
-            return FileFollower(f.path, f.poll_interval, f.from_beginning,
-                                on_error=self._count_error).batches()
-        return StdinReader().batches()
-
-    async def consume(self) -> None:
-        backoff = 1.0
-        while True:
-            try:
-                async for batch in self.batches():
-                    await self.handle_batch(batch)
-                    if batch:
-                        await self.save()
-                    backoff = 1.0
-                log.info("leakwatch_source_ended", source=self.config.source)
-                return
-            except Exception as exc:  # a bug or an unforeseen error: never kill the daemon
-                self._count_error("source_failed")
-                log.error("leakwatch_source_failed", source=self.config.source,
-                          error=f"{type(exc).__name__}: {exc}", retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 300.0)
-
     def check_blindness(self) -> None:
-        """Warn (once per episode) when the watcher cannot see deliveries."""
-        now = time.monotonic()
+        """Warn once per episode while sendmail lines flow without delivery lines."""
+        now = self._clock()
         window = self.config.blind_after
         p = self.processor
         last_to = p.last_delivery_seen if p.last_delivery_seen is not None else self.started
         mta_flowing = p.last_mta_seen is not None and now - p.last_mta_seen < window
         if mta_flowing and now - last_to > window:
-            if not self._blind_warned:
-                self._blind_warned = True
+            if self._blind_since is None:
+                self._blind_since = self._wall()
                 log.warning("leakwatch_blind", reason="sendmail lines but no to= lines",
                             seconds=round(now - last_to), hint=LOGLEVEL_HINT)
-                self._warn_webhook(
+                self.warn(
                     f"leak watcher is blind: sendmail logs lines but no delivery (to=) line "
-                    f"for {round(now - last_to)} s; sendmail needs LogLevel 9", "blind")
-        else:
-            self._blind_warned = False
+                    f"for {round(now - last_to)} s; sendmail needs LogLevel 9",
+                    f"blind {self._blind_since}")
+        elif self._blind_since is not None:
+            log.info("leakwatch_sees_deliveries_again")
+            self._blind_since = None
         last_line = p.last_line_seen if p.last_line_seen is not None else self.started
         if now - last_line > window:
             if not self._silent_warned:
@@ -217,36 +414,3 @@ class LeakWatcher:
                             seconds=round(now - last_line))
         else:
             self._silent_warned = False
-
-    async def watch_blindness(self) -> None:
-        interval = min(60.0, self.config.blind_after / 4)
-        while True:
-            await asyncio.sleep(interval)
-            self.check_blindness()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        self.restore()
-        tasks = [asyncio.create_task(self.consume(), name="leakwatch-source"),
-                 asyncio.create_task(self.watch_blindness(), name="leakwatch-blindness")]
-        if self.alerts is not None:
-            tasks.append(asyncio.create_task(self.alerts.run(), name="leakwatch-alerts"))
-        if self.config.sinkhole_mode.enabled:
-            mode = SinkholeModeWatcher(self.config.sinkhole_mode, self.metrics,
-                                       warn=self._warn_webhook)
-            tasks.append(asyncio.create_task(mode.run(), name="leakwatch-sinkhole-mode"))
-        log.info("leakwatch_started", source=self.config.source,
-                 domains=",".join(self.config.domains))
-        try:
-            await stop.wait()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self.save()
-            log.info("leakwatch_stopped")
-
-
-async def run_leakwatch(config: LeakWatchConfig, metrics: Metrics, stop: asyncio.Event) -> None:
-    """Run the configured source (+ sinkhole mode watch) until `stop` is set."""
-    await LeakWatcher(config, metrics).run(stop)

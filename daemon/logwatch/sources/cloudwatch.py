@@ -5,17 +5,17 @@ timestamp seen. The overlap catches events ingested late with older
 timestamps (PutLogEvents accepts them up to 14 days old); event ids seen in the
 overlap are remembered (bounded, evicted once they fall out of the window) so
 nothing is emitted twice. Paging follows `nextToken` until it is absent, even
-through empty pages. Failures back off exponentially and retry the same window.
+through empty pages. A failed poll raises `SourceError`; the watcher's loop
+backs off and the next poll retries the same window.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -33,6 +33,7 @@ from botocore.exceptions import (
 
 from daemon.logwatch.config import CloudWatchSource
 from daemon.logwatch.parser import QueueAdd, parse_line
+from daemon.logwatch.sources import SourceError
 
 if TYPE_CHECKING:
     from types_aiobotocore_logs import CloudWatchLogsClient
@@ -103,26 +104,14 @@ class CloudWatchPoller:
         cfg: CloudWatchSource,
         on_error: ErrorSink = lambda _reason: None,
         clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.cfg = cfg
         self.on_error = on_error
         self.clock = clock
-        self.sleep = sleep
         self.cursor_ms: int | None = None  # newest event timestamp seen
         self.seen: OrderedDict[str, int] = OrderedDict()  # eventId -> timestamp (ms)
         self.newest_event_ms: int | None = None
         self.client: CloudWatchLogsClient | None = None
-
-    # -- checkpoint -----------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        return {"cursor_ms": self.cursor_ms, "seen": list(self.seen.items())}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        cursor = state.get("cursor_ms")
-        self.cursor_ms = int(cursor) if isinstance(cursor, int) else None
-        for event_id, ts in state.get("seen", []):
-            self.seen[str(event_id)] = int(ts)
 
     # -- querying -------------------------------------------------------------------------
     async def _pages(
@@ -219,37 +208,51 @@ class CloudWatchPoller:
                 return record.sender
         return None
 
-    # -- the running loop -----------------------------------------------------------------
-    async def batches(self) -> AsyncIterator[list[str]]:
-        """Poll forever: one (possibly empty) batch per successful poll."""
-        backoff = self.cfg.poll_interval
-        while True:
-            try:
-                async with AsyncExitStack() as stack:
-                    client = await stack.enter_async_context(create_logs_client(self.cfg))
-                    self.client = client
-                    while True:
-                        try:
-                            lines = await self.poll_once(client)
-                        except RETRYABLE as exc:
-                            backoff = await self._back_off(exc, backoff)
-                            continue
-                        backoff = self.cfg.poll_interval
-                        yield lines
-                        await self.sleep(self.cfg.poll_interval)
-            except RETRYABLE as exc:  # creating the client failed (region, endpoint)
-                backoff = await self._back_off(exc, backoff)
-            finally:
-                self.client = None
+    # -- as a LineSource -----------------------------------------------------------------
+    kind = "cloudwatch"
 
-    async def _back_off(self, exc: BaseException, backoff: float) -> float:
-        reason = error_reason(exc)
-        self.on_error(reason)
-        delay = min(backoff, self.cfg.max_backoff) * random.uniform(0.8, 1.2)
-        log.warning("leakwatch_poll_failed", reason=reason, error=_describe(exc),
-                    retry_in=round(delay, 3))
-        await self.sleep(delay)
-        return min(backoff * 2, self.cfg.max_backoff)
+    @property
+    def poll_interval(self) -> float:
+        return self.cfg.poll_interval
+
+    @property
+    def max_backoff(self) -> float:
+        return self.cfg.max_backoff
+
+    more_pending = False  # each read takes the whole window
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        """An aiobotocore client for the reads (and the sender lookups) inside."""
+        stack = AsyncExitStack()
+        try:
+            self.client = await stack.enter_async_context(create_logs_client(self.cfg))
+        except RETRYABLE as exc:  # creating the client failed (region, endpoint)
+            await stack.aclose()
+            raise SourceError(error_reason(exc), _describe(exc)) from None
+        try:
+            yield
+        finally:
+            self.client = None
+            await stack.aclose()
+
+    async def read(self) -> list[str]:
+        """One poll of the window [cursor - overlap, now]."""
+        if self.client is None:
+            raise SourceError("other", "CloudWatch client not open")
+        try:
+            return await self.poll_once(self.client)
+        except RETRYABLE as exc:
+            raise SourceError(error_reason(exc), _describe(exc)) from None
+
+    def state(self) -> dict[str, Any]:
+        return {"cursor_ms": self.cursor_ms, "seen": list(self.seen.items())}
+
+    def restore(self, cursor_ms: int | None, seen: list[tuple[str, int]]) -> None:
+        self.cursor_ms = cursor_ms
+        self.seen.clear()
+        for event_id, ts in seen:
+            self.seen[event_id] = ts
 
 
 def _describe(exc: BaseException) -> str:

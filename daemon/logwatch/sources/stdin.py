@@ -1,7 +1,8 @@
 """Standard input as a source: a daemon thread reads, the event loop receives batches.
 
 A daemon thread (not the default executor) so that a blocked read never holds
-up interpreter exit after the watcher is stopped.
+up interpreter exit after the watcher is stopped; it is started once and lives
+as long as standard input does.
 """
 
 from __future__ import annotations
@@ -11,20 +12,38 @@ import contextlib
 import sys
 import threading
 from collections.abc import AsyncIterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from daemon.logwatch.sources import EndOfInput
 
 _EOF = None
+# A read with nothing to hand over returns after this long, so the loop
+# reading it keeps reporting progress while standard input is quiet.
+QUIET_READ = 1.0
 
 
 class StdinReader:
+    """`LineSource` over a byte stream (standard input by default)."""
+
+    kind = "stdin"
+    poll_interval = 0.0  # read() itself waits for lines
+    max_backoff = 1.0
+    more_pending = False
+
     def __init__(self, stream: BinaryIO | None = None, max_batch: int = 10_000) -> None:
         self.stream = stream if stream is not None else sys.stdin.buffer
         self.max_batch = max_batch
+        self._queue: asyncio.Queue[str | None] | None = None
+        self._ended = False
 
-    async def batches(self) -> AsyncIterator[list[str]]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=100_000)
+    @contextlib.asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        if self._queue is None:
+            self._queue = asyncio.Queue(maxsize=100_000)
+            self._start_pump(asyncio.get_running_loop(), self._queue)
+        yield
 
+    def _start_pump(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
         def pump() -> None:
             try:
                 for raw in self.stream:
@@ -37,15 +56,27 @@ class StdinReader:
                     asyncio.run_coroutine_threadsafe(queue.put(_EOF), loop)
 
         threading.Thread(target=pump, name="leakwatch-stdin", daemon=True).start()
+
+    async def read(self) -> list[str]:
+        queue = self._queue
+        if queue is None or self._ended:
+            raise EndOfInput
+        try:
+            first = await asyncio.wait_for(queue.get(), QUIET_READ)
+        except TimeoutError:
+            return []
+        batch: list[str] = []
+        item = first
         while True:
-            first = await queue.get()
-            if first is _EOF:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch and not queue.empty():
-                item = queue.get_nowait()
-                if item is _EOF:
-                    yield batch
-                    return
-                batch.append(item)
-            yield batch
+            if item is _EOF:
+                self._ended = True
+                if batch:
+                    return batch
+                raise EndOfInput
+            batch.append(item)
+            if len(batch) >= self.max_batch or queue.empty():
+                return batch
+            item = queue.get_nowait()
+
+    def state(self) -> dict[str, Any] | None:
+        return None

@@ -9,10 +9,12 @@ Three kinds of target (`heartbeat[].kind`):
   success, `<url>/fail` on failure; `?rid=` pairs start and end of a run.
 - `uptime-kuma`: a push with `status=up|down`, `msg=` and `ping=` (ms).
 
-Deliveries are fire-and-forget: `run_started`/`run_finished` only create a task
-and return. Each (target, route) has at most one delivery chain in flight; a
-newer ping drops an older chain that is still retrying, so a dead receiver costs
-a bounded number of sockets, and a late `/start` never lands after its `/fail`.
+`run_started`/`run_finished` only queue the pings and return: the
+`heartbeats` component delivers them, each as a task of its own task group,
+with bounded retries (stamina). Each (target, route) has at most one delivery
+in flight; a newer ping drops an older one that is still retrying, so a dead
+receiver costs a bounded number of sockets, and a late `/start` never lands
+after its `/fail`. Heartbeats are not persisted: a pulse is about now.
 Pulse URLs embed tokens, so logs only ever show `redact_url(url)`.
 """
 
@@ -20,12 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
-from types import TracebackType
 from typing import Literal
 from urllib.parse import quote, unquote_plus, urlencode, urlsplit, urlunsplit
 
@@ -33,9 +32,12 @@ import aiohttp
 import structlog
 
 from daemon import __version__
+from daemon.checks.result import CheckResult
 from daemon.config import HeartbeatKind, HeartbeatTarget
 from daemon.metrics import Metrics
-from daemon.roundtrip.result import CheckResult
+from daemon.retry import Backoff
+from daemon.supervisor import Progress
+from daemon.wakeup import Waker
 
 log = structlog.get_logger("daemon.heartbeat")
 
@@ -51,6 +53,8 @@ _RESPONSE_READ_LIMIT = 1024
 _DEADLINE_SLACK = 1.0
 # How long cancelled deliveries get to unwind at close().
 _CANCEL_WAIT = 1.0
+# The component's loop wakes at least this often (its progress tick).
+TICK = 10.0
 # Fixed namespace: the start and the end of a run derive the same healthchecks rid.
 _RID_NAMESPACE = uuid.UUID("5d0c7e53-6a43-4c4e-9d55-3c1f1f0f6b7e")
 
@@ -181,11 +185,6 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def backoff_delay(base: float, retry: int, rng: Callable[[], float] = random.random) -> float:
-    """Wait before retry number `retry` (1-based): base * 2^(retry-1), jittered +-50%."""
-    return min(MAX_BACKOFF, base * 2.0 ** (retry - 1) * (0.5 + rng()))
-
-
 def scrub(text: str, url: str) -> str:
     """`text` with any piece of `url`'s path, query or credentials replaced by `…`."""
     parts = urlsplit(url)
@@ -207,23 +206,31 @@ def default_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(headers={"User-Agent": f"selfcheckd/{__version__}"})
 
 
-class _Chain:
-    """One delivery task, and why it was cancelled (set by whoever cancels it)."""
+class _Retry(Exception):
+    """An attempt failed in a way a retry may fix."""
 
-    task: asyncio.Task[None]
 
-    def __init__(self, target: HeartbeatTarget, ping: Ping) -> None:
-        self.target = target
-        self.ping = ping
-        self.drop_reason = "cancelled"
+@dataclass
+class _Delivery:
+    """One ping to deliver, and its task once started."""
+
+    target: HeartbeatTarget
+    route: str
+    ping: Ping
+    task: asyncio.Task[None] | None = None
+    drop_reason: str = "cancelled"
 
 
 class Heartbeats:
-    """Sends the pings of every heartbeat target; never blocks the caller.
+    """The `heartbeats` component: delivers every target's pings; never blocks the caller.
 
-    Use `async with Heartbeats(targets, metrics) as hb:` (or `start()`/`close()`);
-    call `run_started(route, run_id)` and `run_finished(result)` from the scheduler.
+    Call `run_started(route, run_id)` and `run_finished(result)` from the runner;
+    the supervisor runs `run()`. `close()` drains for a grace period and drops
+    the rest (shutdown or a reload that replaces the targets).
     """
+
+    name = "heartbeats"
+    progress_deadline = 3 * TICK
 
     def __init__(
         self,
@@ -231,125 +238,171 @@ class Heartbeats:
         metrics: Metrics,
         *,
         session_factory: SessionFactory = default_session,
-        rng: Callable[[], float] = random.random,
     ) -> None:
-        self._targets = list(targets)
+        self.targets = list(targets)
         self._metrics = metrics
         self._session_factory = session_factory
-        self._rng = rng
-        self._session: aiohttp.ClientSession | None = None
-        self._chains: dict[tuple[str, str], _Chain] = {}
+        self._queued: dict[tuple[str, str], _Delivery] = {}
+        self._active: dict[tuple[str, str], _Delivery] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._waker = Waker()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._closed = False
+        self._progress: Progress | None = None
 
-    async def start(self) -> None:
-        """Open the HTTP session. Idempotent."""
-        if self._session is None and self._targets and not self._closed:
-            self._session = self._session_factory()
+    @property
+    def may_finish(self) -> bool:
+        """After close() the loop ends on purpose."""
+        return self._closed
 
-    async def close(self, grace: float = 2.0) -> None:
-        """Stop accepting pings, give in-flight ones `grace` seconds, cancel the rest."""
-        self._closed = True
-        if not await self.drain(grace):
-            pending = [c for c in self._chains.values() if not c.task.done()]
-            for chain in pending:
-                chain.drop_reason = "shutdown"
-                chain.task.cancel()
-            await asyncio.wait([c.task for c in pending], timeout=_CANCEL_WAIT)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def __aenter__(self) -> Heartbeats:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+    # -- what callers see ------------------------------------------------------------------
 
     def run_started(self, route: str, run_id: str) -> None:
-        """Schedule the start pings of a run (healthchecks with send_start); returns at once."""
-        for target in self._targets:
+        """Queue the start pings of a run (healthchecks with send_start); returns at once."""
+        for target in self.targets:
             ping = start_ping(target, route, run_id)
             if ping is not None:
-                self._schedule(target, route, ping)
+                self._queue(target, route, ping)
 
     def run_finished(self, result: CheckResult) -> None:
-        """Schedule each target's ping for a finished run; returns at once."""
-        for target in self._targets:
+        """Queue each target's ping for a finished run; returns at once."""
+        for target in self.targets:
             ping = finish_ping(target, result)
             if ping is not None:
-                self._schedule(target, result.route, ping)
+                self._queue(target, result.route, ping)
 
     async def drain(self, timeout: float) -> bool:
-        """Wait up to `timeout` s for in-flight deliveries; True if all of them finished."""
-        pending = {c.task for c in self._chains.values() if not c.task.done()}
-        if not pending:
-            return True
-        _done, not_done = await asyncio.wait(pending, timeout=timeout)
-        return not not_done
+        """Wait up to `timeout` s until nothing is queued or in flight; True if so."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
-    def _schedule(self, target: HeartbeatTarget, route: str, ping: Ping) -> None:
-        if self._closed or self._session is None:
-            why = "closed" if self._closed else "not started"
+    async def close(self, grace: float = 2.0) -> None:
+        """Stop accepting pings, give queued and in-flight ones `grace` s, drop the rest."""
+        self._closed = True
+        if not await self.drain(grace):
+            for delivery in [*self._queued.values(), *self._active.values()]:
+                delivery.drop_reason = "shutdown"
+                self._drop(delivery)
+            self._queued.clear()
+            tasks = {d.task for d in self._active.values() if d.task is not None}
+            if tasks:
+                await asyncio.wait(tasks, timeout=_CANCEL_WAIT)
+        self._waker.poke()
+
+    # -- the component ------------------------------------------------------------------
+
+    async def run(self, progress: Progress) -> None:
+        self._progress = progress
+        async with self._session_factory() as session, asyncio.TaskGroup() as group:
+            self._group = group
+            try:
+                while not self._closed:
+                    for key, delivery in list(self._queued.items()):
+                        del self._queued[key]
+                        self._active[key] = delivery
+                        delivery.task = group.create_task(
+                            self._deliver(session, key, delivery),
+                            name=f"heartbeat:{delivery.target.name}:{delivery.route}")
+                    self._update_idle()
+                    progress.progress()
+                    await self._waker.wait(TICK)
+            finally:
+                self._group = None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _queue(self, target: HeartbeatTarget, route: str, ping: Ping) -> None:
+        if self._closed:
             self._count(target, "skipped")
-            log.warning("heartbeat_skipped", target=target.name, signal=ping.signal, reason=why)
+            log.warning("heartbeat_skipped", target=target.name, signal=ping.signal,
+                        reason="closed")
             return
         key = (target.name, route)
-        old = self._chains.get(key)
-        if old is not None and not old.task.done():
-            old.drop_reason = f"superseded by a newer {ping.signal} ping"
-            old.task.cancel()  # _forget counts it as a failure
-        chain = _Chain(target, ping)
-        chain.task = asyncio.get_running_loop().create_task(
-            self._deliver(self._session, target, ping),
-            name=f"heartbeat:{target.name}:{route}")
-        self._chains[key] = chain
-        chain.task.add_done_callback(partial(self._forget, key, chain))
+        for older in (self._queued.pop(key, None), self._active.get(key)):
+            if older is not None:
+                older.drop_reason = f"superseded by a newer {ping.signal} ping"
+                self._drop(older)
+        self._queued[key] = _Delivery(target, route, ping)
+        self._idle.clear()
+        self._waker.poke()
 
-    def _forget(self, key: tuple[str, str], chain: _Chain, task: asyncio.Task[None]) -> None:
-        if self._chains.get(key) is chain:
-            del self._chains[key]
-        # Counted here, not in _deliver: a task cancelled before it ran never enters it.
-        if task.cancelled():
-            self._count(chain.target, "failure")
-            log.warning("heartbeat_dropped", target=chain.target.name,
-                        url=redact_url(chain.ping.url), signal=chain.ping.signal,
-                        reason=chain.drop_reason)
+    def _drop(self, delivery: _Delivery) -> None:
+        """Give up on a delivery (counted as a failure); its task, if any, is cancelled."""
+        if delivery.task is not None:
+            delivery.task.cancel()  # _deliver counts and logs it
+            return
+        self._count(delivery.target, "failure")
+        log.warning("heartbeat_dropped", target=delivery.target.name,
+                    url=redact_url(delivery.ping.url), signal=delivery.ping.signal,
+                    reason=delivery.drop_reason)
+
+    def _update_idle(self) -> None:
+        if not self._queued and not self._active:
+            self._idle.set()
 
     def _count(self, target: HeartbeatTarget, result: str) -> None:
         self._metrics.heartbeats.labels(target=target.name, result=result).inc()
 
+    def _report(self, ok: bool, target: HeartbeatTarget, error: str | None = None) -> None:
+        if self._progress is None:
+            return
+        if ok:
+            self._progress.progress()
+        else:
+            self._progress.down(f"heartbeat {target.name}: {error}")
+
     async def _deliver(
+        self, session: aiohttp.ClientSession, key: tuple[str, str], delivery: _Delivery,
+    ) -> None:
+        """One ping with bounded retries; counts and logs its outcome, even when dropped."""
+        target, ping = delivery.target, delivery.ping
+        try:
+            await self._attempts(session, target, ping)
+        except asyncio.CancelledError:
+            self._count(target, "failure")
+            log.warning("heartbeat_dropped", target=target.name, url=redact_url(ping.url),
+                        signal=ping.signal, reason=delivery.drop_reason)
+            # Dropped on purpose (superseded, shutdown): this task ends here.
+        except Exception as exc:  # a bug here must not take the component down
+            self._count(target, "failure")
+            log.error("heartbeat_failed", target=target.name, url=redact_url(ping.url),
+                      signal=ping.signal, attempt=0,
+                      error=scrub(f"internal error: {type(exc).__name__}: {exc}", ping.url))
+        finally:
+            if self._active.get(key) is delivery:
+                del self._active[key]
+            self._update_idle()
+
+    async def _attempts(
         self, session: aiohttp.ClientSession, target: HeartbeatTarget, ping: Ping,
     ) -> None:
-        """One ping with bounded retries; counts and logs its outcome (unless cancelled)."""
         context = {"target": target.name, "url": redact_url(ping.url), "signal": ping.signal}
         attempts = target.retries + 1
+        policy = Backoff(initial=target.backoff, maximum=MAX_BACKOFF)
+        error: str | None = None
         try:
-            for attempt in range(1, attempts + 1):
-                error, retryable = await self._attempt(session, target, ping)
-                if error is None:
-                    self._count(target, "success")
-                    log.debug("heartbeat_sent", **context, attempt=attempt)
-                    return
-                delay = None
-                if retryable and attempt < attempts:
-                    delay = round(backoff_delay(target.backoff, attempt, self._rng), 3)
-                log.warning("heartbeat_failed", **context, attempt=attempt, attempts=attempts,
-                            error=error, retry_in=delay)
-                if delay is None:
-                    break
-                await asyncio.sleep(delay)
-            self._count(target, "failure")
-        except Exception as exc:  # a bug here must not kill the daemon's loop quietly
-            self._count(target, "failure")
-            log.error("heartbeat_failed", **context, attempt=0, attempts=attempts,
-                      error=scrub(f"internal error: {type(exc).__name__}: {exc}", ping.url))
+            async for attempt in policy.retrying(on=_Retry, attempts=attempts):
+                with attempt:
+                    error, retryable = await self._attempt(session, target, ping)
+                    if error is None:
+                        self._count(target, "success")
+                        self._report(True, target)
+                        log.debug("heartbeat_sent", **context, attempt=attempt.num)
+                        return
+                    again = retryable and attempt.num < attempts
+                    log.warning("heartbeat_failed", **context, attempt=attempt.num,
+                                attempts=attempts, error=error,
+                                retry_in=round(attempt.next_wait, 3) if again else None)
+                    if again:
+                        raise _Retry(error)
+        except _Retry:
+            pass  # out of attempts: counted below
+        self._count(target, "failure")
+        self._report(False, target, error)
 
     async def _attempt(
         self, session: aiohttp.ClientSession, target: HeartbeatTarget, ping: Ping,
@@ -372,4 +425,3 @@ class Heartbeats:
             return None, True
         # 4xx (bad token, deleted check) will not heal on retry; 5xx, 408, 429 may.
         return f"HTTP {status}", status >= 500 or status in (408, 429)
-

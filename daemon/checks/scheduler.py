@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import structlog
 
-log = structlog.get_logger("daemon.scheduler")
+log = structlog.get_logger("daemon.checks.scheduler")
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -126,12 +126,15 @@ class Scheduler:
         rng: random.Random | None = None,
         on_skip: Callable[[str, int], None] = _ignore_skip,
         on_deadline: Callable[[str], None] = _ignore_deadline,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         self._clock = clock
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._on_skip = on_skip
         self._on_deadline = on_deadline
+        # Called at every tick of the loop: the supervisor's progress signal.
+        self.on_tick = on_tick
         self._jobs = _validated(jobs)
         self._jobs_changed = True  # the first tick plans every job
         self._cadences: dict[str, _Cadence] = {}
@@ -154,6 +157,11 @@ class Scheduler:
     def running(self) -> dict[str, asyncio.Task[None]]:
         """In-flight runs by job name (a copy)."""
         return {name: run.task for name, run in self._runs.items()}
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() was called: run() returns and stays returned."""
+        return self._stopping
 
     @property
     def last_tick(self) -> float | None:
@@ -181,6 +189,8 @@ class Scheduler:
             while not self._stopping:
                 now = self._clock()
                 self._last_tick = now
+                if self.on_tick is not None:
+                    self.on_tick()
                 if self._jobs_changed:
                     self._plan(now)
                 self._enforce_deadlines(now)

@@ -1,10 +1,16 @@
-"""The outcome of one round trip: the seed's result dict plus a machine-readable reason."""
+"""The outcome of one check run: the seed's result dict plus a machine-readable reason."""
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+
+def new_run_id() -> str:
+    """A short random id naming one run in logs, probes and healthchecks pings."""
+    return secrets.token_hex(6)
 
 
 class FailureReason(StrEnum):
@@ -40,6 +46,9 @@ class CheckResult:
     late_arrivals: int = 0
     steps: list[Step] = field(default_factory=list)
     finished_at: float | None = None
+    # Cancelled because the daemon is stopping: logged, but not a verdict on the
+    # mail system (no metrics, no heartbeat).
+    interrupted: bool = False
 
     def fail(self, reason: FailureReason, error: str) -> None:
         """Record the first failure; later ones (during cleanup) do not overwrite it."""

@@ -1,0 +1,380 @@
+"""The alert outbox: an alert is delivered at least once, or it is still pending.
+
+Alerts go to a Cabalmail alert_sink compatible webhook: POST
+`{"summary", "severity", "source", "id"}` with headers `X-Alert-Id` and
+`X-Alert-Secret`. An alert counts as delivered only when the webhook answered
+2xx. Until then it stays in the outbox, which the leak watcher's state file
+persists, so it survives restarts. Each pending alert is retried with capped
+exponential backoff and jitter until it is delivered or `max_age` passes; an
+expired alert is counted and logged as an error (the one way an alert is
+lost, and a loud one). Deliveries run concurrently, at most `max_concurrent`
+requests at a time, so one hanging request never holds back another alert.
+The id is stable (derived from the alert's key), so a receiver can drop the
+rare duplicate that at-least-once delivery brings.
+
+Rate limit: at most `rate_limit` alerts start their first delivery per
+`rate_period`. Alerts beyond that wait; when the window frees up and more are
+waiting than it has room for, they are folded into one digest alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+
+from daemon import __version__
+from daemon.logwatch.config import AlertWebhook
+from daemon.metrics import Metrics
+from daemon.retry import Backoff
+from daemon.supervisor import Progress
+from daemon.wakeup import Waker
+
+log = structlog.get_logger("daemon.alerts")
+
+# The loop wakes at least this often (its progress tick).
+TICK = 10.0
+# Keys of delivered alerts remembered in memory, so a re-submission is a duplicate.
+MAX_REMEMBERED_KEYS = 10_000
+# A digest lists this many of the summaries it stands for, then counts the rest.
+DIGEST_SUMMARIES = 10
+DIGEST_CHARS = 4000
+_RESPONSE_READ_LIMIT = 4096
+_RETRY_STATUSES = frozenset({408, 425, 429})
+_SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+_ID_NAMESPACE = uuid.UUID("0f3c5b1e-8d7a-4c1b-9a55-6a4f2e7d9b10")
+
+SessionFactory = Callable[[], aiohttp.ClientSession]
+
+
+def default_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(headers={"User-Agent": f"selfcheckd/{__version__}"})
+
+
+def alert_id(source: str, key: str) -> str:
+    """The same alert (same source and key) always gets the same id, across restarts."""
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{source}\n{key}"))
+
+
+@dataclass
+class Alert:
+    """One pending alert. `folded` lists the keys a digest stands for."""
+
+    id: str
+    key: str
+    summary: str
+    severity: str
+    created_at: float  # wall clock: max_age counts across restarts
+    attempts: int = 0
+    last_error: str | None = None
+    admitted: bool = False  # counted against the rate limit; may be delivered
+    folded: list[str] = field(default_factory=list)
+    next_at: float = 0.0  # monotonic; not persisted (a restart retries at once)
+    held: bool = False  # found the rate window full; not persisted
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "key": self.key, "summary": self.summary,
+                "severity": self.severity, "created_at": self.created_at,
+                "attempts": self.attempts, "last_error": self.last_error,
+                "admitted": self.admitted, "folded": self.folded}
+
+
+class Outbox:
+    """The `leakwatch-alerts` component: owns pending alerts and their deliveries."""
+
+    name = "leakwatch-alerts"
+    progress_deadline = 3 * TICK
+
+    def __init__(
+        self,
+        cfg: AlertWebhook,
+        metrics: Metrics,
+        *,
+        on_change: Callable[[], Awaitable[object]] | None = None,
+        on_expired: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        session_factory: SessionFactory = default_session,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self._on_change = on_change
+        self._on_expired = on_expired
+        self._clock = clock
+        self._wall = wall
+        self._session_factory = session_factory
+        self._backoff = Backoff(initial=cfg.backoff, maximum=cfg.max_backoff)
+        self._pending: dict[str, Alert] = {}  # by id, oldest first
+        self._keys: dict[str, str] = {}  # key -> id of the pending alert
+        self._sent: OrderedDict[str, None] = OrderedDict()
+        self._admissions: deque[float] = deque()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._waker = Waker(sleep)
+        self._settled = asyncio.Event()  # set whenever a delivery attempt ends
+        self._progress: Progress | None = None
+
+    # -- what the leak watcher sees --------------------------------------------------------
+
+    def submit(self, summary: str, severity: str | None = None, key: str | None = None) -> bool:
+        """Queue an alert unless one with the same key is pending or was delivered."""
+        key = summary if key is None else key
+        if key in self._keys or key in self._sent:
+            self.metrics.alerts_suppressed.labels(reason="duplicate").inc()
+            return False
+        alert = Alert(id=alert_id(self.cfg.source, key), key=key, summary=summary,
+                      severity=severity or self.cfg.severity, created_at=self._wall())
+        self._add(alert)
+        self._waker.poke()
+        return True
+
+    def pending(self) -> list[Alert]:
+        return list(self._pending.values())
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [a.as_dict() for a in self._pending.values()]
+
+    def restore(self, alerts: Iterable[Alert]) -> None:
+        """Take over alerts left pending by an earlier process (or before a reload)."""
+        for alert in alerts:
+            if alert.id not in self._pending and alert.key not in self._keys:
+                alert.next_at = 0.0
+                self._add(alert)
+        if self._pending:
+            log.info("alerts_restored", pending=len(self._pending))
+            self._waker.poke()
+
+    async def flush(self, timeout: float) -> bool:
+        """Try every deliverable alert once more now; wait up to `timeout` s. True if none is left."""
+        tried = {a.id: a.attempts for a in self._pending.values() if a.admitted}
+        for alert in self._pending.values():
+            alert.next_at = 0.0
+        self._waker.poke()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self._settled.clear()  # before the check, so an attempt ending now is not missed
+            if not any(tried.get(a.id) == a.attempts for a in self._pending.values()):
+                break
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._settled.wait(), left)
+            except TimeoutError:
+                break
+        return not self._pending
+
+    # -- the component ------------------------------------------------------------------
+
+    async def run(self, progress: Progress) -> None:
+        self._progress = progress
+        async with self._session_factory() as session, asyncio.TaskGroup() as group:
+            while True:
+                changed = self._expire()
+                changed = self._admit() or changed
+                self._dispatch(group, session)
+                self._export()
+                progress.progress()
+                if not self._failing():
+                    progress.up()
+                if changed:
+                    await self._save()
+                await self._waker.wait(self._next_wake())
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _add(self, alert: Alert) -> None:
+        self._pending[alert.id] = alert
+        self._keys[alert.key] = alert.id
+        self._export()
+
+    def _remove(self, alert: Alert) -> None:
+        self._pending.pop(alert.id, None)
+        if self._keys.get(alert.key) == alert.id:
+            del self._keys[alert.key]
+        self._export()
+
+    def _failing(self) -> bool:
+        return any(a.attempts and a.last_error for a in self._pending.values())
+
+    def _export(self) -> None:
+        # Read at scrape time, so the age keeps growing between deliveries.
+        self.metrics.alerts_pending.set_function(lambda: len(self._pending))
+        self.metrics.alerts_oldest_pending_age.set_function(self._oldest_age)
+
+    def _oldest_age(self) -> float:
+        oldest = min((a.created_at for a in self._pending.values()), default=None)
+        return 0.0 if oldest is None else max(0.0, self._wall() - oldest)
+
+    async def _save(self) -> None:
+        if self._on_change is not None:
+            await self._on_change()
+
+    def _expire(self) -> bool:
+        now = self._wall()
+        expired = [a for a in self._pending.values()
+                   if a.id not in self._in_flight and now - a.created_at >= self.cfg.max_age]
+        for alert in expired:
+            self._remove(alert)
+            self.metrics.alert_deliveries.labels(result="expired").inc()
+            log.error("alert_expired", alert_id=alert.id, summary=alert.summary,
+                      attempts=alert.attempts, last_error=alert.last_error,
+                      max_age=self.cfg.max_age)
+            if self._on_expired is not None:
+                for key in (alert.key, *alert.folded):
+                    self._on_expired(key)
+        return bool(expired)
+
+    def _window_free(self) -> int:
+        now = self._clock()
+        while self._admissions and now - self._admissions[0] >= self.cfg.rate_period:
+            self._admissions.popleft()
+        return self.cfg.rate_limit - len(self._admissions)
+
+    def _admit(self) -> bool:
+        """Let waiting alerts through the rate limit, in order.
+
+        Alerts that found the window full are held; when it frees up and more are
+        waiting than it has room for, they all go out folded into one digest.
+        """
+        waiting = [a for a in self._pending.values() if not a.admitted]
+        if not waiting:
+            return False
+        free = self._window_free()
+        if free <= 0:
+            for alert in waiting:
+                alert.held = True
+            return False
+        if len(waiting) > free and any(a.held for a in waiting):
+            for alert in waiting:
+                self._remove(alert)
+            self.metrics.alerts_suppressed.labels(reason="folded").inc(len(waiting))
+            digest = self._digest(waiting)
+            self._add(digest)
+            waiting = [digest]
+        for alert in waiting[:free]:
+            alert.admitted = True
+            self._admissions.append(self._clock())
+        for alert in waiting[free:]:
+            alert.held = True
+        return True
+
+    def _digest(self, alerts: list[Alert]) -> Alert:
+        shown = "; ".join(a.summary for a in alerts[:DIGEST_SUMMARIES])
+        more = len(alerts) - DIGEST_SUMMARIES
+        summary = (f"{len(alerts)} further alerts were held back by the rate limit "
+                   f"({self.cfg.rate_limit} per {self.cfg.rate_period:g}s): {shown}"
+                   + (f"; and {more} more (see the daemon's log)" if more > 0 else ""))
+        if len(summary) > DIGEST_CHARS:
+            summary = summary[: DIGEST_CHARS - 1] + "…"
+        key = f"digest {uuid.uuid4()}"
+        return Alert(
+            id=alert_id(self.cfg.source, key), key=key, summary=summary,
+            severity=max((a.severity for a in alerts), key=lambda s: _SEVERITY_RANK.get(s, 0)),
+            created_at=min(a.created_at for a in alerts),
+            folded=[k for a in alerts for k in (a.key, *a.folded)],
+        )
+
+    def _next_wake(self) -> float:
+        """Seconds until something is due: a retry, a free rate window, an expiry."""
+        now, wall = self._clock(), self._wall()
+        idle = [a for a in self._pending.values() if a.id not in self._in_flight]
+        wake = TICK
+        if len(self._in_flight) < self.cfg.max_concurrent:  # else a finishing one pokes us
+            for alert in idle:
+                if alert.admitted:
+                    wake = min(wake, alert.next_at - now)
+        if any(not a.admitted for a in idle) and self._admissions:
+            wake = min(wake, self._admissions[0] + self.cfg.rate_period - now)
+        for alert in idle:
+            wake = min(wake, alert.created_at + self.cfg.max_age - wall)
+        return max(0.0, wake)
+
+    # -- delivery -------------------------------------------------------------------------
+
+    def _dispatch(self, group: asyncio.TaskGroup, session: aiohttp.ClientSession) -> None:
+        now = self._clock()
+        for alert in list(self._pending.values()):
+            if len(self._in_flight) >= self.cfg.max_concurrent:
+                return
+            if alert.admitted and alert.id not in self._in_flight and alert.next_at <= now:
+                self._in_flight[alert.id] = group.create_task(
+                    self._deliver(session, alert), name=f"alert:{alert.id}")
+
+    async def _deliver(self, session: aiohttp.ClientSession, alert: Alert) -> None:
+        try:
+            result, error, retry_after = await self._post(session, alert)
+        except Exception as exc:  # a bug must not cost the alert: retry it like a failure
+            log.exception("alert_delivery_crashed", alert_id=alert.id)
+            result, error, retry_after = "failed", f"internal error: {type(exc).__name__}", None
+        finally:
+            self._in_flight.pop(alert.id, None)
+        alert.attempts += 1
+        self.metrics.alert_deliveries.labels(result=result).inc()
+        if result == "sent":
+            self._remove(alert)
+            self._sent[alert.key] = None
+            while len(self._sent) > MAX_REMEMBERED_KEYS:
+                self._sent.popitem(last=False)
+            log.info("alert_delivered", alert_id=alert.id, attempts=alert.attempts,
+                     severity=alert.severity)
+            if self._progress is not None and not self._failing():
+                self._progress.up()
+        else:
+            alert.last_error = error
+            delay = self._backoff.delay(alert.attempts)
+            if retry_after is not None:
+                delay = min(max(delay, retry_after), self.cfg.max_backoff)
+            alert.next_at = self._clock() + delay
+            # The URL may carry a token and the secret is a secret: log neither.
+            log.warning("alert_delivery_failed", alert_id=alert.id, attempt=alert.attempts,
+                        result=result, error=error, retry_in=round(delay, 3),
+                        summary=alert.summary)
+            if self._progress is not None:
+                self._progress.down(f"webhook: {error}")
+        self._settled.set()
+        self._waker.poke()
+        await self._save()
+
+    async def _post(
+        self, session: aiohttp.ClientSession, alert: Alert,
+    ) -> tuple[str, str | None, float | None]:
+        """(result, error, Retry-After seconds) of one POST."""
+        body = {"summary": alert.summary, "severity": alert.severity,
+                "source": self.cfg.source, "id": alert.id}
+        headers = {"X-Alert-Id": alert.id}
+        if self.cfg.secret is not None:
+            headers["X-Alert-Secret"] = self.cfg.secret.get_secret_value()
+        try:
+            async with asyncio.timeout(self.cfg.timeout), session.post(
+                self.cfg.url, json=body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
+            ) as resp:
+                await resp.content.read(_RESPONSE_READ_LIMIT)
+                status = resp.status
+                retry_after = _seconds(resp.headers.get("Retry-After"))
+        except TimeoutError:
+            return "failed", f"no response within {self.cfg.timeout:g}s", None
+        except (aiohttp.ClientError, OSError) as exc:
+            return "failed", type(exc).__name__, None
+        if 200 <= status < 300:
+            return "sent", None, None
+        if status >= 500 or status in _RETRY_STATUSES:
+            return "failed", f"HTTP {status}", retry_after
+        # The sink refused it (bad secret, bad body): keep it, an operator can fix the config.
+        return "rejected", f"HTTP {status}", retry_after
+
+
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After given in seconds (the HTTP-date form is ignored)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())

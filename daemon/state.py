@@ -1,0 +1,184 @@
+"""The leak watcher's state file: one JSON document, written atomically, quarantined when unusable.
+
+It holds everything that must survive a restart: the CloudWatch cursor and the
+event ids seen in its overlap window, the followed file's position (device,
+inode, offset, fingerprint), the detector's memory (senders by queue id,
+(queue id, recipient) pairs already alerted) and the alert outbox.
+
+A file that cannot be used (not JSON, another shape, an unknown version, a
+section of the wrong type) is renamed to `<name>.corrupt-<UTC time>` with one
+warning naming both paths; the watcher then starts afresh (CloudWatch from
+`lookback`), never crashes on it. Writes go to a temporary file that is
+fsynced and renamed over the old one, so a task killed mid-write leaves the
+previous state intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from daemon.metrics import Metrics
+
+log = structlog.get_logger("daemon.state")
+
+VERSION = 2  # 1: CloudWatch cursor and detector only (still read)
+# The detector's memory is bounded in the file too, so a write stays small.
+MAX_PERSISTED_ENTRIES = 20_000
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CloudWatchState(_Section):
+    cursor_ms: int | None = None
+    seen: list[tuple[str, int]] = Field(default_factory=list)
+
+
+class FileState(_Section):
+    path: str
+    device: int
+    inode: int
+    offset: int = Field(ge=0)
+    fingerprint: str
+
+
+class DetectorState(_Section):
+    senders: list[tuple[str, str]] = Field(default_factory=list)
+    reported: list[str] = Field(default_factory=list)
+
+
+class AlertState(_Section):
+    id: str
+    key: str
+    summary: str
+    severity: Literal["critical", "warning", "info"]
+    created_at: float
+    attempts: int = Field(default=0, ge=0)
+    last_error: str | None = None
+    admitted: bool = False
+    folded: list[str] = Field(default_factory=list)
+
+
+class LeakwatchState(_Section):
+    """The whole document; every section is optional."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: Literal[1, 2]
+    cloudwatch: CloudWatchState | None = None
+    file: FileState | None = None
+    detector: DetectorState | None = None
+    outbox: list[AlertState] = Field(default_factory=list)
+
+
+def parse_state(data: Any) -> LeakwatchState:
+    """Validate a decoded document; ValueError names the first problem."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    try:
+        # JSON has no tuples: lists of pairs validate as tuples in lax mode only.
+        return LeakwatchState.model_validate(data, strict=False)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "document"
+        raise ValueError(f"{where}: {first['msg']}") from None
+
+
+def trim(entries: list[Any]) -> list[Any]:
+    return entries[-MAX_PERSISTED_ENTRIES:]
+
+
+class StateFile:
+    """Load (with quarantine) and save (atomic, serialised) one state file."""
+
+    def __init__(
+        self, path: Path | None, metrics: Metrics, wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.metrics = metrics
+        self._wall = wall
+        self._lock = asyncio.Lock()
+        self.last_error: str | None = None
+        self.last_saved_at: float | None = None
+
+    def load(self) -> LeakwatchState | None:
+        """The saved state, or None when there is none or it was quarantined."""
+        if self.path is None:
+            return None
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            log.info("state_file_absent", path=str(self.path))
+            return None
+        except OSError as exc:
+            self.quarantine(f"cannot read: {exc.strerror}")
+            return None
+        try:
+            return parse_state(json.loads(text))
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+            self.quarantine(str(exc))
+            return None
+
+    def quarantine(self, why: str) -> Path | None:
+        """Move the unusable file aside, with one warning naming both paths."""
+        if self.path is None:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._wall()))
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        try:
+            os.replace(self.path, target)
+        except OSError as exc:
+            log.warning("state_file_unusable", path=str(self.path), reason=why,
+                        moved_to=None, move_error=exc.strerror,
+                        consequence="starting afresh; the file is left where it is")
+            return None
+        log.warning("state_file_quarantined", path=str(self.path), reason=why,
+                    moved_to=str(target), consequence="starting afresh")
+        return target
+
+    async def save(self, document: dict[str, Any]) -> bool:
+        """Write `document` (plus the version) atomically; count and log a failure."""
+        if self.path is None:
+            return True
+        payload = json.dumps({"version": VERSION, **document}, separators=(",", ":"))
+        async with self._lock:
+            try:
+                await asyncio.to_thread(_write_atomically, self.path, payload)
+            except OSError as exc:
+                self.metrics.state_saves.labels(result="failed").inc()
+                if self.last_error is None:  # once per episode; the counter says the rest
+                    log.error("state_file_write_failed", path=str(self.path),
+                              error=exc.strerror or str(exc))
+                self.last_error = exc.strerror or str(exc)
+                return False
+        if self.last_error is not None:
+            log.info("state_file_write_recovered", path=str(self.path))
+        self.last_error = None
+        self.last_saved_at = self._wall()
+        self.metrics.state_saves.labels(result="ok").inc()
+        return True
+
+
+def _write_atomically(path: Path, payload: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    # The rename itself must reach the disk too.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

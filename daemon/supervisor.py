@@ -1,0 +1,276 @@
+"""Owns every long-running loop: starts it, restarts it when it crashes, knows if it is healthy.
+
+A component is a named coroutine (`run(progress)`) that runs until cancelled.
+It reports through its `Progress` handle: `progress()` after each unit of
+work (a poll, a tick, a delivery), `down(reason)` while it cannot do its job
+(log file missing, last poll failed). The supervisor runs all of them in one
+`asyncio.TaskGroup`:
+
+* a component that raises is logged once with its traceback, counted in
+  `selfcheckd_component_restarts_total` and restarted after a capped backoff;
+  returning without being asked to is treated the same way (a loop that ends
+  on its own is dead), unless the component declares `may_finish` (stdin
+  reaching its end);
+* a component is unhealthy while it waits to restart or when it made no
+  progress within its own `progress_deadline`; `/healthz` names it.
+
+Time comes from the injected `clock` and `sleep`, so tests drive restarts and
+deadlines with a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from daemon.metrics import Metrics
+from daemon.retry import RESTART_BACKOFF, Backoff
+
+log = structlog.get_logger("daemon.supervisor")
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+# A component that ran at least this long before crashing starts its restart
+# backoff afresh: a crash a day should not wait a minute to restart.
+HEALTHY_RUN = 300.0
+
+
+class Component(Protocol):
+    """A long-running loop the supervisor owns."""
+
+    @property
+    def name(self) -> str:
+        """The `component` label; also how /healthz and /status name it."""
+
+    @property
+    def progress_deadline(self) -> float:
+        """Seconds without progress after which the component counts as stalled."""
+
+    async def run(self, progress: Progress) -> None:
+        """Work until cancelled, reporting through `progress`."""
+
+
+@dataclass
+class ComponentState:
+    """What /status shows about one component."""
+
+    name: str
+    deadline: float
+    state: str = "starting"  # starting | running | restarting | finished | stopped
+    up: bool = False
+    reason: str | None = None  # why it is down, or why it last crashed
+    started_at: float | None = None  # wall clock, for /status
+    last_progress_at: float | None = None  # wall clock
+    last_progress_mono: float = 0.0
+    restarts: int = 0
+
+    def as_dict(self, now_mono: float) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "up": self.up,
+            "reason": self.reason,
+            "started_at": self.started_at,
+            "last_progress_at": self.last_progress_at,
+            "seconds_since_progress": round(now_mono - self.last_progress_mono, 3),
+            "progress_deadline": self.deadline,
+            "restarts": self.restarts,
+        }
+
+
+class Progress:
+    """The handle a component reports through; every call is cheap and synchronous."""
+
+    def __init__(self, supervisor: Supervisor, state: ComponentState) -> None:
+        self._sup = supervisor
+        self._state = state
+
+    def progress(self) -> None:
+        """One unit of work done: the component is up and not stalled."""
+        st = self._state
+        st.last_progress_mono = self._sup.clock()
+        st.last_progress_at = self._sup.wall()
+        self._sup.metrics.component_progress.labels(st.name).set(st.last_progress_at)
+        self.up()
+
+    def up(self) -> None:
+        st = self._state
+        if not st.up:
+            st.up = True
+            st.reason = None
+            self._sup.metrics.component_up.labels(st.name).set(1)
+
+    def down(self, reason: str) -> None:
+        """The component cannot do its job right now (it keeps running and retrying)."""
+        st = self._state
+        st.reason = reason
+        if st.up:
+            st.up = False
+            self._sup.metrics.component_up.labels(st.name).set(0)
+
+
+class Supervisor:
+    """Runs components in one task group until `stop()`."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        clock: Clock = time.monotonic,
+        wall: Clock = time.time,
+        sleep: Sleep = asyncio.sleep,
+        restart_backoff: Backoff = RESTART_BACKOFF,
+    ) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        self.wall = wall
+        self._sleep = sleep
+        self._backoff = restart_backoff
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._components: dict[str, Component] = {}
+        self._states: dict[str, ComponentState] = {}
+        self._queued: list[Component] = []
+        self._stop = asyncio.Event()
+        self._running = asyncio.Event()
+
+    # -- membership ---------------------------------------------------------------------
+
+    def start(self, component: Component) -> None:
+        """Run `component` (now if the supervisor runs, else as soon as it does)."""
+        if component.name in self._components:
+            raise ValueError(f"component {component.name!r} is already supervised")
+        self._components[component.name] = component
+        state = ComponentState(name=component.name, deadline=component.progress_deadline)
+        self._states[component.name] = state
+        self.metrics.component_deadline.labels(component.name).set(component.progress_deadline)
+        self.metrics.component_up.labels(component.name).set(0)
+        self.metrics.component_restarts.labels(component.name)  # export 0 from the start
+        if self._group is None:
+            self._queued.append(component)
+        else:
+            self._spawn(component)
+
+    async def remove(self, name: str, timeout: float) -> bool:
+        """Cancel component `name`, wait up to `timeout` s, forget it; True if it ended."""
+        task = self._tasks.pop(name, None)
+        self._components.pop(name, None)
+        self._queued = [c for c in self._queued if c.name != name]
+        state = self._states.pop(name, None)
+        ended = True
+        if task is not None:
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, timeout))
+            ended = bool(done)
+            if not ended:
+                log.error("component_ignored_cancel", component=name, waited=timeout)
+        if state is not None:
+            for metric in (self.metrics.component_up, self.metrics.component_progress,
+                           self.metrics.component_deadline, self.metrics.component_restarts):
+                with contextlib.suppress(KeyError):
+                    metric.remove(name)
+        return ended
+
+    async def replace(self, component: Component, timeout: float) -> bool:
+        """Stop the component of the same name (if any), then start this one."""
+        ended = await self.remove(component.name, timeout)
+        self.start(component)
+        return ended
+
+    def names(self) -> list[str]:
+        return sorted(self._components)
+
+    # -- health -------------------------------------------------------------------------
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        now = self.clock()
+        return {name: st.as_dict(now) for name, st in sorted(self._states.items())}
+
+    def problems(self) -> dict[str, str]:
+        """Components that are dead or stalled, with why (empty when all are healthy)."""
+        now = self.clock()
+        out: dict[str, str] = {}
+        for name, st in sorted(self._states.items()):
+            if st.state == "restarting":
+                out[name] = f"crashed, restarting ({st.reason})"
+            elif st.state in ("starting", "running") and now - st.last_progress_mono > st.deadline:
+                since = round(now - st.last_progress_mono)
+                why = f"no progress for {since}s (deadline {st.deadline:g}s)"
+                out[name] = f"{why}: {st.reason}" if st.reason else why
+        return out
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Supervise until `stop()`; every component is cancelled before this returns."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                queued, self._queued = self._queued, []
+                for component in queued:
+                    self._spawn(component)
+                self._running.set()
+                await self._stop.wait()
+                for task in self._tasks.values():
+                    task.cancel()
+        finally:
+            self._group = None
+            self._tasks.clear()
+            self._running.clear()
+
+    async def started(self) -> None:
+        """Return once `run()` has started every queued component."""
+        await self._running.wait()
+
+    def stop(self) -> None:
+        """Cancel every component; `run()` returns once they have ended."""
+        self._stop.set()
+
+    def _spawn(self, component: Component) -> None:
+        assert self._group is not None
+        self._tasks[component.name] = self._group.create_task(
+            self._supervise(component), name=f"component:{component.name}")
+
+    async def _supervise(self, component: Component) -> None:
+        """Run one component forever: restart it with backoff when it crashes."""
+        name = component.name
+        state = self._states[name]
+        progress = Progress(self, state)
+        failures = 0
+        while True:
+            started = self.clock()
+            state.state = "running"
+            state.started_at = self.wall()
+            progress.progress()  # starting counts as progress; the deadline runs from here
+            try:
+                await component.run(progress)
+            except asyncio.CancelledError:
+                state.state = "stopped"
+                progress.down("stopped")
+                raise
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                crashed = True
+            else:
+                if getattr(component, "may_finish", False):
+                    state.state = "finished"
+                    log.info("component_finished", component=name)
+                    return
+                why = "returned without being stopped"
+                crashed = False
+            failures = 1 if self.clock() - started >= HEALTHY_RUN else failures + 1
+            delay = round(self._backoff.delay(failures), 3)
+            state.restarts += 1
+            state.state = "restarting"
+            progress.down(why)
+            state.reason = why
+            self.metrics.component_restarts.labels(name).inc()
+            log.error("component_crashed", component=name, error=why, restart_in=delay,
+                      restarts=state.restarts, exc_info=crashed)
+            await self._sleep(delay)

@@ -1,0 +1,217 @@
+"""The alert outbox against a real aiohttp alert_sink: at-least-once, concurrent, persisted.
+
+Backoff waits run on a fake clock; HTTP is real, so tests wait for requests to
+arrive with bounded polls on the receiver's record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from daemon.delivery.outbox import Alert, Outbox, alert_id
+from daemon.logwatch.config import AlertWebhook
+from daemon.metrics import Metrics
+from daemon.supervisor import Supervisor
+from tests.fake_time import FakeClock
+from tests.logwatch.receiver import Sink, alert_sink
+
+SECRET = "s3cret-value-for-tests"
+SOURCE = "selfcheckd-leakwatch"
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def deliveries(metrics: Metrics, result: str) -> float:
+    return metrics.registry.get_sample_value(
+        "selfcheckd_alert_deliveries_total", {"result": result}) or 0.0
+
+
+class Harness:
+    def __init__(self, outbox: Outbox, clock: FakeClock, metrics: Metrics) -> None:
+        self.outbox = outbox
+        self.clock = clock
+        self.metrics = metrics
+        self.saves = 0
+        self.expired: list[str] = []
+
+    async def advance_until(self, predicate: Any, limit: float, step: float = 5.0) -> None:
+        """Advance fake time in steps, letting real HTTP complete in between."""
+        start = self.clock.now
+        while not predicate():
+            assert self.clock.now - start <= limit, "not reached in fake time"
+            await self.clock.advance(step)
+            await self.quiet()
+
+    async def quiet(self) -> None:
+        """Wait (real time, bounded) until no delivery is in flight."""
+        await until(lambda: not self.outbox._in_flight)
+
+
+@asynccontextmanager
+async def running(sink: Sink, **cfg: Any) -> AsyncIterator[Harness]:
+    clock = FakeClock()
+    metrics = Metrics()
+    config = AlertWebhook.model_validate({"url": sink.url, "secret": SECRET, "timeout": 2,
+                                          **cfg})
+    harness: Harness | None = None
+
+    async def on_change() -> None:
+        assert harness is not None
+        harness.saves += 1
+
+    outbox = Outbox(config, metrics, on_change=on_change,
+                    on_expired=lambda key: harness.expired.append(key) if harness else None,
+                    clock=clock, wall=clock, sleep=clock.sleep)
+    harness = Harness(outbox, clock, metrics)
+    sup = Supervisor(metrics, clock=clock, wall=clock, sleep=clock.sleep)
+    sup.start(outbox)
+    task = asyncio.create_task(sup.run())
+    await sup.started()
+    try:
+        yield harness
+    finally:
+        sup.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_posts_json_with_stable_id_and_secret_once_per_key() -> None:
+    """One POST per key: {summary,severity,source,id}, X-Alert-Id and X-Alert-Secret headers."""
+    async with alert_sink() as sink, running(sink) as h:
+        assert h.outbox.submit("leak one", key="leak Q1 a@sinkhole.test")
+        assert not h.outbox.submit("leak one again", key="leak Q1 a@sinkhole.test")
+        await until(lambda: len(sink.accepted) == 1)
+        await h.quiet()
+        assert not h.outbox.submit("and again", key="leak Q1 a@sinkhole.test")
+    expected_id = alert_id(SOURCE, "leak Q1 a@sinkhole.test")
+    assert sink.requests == [({"summary": "leak one", "severity": "critical", "source": SOURCE,
+                               "id": expected_id}, SECRET)]
+    assert sink.alert_ids == [expected_id]
+    assert deliveries(h.metrics, "sent") == 1
+    assert h.metrics.registry.get_sample_value(
+        "selfcheckd_alerts_suppressed_total", {"reason": "duplicate"}) == 2
+    assert h.metrics.registry.get_sample_value("selfcheckd_alerts_pending") == 0
+
+
+async def test_outage_longer_than_any_retry_budget_still_delivers() -> None:
+    """A webhook answering 503 for ten minutes gets the alert once it recovers, exactly once."""
+    async with alert_sink(default=503) as sink, running(sink) as h:
+        h.outbox.submit("leak", key="k")
+        await until(lambda: len(sink.requests) == 1)
+        await h.advance_until(lambda: h.clock.now - 1000.0 >= 600, limit=700)
+        failed = len(sink.requests)
+        assert failed >= 5 and sink.accepted == []
+        assert h.metrics.registry.get_sample_value(
+            "selfcheckd_alerts_oldest_pending_age_seconds") >= 600
+        assert h.outbox.pending()[0].attempts == failed
+        sink.default = 200
+        await h.advance_until(lambda: len(sink.accepted) == 1, limit=400)
+    assert [body["summary"] for body in sink.accepted] == ["leak"]
+    assert deliveries(h.metrics, "failed") == failed
+    assert deliveries(h.metrics, "sent") == 1
+    assert len(set(sink.alert_ids)) == 1  # every retry carried the same id
+
+
+async def test_a_hanging_request_does_not_hold_back_other_alerts() -> None:
+    """While one delivery hangs, a later alert is delivered; the hung one is retried later."""
+    async with alert_sink() as sink, running(sink, timeout=1) as h:
+        sink.hold = lambda body: body["summary"] == "stuck" and not sink.release.is_set()
+        h.outbox.submit("stuck", key="a")
+        await asyncio.sleep(0.05)
+        h.outbox.submit("free", key="b")
+        await until(lambda: [b["summary"] for b in sink.accepted] == ["free"], timeout=0.9)
+        await h.quiet()  # the stuck request times out after 1 s
+        assert deliveries(h.metrics, "failed") == 1
+        sink.release.set()
+        await h.advance_until(lambda: len(sink.accepted) == 2, limit=60, step=1.0)
+    assert [b["summary"] for b in sink.accepted] == ["free", "stuck"]
+
+
+async def test_at_most_max_concurrent_requests_in_flight() -> None:
+    """With every request hanging, only max_concurrent are open at once."""
+    async with alert_sink() as sink, running(sink, max_concurrent=2, timeout=30) as h:
+        sink.hold = lambda _body: True
+        for i in range(5):
+            h.outbox.submit(f"leak {i}", key=str(i))
+        await until(lambda: len(h.outbox._in_flight) == 2)
+        await asyncio.sleep(0.1)
+        assert len(h.outbox._in_flight) == 2
+
+
+async def test_a_refused_alert_stays_pending_until_accepted() -> None:
+    """A 401 (wrong secret) is counted as rejected and retried; never dropped or logged with it."""
+    async with alert_sink(statuses=[401, 401]) as sink, running(sink) as h:
+        with capture_logs() as logs:
+            h.outbox.submit("leak", key="k")
+            await h.advance_until(lambda: len(sink.accepted) == 1, limit=60, step=1.0)
+    assert deliveries(h.metrics, "rejected") == 2 and deliveries(h.metrics, "sent") == 1
+    failures = [e for e in logs if e["event"] == "alert_delivery_failed"]
+    assert [e["error"] for e in failures] == ["HTTP 401", "HTTP 401"]
+    assert SECRET not in repr(logs) and sink.url not in repr(logs)
+
+
+async def test_an_alert_older_than_max_age_expires_loudly() -> None:
+    """After max_age undelivered, the alert is counted expired, logged as an error, forgotten."""
+    async with alert_sink(default=503) as sink, running(sink, max_age=3600) as h:
+        with capture_logs() as logs:
+            h.outbox.submit("leak", key="leak Q1 a@sinkhole.test")
+            await h.advance_until(lambda: not h.outbox.pending(), limit=4000, step=60)
+        assert deliveries(h.metrics, "expired") == 1
+        [expired] = [e for e in logs if e["event"] == "alert_expired"]
+        assert expired["log_level"] == "error" and expired["summary"] == "leak"
+        assert h.expired == ["leak Q1 a@sinkhole.test"]
+        # Forgotten: the same leak, logged again by sendmail, alerts again.
+        assert h.outbox.submit("leak", key="leak Q1 a@sinkhole.test")
+
+
+async def test_rate_limit_folds_waiting_alerts_into_one_digest() -> None:
+    """Past rate_limit per period, the waiting alerts go out as one digest naming them."""
+    async with alert_sink() as sink, running(sink, rate_limit=2, rate_period=60) as h:
+        for i in range(5):
+            h.outbox.submit(f"leak {i}", key=str(i), severity="warning" if i else "critical")
+        await until(lambda: len(sink.accepted) == 2)
+        await h.quiet()
+        await h.advance_until(lambda: len(sink.accepted) == 3, limit=70)
+    summaries = [b["summary"] for b in sink.accepted]
+    assert summaries[:2] == ["leak 0", "leak 1"]
+    assert summaries[2].startswith("3 further alerts were held back by the rate limit")
+    assert all(f"leak {i}" in summaries[2] for i in (2, 3, 4))
+    assert h.metrics.registry.get_sample_value(
+        "selfcheckd_alerts_suppressed_total", {"reason": "folded"}) == 3
+
+
+async def test_pending_alerts_carry_over_with_their_id() -> None:
+    """A snapshot taken while the sink is down is delivered by a new outbox, same id."""
+    async with alert_sink(default=503) as sink, running(sink) as h:
+        h.outbox.submit("leak", key="k")
+        await until(lambda: len(sink.requests) == 1)
+        await h.quiet()
+        saved = h.outbox.snapshot()
+    assert saved[0]["attempts"] == 1 and saved[0]["admitted"] is True
+    async with alert_sink() as sink2, running(sink2) as h2:
+        h2.outbox.restore([Alert(**a) for a in saved])
+        await h2.clock.advance(0)
+        await until(lambda: len(sink2.accepted) == 1)
+    assert sink2.alert_ids == [alert_id(SOURCE, "k")]
+
+
+async def test_flush_tries_every_pending_alert_now() -> None:
+    """flush() skips the backoff wait: an alert backed off for minutes goes out at once."""
+    async with alert_sink(statuses=[503] * 3) as sink, running(sink, backoff=100,
+                                                                max_backoff=300) as h:
+        h.outbox.submit("leak", key="k")
+        await until(lambda: len(sink.requests) == 1)
+        await h.quiet()
+        assert not await h.outbox.flush(5.0)  # one more try, answered 503
+        assert len(sink.requests) == 2
+        sink.statuses.clear()
+        assert await h.outbox.flush(5.0)
+    assert len(sink.accepted) == 1

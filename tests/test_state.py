@@ -1,0 +1,87 @@
+"""The state file: atomic writes, version 1 still read, unusable files quarantined."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.metrics import Metrics
+from daemon.state import StateFile, parse_state
+
+WALL = 1795462313.0  # 2026-11-23T19:31:53Z
+
+
+def state_file(path: Path) -> StateFile:
+    return StateFile(path, Metrics(), wall=lambda: WALL)
+
+
+@pytest.mark.parametrize("document", [
+    '{"version":1,"cloudwatch":{"seen":5}}',
+    '{"version":1,"cloudwatch":[]}',
+    '{"version":1,"detector":{"senders":[1,2]}}',
+    '{"version":2,"file":{"path":"/x","device":"a","inode":1,"offset":0,"fingerprint":""}}',
+    '{"version":2,"outbox":[{"id":"x"}]}',
+    '{"version":9}',
+    '[1,2,3]',
+    '{"version":2,"cursor":',
+])
+def test_unusable_file_is_moved_aside_with_one_warning(tmp_path: Path, document: str) -> None:
+    """Valid JSON of the wrong shape, or no JSON, is quarantined and reads as no state."""
+    path = tmp_path / "leakwatch.json"
+    path.write_text(document)
+    with capture_logs() as logs:
+        assert state_file(path).load() is None
+    moved = tmp_path / "leakwatch.json.corrupt-20261123T193153Z"
+    assert moved.read_text() == document and not path.exists()
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"] == "state_file_quarantined"
+    assert warning["moved_to"] == str(moved) and warning["path"] == str(path)
+
+
+def test_version_1_checkpoint_is_still_read(tmp_path: Path) -> None:
+    """A checkpoint written by the previous release loads: cursor, seen ids, detector memory."""
+    path = tmp_path / "leakwatch.json"
+    path.write_text(json.dumps({
+        "version": 1, "cloudwatch": {"cursor_ms": 5, "seen": [["e1", 4]]},
+        "detector": {"senders": [["Q1", "a@b"]], "reported": ["Q1 x@sinkhole.test"]}}))
+    state = state_file(path).load()
+    assert state is not None and state.cloudwatch is not None and state.detector is not None
+    assert state.cloudwatch.cursor_ms == 5 and state.cloudwatch.seen == [("e1", 4)]
+    assert state.detector.senders == [("Q1", "a@b")]
+    assert state.outbox == []
+
+
+async def test_save_is_atomic_and_round_trips(tmp_path: Path) -> None:
+    """save() replaces the file whole (no temp file left) and load() reads it back."""
+    path = tmp_path / "leakwatch.json"
+    sf = state_file(path)
+    document = {"detector": {"senders": [], "reported": ["Q1 a@sinkhole.test"]},
+                "outbox": [{"id": "i", "key": "k", "summary": "s", "severity": "critical",
+                            "created_at": 1.0}]}
+    assert await sf.save(document)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leakwatch.json"]
+    loaded = sf.load()
+    assert loaded is not None and loaded.version == 2
+    assert loaded.outbox[0].key == "k" and loaded.outbox[0].attempts == 0
+
+
+async def test_failed_write_is_counted_and_logged_once(tmp_path: Path) -> None:
+    """A state file that cannot be written counts every failure and logs the first."""
+    metrics = Metrics()
+    sf = StateFile(tmp_path / "missing-dir" / "leakwatch.json", metrics)
+    with capture_logs() as logs:
+        assert not await sf.save({})
+        assert not await sf.save({})
+    assert metrics.registry.get_sample_value(
+        "selfcheckd_state_saves_total", {"result": "failed"}) == 2
+    assert [e["event"] for e in logs] == ["state_file_write_failed"]
+    assert sf.last_error is not None
+
+
+def test_parse_names_the_bad_section() -> None:
+    """The ValueError says where the document went wrong."""
+    with pytest.raises(ValueError, match=r"^cloudwatch"):
+        parse_state({"version": 1, "cloudwatch": {"seen": 5}})
