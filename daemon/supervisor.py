@@ -92,14 +92,18 @@ class Progress:
         self._state = state
 
     def progress(self) -> None:
-        """One unit of work done: the component is up and not stalled."""
+        """One unit of work done (a successful poll, a loop tick): not stalled.
+
+        Says nothing about being up: a loop that keeps ticking while its webhook
+        fails is alive but down, and reports that with `down()`.
+        """
         st = self._state
         st.last_progress_mono = self._sup.clock()
         st.last_progress_at = self._sup.wall()
         self._sup.metrics.component_progress.labels(st.name).set(st.last_progress_at)
-        self.up()
 
     def up(self) -> None:
+        """The component can do its job again."""
         st = self._state
         if not st.up:
             st.up = True
@@ -248,6 +252,7 @@ class Supervisor:
             state.state = "running"
             state.started_at = self.wall()
             progress.progress()  # starting counts as progress; the deadline runs from here
+            progress.up()  # until it reports otherwise
             try:
                 await component.run(progress)
             except asyncio.CancelledError:

@@ -153,10 +153,10 @@ async def test_reload_swaps_only_a_valid_config(
     await daemon.start()
     try:
         path.write_text(toml.replace("interval = 0.3", "interval = 0.4"))
-        assert daemon.reload() is True
+        assert await daemon.reload() is True
         assert daemon.config.selfcheck.interval == 0.4
         path.write_text(toml.replace("interval = 0.3", "interval = -1"))
-        assert daemon.reload() is False
+        assert await daemon.reload() is False
         assert daemon.config.selfcheck.interval == 0.4
         assert daemon.metrics.config_reload_ok._value.get() == 0
     finally:
@@ -263,6 +263,20 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+async def settled_counts(samples: int = 40) -> tuple[int, int]:
+    """The fewest tasks and fds seen over a few loop turns.
+
+    Runs, cleanups and heartbeats come and go every few milliseconds; the
+    minimum is what stays, so only a leak (which never goes away) moves it.
+    """
+    tasks, fds = [], []
+    for _ in range(samples):
+        tasks.append(len(asyncio.all_tasks()))
+        fds.append(open_fds())
+        await asyncio.sleep(0.005)
+    return min(tasks), min(fds)
+
+
 @pytest.mark.slow
 async def test_soak_500_runs_without_growth(
     mail_stack: EmbeddedMailStack, receiver: Receiver
@@ -274,16 +288,17 @@ async def test_soak_500_runs_without_growth(
     baseline: tuple[int, int] | None = None
     try:
         await wait_until(lambda: runs._value.get() >= 50, timeout=120)
-        await daemon.heartbeats.drain(2)
-        baseline = (len(asyncio.all_tasks()), open_fds())
+        baseline = await settled_counts()
         await wait_until(lambda: runs._value.get() >= 500, timeout=300)
-        await daemon.heartbeats.drain(2)
-        tasks, fds = len(asyncio.all_tasks()), open_fds()
+        tasks, fds = await settled_counts()
     finally:
         await daemon.shutdown()
     assert baseline is not None
-    assert tasks <= baseline[0] + 3, (baseline, tasks)
-    assert fds <= baseline[1] + 5, (baseline, fds)
+    # The heartbeat session may hold one more keep-alive connection than at the
+    # baseline (one task and two sockets in this process, counting the receiver's
+    # side); a leak of anything per run would be hundreds.
+    assert tasks <= baseline[0] + 1, (baseline, tasks)
+    assert fds <= baseline[1] + 2, (baseline, fds)
     assert daemon.metrics.failures.labels("default", "receive_timeout")._value.get() == 0
     assert await probes_left(mail_stack) == 0
     assert len(await mail_stack.inbox()) == 0

@@ -16,18 +16,17 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from daemon.checks.result import CheckResult, FailureReason
 from daemon.config import HeartbeatTarget
-from daemon.heartbeat import (
+from daemon.delivery.heartbeats import (
     BODY_LIMIT,
-    MAX_BACKOFF,
     Heartbeats,
-    backoff_delay,
     redact_url,
     run_uuid,
     scrub,
 )
 from daemon.metrics import Metrics
-from daemon.roundtrip.result import CheckResult, FailureReason
+from daemon.supervisor import Supervisor
 
 TOKEN = "s3cr3t-pulse-token-0123456789"
 ROUTE = "local"
@@ -98,13 +97,23 @@ Factory = Callable[..., Awaitable[Heartbeats]]
 
 
 @pytest.fixture
-async def make_heartbeats(metrics: Metrics) -> AsyncIterator[Factory]:
-    """Start a Heartbeats for target dicts; all are closed at teardown."""
+async def supervisor(metrics: Metrics) -> AsyncIterator[Supervisor]:
+    sup = Supervisor(metrics)
+    task = asyncio.create_task(sup.run())
+    await sup.started()
+    yield sup
+    sup.stop()
+    await asyncio.wait_for(task, 5)
+
+
+@pytest.fixture
+async def make_heartbeats(metrics: Metrics, supervisor: Supervisor) -> AsyncIterator[Factory]:
+    """Run a Heartbeats component for target dicts; all are closed at teardown."""
     started: list[Heartbeats] = []
 
     async def factory(*targets: dict[str, Any]) -> Heartbeats:
         hb = Heartbeats([HeartbeatTarget.model_validate(t) for t in targets], metrics)
-        await hb.start()
+        supervisor.start(hb)
         started.append(hb)
         return hb
 
@@ -300,14 +309,6 @@ async def test_client_error_is_not_retried(
     assert count(metrics, "default", "failure") == 1
 
 
-def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
-    """Retry n waits base*2^(n-1) times a jitter factor in [0.5, 1.5), capped."""
-    assert backoff_delay(1.0, 1, lambda: 0.0) == 0.5
-    assert backoff_delay(1.0, 3, lambda: 0.5) == 4.0
-    assert backoff_delay(2.0, 2, lambda: 0.999) == pytest.approx(5.996)
-    assert backoff_delay(100.0, 10, lambda: 0.5) == MAX_BACKOFF
-
-
 async def test_down_receiver_never_blocks_and_counts_failures(
     closed_port: int, make_heartbeats: Factory, metrics: Metrics,
 ) -> None:
@@ -346,13 +347,11 @@ async def test_slow_receiver_times_out_without_blocking(
 
 
 async def test_close_cancels_stalled_deliveries_and_skips_later_ones(
-    receiver: Receiver, metrics: Metrics,
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics,
 ) -> None:
     """close() waits only its grace, drops what is in flight, and later pings are skipped."""
     receiver.stall = 30.0
-    target = HeartbeatTarget.model_validate({"url": receiver.url(f"/{TOKEN}"), "timeout": 20})
-    hb = Heartbeats([target], metrics)
-    await hb.start()
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}"), "timeout": 20})
     with capture_logs() as logs:
         hb.run_finished(succeeded())
         await asyncio.sleep(0.05)
@@ -364,6 +363,22 @@ async def test_close_cancels_stalled_deliveries_and_skips_later_ones(
     assert count(metrics, "default", "skipped") == 1
     [dropped] = [e for e in logs if e["event"] == "heartbeat_dropped"]
     assert dropped["reason"] == "shutdown"
+
+
+async def test_failing_target_reports_the_component_down(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics, supervisor: Supervisor,
+) -> None:
+    """A failed delivery sets selfcheckd_component_up{heartbeats} to 0; a success restores it."""
+    receiver.statuses = [500]
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}"), "retries": 0})
+    up = {"component": "heartbeats"}
+    hb.run_finished(succeeded())
+    assert await hb.drain(5.0)
+    assert metrics.registry.get_sample_value("selfcheckd_component_up", up) == 0
+    assert supervisor.states()["heartbeats"]["reason"] == "heartbeat default: HTTP 500"
+    hb.run_finished(succeeded())
+    assert await hb.drain(5.0)
+    assert metrics.registry.get_sample_value("selfcheckd_component_up", up) == 1
 
 
 # -- secrets -----------------------------------------------------------------------------

@@ -351,7 +351,7 @@ class Heartbeats:
         if self._progress is None:
             return
         if ok:
-            self._progress.progress()
+            self._progress.up()
         else:
             self._progress.down(f"heartbeat {target.name}: {error}")
 

@@ -114,6 +114,7 @@ class SinkholeModeWatcher:
                         param = resp.get("Parameter", {})
                         self.observe(str(param.get("Value", "")), param.get("LastModifiedDate"))
                         progress.progress()
+                        progress.up()
                         failures = 0
                         await self._sleep(self.cfg.interval)
             except RETRYABLE as exc:

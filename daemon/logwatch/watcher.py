@@ -45,6 +45,8 @@ LOGLEVEL_HINT = (
 )
 # A read loop that fails waits at least this long before the next try.
 MIN_RETRY = 1.0
+# No successful read for this long (at least) and the source counts as stalled.
+MIN_DEADLINE = 15.0
 
 
 def format_sender(sender: str | None) -> str:
@@ -73,7 +75,8 @@ class FileLines:
     def __init__(self, cfg: FileSource) -> None:
         self.cfg = cfg
         self.poll_interval = cfg.poll_interval
-        self.max_backoff = max(30.0, cfg.poll_interval)
+        # Checking for a missing file is cheap: retry often, at most every few seconds.
+        self.max_backoff = max(5.0, 5 * cfg.poll_interval)
         self.position: FilePosition | None = None
         self._tail: FileTail | None = None
 
@@ -129,7 +132,8 @@ class SourceLoop:
         # Room for a slow poll and the longest backoff before counting as stalled.
         slow_call = call_deadline(watch.config.cloudwatch.request_timeout) \
             if self.source.kind == "cloudwatch" else 0.0
-        self.progress_deadline = max(120.0, 3 * interval + self._backoff.maximum + slow_call)
+        self.progress_deadline = max(MIN_DEADLINE,
+                                     3 * interval + self._backoff.maximum + slow_call)
 
     @property
     def may_finish(self) -> bool:
@@ -153,6 +157,7 @@ class SourceLoop:
                             failures = 0
                         await self.watch.handle_batch(batch)
                         progress.progress()
+                        progress.up()
                         if batch:
                             await self.watch.save()
                         self.watch.check_blindness()

@@ -166,7 +166,7 @@ def test_site_image_config_and_environment_load_together(tmp_path: Path) -> None
     parameter = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{leakwatch.sinkhole_mode.parameter}"
     assert grants(task_stmts, "ssm:GetParameter", parameter)
     # The checkpoint must sit on a writable volume: the root fs is read-only.
-    state = leakwatch.cloudwatch.state_file
+    state = leakwatch.state_path
     assert state is not None
     mounts = {m["containerPath"] for m in container()["mountPoints"]}
     assert any(state.is_relative_to(m) for m in mounts), state

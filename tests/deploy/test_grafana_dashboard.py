@@ -120,6 +120,24 @@ def test_dashboard_covers_the_signals_operators_need() -> None:
     assert shown(r"maillog_last_delivery_line_timestamp_seconds")
 
 
+def test_dashboard_shows_the_alert_outbox_and_the_components() -> None:
+    """Pending alerts, their age, deliveries by result, and per component up, progress, restarts."""
+    exprs = list(expressions().values())
+
+    def shown(pattern: str) -> bool:
+        return any(re.search(pattern, e) for e in exprs)
+
+    assert shown(r"selfcheckd_alerts_pending")
+    assert shown(r"selfcheckd_alerts_oldest_pending_age_seconds")
+    assert shown(r"sum by \(result\) \(increase\(selfcheckd_alert_deliveries_total")
+    assert shown(r"by \([^)]*component[^)]*\) \(selfcheckd_component_up")
+    # Progress age at scrape time, as SelfcheckdComponentStalled measures it, next to the deadline.
+    assert shown(r"timestamp\(selfcheckd_component_last_progress_timestamp_seconds\{[^}]*\}\) "
+                 r"- selfcheckd_component_last_progress_timestamp_seconds")
+    assert shown(r"by \(component\) \(selfcheckd_component_progress_deadline_seconds")
+    assert shown(r"by \(component\) \(increase\(selfcheckd_component_restarts_total")
+
+
 @pytest.mark.parametrize("where", sorted(expressions()))
 def test_queries_use_only_metrics_selfcheckd_exports(where: str) -> None:
     """A misspelt metric name would leave a panel silently empty."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,25 @@ ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = PROM_DIR / "alerts.yml"
 UNIT_TESTS = sorted((PROM_DIR / "tests").glob("*.yml"))
+ALERTING_DOC = ROOT / "docs" / "alerting.md"
+RUNBOOKS = sorted((ROOT / "docs" / "runbooks").glob("*.md"))
+_MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 EXPECTED_ALERTS = {
     "SelfcheckFailing", "SelfcheckStale", "SelfcheckSlow", "SelfcheckAbsent",
     "SinkholeRecipientLeaked", "LeakWatcherBlind", "LeakWatcherDown",
     "SinkholeLeftInAcceptMode",
+    # selfcheckd watching itself: supervision, state file, escaped errors, alert outbox.
+    "SelfcheckdComponentDown", "SelfcheckdComponentStalled", "SelfcheckdComponentRestarted",
+    "SelfcheckdComponentMissing", "SelfcheckdStateSaveFailing", "SelfcheckdInternalErrors",
+    "SelfcheckdAlertDeliveryFailing", "SelfcheckdAlertExpired",
 }
 # The severities alert_sink routes on.
 SEVERITIES = {"critical", "warning", "info"}
+# A row of docs/alerting.md's severity table: | `<severity>` | meaning | `Alert`, ... |
+_SEVERITY_ROW = re.compile(
+    r"^\| `(" + "|".join(sorted(SEVERITIES)) + r")` \|[^|]*\|(.*)\|$", re.MULTILINE
+)
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -56,6 +68,39 @@ def test_alert_has_severity_runbook_and_text(rule: dict[str, Any]) -> None:
     runbook = f"docs/runbooks/{rule['alert']}.md"
     assert annotations["runbook_url"].endswith("/" + runbook)
     assert (ROOT / runbook).is_file(), f"missing runbook {runbook}"
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_runbook_title_names_the_alert_and_its_severity(rule: dict[str, Any]) -> None:
+    """A runbook opens with `# <alert> (<severity>)`, as the label says."""
+    runbook = ROOT / "docs" / "runbooks" / f"{rule['alert']}.md"
+    first = runbook.read_text(encoding="utf-8").splitlines()[0]
+    assert first == f"# {rule['alert']} ({rule['labels']['severity']})"
+
+
+def test_alerting_doc_severity_table_lists_every_alert_under_its_severity() -> None:
+    """docs/alerting.md's severity table matches the rules' severity labels."""
+    listed: dict[str, str] = {}
+    for severity, cell in _SEVERITY_ROW.findall(ALERTING_DOC.read_text(encoding="utf-8")):
+        for name in re.findall(r"`(\w+)`", cell):
+            assert name not in listed, f"{name} listed twice"
+            listed[name] = severity
+    assert listed == {r["alert"]: r["labels"]["severity"] for r in alert_rules()}
+
+
+@pytest.mark.parametrize("runbook", RUNBOOKS, ids=lambda p: p.name)
+def test_runbook_links_resolve(runbook: Path) -> None:
+    """Relative links in a runbook point at files (and headings) that exist."""
+    for target in _MD_LINK.findall(runbook.read_text(encoding="utf-8")):
+        if "://" in target:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (runbook.parent / path).resolve() if path else runbook
+        assert linked.is_file(), f"{runbook.name}: {target}"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), re.MULTILINE)
+            slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+            assert anchor in slugs, f"{runbook.name}: {target}"
 
 
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])

@@ -17,9 +17,10 @@ from structlog.testing import capture_logs
 from daemon.logwatch import scan_command
 from daemon.logwatch.config import CloudWatchSource, LeakWatchConfig
 from daemon.logwatch.sources.cloudwatch import CloudWatchPoller, create_logs_client
-from daemon.logwatch.watcher import run_leakwatch
 from daemon.metrics import Metrics
+from tests.fake_time import FakeClock
 from tests.logwatch.aws_fakes import AWS_ENV, Faults, fault_proxy
+from tests.logwatch.harness import advance_until, until, watching
 
 GROUP = "/ecs/cabal-smtp-out"
 STREAM = "smtp-out/smtp-out/abc123"
@@ -105,23 +106,24 @@ async def test_follows_next_token_through_empty_pages(moto_url: str) -> None:
 @pytest.mark.parametrize(("fault", "reason"), [("throttles", "throttled"),
                                                ("resets", "connection")])
 async def test_backs_off_and_recovers(moto_url: str, fault: str, reason: str) -> None:
-    """Throttling and connection resets beyond botocore's retries are counted, then recovered."""
+    """Throttling and resets beyond botocore's retries are counted and reported down, then heal."""
     logs = Logs(moto_url)
     t = now_ms() - 60_000
     await logs.put((t, "line-a"), (t + 1, "line-b"))
     faults = Faults(**{fault: 8})
-    errors: list[str] = []
+    clock = FakeClock()
     async with fault_proxy(moto_url, faults) as proxy:
-        poller = CloudWatchPoller(_source(proxy), on_error=errors.append)
-        got: list[str] = []
-        async with asyncio.timeout(60):
-            async for batch in poller.batches():
-                got.extend(batch)
-                if got:
-                    break
-    assert got == ["line-a", "line-b"]
-    assert errors
-    assert set(errors) == {reason}
+        config = LeakWatchConfig(source="cloudwatch", cloudwatch=_source(proxy))
+        async with watching(config, health_clock=clock, sleep=clock.sleep) as w:
+            await until(lambda: w.value("leakwatch_errors_total", reason=reason) >= 1,
+                        timeout=30)
+            assert w.up("leakwatch-source") == 0
+            assert w.value("leakwatch_last_poll_success_timestamp_seconds") == 0
+            await advance_until(clock, lambda: w.value("maillog_lines_total", kind="other")
+                                + w.value("maillog_lines_total", kind="unparsed") == 2,
+                                limit=120)
+            assert w.up("leakwatch-source") == 1
+    assert w.value("leakwatch_errors_total", reason="other") == 0
 
 
 async def test_restart_from_checkpoint_neither_misses_nor_repeats(
@@ -135,17 +137,12 @@ async def test_restart_from_checkpoint_neither_misses_nor_repeats(
     config = LeakWatchConfig(cloudwatch=_source(moto_url, state_file=tmp_path / "state.json"))
 
     async def run_until(metrics: Metrics, leaks: int) -> list[dict[str, Any]]:
-        stop = asyncio.Event()
         with capture_logs() as logs_seen:
-            task = asyncio.create_task(run_leakwatch(config, metrics, stop))
-            async with asyncio.timeout(30):
-                while metrics.leakwatch_last_poll_success._value.get() == 0 or (
-                    metrics.leaked_recipients._value.get() < leaks
-                ):
-                    await asyncio.sleep(0.05)
+            async with watching(config, metrics) as w:
+                await until(lambda: w.value("leakwatch_last_poll_success_timestamp_seconds")
+                            and w.value("sinkhole_leaked_recipients_total") >= leaks,
+                            timeout=30)
                 await asyncio.sleep(0.3)  # a few more polls: nothing new may appear
-            stop.set()
-            await asyncio.wait_for(task, 5)
         return [e for e in logs_seen if e["event"] == "sinkhole_leak_detected"]
 
     first = await run_until(Metrics(), 1)
@@ -163,7 +160,7 @@ async def test_restart_from_checkpoint_neither_misses_nor_repeats(
     assert [(e["queue_id"], e["recipient"], e["sender"]) for e in second] == [
         ("6ANJVrcF011285", "nobody-8@sinkhole.test", "cron@example.com")]
     state = json.loads((tmp_path / "state.json").read_text())
-    assert state["version"] == 1
+    assert state["version"] == 2
     assert state["cloudwatch"]["cursor_ms"] is not None
 
 
@@ -182,14 +179,10 @@ async def test_server_side_filter_looks_up_the_sender(moto_url: str) -> None:
     async with fault_proxy(moto_url, faults) as proxy:
         config = LeakWatchConfig(cloudwatch=_source(proxy, filter_pattern="sinkhole.test"))
         metrics = Metrics()
-        stop = asyncio.Event()
         with capture_logs() as seen:
-            task = asyncio.create_task(run_leakwatch(config, metrics, stop))
-            async with asyncio.timeout(30):
-                while metrics.leaked_recipients._value.get() < 1:
-                    await asyncio.sleep(0.05)
-            stop.set()
-            await asyncio.wait_for(task, 5)
+            async with watching(config, metrics) as w:
+                await until(lambda: w.value("sinkhole_leaked_recipients_total") >= 1,
+                            timeout=30)
     leaks = [e for e in seen if e["event"] == "sinkhole_leak_detected"]
     assert [(e["recipient"], e["sender"]) for e in leaks] == [
         ("nobody-2@sinkhole.test", "app@example.com")]

@@ -74,6 +74,6 @@ def test_state_round_trip() -> None:
     d.see_queue_add(QueueAdd("t", "Q1", "a@b"))
     d.see_delivery(_delivery("Q1", "n@sinkhole.test"))
     again = LeakDetector(["sinkhole.test"], [])
-    again.restore(d.state())
+    again.restore(**d.state())
     assert again.see_delivery(_delivery("Q1", "n@sinkhole.test")) == []
     assert again.senders["Q1"] == "a@b"

@@ -1,112 +1,240 @@
-"""run_leakwatch end to end: file source, metrics, webhook, blindness, sinkhole mode, stop."""
+"""The leak watcher as components: file source, state file, outbox, blindness, sinkhole mode."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiobotocore.session import get_session
 from structlog.testing import capture_logs
 
-from daemon.logwatch.config import FileSource, LeakWatchConfig, SinkholeModeWatch
+from daemon.logwatch.config import LeakWatchConfig, SinkholeModeWatch
 from daemon.logwatch.sinkhole_mode import SinkholeModeWatcher
-from daemon.logwatch.watcher import LeakWatcher, run_leakwatch
+from daemon.logwatch.watcher import LeakWatch
 from daemon.metrics import Metrics
+from daemon.supervisor import Supervisor
+from tests.fake_time import FakeClock
+from tests.logwatch.harness import advance_until, until, watching
 from tests.logwatch.receiver import alert_sink
 
 REAL = (Path(__file__).parent / "fixtures" / "sendmail_real.log").read_text()
+LEAK = ("2026-11-23T19:31:53.567357+00:00 vm sendmail[11287]: {qid}: to=<{rcpt}>, "
+        "delay=00:00:00, xdelay=00:00:00, mailer=smtp, pri=30237, relay=25, dsn=5.1.2, "
+        "stat=Deferred\n")
 
 
-def _value(metric: Any) -> float:
-    return float(metric._value.get())
+def leak_line(qid: str, rcpt: str = "nobody@sinkhole.test") -> str:
+    return LEAK.format(qid=qid, rcpt=rcpt)
 
 
-async def until(predicate: Any, timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
+def file_config(log: Path, **extra: Any) -> dict[str, Any]:
+    return {"source": "file", "file": {"path": str(log), "poll_interval": 0.02}, **extra}
+
+
+def append(path: Path, text: str) -> None:
+    with path.open("a") as f:
+        f.write(text)
+
+
+def leaks_in(logs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(e["queue_id"], e["recipient"]) for e in logs
+            if e["event"] == "sinkhole_leak_detected"]
 
 
 async def test_file_source_alerts_once_per_leak_and_exports_metrics(tmp_path: Path) -> None:
-    """Leaks in a followed file are logged, counted and sent to the webhook once each."""
+    """Leaks in a followed file are logged, counted and delivered to the webhook once each."""
     log = tmp_path / "maillog"
     log.write_text("")
     secret_file = tmp_path / "secret"
     secret_file.write_text("from-a-file\n")
     async with alert_sink() as sink:
-        config = LeakWatchConfig.model_validate({
-            "source": "file", "allowed_senders": ["qp-test@*"],
-            "file": {"path": str(log), "poll_interval": 0.02},
-            "alert": {"url": sink.url, "secret_file": str(secret_file), "backoff": 0.01},
-        })
-        metrics = Metrics()
-        stop = asyncio.Event()
+        config = file_config(log, allowed_senders=["qp-test@*"],
+                             alert={"url": sink.url, "secret_file": str(secret_file)})
         with capture_logs() as logs:
-            task = asyncio.create_task(run_leakwatch(config, metrics, stop))
-            await until(lambda: _value(metrics.leakwatch_last_poll_success) > 0)
-            with log.open("a") as f:
-                f.write(REAL)
-                f.write(REAL)  # tail -F restarts re-send lines: no second alert
-            await until(lambda: len(sink.requests) == 5)
-            await asyncio.sleep(0.2)
-            stop.set()
-            await asyncio.wait_for(task, 5)
+            async with watching(config) as w:
+                await until(lambda: w.value("leakwatch_last_poll_success_timestamp_seconds"))
+                append(log, REAL)
+                append(log, REAL)  # tail -F restarts re-send lines: no second alert
+                await until(lambda: len(sink.accepted) == 5)
     leaks = [e for e in logs if e["event"] == "sinkhole_leak_detected"]
     assert [e["recipient"] for e in leaks] == [
         "nobody-2@sinkhole.test", "nobody-3@sinkhole.test", "nobody-4@sinkhole.test",
         "nobody-9@sinkhole.test", "nobody-8@sinkhole.test"]
     assert all(e["log_level"] == "error" and e["sender"] == "unknown" for e in leaks)
     assert {s for _, s in sink.requests} == {"from-a-file"}
+    assert len(sink.requests) == 5
     assert "nobody-2@sinkhole.test" in sink.requests[0][0]["summary"]
-    assert _value(metrics.leaked_recipients) == 5
-    assert _value(metrics.test_recipients) == 2
-    assert _value(metrics.maillog_lines.labels(kind="to")) == 10
-    assert _value(metrics.maillog_lines.labels(kind="from")) == 4
-    assert _value(metrics.last_delivery_line) == 1795462313.567357
-    assert _value(metrics.leakwatch_lag) > 0
+    assert w.value("sinkhole_leaked_recipients_total") == 5
+    assert w.value("sinkhole_test_recipients_total") == 2
+    assert w.value("maillog_lines_total", kind="to") == 10
+    assert w.value("maillog_lines_total", kind="from") == 4
+    assert w.value("maillog_last_delivery_line_timestamp_seconds") == 1795462313.567357
+    assert w.value("leakwatch_lag_seconds") > 0
 
 
-async def test_stop_is_prompt_even_while_source_is_failing(tmp_path: Path) -> None:
-    """A missing file is counted as an error, and setting stop returns within a second."""
-    config = LeakWatchConfig(source="file", file=FileSource(path=tmp_path / "absent"))
-    metrics = Metrics()
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_leakwatch(config, metrics, stop))
-    await until(lambda: _value(metrics.leakwatch_errors.labels(reason="file_missing")) == 1)
-    stop.set()
-    started = time.monotonic()
-    await asyncio.wait_for(task, 5)
-    assert time.monotonic() - started < 1.0
-
-
-def test_blindness_warns_about_loglevel() -> None:
-    """sendmail lines without to= lines for blind_after seconds: one LogLevel 9 warning."""
-    watcher = LeakWatcher(LeakWatchConfig(source="stdin", blind_after=0.05), Metrics())
-    line = "2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: from=<a@b>, size=1"
-    watcher.processor.feed_batch([line])
-    watcher.started -= 1
+@pytest.mark.parametrize("document", [
+    '{"version":1,"cloudwatch":{"seen":5}}',
+    '{"version":1,"cloudwatch":[]}',
+    '{"version":1,"detector":{"senders":[1,2]}}',
+])
+async def test_state_file_of_the_wrong_shape_never_kills_the_watcher(
+    tmp_path: Path, document: str,
+) -> None:
+    """A state file that is valid JSON of the wrong shape is moved aside; the watcher runs."""
+    log, state = tmp_path / "maillog", tmp_path / "leakwatch.json"
+    log.write_text("")
+    state.write_text(document)
     with capture_logs() as logs:
-        watcher.check_blindness()
-        watcher.check_blindness()
-    blind = [e for e in logs if e["event"] == "leakwatch_blind"]
-    assert len(blind) == 1
-    assert "LogLevel 9" in blind[0]["hint"]
+        async with watching(file_config(log, state_file=str(state))) as w:
+            await until(lambda: w.value("leakwatch_last_poll_success_timestamp_seconds"))
+            append(log, leak_line("6ANJVrcF011285"))
+            await until(lambda: w.value("sinkhole_leaked_recipients_total") == 1)
+            assert w.up("leakwatch-source") == 1
+            assert w.supervisor.problems() == {}
+    events = [e["event"] for e in logs]
+    assert "state_file_quarantined" in events and "leakwatch_started" in events
+    [moved] = tmp_path.glob("leakwatch.json.corrupt-*")
+    assert moved.read_text() == document
+    assert json.loads(state.read_text())["version"] == 2  # a fresh state was saved
 
 
-def test_no_blindness_warning_while_deliveries_flow() -> None:
-    """A recent to= line means the watcher can see; no warning."""
-    watcher = LeakWatcher(LeakWatchConfig(source="stdin", blind_after=60), Metrics())
-    watcher.processor.feed_batch([
-        "2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: to=<a@b.org>, stat=Sent"])
+@pytest.mark.parametrize("make_unreadable", ["missing", "directory"])
+async def test_unreadable_file_source_is_down_and_unhealthy(
+    tmp_path: Path, make_unreadable: str,
+) -> None:
+    """A missing log file (or a directory) is down, never a successful poll, and stalls /healthz."""
+    log = tmp_path / "maillog"
+    if make_unreadable == "directory":
+        log.mkdir()
+    clock = FakeClock()
+    reason = "file_missing" if make_unreadable == "missing" else "not_a_file"
     with capture_logs() as logs:
-        watcher.check_blindness()
-    assert [e for e in logs if e["event"].startswith("leakwatch_")] == []
+        async with watching(file_config(log), health_clock=clock, sleep=clock.sleep) as w:
+            await until(lambda: w.value("leakwatch_errors_total", reason=reason) == 1)
+            await advance_until(  # every failed read is counted, with a backoff between
+                clock, lambda: w.value("leakwatch_errors_total", reason=reason) == 3, limit=10)
+            assert w.up("leakwatch-source") == 0
+            assert w.value("leakwatch_last_poll_success_timestamp_seconds") == 0
+            await clock.advance(w.watch.source_loop.progress_deadline)
+            problems = w.supervisor.problems()
+            if make_unreadable == "directory":
+                log.rmdir()
+            log.write_text(leak_line("6ANJVrcF011285"))
+            await advance_until(clock, lambda: w.up("leakwatch-source") == 1, limit=60)
+            assert w.supervisor.problems() == {}
+    assert list(problems) == ["leakwatch-source"]
+    assert str(log) in problems["leakwatch-source"]
+    assert len([e for e in logs if e["event"] == "leakwatch_poll_failed"
+                and e["log_level"] == "warning"]) == 1
+
+
+async def test_a_leak_written_while_the_daemon_is_down_is_seen_on_restart(tmp_path: Path) -> None:
+    """The file position survives a restart: lines appended meanwhile are read, old ones not."""
+    log, state = tmp_path / "maillog", tmp_path / "leakwatch.json"
+    log.write_text("old noise\n")
+    config = file_config(log, state_file=str(state))
+    with capture_logs() as first:
+        async with watching(config) as w:
+            await until(lambda: w.value("leakwatch_last_poll_success_timestamp_seconds"))
+            append(log, leak_line("6ANJUQna010773", "first@sinkhole.test"))
+            await until(lambda: w.value("sinkhole_leaked_recipients_total") == 1)
+    append(log, leak_line("6ANJUTfa010820", "while-down@sinkhole.test"))  # a deploy gap
+    with capture_logs() as second:
+        async with watching(config) as w:
+            await until(lambda: w.value("sinkhole_leaked_recipients_total") == 1)
+            await until(lambda: w.value("leakwatch_last_poll_success_timestamp_seconds"))
+    assert leaks_in(first) == [("6ANJUQna010773", "first@sinkhole.test")]
+    assert leaks_in(second) == [("6ANJUTfa010820", "while-down@sinkhole.test")]
+
+
+async def test_copytruncate_and_refill_while_down_is_read_from_the_start(tmp_path: Path) -> None:
+    """A log truncated and refilled past the saved offset while stopped is read from byte 0."""
+    log, state = tmp_path / "maillog", tmp_path / "leakwatch.json"
+    log.write_text("")
+    config = file_config(log, state_file=str(state))
+    async with watching(config) as w:
+        await until(lambda: w.value("leakwatch_last_poll_success_timestamp_seconds"))
+        append(log, "x" * 200 + "\n")
+        await until(lambda: w.value("maillog_lines_total", kind="unparsed")
+                    + w.value("maillog_lines_total", kind="other") == 1)
+    with log.open("r+") as f:  # copytruncate, then more than 200 bytes of new lines
+        f.truncate(0)
+    append(log, leak_line("6ANJUTfa010820") + "y" * 300 + "\n")
+    with capture_logs() as logs:
+        async with watching(config) as w:
+            await until(lambda: w.value("sinkhole_leaked_recipients_total") == 1)
+    assert leaks_in(logs) == [("6ANJUTfa010820", "nobody@sinkhole.test")]
+
+
+async def test_an_alert_pending_at_shutdown_is_delivered_after_restart(tmp_path: Path) -> None:
+    """The outbox is saved at shutdown; the next process delivers it, and only it."""
+    log, state = tmp_path / "maillog", tmp_path / "leakwatch.json"
+    log.write_text("")
+    async with alert_sink(default=503) as down:
+        config = file_config(log, state_file=str(state), alert={"url": down.url})
+        async with watching(config) as w:
+            await until(lambda: w.value("leakwatch_last_poll_success_timestamp_seconds"))
+            append(log, leak_line("6ANJUQna010773"))
+            await until(lambda: len(down.requests) >= 1)
+            assert w.watch.outbox is not None and len(w.watch.outbox.pending()) == 1
+    saved = json.loads(state.read_text())
+    assert [a["summary"] for a in saved["outbox"]] == [
+        "sinkhole leak: mail to nobody@sinkhole.test from unknown (queue id 6ANJUQna010773, "
+        "stat=Deferred)"]
+    async with alert_sink() as up:
+        config = file_config(log, state_file=str(state), alert={"url": up.url})
+        async with watching(config) as w:
+            await until(lambda: len(up.accepted) == 1)
+            append(log, leak_line("6ANJUQna010773"))  # sendmail's retry: a duplicate
+            await until(lambda: w.value("maillog_lines_total", kind="to") == 1)
+            await asyncio.sleep(0.1)
+    assert len(up.requests) == 1
+    assert up.alert_ids == [saved["outbox"][0]["id"]] == [down.alert_ids[0]]
+    assert json.loads(state.read_text())["outbox"] == []
+
+
+async def test_blindness_warning_is_sent_once_per_episode(tmp_path: Path) -> None:
+    """Blind, seeing again, blind again: two warnings, each delivered."""
+    clock = FakeClock()
+    async with alert_sink() as sink:
+        config = LeakWatchConfig.model_validate(
+            {"source": "stdin", "blind_after": 60, "alert": {"url": sink.url}})
+        watch = LeakWatch(config, Metrics(), clock=clock)
+        from_line = "2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: from=<a@b>, size=1"
+        to_line = "2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: to=<a@b.org>, stat=Sent"
+
+        async def tick(line: str) -> None:
+            await clock.advance(30)
+            await watch.handle_batch([line])
+            watch.check_blindness()
+
+        with capture_logs() as logs:
+            for line in [from_line] * 4 + [to_line] + [from_line] * 4:
+                await tick(line)
+        assert watch.outbox is not None
+        keys = [a.key for a in watch.outbox.pending()]
+    assert [e["event"] for e in logs if e["event"].startswith("leakwatch_")] == [
+        "leakwatch_blind", "leakwatch_sees_deliveries_again", "leakwatch_blind"]
+    assert len(keys) == 2 and len(set(keys)) == 2
+
+
+def test_expired_leak_alert_lets_a_retry_alert_again() -> None:
+    """When a leak alert expires undelivered, the detector forgets it was reported."""
+    config = LeakWatchConfig.model_validate({"source": "stdin",
+                                             "alert": {"url": "http://127.0.0.1:9/a"}})
+    watch = LeakWatch(config, Metrics())
+    [finding] = watch.processor.feed(leak_line("6ANJUQna010773").rstrip("\n"))
+    assert watch.processor.feed(leak_line("6ANJUQna010773").rstrip("\n")) == []
+    watch._expired(f"leak {finding.queue_id} {finding.recipient.lower()}")
+    assert len(watch.processor.feed(leak_line("6ANJUQna010773").rstrip("\n"))) == 1
 
 
 async def test_sinkhole_mode_from_ssm(moto_url: str) -> None:
-    """The SSM parameter is exported as sinkhole_mode{mode} and accept for too long warns."""
+    """The SSM parameter is exported as sinkhole_mode{mode} and accept for too long warns once."""
     async with get_session().create_client(
         "ssm", region_name="us-east-1", endpoint_url=moto_url
     ) as ssm:
@@ -117,24 +245,48 @@ async def test_sinkhole_mode_from_ssm(moto_url: str) -> None:
                             interval=0.05, max_accept_duration=3600)
     watcher = SinkholeModeWatcher(cfg, metrics, warn=lambda s, _k: warnings.append(s),
                                   clock=lambda: time.time() + 7200)
+    sup = Supervisor(metrics)
+    sup.start(watcher)
     with capture_logs() as logs:
-        task = asyncio.create_task(watcher.run())
-        await until(lambda: _value(metrics.sinkhole_mode.labels(mode="accept")) == 1)
+        task = asyncio.create_task(sup.run())
+        await until(lambda: metrics.sinkhole_mode.labels(mode="accept")._value.get() == 1)
+        await until(lambda: len([e for e in logs if e["event"] == "sinkhole_mode"]) >= 1)
         await asyncio.sleep(0.2)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    assert _value(metrics.sinkhole_mode.labels(mode="defer")) == 0
+        sup.stop()
+        await asyncio.wait_for(task, 5)
+    assert metrics.sinkhole_mode.labels(mode="defer")._value.get() == 0
     assert len([e for e in logs if e["event"] == "sinkhole_mode_accepting_too_long"]) == 1
     assert len(warnings) == 1
     assert "set it back to defer" in warnings[0]
 
 
-async def test_sinkhole_mode_missing_parameter_is_counted(moto_url: str) -> None:
-    """A missing parameter is an error counted with a bounded reason, not a crash."""
+async def test_sinkhole_mode_missing_parameter_is_counted_and_down(moto_url: str) -> None:
+    """A missing parameter is counted with a bounded reason and reported down, not a crash."""
     metrics = Metrics()
     cfg = SinkholeModeWatch(enabled=True, endpoint_url=moto_url, region="us-east-1",
                             interval=0.05)
-    task = asyncio.create_task(SinkholeModeWatcher(cfg, metrics).run())
-    await until(lambda: _value(metrics.leakwatch_errors.labels(reason="ssm_api_error")) >= 1)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    sup = Supervisor(metrics)
+    sup.start(SinkholeModeWatcher(cfg, metrics))
+    task = asyncio.create_task(sup.run())
+    await until(lambda: metrics.leakwatch_errors.labels(reason="ssm_api_error")._value.get() >= 1)
+    assert metrics.registry.get_sample_value(
+        "selfcheckd_component_up", {"component": "sinkhole-mode"}) == 0
+    assert metrics.registry.get_sample_value(
+        "selfcheckd_component_restarts_total", {"component": "sinkhole-mode"}) == 0
+    sup.stop()
+    await asyncio.wait_for(task, 5)
+
+
+def test_state_survives_a_handover() -> None:
+    """A reload hands the detector memory and pending alerts to the new watcher."""
+    config = LeakWatchConfig.model_validate({"source": "stdin",
+                                             "alert": {"url": "http://127.0.0.1:9/a"}})
+    old = LeakWatch(config, Metrics())
+    old.processor.feed(leak_line("6ANJUQna010773").rstrip("\n"))
+    assert old.outbox is not None
+    old.outbox.submit("leak", key="leak 6ANJUQna010773 nobody@sinkhole.test")
+    new = LeakWatch(config, Metrics())
+    new.open(handover=old.snapshot())
+    assert new.processor.feed(leak_line("6ANJUQna010773").rstrip("\n")) == []
+    assert new.outbox is not None
+    assert [a.key for a in new.outbox.pending()] == ["leak 6ANJUQna010773 nobody@sinkhole.test"]

@@ -1,18 +1,55 @@
-"""Follow a local mail log like `tail -F`: across rotation (rename + new file) and truncation."""
+"""Tail a local mail log with a restartable position, as log shippers do.
+
+`FileTail.read()` returns the complete lines appended since the last call. Its `position`
+(device, inode, the offset just after the last line handed out, a fingerprint of the bytes
+before that offset) is what the caller saves, like Filebeat's registry or Fluent Bit's tail DB;
+a `FileTail` given that position after a restart resumes exactly there.
+
+- Start without a position: at the end of the file (from the start of its unfinished last line),
+  or at 0 with `from_beginning`. A file first seen after the first read is read from 0.
+- Rename rotation: the old file is read to its end (an unterminated last line counts as complete
+  then), then the new file from 0. While the new file is still empty the writer may not have
+  reopened yet, so the old file keeps being read.
+- Truncation (copytruncate keeps the inode): the file is shorter than the offset or, since a
+  refill can grow past the old offset between two reads, the bytes before the offset no longer
+  match the fingerprint. The file is then read from 0.
+- Restart: same inode and matching fingerprint resume at the offset (a different fingerprint
+  is a truncation). A different inode is a rotation: the old file is looked up by inode in the
+  same directory (compressed names skipped) and finished first, then the new file from 0.
+- A missing path, something other than a regular file, or a file that cannot be opened or read
+  raises `SourceUnavailable` on every call, so the caller shows the source as down, not idle.
+  A file already open is read through its handle, whatever later happens to its permissions.
+
+All file I/O runs in a worker thread, one `read()` at a time. A read that is cancelled moves
+nothing: its lines are handed out again by the next read.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+import re
+import stat
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 import structlog
 
 log = structlog.get_logger()
 
-CHUNK = 256 * 1024
+# Bytes before the offset that must match for a resume; the last line or two of a mail log,
+# timestamps included, so a refill after copytruncate cannot match by chance. Changing it
+# invalidates saved fingerprints (those files are then read again from 0).
+FINGERPRINT_BYTES = 256
+# How far back from the end a first start looks for the beginning of the unfinished last line.
+_LINE_START_LOOKBACK = 64 * 1024
+# logrotate's `compress` writes a new file whose inode may be a recycled one: never take a
+# compressed file for the text file we were reading.
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".lzma", ".lz", ".z", ".zip", ".br")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def split_lines(buffer: bytes) -> tuple[list[str], bytes]:
@@ -24,90 +61,394 @@ def split_lines(buffer: bytes) -> tuple[list[str], bytes]:
     return [line.rstrip("\r") for line in text.split("\n")], buffer[cut + 1 :]
 
 
-def _open(path: Path) -> tuple[BinaryIO, os.stat_result]:
-    handle = path.open("rb")
-    return handle, os.fstat(handle.fileno())
+def _decode(line: bytes) -> str:
+    return line.decode("utf-8", errors="replace").rstrip("\r")
 
 
-class FileFollower:
-    """Yields batches of new lines; an empty batch per idle poll."""
+def _fingerprint(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
-    def __init__(
-        self,
-        path: Path,
-        poll_interval: float = 1.0,
-        from_beginning: bool = False,
-        on_error: Callable[[str], None] = lambda _reason: None,
-    ) -> None:
+
+def _fingerprint_at(fd: int, offset: int) -> str:
+    size = min(offset, FINGERPRINT_BYTES)
+    return _fingerprint(os.pread(fd, size, offset - size))
+
+
+_EMPTY_FINGERPRINT = _fingerprint(b"")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class FilePosition:
+    """Where a file was left: the identity of the file and the offset after its last line."""
+
+    device: int
+    inode: int
+    offset: int  # byte offset just after the last complete line handed out
+    fingerprint: str  # sha256 hex of the (up to) FINGERPRINT_BYTES bytes just before `offset`
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {"device": self.device, "inode": self.inode, "offset": self.offset,
+                "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, data: object) -> FilePosition:
+        """The position saved by `as_dict`; ValueError naming the problem otherwise."""
+        if not isinstance(data, dict):
+            raise ValueError(f"file position must be an object, not {type(data).__name__}")
+        numbers: dict[str, int] = {}
+        for key in ("device", "inode", "offset"):
+            if key not in data:
+                raise ValueError(f"file position has no {key!r}")
+            value = data[key]
+            # bool is an int subclass, but `true` is no inode number.
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"file position {key!r} must be a non-negative integer, not {_show(value)}")
+            numbers[key] = value
+        if "fingerprint" not in data:
+            raise ValueError("file position has no 'fingerprint'")
+        digest = data["fingerprint"]
+        if not isinstance(digest, str) or not _HEX_DIGEST.fullmatch(digest):
+            raise ValueError(
+                f"file position 'fingerprint' must be 64 lowercase hex digits, not {_show(digest)}")
+        return cls(device=numbers["device"], inode=numbers["inode"], offset=numbers["offset"],
+                   fingerprint=digest)
+
+
+class SourceUnavailable(Exception):  # noqa: N818 - the name the leak watcher uses
+    """The file cannot be read now. `reason` is a bounded metric label."""
+
+    reason: str  # "file_missing" | "not_a_file" | "file_unreadable"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _unavailable(path: Path, exc: OSError) -> SourceUnavailable:
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        reason = "file_missing"
+    elif isinstance(exc, IsADirectoryError):
+        reason = "not_a_file"
+    else:
+        reason = "file_unreadable"
+    return SourceUnavailable(reason, f"cannot read {path}: {exc.strerror or exc}")
+
+
+def _not_a_file(path: Path, mode: int) -> SourceUnavailable:
+    what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    return SourceUnavailable("not_a_file", f"cannot read {path}: it is {what}")
+
+
+def _open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """An fd on the regular file at `path`; SourceUnavailable("not_a_file") otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not block us
+    try:
+        fst = os.fstat(fd)
+        if not stat.S_ISREG(fst.st_mode):
+            raise _not_a_file(path, fst.st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, fst
+
+
+@dataclass(frozen=True)
+class _Cursor:
+    """What read() starts from; replaced as a whole only when a read's lines are handed out."""
+
+    fd: int | None = None
+    at: FilePosition | None = None  # where the next read starts in the file `fd` (or `at`) is
+    done: bool = False  # `at`'s file was read to its end after a rotation: do not look for it
+    skip_line: bool = False  # inside a line longer than max_batch_bytes: drop up to its newline
+    start_at_end: bool = False  # tail -F: the first open skips what the file already holds
+
+
+@dataclass
+class _Step:
+    """One read's work, done in the worker thread; committed or dropped by the event loop."""
+
+    cursor: _Cursor
+    lines: list[str] = field(default_factory=list)
+    used: int = 0
+    more: bool = False
+    opened: list[int] = field(default_factory=list)  # dropping the step closes these
+    retired: list[int] = field(default_factory=list)  # committing the step closes these
+    events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    # Lines of a rotated-away file were drained, but the new file cannot be opened.
+    problem: SourceUnavailable | None = None
+
+
+class FileTail:
+    """The lines appended to one log file, across rotation, truncation and restarts."""
+
+    def __init__(self, path: Path, *, from_beginning: bool = False,
+                 position: FilePosition | None = None,
+                 max_batch_bytes: int = 4 * 1024 * 1024) -> None:
+        if max_batch_bytes < 1:
+            raise ValueError(f"max_batch_bytes must be at least 1, not {max_batch_bytes}")
         self.path = path
-        self.poll_interval = poll_interval
-        self.from_beginning = from_beginning
-        self.on_error = on_error
+        self.max_batch_bytes = max_batch_bytes
+        self._cursor = _Cursor(at=position, start_at_end=position is None and not from_beginning)
+        self._more = False
+        self._down: str | None = None  # reason of the current unavailability episode
+        self._reading = False
+        self._closed = False
+        self._orphans: set[asyncio.Task[_Step]] = set()
 
-    async def batches(self) -> AsyncIterator[list[str]]:
-        handle: BinaryIO | None = None
-        identity: tuple[int, int] | None = None
-        # Only the file present at start is read from its end; files that
-        # appear later (after rotation) are new, so read from their start.
-        seek_end = not self.from_beginning
-        missing_reported = False
-        rest = b""
+    @property
+    def more_pending(self) -> bool:
+        """The last read stopped at max_batch_bytes: read again at once."""
+        return self._more
+
+    @property
+    def position(self) -> FilePosition | None:
+        """After the last line handed out (the given position until the file is opened)."""
+        return self._cursor.at
+
+    async def read(self) -> list[str]:
+        """Complete lines appended since the last call; SourceUnavailable while unreadable."""
+        if self._closed:
+            raise RuntimeError(f"FileTail for {self.path} is closed")
+        if self._reading:
+            raise RuntimeError(f"FileTail for {self.path} is already being read")
+        self._reading = True
         try:
-            while True:
-                if handle is None:
-                    try:
-                        opened, st = await asyncio.to_thread(_open, self.path)
-                    except OSError as exc:
-                        if not missing_reported:
-                            self.on_error("file_missing")
-                            log.warning("leakwatch_file_unavailable", path=str(self.path),
-                                        error=exc.strerror)
-                            missing_reported = True
-                        seek_end = False
-                        yield []
-                        await asyncio.sleep(self.poll_interval)
-                        continue
-                    missing_reported = False
-                    handle = opened
-                    identity = (st.st_dev, st.st_ino)
-                    if seek_end:
-                        await asyncio.to_thread(opened.seek, 0, os.SEEK_END)
-                    seek_end = False
-                current: BinaryIO = handle
-                data = await asyncio.to_thread(current.read, CHUNK)
-                if data:
-                    lines, rest = split_lines(rest + data)
-                    if lines:
-                        yield lines
-                    continue
-                switched = await asyncio.to_thread(self._rotated_or_truncated, current, identity)
-                if switched == "rotated":
-                    # The old file was drained above; a final unterminated line is complete now.
-                    if rest:
-                        yield [rest.decode("utf-8", errors="replace").rstrip("\r")]
-                        rest = b""
-                    current.close()
-                    handle = None
-                    log.info("leakwatch_file_rotated", path=str(self.path))
-                    continue
-                if switched == "truncated":
-                    current.seek(0)
-                    rest = b""
-                    log.info("leakwatch_file_truncated", path=str(self.path))
-                    continue
-                yield []
-                await asyncio.sleep(self.poll_interval)
+            work = asyncio.ensure_future(asyncio.to_thread(self._step, self._cursor))
+            try:
+                step = await asyncio.shield(work)
+            except SourceUnavailable as exc:
+                self._cursor = replace(self._cursor, start_at_end=False)
+                self._more = False
+                self._report_down(exc)
+                raise
+            except asyncio.CancelledError:
+                # The worker may still be opening files: close them when it ends. Nothing
+                # moved, so the next read hands out the same lines.
+                self._orphans.add(work)
+                work.add_done_callback(self._drop)
+                raise
         finally:
-            if handle is not None:
-                handle.close()
+            self._reading = False
+        if self._closed:  # close() ran while the worker was busy
+            self._drop_step(step)
+            raise RuntimeError(f"FileTail for {self.path} is closed")
+        self._commit(step)
+        return step.lines
 
-    def _rotated_or_truncated(self, handle: BinaryIO, identity: tuple[int, int] | None) -> str:
+    def close(self) -> None:
+        """Close the file; `position` stays valid for saving."""
+        self._closed = True
+        fd = self._cursor.fd
+        if fd is not None:
+            self._cursor = replace(self._cursor, fd=None)
+            os.close(fd)
+
+    # -- the event loop side ----------------------------------------------------------------
+    def _commit(self, step: _Step) -> None:
+        for fd in step.retired:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._cursor = replace(step.cursor, start_at_end=False)
+        self._more = step.more
+        for level, event, fields in step.events:
+            getattr(log, level)(event, path=str(self.path), **fields)
+        if step.problem is not None:
+            self._report_down(step.problem)
+        elif self._down is not None:
+            self._down = None
+            log.info("leakwatch_file_available", path=str(self.path))
+
+    def _report_down(self, exc: SourceUnavailable) -> None:
+        if self._down is None:
+            log.warning("leakwatch_file_unavailable", path=str(self.path), reason=exc.reason,
+                        error=str(exc))
+        self._down = exc.reason
+
+    def _drop(self, work: asyncio.Task[_Step]) -> None:
+        self._orphans.discard(work)
+        if not work.cancelled() and work.exception() is None:
+            self._drop_step(work.result())
+
+    @staticmethod
+    def _drop_step(step: _Step) -> None:
+        for fd in step.opened:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # -- the worker thread side: reads files, changes nothing in self ----------------------
+    def _step(self, cursor: _Cursor) -> _Step:
+        step = _Step(cursor)
+        try:
+            self._walk(step)
+        except BaseException as exc:
+            self._drop_step(step)
+            if isinstance(exc, OSError):
+                raise _unavailable(self.path, exc) from exc
+            raise
+        return step
+
+    def _walk(self, step: _Step) -> None:
         try:
             st = os.stat(self.path)
+        except OSError as exc:
+            raise _unavailable(self.path, exc) from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_a_file(self.path, st.st_mode)
+        # At most twice round: a rotated-away file, then the file at the path.
+        while True:
+            if step.cursor.fd is None:
+                try:
+                    st = self._open(step, st)
+                except SourceUnavailable as exc:
+                    if not step.lines:
+                        raise
+                    step.problem = exc  # hand out the old file's lines; the next read raises
+                    return
+            fd, at = step.cursor.fd, step.cursor.at
+            assert fd is not None
+            assert at is not None
+            if (at.device, at.inode) == (st.st_dev, st.st_ino) or st.st_size == 0:
+                # Our file is still at the path, or the new file there is empty: the writer
+                # may still be appending to the renamed one, so keep reading that.
+                self._advance(step, final=False)
+                return
+            self._advance(step, final=True)
+            if step.more:
+                return
+            step.events.append(("info", "leakwatch_file_rotated", {"inode": at.inode}))
+            step.retired.append(fd)
+            step.cursor = replace(step.cursor, fd=None, done=True)
+
+    def _open(self, step: _Step, st: os.stat_result) -> os.stat_result:
+        """Open what the next read continues: a rotated-away file or the file at the path."""
+        cursor = step.cursor
+        at = cursor.at
+        if at is not None and not cursor.done and (at.device, at.inode) != (st.st_dev, st.st_ino):
+            found = self._find_rotated(step, at)
+            if found is not None:
+                step.cursor = replace(cursor, fd=found[0], at=found[1])
+                return st
+            step.events.append(("warning", "leakwatch_file_rotated_while_stopped",
+                                {"inode": at.inode, "offset": at.offset}))
+            at = None
+        try:
+            fd, fst = _open_regular(self.path)
+        except OSError as exc:
+            raise _unavailable(self.path, exc) from exc
+        step.opened.append(fd)
+        skip_line = False
+        if at is not None and (at.device, at.inode) == (fst.st_dev, fst.st_ino):
+            if fst.st_size >= at.offset and _fingerprint_at(fd, at.offset) == at.fingerprint:
+                offset = at.offset
+            else:
+                step.events.append(("info", "leakwatch_file_truncated", {"offset": at.offset}))
+                offset = 0
+        elif cursor.start_at_end:
+            offset, skip_line = self._line_start_near_end(fd, fst.st_size)
+        else:
+            offset = 0
+        position = FilePosition(fst.st_dev, fst.st_ino, offset, _fingerprint_at(fd, offset))
+        step.cursor = _Cursor(fd=fd, at=position, skip_line=skip_line)
+        return fst
+
+    @staticmethod
+    def _line_start_near_end(fd: int, size: int) -> tuple[int, bool]:
+        """Where the unfinished last line starts, so it is handed out whole once complete."""
+        start = max(0, size - _LINE_START_LOOKBACK)
+        cut = os.pread(fd, size - start, start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1, False
+        if start == 0:
+            return 0, False
+        return size, True  # a line longer than the look-back: drop what is left of it
+
+    def _find_rotated(self, step: _Step, at: FilePosition) -> tuple[int, FilePosition] | None:
+        """The file `at` names if it was renamed within the directory, and where to go on."""
+        try:
+            with os.scandir(self.path.parent) as scan:
+                entries = list(scan)
         except OSError:
-            return ""  # renamed away and not yet recreated: keep the old file open
-        if (st.st_dev, st.st_ino) != identity:
-            return "rotated"
-        if st.st_size < handle.tell():
-            return "truncated"
-        return ""
+            return None
+        for entry in entries:
+            if entry.name.lower().endswith(_COMPRESSED_SUFFIXES):
+                continue
+            try:
+                est = entry.stat(follow_symlinks=False)
+                if ((est.st_dev, est.st_ino) != (at.device, at.inode)
+                        or not stat.S_ISREG(est.st_mode)):
+                    continue
+                fd, fst = _open_regular(Path(entry.path))
+            except (OSError, SourceUnavailable):
+                continue
+            try:
+                ours = (fst.st_dev, fst.st_ino) == (at.device, at.inode)
+                intact = (ours and fst.st_size >= at.offset
+                          and _fingerprint_at(fd, at.offset) == at.fingerprint)
+            except OSError:
+                ours = intact = False
+            if intact:
+                resume = at
+            elif ours and entry.name.startswith(self.path.name):
+                # Our log under its rotated name, truncated before it was rotated: all of it
+                # was written after what we handed out.
+                resume = FilePosition(at.device, at.inode, 0, _EMPTY_FINGERPRINT)
+            else:
+                os.close(fd)  # the inode was reused for another file
+                return None
+            step.opened.append(fd)
+            step.events.append(("info", "leakwatch_file_resumed_rotated",
+                                {"rotated": entry.path, "offset": resume.offset}))
+            return fd, resume
+        return None
+
+    def _advance(self, step: _Step, *, final: bool) -> None:
+        """Hand out the complete lines after the cursor, within what is left of the budget."""
+        cursor = step.cursor
+        fd, at = cursor.fd, cursor.at
+        assert fd is not None
+        assert at is not None
+        budget = max(0, self.max_batch_bytes - step.used)
+        size = os.fstat(fd).st_size
+        keep = min(at.offset, FINGERPRINT_BYTES)
+        data = b""
+        if size >= at.offset:
+            # One pread both checks the bytes before the offset and reads what is new.
+            data = os.pread(fd, keep + min(budget, size - at.offset), at.offset - keep)
+        skip = cursor.skip_line
+        if size < at.offset or _fingerprint(data[:keep]) != at.fingerprint:
+            # Truncated, perhaps refilled past the offset already: what we had is gone.
+            step.events.append(("info", "leakwatch_file_truncated", {"offset": at.offset}))
+            at = replace(at, offset=0, fingerprint=_EMPTY_FINGERPRINT)
+            keep, skip = 0, False
+            data = os.pread(fd, min(budget, size), 0)
+        before, new = data[:keep], data[keep:]
+        start = 0
+        if skip:
+            newline = new.find(b"\n")
+            start, skip = (len(new), True) if newline < 0 else (newline + 1, False)
+        lines, rest = split_lines(new[start:])
+        used = len(new) - len(rest)
+        at_end = at.offset + len(new) >= size
+        if rest and final and at_end:
+            lines.append(_decode(rest))  # the writer moved on: this line will not grow
+            used = len(new)
+        elif len(rest) >= self.max_batch_bytes:
+            lines.append(_decode(rest))
+            used, skip = len(new), True
+            step.events.append(("warning", "leakwatch_file_line_too_long",
+                                {"offset": at.offset + start, "kept_bytes": len(rest)}))
+        if used:
+            tail = new[max(0, used - FINGERPRINT_BYTES):used]
+            if len(tail) < FINGERPRINT_BYTES:
+                tail = (before + tail)[-FINGERPRINT_BYTES:]
+            at = replace(at, offset=at.offset + used, fingerprint=_fingerprint(tail))
+        step.cursor = replace(cursor, at=at, skip_line=skip)
+        step.lines.extend(lines)
+        step.used += len(new)
+        step.more = not at_end

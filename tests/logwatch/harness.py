@@ -1,0 +1,80 @@
+"""Run a LeakWatch's components under a real Supervisor, in-process, the way `run` does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.logwatch.config import LeakWatchConfig
+from daemon.logwatch.watcher import LeakWatch
+from daemon.metrics import Metrics
+from daemon.supervisor import Supervisor
+from tests.fake_time import FakeClock
+
+
+@dataclass
+class Watching:
+    watch: LeakWatch
+    supervisor: Supervisor
+    metrics: Metrics
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def up(self, component: str) -> float | None:
+        return self.metrics.registry.get_sample_value(
+            "selfcheckd_component_up", {"component": component})
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 20.0) -> None:
+    """Poll a condition (real time, bounded); for real I/O such as files and HTTP."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def advance_until(clock: FakeClock, predicate: Callable[[], Any], limit: float,
+                        step: float = 1.0) -> None:
+    """Move fake time a step at a time, giving real I/O (files, HTTP) a moment after each."""
+    start = clock.now
+    while not predicate():
+        assert clock.now - start <= limit, "not reached in fake time"
+        await clock.advance(step)
+        try:
+            await until(predicate, timeout=0.05)
+        except TimeoutError:
+            continue
+
+
+@asynccontextmanager
+async def watching(
+    config: LeakWatchConfig | dict[str, Any],
+    metrics: Metrics | None = None,
+    *,
+    health_clock: Callable[[], float] | None = None,
+    **watch_options: Any,
+) -> AsyncIterator[Watching]:
+    """Open the watcher (restoring its state file), supervise its components, stop and save.
+
+    `health_clock` replaces the supervisor's clock only, so a test can move the
+    progress deadlines on while the loops themselves run in real time.
+    """
+    if isinstance(config, dict):
+        config = LeakWatchConfig.model_validate(config)
+    metrics = metrics or Metrics()
+    watch = LeakWatch(config, metrics, **watch_options)
+    sup = Supervisor(metrics, **({"clock": health_clock} if health_clock else {}))
+    watch.open()
+    for component in watch.components():
+        sup.start(component)
+    task = asyncio.create_task(sup.run())
+    await sup.started()
+    try:
+        yield Watching(watch, sup, metrics)
+    finally:
+        sup.stop()
+        await asyncio.wait_for(task, 5)
+        await watch.close()

@@ -1,0 +1,41 @@
+"""The one retry policy: capped exponential backoff with bounded jitter, and stamina blocks."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.retry import Backoff
+
+
+def test_delay_doubles_from_initial_and_is_capped() -> None:
+    """Without jitter the waits are initial * 2^(n-1), never above maximum."""
+    b = Backoff(initial=1.0, maximum=10.0, jitter=0.0)
+    assert [b.delay(n) for n in (1, 2, 3, 4, 5, 50)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_jitter_stays_within_its_bound() -> None:
+    """Jitter adds between 0 and `jitter` seconds (default: `initial`), and keeps the cap."""
+    b = Backoff(initial=0.5, maximum=3.0)
+    for n in range(1, 8):
+        base = min(3.0, 0.5 * 2 ** (n - 1))
+        for _ in range(50):
+            assert base <= b.delay(n) <= min(3.0, base + 0.5)
+
+
+def test_nonsense_bounds_are_refused() -> None:
+    """initial must be positive and not above maximum."""
+    with pytest.raises(ValueError, match="initial"):
+        Backoff(initial=5.0, maximum=1.0)
+
+
+async def test_retrying_block_retries_then_gives_up() -> None:
+    """`retrying` is a stamina block: the error is retried `attempts` times, then raised."""
+    calls = 0
+    with pytest.raises(OSError, match="still down"):
+        async for attempt in Backoff(initial=0.001, maximum=0.002).retrying(
+            on=OSError, attempts=3
+        ):
+            with attempt:
+                calls += 1
+                raise OSError("still down")
+    assert calls == 3
