@@ -340,11 +340,12 @@ class Daemon:
             old_http, self.http = self.http, http
             await self.supervisor.replace(http, timeout=SWAP_TIMEOUT)
             await old_http.close()
-        if new.logging != old.logging:
-            configure_logging(new.logging.format, new.logging.level)
         self.metrics.config_reload_ok.set(1)
+        # Said before logging changes, so it is seen whatever the new level is.
         log.info("config_reloaded", changed=",".join(changed) or "nothing",
                  routes=len(self.checks))
+        if new.logging != old.logging:
+            configure_logging(new.logging.format, new.logging.level)
         return True
 
     def _refuse(self, problems: list[str]) -> bool:

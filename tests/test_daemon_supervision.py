@@ -1,0 +1,338 @@
+"""`selfcheckd run` under faults: health of components, reload all-or-nothing, the stop budget."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from daemon.app import Daemon
+from daemon.config import LoadedConfig, load_config
+from daemon.embedded.stack import EmbeddedMailStack
+from daemon.logs import install_exception_hooks
+from daemon.metrics import Metrics
+from tests.fake_time import FakeClock
+from tests.faulty_servers import wedging_proxy
+from tests.logwatch.harness import advance_until, until
+from tests.test_daemon import get, samples
+from tests.test_roundtrip import probes_left
+
+LEAK = ("2026-11-23T19:31:53.567357+00:00 vm sendmail[11287]: {qid}: to=<nobody@sinkhole.test>, "
+        "delay=00:00:00, mailer=smtp, pri=30237, relay=25, dsn=4.0.0, stat=Deferred\n")
+
+
+def toml_route(name: str, stack: EmbeddedMailStack, imap_port: int | None = None,
+               imap_extra: str = "") -> str:
+    r = stack.route_table(name)
+    o = stack.options
+    return (
+        f'[[selfcheck.routes]]\nname = "{name}"\nfrom = "{r["from"]}"\nto = "{r["to"]}"\n'
+        f'smtp = {{ host = "127.0.0.1", port = {stack.smtp.port}, security = "none" }}\n'
+        f'imap = {{ host = "127.0.0.1", port = {imap_port or stack.imap.port}, '
+        f'security = "none", username = "{o.imap_user}", password = "{o.imap_password}"'
+        f'{imap_extra} }}\n'
+    )
+
+
+def append(path: Path, text: str) -> None:
+    with path.open("a") as f:
+        f.write(text)
+
+
+@contextlib.asynccontextmanager
+async def hanging_receiver() -> AsyncIterator[tuple[str, list[str]]]:
+    """An HTTP endpoint that accepts requests and never answers (a hung webhook)."""
+    seen: list[str] = []
+    never = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        await never.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
+    finally:
+        never.set()
+        await runner.cleanup()
+
+
+# -- health ------------------------------------------------------------------------------
+
+
+async def test_healthz_names_a_stalled_source_and_status_shows_why(tmp_path: Path) -> None:
+    """A missing log file: component down at once, /healthz 503 naming it after its deadline."""
+    clock = FakeClock()
+    config_path = tmp_path / "c.toml"
+    config_path.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\n'
+        f'[leakwatch]\nsource = "file"\nfile = {{ path = "{tmp_path / "absent"}" }}\n')
+    daemon = Daemon(load_config(config_path, {}), clock=clock, sleep=clock.sleep)
+    await daemon.start()
+    try:
+        port = daemon.listen_port
+        await until(lambda: daemon.metrics.registry.get_sample_value(
+            "leakwatch_errors_total", {"reason": "file_missing"}))
+        assert (await get(port, "/healthz"))[0] == 200  # down, but not yet past its deadline
+        m = samples((await get(port, "/metrics"))[1])
+        assert m[("selfcheckd_component_up", (("component", "leakwatch-source"),))] == 0
+        assert m[("selfcheckd_component_up", (("component", "http"),))] == 1
+        await clock.advance(daemon.leakwatch.source_loop.progress_deadline + 1)  # type: ignore[union-attr]
+        code, body = await get(port, "/healthz")
+        assert code == 503
+        assert list(json.loads(body)["problems"]) == ["leakwatch-source"]
+        status = json.loads((await get(port, "/status"))[1])
+        source = status["components"]["leakwatch-source"]
+        assert source["up"] is False and "file_missing" in source["reason"]
+        (tmp_path / "absent").write_text("")
+        await advance_until(clock, lambda: daemon.problems() == {}, limit=30)
+        assert (await get(port, "/healthz"))[0] == 200
+    finally:
+        await daemon.shutdown()
+
+
+# -- reload --------------------------------------------------------------------------------
+
+
+def leak_config(tmp_path: Path, stack: EmbeddedMailStack, maillog: Path, listen: str,
+                level: str = "info", extra: str = "") -> str:
+    return (
+        f'[selfcheck]\ninterval = 600\nsecret = "x"\n{toml_route("default", stack)}'
+        f'[server]\nlisten = "{listen}"\n[logging]\nlevel = "{level}"\n'
+        f'[leakwatch]\nsource = "file"\nstate_file = "{tmp_path / "state.json"}"\n'
+        f'file = {{ path = "{maillog}", poll_interval = 0.02 }}\n{extra}'
+    )
+
+
+async def test_sighup_applies_leakwatch_listen_and_logging(
+    mail_stack: EmbeddedMailStack, tmp_path: Path, unused_tcp_port: int,
+) -> None:
+    """A reload rebuilds the watcher (state handed over), rebinds, relogs; /status agrees."""
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    log_a.write_text("")
+    log_b.write_text("")
+    path = tmp_path / "c.toml"
+    path.write_text(leak_config(tmp_path, mail_stack, log_a, "127.0.0.1:0"))
+    daemon = Daemon(load_config(path, {}), path)
+    await daemon.start()
+    old_port = daemon.listen_port
+    leaked = daemon.metrics.leaked_recipients
+    try:
+        await until(lambda: daemon.metrics.leakwatch_last_poll_success._value.get() > 0)
+        append(log_a, LEAK.format(qid="6ANJUQna010773"))
+        await until(lambda: leaked._value.get() == 1)
+        new_listen = f"127.0.0.1:{unused_tcp_port}"
+        path.write_text(leak_config(tmp_path, mail_stack, log_b, new_listen, level="warning"))
+        with capture_logs() as logs:
+            assert await daemon.reload() is True
+        [reloaded] = [e for e in logs if e["event"] == "config_reloaded"]
+        assert reloaded["changed"] == "server,logging,leakwatch"
+        # The new file is followed; the old one is not; the detector still knows Q1.
+        append(log_a, LEAK.format(qid="6ANJUTfa010820"))
+        append(log_b, LEAK.format(qid="6ANJUQna010773") + LEAK.format(qid="6ANJVrcF011285"))
+        await until(lambda: leaked._value.get() == 2)
+        await asyncio.sleep(0.2)
+        assert leaked._value.get() == 2
+        assert (await get(unused_tcp_port, "/healthz"))[0] == 200
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await get(old_port, "/healthz")
+        assert logging.getLogger().level == logging.WARNING
+        status = json.loads((await get(unused_tcp_port, "/status"))[1])
+        assert status["config"]["listen"] == new_listen
+        assert status["config"]["logging"]["level"] == "warning"
+        assert sorted(status["components"]) == [
+            "heartbeats", "http", "leakwatch-source", "scheduler"]
+    finally:
+        await daemon.shutdown()
+        logging.getLogger().setLevel(logging.INFO)
+
+
+async def test_sighup_with_a_port_in_use_changes_nothing(
+    mail_stack: EmbeddedMailStack, tmp_path: Path,
+) -> None:
+    """A listen address that cannot be bound refuses the whole reload, naming the key."""
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    taken = blocker.sockets[0].getsockname()[1]
+    maillog = tmp_path / "maillog"
+    maillog.write_text("")
+    path = tmp_path / "c.toml"
+    path.write_text(leak_config(tmp_path, mail_stack, maillog, "127.0.0.1:0"))
+    daemon = Daemon(load_config(path, {}), path)
+    await daemon.start()
+    try:
+        before = daemon.status()["config"]
+        path.write_text(leak_config(tmp_path, mail_stack, tmp_path / "other.log",
+                                    f"127.0.0.1:{taken}", level="debug"))
+        with capture_logs() as logs:
+            assert await daemon.reload() is False
+        [refused] = [e for e in logs if e["event"] == "config_reload_rejected"]
+        assert refused["problem"].startswith(f"server.listen: cannot listen on 127.0.0.1:{taken}")
+        assert daemon.status()["config"] == before
+        assert daemon.leakwatch is not None
+        assert daemon.leakwatch.config.file.path == maillog
+        assert daemon.metrics.config_reload_ok._value.get() == 0
+        assert (await get(daemon.listen_port, "/healthz"))[0] == 200
+    finally:
+        blocker.close()
+        await daemon.shutdown()
+
+
+async def test_sighup_refuses_switching_to_stdin(
+    mail_stack: EmbeddedMailStack, tmp_path: Path,
+) -> None:
+    """A key that cannot change live refuses the reload with one line naming it."""
+    maillog = tmp_path / "maillog"
+    maillog.write_text("")
+    path = tmp_path / "c.toml"
+    path.write_text(leak_config(tmp_path, mail_stack, maillog, "127.0.0.1:0"))
+    daemon = Daemon(load_config(path, {}), path)
+    await daemon.start()
+    try:
+        path.write_text(path.read_text().replace('source = "file"', 'source = "stdin"'))
+        with capture_logs() as logs:
+            assert await daemon.reload() is False
+        assert [e["problem"] for e in logs if e["event"] == "config_reload_rejected"] == [
+            "leakwatch.source: cannot change to or from stdin while running "
+            "(standard input is read once; restart selfcheckd)"]
+        assert daemon.config.leakwatch is not None
+        assert daemon.config.leakwatch.source == "file"
+    finally:
+        await daemon.shutdown()
+
+
+async def test_reload_drops_the_series_of_a_removed_route(
+    make_stack: Any, tmp_path: Path,
+) -> None:
+    """A route removed by a reload leaves no stale selfcheck_* series behind."""
+    a, b = await make_stack(), await make_stack()
+    path = tmp_path / "c.toml"
+    head = '[selfcheck]\ninterval = 0.3\ntimeout = 5\nsecret = "x"\n'
+    tail = '[server]\nlisten = "127.0.0.1:0"\n'
+    path.write_text(head + toml_route("keep", a) + toml_route("gone", b) + tail)
+    daemon = Daemon(load_config(path, {}), path)
+    await daemon.start()
+    try:
+        runs = daemon.metrics.runs
+        await until(lambda: runs.labels("gone", "success")._value.get() >= 1)
+        path.write_text(head + toml_route("keep", a) + tail)
+        assert await daemon.reload() is True
+        await until(lambda: "gone" not in daemon.scheduler.running, timeout=10)
+        daemon.metrics.forget_route("gone")  # a run finishing after the reload re-adds nothing
+        text = (await get(daemon.listen_port, "/metrics"))[1]
+        assert 'route="gone"' not in text and 'route="keep"' in text
+        assert list(json.loads((await get(daemon.listen_port, "/status"))[1])["routes"]) == [
+            "keep"]
+    finally:
+        await daemon.shutdown()
+
+
+# -- logging of what escapes -----------------------------------------------------------------
+
+
+async def test_escaped_exceptions_become_one_structured_line() -> None:
+    """An unawaited task's error and an unraisable exception are logged via structlog, counted."""
+    metrics = Metrics()
+    undo = install_exception_hooks(asyncio.get_running_loop(), metrics)
+    try:
+        with capture_logs() as logs:
+            async def broken() -> None:
+                raise RuntimeError("Lock is not acquired.")
+
+            task = asyncio.get_running_loop().create_task(broken())
+            await asyncio.sleep(0)
+            del task
+            gc.collect()
+
+            class Finalizer:
+                def __del__(self) -> None:
+                    raise RuntimeError("in __del__")
+
+            Finalizer()
+            gc.collect()
+    finally:
+        undo()
+    events = {e["event"]: e for e in logs}
+    assert "Lock is not acquired" in str(events["event_loop_error"]["exc_info"])
+    assert events["unraisable_exception"]["error"] == "RuntimeError: in __del__"
+    for kind in ("event_loop", "unraisable"):
+        assert metrics.registry.get_sample_value(
+            "selfcheckd_internal_errors_total", {"kind": kind}) == 1
+
+
+# -- the stop budget, as a process -------------------------------------------------------------
+
+
+async def test_sigterm_with_every_peer_hung_ends_within_the_budget(
+    make_stack: Any, tmp_path: Path,
+) -> None:
+    """Defaults, a wedged IMAP run, hung webhooks: a 2 s route keeps its cadence; exit 0 < 25 s."""
+    healthy, stuck = await make_stack(), await make_stack()
+    stuck.smtp.delivery_delay = 0.5  # the first search misses it: the run goes into IDLE
+    maillog, state = tmp_path / "maillog", tmp_path / "state.json"
+    maillog.write_text("")
+    async with wedging_proxy(stuck.imap.port, b"IDLE") as proxy, \
+            hanging_receiver() as (hook_url, hook_seen):
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            f'[selfcheck]\ninterval = 2\nsecret = "x"\n{toml_route("healthy", healthy)}'
+            # Patient enough that the wedged run is still waiting when SIGTERM comes.
+            f'{toml_route("stuck", stuck, imap_port=proxy.port, imap_extra=", command_timeout = 60")}'
+            '[server]\nlisten = "127.0.0.1:0"\n'
+            f'[[heartbeat]]\nurl = "{hook_url}/pulse/tok"\n'
+            f'[leakwatch]\nsource = "file"\nstate_file = "{state}"\n'
+            f'file = {{ path = "{maillog}", poll_interval = 0.1 }}\n'
+            f'alert = {{ url = "{hook_url}/alert" }}\n')
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            await until(lambda: proc.returncode is not None
+                        or (proxy.wedged >= 1 and healthy.smtp.delivered >= 1), timeout=30)
+            assert proc.returncode is None, await proc.stderr.read() if proc.stderr else ""
+            append(maillog, LEAK.format(qid="6ANJUQna010773"))
+            await until(lambda: "/alert" in hook_seen, timeout=30)
+            before = healthy.smtp.delivered
+            await asyncio.sleep(6.5)  # the cadence under test, in real time
+            cadence = healthy.smtp.delivered - before
+            assert await probes_left(stuck) == 1  # in flight, its run wedged in IDLE
+            proc.send_signal(signal.SIGTERM)
+            sent_at = time.monotonic()
+            code = await asyncio.wait_for(proc.wait(), timeout=40)
+            took = time.monotonic() - sent_at
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.stderr is not None
+    stderr = (await proc.stderr.read()).decode()
+    assert code == 0, stderr
+    assert took < 20 + 5, stderr
+    assert cadence >= 3, stderr  # every 2 s while the other route hangs
+    assert "selfcheckd_stopped" in stderr and "leakwatch_stopped" in stderr
+    assert "selfcheckd_cancelling_runs running=['stuck']" in stderr
+    assert 'error="run cancelled (daemon shutting down)"' in stderr
+    assert await probes_left(stuck) == 0  # the shielded cleanup deleted it
+    # One record per line, no raw traceback: every line starts with an event name.
+    assert all(re.match(r"^[a-z_]+( |$)", line) for line in stderr.splitlines()), stderr
+    pending = json.loads(state.read_text())["outbox"]
+    assert [a["key"] for a in pending] == ["leak 6ANJUQna010773 nobody@sinkhole.test"]
