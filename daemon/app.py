@@ -117,8 +117,10 @@ class Daemon:
         self.checks = self._checks(self.config)
         self.scheduler = Scheduler(
             self._jobs(), on_skip=self._on_skip,
-            on_deadline=lambda name: log.error("selfcheck_deadline_cancelled", route=name))
-        self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics)
+            on_deadline=lambda name: log.error("selfcheck_deadline_cancelled", route=name),
+            on_crash=lambda _name: self.metrics.internal_errors.labels(
+                kind="scheduled_job").inc())
+        self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics, sleep=sleep)
         self.leakwatch = self._leakwatch(self.config)
         self.http = self._http(self.config)
         self.started_at = time.time()
@@ -163,7 +165,7 @@ class Daemon:
 
     def _http(self, config: Config) -> HttpServer:
         return HttpServer(make_app(self, self.metrics.registry), config.server.host,
-                          config.server.port)
+                          config.server.port, sleep=self._sleep)
 
     def _on_result(self, result: CheckResult) -> None:
         self.results[result.route] = result
@@ -365,7 +367,7 @@ class Daemon:
 
     async def _swap_heartbeats(self, new: Config) -> None:
         old = self.heartbeats
-        self.heartbeats = Heartbeats(new.heartbeat, self.metrics)
+        self.heartbeats = Heartbeats(new.heartbeat, self.metrics, sleep=self._sleep)
         await old.close(grace=2.0)
         await self.supervisor.replace(self.heartbeats, timeout=SWAP_TIMEOUT)
         for target in {t.name for t in old.targets} - {t.name for t in new.heartbeat}:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import secrets
 import signal
 import sys
 import time
@@ -65,7 +66,8 @@ async def _start_receiver() -> tuple[web.AppRunner, int]:
 def demo_config(route: dict[str, Any], receiver_port: int, maillog: Path,
                 args: argparse.Namespace) -> Config:
     return Config.model_validate({
-        "selfcheck": {"interval": args.interval, "timeout": 20, "routes": [route]},
+        "selfcheck": {"interval": args.interval, "timeout": 20, "routes": [route],
+                      "secret": secrets.token_urlsafe(16)},
         "server": {"listen": args.listen},
         "heartbeat": [{"name": "demo-pulse",
                        "url": f"http://127.0.0.1:{receiver_port}/pulse/demo-token"}],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -68,8 +69,12 @@ class HttpServer:
     name = "http"
     progress_deadline = 3 * TICK
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.host = host
+        self._sleep = sleep
         self.port = port
         self._app = app
         self._runner: web.AppRunner | None = None
@@ -104,7 +109,7 @@ class HttpServer:
                 await self.bind()
             while True:
                 progress.progress()
-                await asyncio.sleep(TICK)
+                await self._sleep(TICK)
         except asyncio.CancelledError:
             await self.close()
             raise

@@ -22,7 +22,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from daemon.app import Daemon
-from daemon.config import LoadedConfig, load_config
+from daemon.config import load_config
 from daemon.embedded.stack import EmbeddedMailStack
 from daemon.logs import install_exception_hooks
 from daemon.metrics import Metrics
@@ -296,7 +296,8 @@ async def test_sigterm_with_every_peer_hung_ends_within_the_budget(
         cfg.write_text(
             f'[selfcheck]\ninterval = 2\nsecret = "x"\n{toml_route("healthy", healthy)}'
             # Patient enough that the wedged run is still waiting when SIGTERM comes.
-            f'{toml_route("stuck", stuck, imap_port=proxy.port, imap_extra=", command_timeout = 60")}'
+            + toml_route("stuck", stuck, imap_port=proxy.port,
+                         imap_extra=", command_timeout = 60") +
             '[server]\nlisten = "127.0.0.1:0"\n'
             f'[[heartbeat]]\nurl = "{hook_url}/pulse/tok"\n'
             f'[leakwatch]\nsource = "file"\nstate_file = "{state}"\n'

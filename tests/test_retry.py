@@ -31,11 +31,16 @@ def test_nonsense_bounds_are_refused() -> None:
 async def test_retrying_block_retries_then_gives_up() -> None:
     """`retrying` is a stamina block: the error is retried `attempts` times, then raised."""
     calls = 0
-    with pytest.raises(OSError, match="still down"):
+
+    async def flaky() -> None:
+        nonlocal calls
         async for attempt in Backoff(initial=0.001, maximum=0.002).retrying(
             on=OSError, attempts=3
         ):
             with attempt:
                 calls += 1
                 raise OSError("still down")
+
+    with pytest.raises(OSError, match="still down"):
+        await flaky()
     assert calls == 3

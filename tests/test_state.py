@@ -62,7 +62,7 @@ async def test_save_is_atomic_and_round_trips(tmp_path: Path) -> None:
                 "outbox": [{"id": "i", "key": "k", "summary": "s", "severity": "critical",
                             "created_at": 1.0}]}
     assert await sf.save(document)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["leakwatch.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leakwatch.json"]  # noqa: ASYNC240
     loaded = sf.load()
     assert loaded is not None and loaded.version == 2
     assert loaded.outbox[0].key == "k" and loaded.outbox[0].attempts == 0

@@ -17,8 +17,8 @@ Rules, in the order a reader will ask about them:
   cancelled once (`on_deadline(name)`); its own cleanup runs inside that
   cancellation. Until it actually ends, due runs of that job are skipped while
   other jobs keep their cadence: the loop never awaits a run.
-* **Crashes**: an exception from a job is logged (`scheduled_job_crashed`)
-  and the next due run happens as usual.
+* **Crashes**: an exception from a job is logged (`scheduled_job_crashed`),
+  reported with `on_crash(name)` and the next due run happens as usual.
 * **Reload** (`replace_jobs`): applied at the next tick. A job whose interval
   and jitter are unchanged keeps its planned due time; a changed one is due
   `interval` after its last due time (or now, if that has passed); a new one is
@@ -100,7 +100,7 @@ def _ignore_skip(name: str, count: int) -> None:
     pass
 
 
-def _ignore_deadline(name: str) -> None:
+def _ignore_name(name: str) -> None:
     pass
 
 
@@ -125,8 +125,9 @@ class Scheduler:
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
         on_skip: Callable[[str, int], None] = _ignore_skip,
-        on_deadline: Callable[[str], None] = _ignore_deadline,
+        on_deadline: Callable[[str], None] = _ignore_name,
         on_tick: Callable[[], None] | None = None,
+        on_crash: Callable[[str], None] = _ignore_name,
     ) -> None:
         self._clock = clock
         self._sleep = sleep
@@ -135,6 +136,7 @@ class Scheduler:
         self._on_deadline = on_deadline
         # Called at every tick of the loop: the supervisor's progress signal.
         self.on_tick = on_tick
+        self._on_crash = on_crash
         self._jobs = _validated(jobs)
         self._jobs_changed = True  # the first tick plans every job
         self._cadences: dict[str, _Cadence] = {}
@@ -304,12 +306,12 @@ class Scheduler:
         self._runs[job.name] = _Run(task=task, deadline_at=deadline_at)
         task.add_done_callback(functools.partial(self._finished, job.name))
 
-    @staticmethod
-    async def _guarded(job: Job) -> None:
+    async def _guarded(self, job: Job) -> None:
         try:
             await job.run()
         except Exception:
             log.exception("scheduled_job_crashed", job=job.name)
+            self._on_crash(job.name)
 
     def _finished(self, name: str, task: asyncio.Task[None]) -> None:
         run = self._runs.get(name)

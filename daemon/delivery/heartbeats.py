@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote, unquote_plus, urlencode, urlsplit, urlunsplit
@@ -206,7 +206,7 @@ def default_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(headers={"User-Agent": f"selfcheckd/{__version__}"})
 
 
-class _Retry(Exception):
+class _RetryError(Exception):
     """An attempt failed in a way a retry may fix."""
 
 
@@ -238,6 +238,7 @@ class Heartbeats:
         metrics: Metrics,
         *,
         session_factory: SessionFactory = default_session,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.targets = list(targets)
         self._metrics = metrics
@@ -245,7 +246,7 @@ class Heartbeats:
         self._queued: dict[tuple[str, str], _Delivery] = {}
         self._active: dict[tuple[str, str], _Delivery] = {}
         self._group: asyncio.TaskGroup | None = None
-        self._waker = Waker()
+        self._waker = Waker(sleep)
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -385,7 +386,7 @@ class Heartbeats:
         policy = Backoff(initial=target.backoff, maximum=MAX_BACKOFF)
         error: str | None = None
         try:
-            async for attempt in policy.retrying(on=_Retry, attempts=attempts):
+            async for attempt in policy.retrying(on=_RetryError, attempts=attempts):
                 with attempt:
                     error, retryable = await self._attempt(session, target, ping)
                     if error is None:
@@ -398,8 +399,8 @@ class Heartbeats:
                                 attempts=attempts, error=error,
                                 retry_in=round(attempt.next_wait, 3) if again else None)
                     if again:
-                        raise _Retry(error)
-        except _Retry:
+                        raise _RetryError(error)
+        except _RetryError:
             pass  # out of attempts: counted below
         self._count(target, "failure")
         self._report(False, target, error)

@@ -152,7 +152,10 @@ class Outbox:
             self._waker.poke()
 
     async def flush(self, timeout: float) -> bool:
-        """Try every deliverable alert once more now; wait up to `timeout` s. True if none is left."""
+        """Try every deliverable alert once more, now; wait up to `timeout` s.
+
+        True if no alert is left pending.
+        """
         tried = {a.id: a.attempts for a in self._pending.values() if a.admitted}
         for alert in self._pending.values():
             alert.next_at = 0.0

@@ -7,9 +7,7 @@ docs/leakwatch.md lists each key with its default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 

@@ -97,7 +97,7 @@ async def test_state_file_of_the_wrong_shape_never_kills_the_watcher(
             assert w.supervisor.problems() == {}
     events = [e["event"] for e in logs]
     assert "state_file_quarantined" in events and "leakwatch_started" in events
-    [moved] = tmp_path.glob("leakwatch.json.corrupt-*")
+    [moved] = list(tmp_path.glob("leakwatch.json.corrupt-*"))  # noqa: ASYNC240
     assert moved.read_text() == document
     assert json.loads(state.read_text())["version"] == 2  # a fresh state was saved
 

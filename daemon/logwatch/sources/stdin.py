@@ -43,7 +43,9 @@ class StdinReader:
             self._start_pump(asyncio.get_running_loop(), self._queue)
         yield
 
-    def _start_pump(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
+    def _start_pump(
+        self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None],
+    ) -> None:
         def pump() -> None:
             try:
                 for raw in self.stream:
