@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -42,12 +42,14 @@ from daemon.config import Config, ConfigError, LoadedConfig, load_config
 from daemon.delivery.heartbeats import Heartbeats
 from daemon.http import HttpServer, make_app
 from daemon.logs import configure_logging, install_exception_hooks
-from daemon.logwatch.watcher import LeakWatch
 from daemon.metrics import Metrics
 from daemon.roundtrip.check import RoundTrip
 from daemon.roundtrip.probe import probe_secret
 from daemon.stopping import StopBudget
 from daemon.supervisor import Progress, Supervisor
+
+if TYPE_CHECKING:  # imported when a [leakwatch] is configured: botocore is heavy
+    from daemon.logwatch.watcher import LeakWatch
 
 log = structlog.get_logger("daemon.app")
 
@@ -158,6 +160,8 @@ class Daemon:
     def _leakwatch(self, config: Config, handover: LeakWatch | None = None) -> LeakWatch | None:
         if config.leakwatch is None:
             return None
+        from daemon.logwatch.watcher import LeakWatch
+
         stdin = handover.source if handover is not None and handover.source.kind == "stdin" \
             else None
         return LeakWatch(config.leakwatch, self.metrics, clock=self._clock, sleep=self._sleep,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from daemon import __version__
 from daemon.config import ConfigError, LoadedConfig, load_config
-from daemon.logs import configure_logging
+from daemon.logs import configure_logging, install_exception_hooks
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
 
@@ -56,13 +56,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     secret = probe_secret(cfg.selfcheck)
 
     async def all_routes() -> list[dict[str, object]]:
-        runner = Runner()
-        results = []
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(runner.execute(RoundTrip(route, cfg.selfcheck, secret)))
-                     for route in cfg.selfcheck.routes]
-        results = [task.result() for task in tasks]
-        return [r.as_dict(verbose=args.verbose) for r in results]
+        undo = install_exception_hooks(asyncio.get_running_loop())
+        try:
+            runner = Runner()
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(runner.execute(RoundTrip(r, cfg.selfcheck, secret)))
+                         for r in cfg.selfcheck.routes]
+        finally:
+            undo()
+        return [task.result().as_dict(verbose=args.verbose) for task in tasks]
 
     results = asyncio.run(all_routes())
     for result in results:
