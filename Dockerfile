@@ -45,9 +45,12 @@ RUN groupadd --system --gid 10001 selfcheckd \
       --home-dir /var/lib/selfcheckd --shell /usr/sbin/nologin selfcheckd \
  && install -d -o selfcheckd -g selfcheckd -m 0750 /var/lib/selfcheckd
 COPY --from=builder /opt/venv /opt/venv
-# State (the leak watcher's cursor and dedupe file) lives here. Declared as a
-# volume so that on ECS with readonlyRootFilesystem a bind mount at this path
-# is created with the ownership above (ECS copies it from the image).
+# State (the leak watcher's state file: CloudWatch cursor, detector memory,
+# alert outbox) lives here. Declared as a volume so that with
+# readonlyRootFilesystem a bind mount at this path is created with the
+# ownership above (ECS copies it from the image). The shipped ECS task
+# definition mounts EFS here instead, so the state outlives the task, through
+# an access point that acts as uid/gid 10001 (docs/deploy-ecs.md).
 VOLUME ["/var/lib/selfcheckd"]
 WORKDIR /var/lib/selfcheckd
 USER 10001:10001
@@ -56,10 +59,12 @@ EXPOSE 9787
 # depend on mail flowing (that is what the selfcheck metrics and alerts are
 # for). python's urllib, because the slim image has no curl. urlopen raises on
 # any non-2xx status or connection error, so the exit code is the verdict.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9787/healthz', timeout=4)"]
-# SIGTERM starts the graceful shutdown (shutdown_grace, default 20 s); keep the
-# orchestrator's stop timeout above it (ECS stopTimeout 30).
+# SIGTERM starts the graceful shutdown: everything after it draws on
+# shutdown_grace (default 20 s), and every path ends within shutdown_grace + 5 s.
+# Keep the orchestrator's stop timeout above that sum (ECS stopTimeout 30 > 25),
+# or SIGKILL lands in the final state save and outbox flush.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["selfcheckd"]
 CMD ["run"]

@@ -297,14 +297,16 @@ class Daemon:
 
     async def _close_leakwatch(self, watch: LeakWatch) -> None:
         """Save, flush undelivered alerts within the budget, save what is left."""
+        # Each step is bounded: a state volume that hangs (NFS) costs its share of
+        # the budget, never the exit.
         try:
-            await watch.save()
+            await watch.save(timeout=min(2.0, self.budget.remaining(reserve=1.0)))
             if watch.outbox is not None and watch.outbox.pending():
                 await watch.outbox.flush(self.budget.remaining(reserve=0.5))
             for component in watch.components():
                 await self.supervisor.remove(component.name, timeout=min(
                     1.0, self.budget.remaining() + CLOSE_BUDGET / 2))
-            await watch.close()
+            await watch.close(timeout=self.budget.remaining() + CLOSE_BUDGET / 2)
         except Exception:  # the rest of the shutdown must still happen
             log.exception("leakwatch_stop_failed")
 

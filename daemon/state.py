@@ -10,7 +10,10 @@ section of the wrong type) is renamed to `<name>.corrupt-<UTC time>` with one
 warning naming both paths; the watcher then starts afresh (CloudWatch from
 `lookback`), never crashes on it. Writes go to a temporary file that is
 fsynced and renamed over the old one, so a task killed mid-write leaves the
-previous state intact.
+previous state intact; the temporary file's name is unique, so two writers (two
+tasks overlapping on a shared volume) never mix their bytes: the last rename
+wins. Writes run in a daemon thread and a caller may bound them: a write hung
+on a stalled NFS mount costs that caller its timeout, never the process's exit.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,21 +151,21 @@ class StateFile:
                     moved_to=str(target), consequence="starting afresh")
         return target
 
-    async def save(self, document: dict[str, Any]) -> bool:
-        """Write `document` (plus the version) atomically; count and log a failure."""
+    async def save(self, document: dict[str, Any], timeout: float | None = None) -> bool:
+        """Write `document` (plus the version) atomically within `timeout` s; False if not.
+
+        A failure is counted and logged once per episode.
+        """
         if self.path is None:
             return True
         payload = json.dumps({"version": VERSION, **document}, separators=(",", ":"))
-        async with self._lock:
-            try:
-                await asyncio.to_thread(_write_atomically, self.path, payload)
-            except OSError as exc:
-                self.metrics.state_saves.labels(result="failed").inc()
-                if self.last_error is None:  # once per episode; the counter says the rest
-                    log.error("state_file_write_failed", path=str(self.path),
-                              error=exc.strerror or str(exc))
-                self.last_error = exc.strerror or str(exc)
-                return False
+        try:
+            async with asyncio.timeout(timeout), self._lock:
+                await _in_daemon_thread(_write_atomically, self.path, payload)
+        except TimeoutError:
+            return self._failed(f"not written within {timeout:g}s")
+        except OSError as exc:
+            return self._failed(exc.strerror or str(exc))
         if self.last_error is not None:
             log.info("state_file_write_recovered", path=str(self.path))
         self.last_error = None
@@ -168,14 +173,54 @@ class StateFile:
         self.metrics.state_saves.labels(result="ok").inc()
         return True
 
+    def _failed(self, error: str) -> bool:
+        self.metrics.state_saves.labels(result="failed").inc()
+        if self.last_error is None:  # once per episode; the counter says the rest
+            log.error("state_file_write_failed", path=str(self.path), error=error)
+        self.last_error = error
+        return False
+
+
+async def _in_daemon_thread(fn: Callable[..., None], *args: Any) -> None:
+    """Run `fn` in a thread of its own that never holds up interpreter exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return  # the caller gave up waiting
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def work() -> None:
+        error: BaseException | None = None
+        try:
+            fn(*args)
+        except BaseException as exc:  # handed to the waiting coroutine
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:
+            pass  # the loop is gone: nobody waits any more
+
+    threading.Thread(target=work, name="state-file-write", daemon=True).start()
+    await done
+
 
 def _write_atomically(path: Path, payload: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     # The rename itself must reach the disk too.
     fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -310,15 +310,15 @@ class LeakWatch:
             document[self.source.kind] = source
         return document
 
-    async def save(self) -> bool:
-        ok = await self.state.save(self.snapshot())
+    async def save(self, timeout: float | None = None) -> bool:
+        ok = await self.state.save(self.snapshot(), timeout)
         if not ok:
             self.count_error("state_write")
         return ok
 
-    async def close(self) -> None:
+    async def close(self, timeout: float | None = None) -> None:
         """The final save, after the source stopped and the outbox was flushed."""
-        await self.save()
+        await self.save(timeout)
         log.info("leakwatch_stopped", source=self.config.source,
                  pending_alerts=len(self.outbox.pending()) if self.outbox else 0)
 

@@ -22,7 +22,8 @@ variable "vpc_id" {
   type = string
 }
 variable "private_subnet_ids" {
-  type = list(string)
+  description = "Where the task runs; one per AZ, since each gets the state file system's mount target"
+  type        = list(string)
 }
 variable "prometheus_security_group_id" {
   type = string

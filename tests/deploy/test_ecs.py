@@ -1,10 +1,14 @@
-"""The ECS task definition and IAM policies: accepted by the AWS APIs (moto), least privilege."""
+"""The ECS deployment: task definition and IAM policies accepted by the AWS APIs (moto) and
+least privilege, the state on EFS, stopTimeout against the shutdown budget, the Terraform sketch."""
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from string import Template
@@ -14,10 +18,14 @@ import boto3  # type: ignore[import-untyped]  # moto's dependency; no stubs inst
 import pytest
 from moto import mock_aws
 
-from daemon.config import ENV_OVERRIDES, load_config
+from daemon.config import ENV_OVERRIDES, Config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ECS_DIR = ROOT / "deploy" / "ecs"
+TERRAFORM_DIR = ROOT / "deploy" / "terraform"
+DOCS = ROOT / "docs" / "deploy-ecs.md"
+# A local mirror of the hashicorp/aws provider; `terraform test` runs offline against it.
+TF_PLUGIN_DIR = Path(os.environ.get("SELFCHECKD_TF_PLUGIN_DIR", "/opt/tf-plugins"))
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"  # moto's default account, so ARNs it returns line up
@@ -30,12 +38,24 @@ VALUES = {
     "SELFCHECK_TO": "selfcheck-receiver@mail.example.com",
     "SELFCHECK_USER": "selfcheck",
     "ALERT_SINK_URL": "https://alerts.mail.example.com/alert",
+    "STATE_EFS_FILE_SYSTEM_ID": "fs-0123456789abcdef0",
+    "STATE_EFS_ACCESS_POINT_ID": "fsap-0123456789abcdef0",
 }
 SMTP_OUT_LOG_GROUP = f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/ecs/cabal-smtp-out:*"
 SINKHOLE_MODE = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/cabal/sinkhole_mode"
+STATE_FILE_SYSTEM = (f"arn:aws:elasticfilesystem:{REGION}:{ACCOUNT}:file-system/"
+                     f"{VALUES['STATE_EFS_FILE_SYSTEM_ID']}")
+STATE_ACCESS_POINT = (f"arn:aws:elasticfilesystem:{REGION}:{ACCOUNT}:access-point/"
+                      f"{VALUES['STATE_EFS_ACCESS_POINT_ID']}")
+EFS_CLIENT = {"elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite"}
+# What ECS allows at most for a Fargate container's stopTimeout.
+FARGATE_MAX_STOP_TIMEOUT = 120
+# The daemon's promise: every shutdown path ends within shutdown_grace + this.
+SHUTDOWN_OVERRUN = 5
 # AWS offers no resource-level permission for these actions, so "*" is required.
 RESOURCE_STAR_ALLOWED = {"ecr:GetAuthorizationToken"}
-ARN = re.compile(rf"arn:aws:(logs|ssm|kms|ecr):{REGION}:{ACCOUNT}:[a-z-]+[:/]\S+")
+ARN = re.compile(
+    rf"arn:aws:(logs|ssm|kms|ecr|elasticfilesystem):{REGION}:{ACCOUNT}:[a-z-]+[:/]\S+")
 HEALTHCHECK_SNIPPET = (
     "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9787/healthz', timeout=4)"
 )
@@ -89,6 +109,21 @@ def container() -> dict[str, Any]:
     return only
 
 
+def site_config(tmp_path: Path) -> Config:
+    """The configuration the container runs with: the site config file plus its environment."""
+    path = tmp_path / "selfcheckd.toml"
+    path.write_text(render_text("selfcheckd.toml"), encoding="utf-8")
+    return load_config(path=path, environ=container_environ()).config
+
+
+def state_volume() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The selfcheckd-state volume of the task definition and the container's mount of it."""
+    (volume,) = [v for v in render("task-definition.json")["volumes"]
+                 if v["name"] == "selfcheckd-state"]
+    (mount,) = [m for m in container()["mountPoints"] if m["sourceVolume"] == "selfcheckd-state"]
+    return volume, mount
+
+
 def statements(name: str) -> list[dict[str, Any]]:
     doc = render(name)
     assert doc["Version"] == "2012-10-17"
@@ -137,6 +172,10 @@ def test_roles_and_task_definition_register_with_aws_apis(aws: None) -> None:
     assert got["name"] == "selfcheckd"
     assert got["stopTimeout"] == 30
     assert {s["name"] for s in got["secrets"]} == {s["name"] for s in container()["secrets"]}
+    volumes = {v["name"]: v for v in described["volumes"]}
+    efs = volumes["selfcheckd-state"]["efsVolumeConfiguration"]
+    assert efs["fileSystemId"] == VALUES["STATE_EFS_FILE_SYSTEM_ID"]
+    assert efs["authorizationConfig"]["accessPointId"] == VALUES["STATE_EFS_ACCESS_POINT_ID"]
 
 
 def test_environment_loads_as_a_valid_config() -> None:
@@ -153,9 +192,7 @@ def test_environment_loads_as_a_valid_config() -> None:
 
 def test_site_image_config_and_environment_load_together(tmp_path: Path) -> None:
     """The site config file plus the task environment is valid and matches the IAM grants."""
-    path = tmp_path / "selfcheckd.toml"
-    path.write_text(render_text("selfcheckd.toml"), encoding="utf-8")
-    config = load_config(path=path, environ=container_environ()).config
+    config = site_config(tmp_path)
     assert len(config.selfcheck.routes) == 1
     leakwatch = config.leakwatch
     assert leakwatch is not None
@@ -165,7 +202,7 @@ def test_site_image_config_and_environment_load_together(tmp_path: Path) -> None
         assert grants(task_stmts, "logs:FilterLogEvents", arn), group
     parameter = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{leakwatch.sinkhole_mode.parameter}"
     assert grants(task_stmts, "ssm:GetParameter", parameter)
-    # The checkpoint must sit on a writable volume: the root fs is read-only.
+    # The state file must sit on a writable volume: the root fs is read-only.
     state = leakwatch.state_path
     assert state is not None
     mounts = {m["containerPath"] for m in container()["mountPoints"]}
@@ -212,11 +249,22 @@ def test_secrets_come_from_ssm_never_plain_environment() -> None:
         assert s["valueFrom"].startswith(f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/cabal/")
 
 
-def test_container_shutdown_and_health_settings() -> None:
-    """stopTimeout outlasts shutdown_grace; the health check calls /healthz like the image."""
+def test_stop_timeout_outlasts_the_whole_shutdown_budget(tmp_path: Path) -> None:
+    """ECS's SIGKILL (stopTimeout) comes only after shutdown_grace + 5 s, the daemon's bound."""
     c = container()
-    grace = float({e["name"]: e["value"] for e in c["environment"]}["SELFCHECKD_SHUTDOWN_GRACE"])
-    assert c["stopTimeout"] >= grace + 5
+    environment = {e["name"]: e["value"] for e in c["environment"]}
+    if "SELFCHECKD_SHUTDOWN_GRACE" in environment:
+        grace = float(environment["SELFCHECKD_SHUTDOWN_GRACE"])
+    else:
+        grace = Config().shutdown_grace
+    # The daemon's own loader (site file + environment) agrees on the grace in force.
+    assert site_config(tmp_path).shutdown_grace == grace
+    assert grace + SHUTDOWN_OVERRUN < c["stopTimeout"] <= FARGATE_MAX_STOP_TIMEOUT
+
+
+def test_health_check_is_the_images_healthz_probe() -> None:
+    """The ECS health check calls /healthz with the same command as the image's HEALTHCHECK."""
+    c = container()
     assert c["healthCheck"]["command"] == ["CMD", "python", "-c", HEALTHCHECK_SNIPPET]
     # The Dockerfile's HEALTHCHECK must be the same command, so both agree.
     assert HEALTHCHECK_SNIPPET in (ROOT / "Dockerfile").read_text(encoding="utf-8")
@@ -235,6 +283,63 @@ def test_container_is_locked_down() -> None:
     mounts = {m["containerPath"]: m["sourceVolume"] for m in c["mountPoints"]}
     assert set(mounts) == {"/var/lib/selfcheckd", "/tmp"}
     assert set(mounts.values()) <= volumes
+
+
+def test_state_volume_is_efs_mounted_at_the_state_file_directory(tmp_path: Path) -> None:
+    """The state file's directory is an EFS mount (TLS, IAM, access point), so it outlives tasks."""
+    volume, mount = state_volume()
+    efs = volume["efsVolumeConfiguration"]
+    assert efs["fileSystemId"] == VALUES["STATE_EFS_FILE_SYSTEM_ID"]
+    assert efs["transitEncryption"] == "ENABLED"
+    assert efs["authorizationConfig"] == {
+        "accessPointId": VALUES["STATE_EFS_ACCESS_POINT_ID"], "iam": "ENABLED"}
+    # With an access point, ECS requires the root directory to be "/" or unset.
+    assert efs.get("rootDirectory", "/") == "/"
+    assert mount["readOnly"] is False
+    leakwatch = site_config(tmp_path).leakwatch
+    assert leakwatch is not None
+    state = leakwatch.state_path
+    assert state is not None
+    # Exactly the mount, not below it: the daemon creates no directories, and its temporary
+    # file and the `.corrupt-*` copies sit beside the state file, on the same file system.
+    assert state.parent == Path(mount["containerPath"])
+    on_efs = [v["name"] for v in render("task-definition.json")["volumes"]
+              if "efsVolumeConfiguration" in v]
+    assert on_efs == ["selfcheckd-state"]  # /tmp stays task storage
+
+
+def test_task_role_mounts_only_the_state_file_system_through_its_access_point() -> None:
+    """The EFS grant names the task definition's file system and access point; no root access."""
+    volume, _ = state_volume()
+    efs = volume["efsVolumeConfiguration"]
+    file_system = (f"arn:aws:elasticfilesystem:{REGION}:{ACCOUNT}:file-system/"
+                   f"{efs['fileSystemId']}")
+    access_point = (f"arn:aws:elasticfilesystem:{REGION}:{ACCOUNT}:access-point/"
+                    f"{efs['authorizationConfig']['accessPointId']}")
+    stmts = statements("iam-task-role-policy.json")
+    (grant,) = [s for s in stmts
+                if any(a.startswith("elasticfilesystem:") for a in as_list(s["Action"]))]
+    assert set(as_list(grant["Action"])) == EFS_CLIENT
+    assert as_list(grant["Resource"]) == [file_system]
+    assert grant["Condition"] == {
+        "StringEquals": {"elasticfilesystem:AccessPointArn": access_point}}
+    other = f"arn:aws:elasticfilesystem:{REGION}:{ACCOUNT}:file-system/fs-0ther0000000000000"
+    assert not grants(stmts, "elasticfilesystem:ClientWrite", other)
+
+
+def test_file_system_policy_admits_only_the_task_role_over_tls() -> None:
+    """Without a file system policy EFS admits any client; ours admits only the task role."""
+    td = render("task-definition.json")
+    stmts = statements("efs-file-system-policy.json")
+    (allow,) = [s for s in stmts if s["Effect"] == "Allow"]
+    assert allow["Principal"] == {"AWS": td["taskRoleArn"]}
+    assert set(as_list(allow["Action"])) == EFS_CLIENT
+    assert as_list(allow["Resource"]) == [STATE_FILE_SYSTEM]
+    assert allow["Condition"] == {
+        "StringEquals": {"elasticfilesystem:AccessPointArn": STATE_ACCESS_POINT}}
+    (deny,) = [s for s in stmts if s["Effect"] == "Deny"]
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert deny["Principal"] == {"AWS": "*"}
 
 
 def test_logs_go_to_their_own_group_without_blocking() -> None:
@@ -266,16 +371,21 @@ def test_policies_are_least_privilege(policy: str) -> None:
             condition = s["Condition"]
             assert condition["StringEquals"]["kms:ViaService"] == f"ssm.{REGION}.amazonaws.com"
             assert condition["StringLike"]["kms:EncryptionContext:PARAMETER_ARN"]
+        if any(a.startswith("elasticfilesystem:") for a in actions):
+            assert s["Condition"]["StringEquals"]["elasticfilesystem:AccessPointArn"]
+            assert "elasticfilesystem:ClientRootAccess" not in actions
 
 
-def test_task_role_reads_only_the_smtp_out_log_group_and_sinkhole_mode() -> None:
-    """The running daemon may read smtp-out's log group and /cabal/sinkhole_mode, nothing else."""
+def test_task_role_reads_smtp_out_logs_and_sinkhole_mode_and_mounts_its_state() -> None:
+    """The daemon may read smtp-out's logs and /cabal/sinkhole_mode, mount its state; no more."""
     stmts = statements("iam-task-role-policy.json")
     by_action = {a: as_list(s["Resource"]) for s in stmts for a in as_list(s["Action"])}
     assert by_action == {
         "logs:FilterLogEvents": [SMTP_OUT_LOG_GROUP],
         "ssm:GetParameter": [SINKHOLE_MODE],
         "kms:Decrypt": [f"arn:aws:kms:{REGION}:{ACCOUNT}:key/*"],
+        "elasticfilesystem:ClientMount": [STATE_FILE_SYSTEM],
+        "elasticfilesystem:ClientWrite": [STATE_FILE_SYSTEM],
     }
     (kms,) = [s for s in stmts if s["Action"] == "kms:Decrypt"]
     assert kms["Condition"]["StringLike"]["kms:EncryptionContext:PARAMETER_ARN"] == [SINKHOLE_MODE]
@@ -306,3 +416,67 @@ def test_trust_policy_admits_only_this_accounts_ecs_tasks() -> None:
     assert s["Principal"] == {"Service": "ecs-tasks.amazonaws.com"}
     assert s["Action"] == "sts:AssumeRole"
     assert s["Condition"]["StringEquals"]["aws:SourceAccount"] == ACCOUNT
+
+
+def terraform_vars() -> set[str]:
+    """The placeholder names main.tf's `locals.vars` fills for templatefile."""
+    text = (TERRAFORM_DIR / "main.tf").read_text(encoding="utf-8")
+    block = re.search(r"^  vars = \{\n(.*?)^  \}", text, re.M | re.S)
+    assert block, "main.tf has no `vars = { ... }` in its locals"
+    return set(re.findall(r"^\s+([A-Z][A-Z0-9_]*)\s*=", block.group(1), re.M))
+
+
+def test_every_placeholder_is_documented_and_filled_by_terraform() -> None:
+    """Each ${NAME} of the JSON templates is in the docs' table and in Terraform's vars."""
+    names: set[str] = set()
+    for path in sorted(ECS_DIR.glob("*.json")):
+        names |= set(re.findall(r"\$\{([A-Z_]+)\}", path.read_text(encoding="utf-8")))
+    assert {"STATE_EFS_FILE_SYSTEM_ID", "STATE_EFS_ACCESS_POINT_ID"} <= names
+    table = set(re.findall(r"^\| `([A-Z_]+)`(?:, `([A-Z_]+)`)?", DOCS.read_text(encoding="utf-8"),
+                           re.M))
+    documented = {name for row in table for name in row if name}
+    assert names - documented == set()
+    assert names - terraform_vars() == set()
+
+
+def test_one_task_at_a_time_in_both_deploy_paths() -> None:
+    """The docs' create-service and Terraform both stop the old task before starting the new."""
+    docs = DOCS.read_text(encoding="utf-8")
+    assert "--deployment-configuration minimumHealthyPercent=0,maximumPercent=100" in docs
+    tf = (TERRAFORM_DIR / "main.tf").read_text(encoding="utf-8")
+    assert re.search(r"^\s*desired_count\s*=\s*1$", tf, re.M)
+    assert re.search(r"^\s*deployment_minimum_healthy_percent\s*=\s*0$", tf, re.M)
+    assert re.search(r"^\s*deployment_maximum_percent\s*=\s*100$", tf, re.M)
+
+
+def test_docs_state_the_health_check_and_stop_timing() -> None:
+    """docs/deploy-ecs.md gives the task definition's real health-check and stop numbers."""
+    docs = DOCS.read_text(encoding="utf-8")
+    c = container()
+    hc = c["healthCheck"]
+    interval, retries, start = hc["interval"], hc["retries"], hc["startPeriod"]
+    times = "\N{MULTIPLICATION SIGN}"
+    assert f"{interval} {times} {retries} + {start} = {interval * retries + start} s" in docs
+    grace = float({e["name"]: e["value"] for e in c["environment"]}["SELFCHECKD_SHUTDOWN_GRACE"])
+    bound = f"{grace + SHUTDOWN_OVERRUN:g} s"
+    assert f"`stopTimeout` is {c['stopTimeout']} s" in docs
+    assert bound in docs
+
+
+def test_terraform_sketch_applies_against_a_mocked_provider(tmp_path: Path) -> None:
+    """`terraform test` (mocked AWS) renders every template and backs the state with EFS."""
+    terraform = shutil.which("terraform")
+    if terraform is None or not TF_PLUGIN_DIR.is_dir():
+        # Not a Debian package, so no install script can provide it: skip, never fail.
+        pytest.skip(f"terraform or its provider mirror {TF_PLUGIN_DIR} is not installed")
+    # A copy, so .terraform/ and the lock file never land in the work tree.
+    work = tmp_path / "deploy"
+    shutil.copytree(ECS_DIR, work / "ecs")
+    shutil.copytree(TERRAFORM_DIR, work / "terraform",
+                    ignore=shutil.ignore_patterns(".terraform*", "*.tfstate*"))
+    env = {**os.environ, "CHECKPOINT_DISABLE": "1", "TF_IN_AUTOMATION": "1"}
+    init = ["init", "-backend=false", f"-plugin-dir={TF_PLUGIN_DIR}", "-input=false"]
+    for args in (init, ["test"]):
+        proc = subprocess.run([terraform, *args, "-no-color"], cwd=work / "terraform", env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, f"terraform {args[0]}:\n{proc.stdout}\n{proc.stderr}"
