@@ -19,6 +19,7 @@ on a stalled NFS mount costs that caller its timeout, never the process's exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -200,10 +201,9 @@ async def _in_daemon_thread(fn: Callable[..., None], *args: Any) -> None:
             fn(*args)
         except BaseException as exc:  # handed to the waiting coroutine
             error = exc
-        try:
+        # RuntimeError: the loop is gone, so nobody waits any more.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, error)
-        except RuntimeError:
-            pass  # the loop is gone: nobody waits any more
 
     threading.Thread(target=work, name="state-file-write", daemon=True).start()
     await done

@@ -3,33 +3,70 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import io
+import sys
 import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from daemon.checks.base import CheckRun
+from daemon.checks.result import CheckResult, FailureReason, new_run_id
+from daemon.checks.runner import Runner
 from daemon.embedded.stack import EmbeddedMailStack
 from daemon.logs import configure_logging
-from daemon.roundtrip.probe import PROBE_HEADER
-from daemon.roundtrip.result import CheckResult, FailureReason
-from daemon.runner import run_check
+from daemon.metrics import Metrics
+from daemon.roundtrip.check import RoundTrip
+from daemon.roundtrip.probe import PROBE_HEADER, build_probe
+from daemon.stopping import StopBudget
 from tests.conftest import StackFactory, make_config
-from tests.faulty_servers import cutting_proxy, silent_server
+from tests.faulty_servers import (
+    cutting_proxy,
+    greeting_only_server,
+    silent_server,
+    wedging_proxy,
+)
 
 SECRET = b"test-secret-value"
 
 
-async def check(route: dict[str, Any], **selfcheck: Any) -> CheckResult:
+def roundtrip(route: dict[str, Any], **selfcheck: Any) -> RoundTrip:
     cfg = make_config(route, **selfcheck)
-    return await run_check(cfg.selfcheck.routes[0], cfg.selfcheck, SECRET)
+    return RoundTrip(cfg.selfcheck.routes[0], cfg.selfcheck, SECRET)
+
+
+async def check(route: dict[str, Any], **selfcheck: Any) -> CheckResult:
+    return await Runner().execute(roundtrip(route, **selfcheck))
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0,
+) -> None:
+    """Poll `condition` (sync or async) until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = condition()
+        if held if isinstance(held, bool) else await held:
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 def completed_events(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == "selfcheck_completed"]
+
+
+def coroutine_file(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return coro.cr_code.co_filename if inspect.iscoroutine(coro) else ""
 
 
 async def probes_left(stack: EmbeddedMailStack) -> int:
@@ -143,8 +180,8 @@ async def test_imap_server_that_never_answers(mail_stack: EmbeddedMailStack) -> 
 async def test_imap_connection_dropped_during_idle(mail_stack: EmbeddedMailStack) -> None:
     """A server that drops the connection on IDLE fails with imap; cleanup reconnects."""
     # Lands after the first search (so we IDLE), while the proxy withholds IDLE.
-    mail_stack.smtp.delivery_delay = 0.1
-    async with cutting_proxy(mail_stack.imap.port, b"IDLE\r\n", hold=0.4) as port:
+    mail_stack.smtp.delivery_delay = 0.3
+    async with cutting_proxy(mail_stack.imap.port, b"IDLE\r\n", hold=0.6) as port:
         route = mail_stack.route_table()
         route["imap"]["port"] = port
         started = time.monotonic()
@@ -163,7 +200,7 @@ async def test_connection_lost_after_arrival_cleanup_uses_new_connection(
     mail_stack: EmbeddedMailStack,
 ) -> None:
     """Lost while fetching a delivered probe: reason imap, and a fresh session deletes it."""
-    async with cutting_proxy(mail_stack.imap.port, b"UID FETCH") as port:
+    async with cutting_proxy(mail_stack.imap.port, b"UID FETCH", connections=1) as port:
         route = mail_stack.route_table()
         route["imap"]["port"] = port
         result = await check(route)
@@ -225,8 +262,10 @@ async def test_late_probe_is_swept_on_next_run(mail_stack: EmbeddedMailStack) ->
     mail_stack.smtp.delivery_delay = 1.5
     first = await check(mail_stack.route_table(), timeout=1.0)
     assert first.reason is FailureReason.RECEIVE_TIMEOUT
-    await asyncio.sleep(1.0)  # the late probe lands
-    assert await probes_left(mail_stack) == 1
+    async def landed() -> bool:
+        return await probes_left(mail_stack) == 1
+
+    await wait_until(landed)  # the late probe lands
     mail_stack.smtp.delivery_delay = 0.0
     second = await check(mail_stack.route_table(), timeout=1.0)
     assert second.success, second.error
@@ -244,3 +283,243 @@ async def test_other_mail_is_never_touched(mail_stack: EmbeddedMailStack) -> Non
         assert (await check(mail_stack.route_table())).success
     inbox = await mail_stack.inbox()
     assert len(inbox) == 1 and b"Subject: X-Selfcheck-Route default" in inbox[0]
+
+
+# -- deleting only what is provably ours ---------------------------------------------
+
+SENDER = "selfcheck@selfcheckd.test"
+RECIPIENT = "selfcheck-receiver@selfcheckd.test"
+
+
+def long_ago() -> str:
+    return format_datetime(datetime.now(UTC) - timedelta(minutes=10))
+
+
+def probe_bytes(route: str, *, secret: bytes = SECRET, run_id: str | None = None,
+                date: str | None = None, header_id: str | None = None) -> bytes:
+    """A probe as selfcheckd builds it, optionally back-dated or with its id header replaced."""
+    probe = build_probe(route=route, sender=SENDER, recipient=RECIPIENT, secret=secret,
+                        run_id=run_id or new_run_id())
+    if date is not None:
+        del probe.message["Date"]
+        probe.message["Date"] = date
+    if header_id is not None:
+        del probe.message[PROBE_HEADER]
+        probe.message[PROBE_HEADER] = header_id
+    return probe.message.as_bytes()
+
+
+def forged(run_id: str, route: str, date: str) -> bytes:
+    return (
+        f"From: someone@example.org\r\nTo: {RECIPIENT}\r\nSubject: looks like a probe\r\n"
+        f"Date: {date}\r\nX-Selfcheck-Id: {run_id}\r\nX-Selfcheck-Route: {route}\r\n\r\n"
+        "selfcheck-token: AAAAAAAAAAAAAAAA.0123456789abcdef0123456789abcdef\r\n"
+    ).encode()
+
+
+async def seen_uids(stack: EmbeddedMailStack) -> list[int]:
+    """UIDs flagged \\Seen in the stack's INBOX."""
+    from daemon.roundtrip.imap_client import ImapSession
+
+    session = ImapSession(make_config(stack.route_table()).selfcheck.routes[0].imap)
+    await session.connect()
+    try:
+        response = await session.client.uid_search("SEEN", charset=None)
+        return [int(t) for line in response.lines[:-1] for t in line.split() if t.isdigit()]
+    finally:
+        await session.close()
+
+
+class DecoysBeforeCleanup:
+    """A `RoundTrip` whose runs get `insert(run_id)` called between verdict and deletion."""
+
+    def __init__(self, inner: RoundTrip, insert: Callable[[str], Awaitable[None]]) -> None:
+        self.inner = inner
+        self.insert = insert
+        self.name, self.kind = inner.name, inner.kind
+        self.deadline, self.cleanup_timeout = inner.deadline, inner.cleanup_timeout
+
+    def start(self, result: CheckResult) -> CheckRun:
+        run = self.inner.start(result)
+        insert = self.insert
+
+        class Run:
+            async def run(self) -> None:
+                await run.run()
+
+            async def cleanup(self) -> None:
+                await insert(result.run_id)
+                await run.cleanup()
+
+        return Run()
+
+
+async def test_sweep_and_cleanup_delete_only_provable_own_probes(
+    mail_stack: EmbeddedMailStack,
+) -> None:
+    """Decoys survive byte-identical and unseen; a genuinely late probe of the route is swept."""
+    real = build_probe(route="default", sender=SENDER, recipient=RECIPIENT, secret=SECRET,
+                       run_id=new_run_id())
+    decoys = [
+        # (a) forged headers naming route default, an old Date, no valid token
+        forged(new_run_id(), "default", long_ago()),
+        # (b) a real, stale probe of route default-eu (a longer name containing "default")
+        probe_bytes("default-eu", date=long_ago()),
+        # (c) a probe-like body with a genuine token, but no probe headers
+        (f"From: a@example.org\r\nTo: {RECIPIENT}\r\nSubject: fwd\r\n\r\n"
+         f"selfcheck-token: {real.token}\r\n").encode(),
+        # (d) a stale probe of route default whose token was minted with another secret
+        probe_bytes("default", secret=b"another-secret", date=long_ago()),
+    ]
+    late = probe_bytes("default", date=long_ago())
+    user = mail_stack.options.imap_user
+    for raw in [*decoys, late]:
+        await mail_stack.imap.deliver(user, raw)
+    assert sorted(await mail_stack.inbox()) == sorted([*decoys, late])
+
+    async def same_run_id_decoys(run_id: str) -> None:
+        # What the run's own cleanup finds by searching its run id, and must leave:
+        for raw in (
+            forged(run_id, "default", long_ago()),  # forged headers
+            probe_bytes("default-eu", run_id=run_id),  # another route's probe
+            probe_bytes("default", header_id=run_id, date=long_ago()),  # another run's token
+        ):
+            decoys.append(raw)
+            await mail_stack.imap.deliver(user, raw)
+
+    runner = Runner()
+    first = await runner.execute(DecoysBeforeCleanup(roundtrip(mail_stack.route_table()),
+                                                     same_run_id_decoys))
+    second = await runner.execute(DecoysBeforeCleanup(roundtrip(mail_stack.route_table()),
+                                                      same_run_id_decoys))
+
+    assert first.success, first.error
+    assert first.late_arrivals == 1
+    assert [s.detail for s in first.steps if s.name == "cleanup"] == ["1 deleted"]
+    assert second.success, second.error
+    assert second.late_arrivals == 0
+    assert [s.detail for s in second.steps if s.name == "cleanup"] == ["1 deleted"]
+    assert len(decoys) == 10
+    assert sorted(await mail_stack.inbox()) == sorted(decoys)
+    assert await seen_uids(mail_stack) == []
+
+
+# -- a wedged IMAP server, and shutdown during the deletion ----------------------------
+
+async def test_imap_wedged_mid_idle_fails_within_timeout_plus_one(
+    mail_stack: EmbeddedMailStack,
+) -> None:
+    """A server that stops answering at IDLE fails within timeout + 1 s; cleanup reconnects."""
+    mail_stack.smtp.delivery_delay = 1.0  # lands after the first search, so the run IDLEs
+    async with wedging_proxy(mail_stack.imap.port, b"IDLE\r\n") as proxy:
+        route = mail_stack.route_table()
+        route["imap"]["port"] = proxy.port  # command_timeout stays at its default, 15 s
+        runner = Runner()
+        verdicts: list[float] = []
+        runner.on_result(lambda _r: verdicts.append(time.monotonic()))
+        started = time.monotonic()
+        with capture_logs() as logs:
+            result = await runner.execute(roundtrip(route, timeout=5.0))
+        finished = time.monotonic()
+    assert proxy.wedged == 1
+    assert verdicts[0] - started < 5.0 + 1.0
+    assert result.reason in (FailureReason.IMAP, FailureReason.RECEIVE_TIMEOUT)
+    assert result.error is not None and "IDLE" in result.error
+    assert "stopped responding" in result.error
+    assert completed_events(logs)[0]["error"] == result.error
+    # The wedged session is dropped (no LOGOUT, no command_timeout spent on it) and a
+    # fresh connection (not wedged: it never IDLEs) deletes the probe that landed meanwhile.
+    assert finished - verdicts[0] < 2.0
+    assert [s.detail for s in result.steps if s.name == "cleanup"] == ["1 deleted"]
+    assert result.cleanup_error is None
+    assert await probes_left(mail_stack) == 0
+
+
+async def test_cancel_during_probe_deletion_is_logged_counted_and_swept_later(
+    mail_stack: EmbeddedMailStack,
+) -> None:
+    """Shutdown cancelling a hung probe deletion logs and counts it; the next run sweeps it."""
+    async with wedging_proxy(mail_stack.imap.port, b"UID STORE") as proxy:
+        route = mail_stack.route_table()
+        route["imap"]["port"] = proxy.port
+        metrics = Metrics()
+        budget = StopBudget()
+        runner = Runner(metrics, budget=budget)
+        budget.start(3.0)  # SIGTERM: what is left of the budget bounds the cleanup
+        with capture_logs() as logs:
+            task = asyncio.create_task(runner.execute(roundtrip(route, timeout=1.0)))
+            await wait_until(lambda: proxy.wedged == 1)  # the deletion hangs
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        failed = [e for e in logs if e["event"] == "selfcheck_cleanup_failed"]
+        assert len(failed) == 1 and "next run sweeps" in failed[0]["error"]
+        assert metrics.registry.get_sample_value(
+            "selfcheck_cleanup_failures_total", {"route": "default"}) == 1
+        assert await probes_left(mail_stack) == 1
+
+        proxy.wedge_on = None  # the server answers again
+        second = await check(route, timeout=1.0)
+    assert second.success, second.error
+    assert second.late_arrivals >= 1
+    assert await probes_left(mail_stack) == 0
+
+
+@pytest.mark.parametrize("hang_up", [False, True], ids=["silent", "hang-up"])
+async def test_failed_greeting_leaves_no_aioimaplib_task_behind(
+    mail_stack: EmbeddedMailStack, hang_up: bool,
+) -> None:
+    """Failing between greeting and CAPABILITY leaves no task to print 'Lock is not acquired'."""
+    unraisable: list[str] = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}")
+    try:
+        async with greeting_only_server(close_on_command=hang_up) as port:
+            route = mail_stack.route_table()
+            route["imap"].update(port=port, connect_timeout=0.5, command_timeout=0.5)
+            for _ in range(3):
+                result = await check(route)
+                assert result.reason is FailureReason.IMAP
+        stuck = [t for t in asyncio.all_tasks() if "aioimaplib" in coroutine_file(t)]
+        assert stuck == []
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert unraisable == []
+
+
+def test_without_a_secret_one_random_secret_per_process_is_announced_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No configured secret: one random secret for the process, and one warning saying so."""
+    from daemon.roundtrip import probe
+
+    monkeypatch.setattr(probe, "_process_secret", None)
+    selfcheck = make_config(secret=None).selfcheck
+    with capture_logs() as logs:
+        first, again = probe.probe_secret(selfcheck), probe.probe_secret(selfcheck)
+    assert first == again and len(first) == 32
+    warnings = [e for e in logs if e["event"] == "selfcheck_secret_random"]
+    assert len(warnings) == 1 and "left in the mailbox" in warnings[0]["detail"]
+    assert probe.probe_secret(make_config().selfcheck) == b"test-secret-value"
+
+
+async def test_run_cancelled_while_idling_cleans_up_on_a_fresh_connection(
+    mail_stack: EmbeddedMailStack,
+) -> None:
+    """Cancelled mid-IDLE, the cleanup reconnects at once instead of queueing behind IDLE."""
+    mail_stack.smtp.drop = True  # nothing arrives: the run IDLEs until cancelled
+    async with wedging_proxy(mail_stack.imap.port) as proxy:
+        route = mail_stack.route_table()
+        route["imap"]["port"] = proxy.port  # command_timeout stays at its default, 15 s
+        with capture_logs() as logs:
+            task = asyncio.create_task(Runner().execute(roundtrip(route, cleanup_timeout=10.0)))
+            await wait_until(lambda: b"IDLE\r\n" in proxy.sent)
+            cancelled_at = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert time.monotonic() - cancelled_at < 2.0
+    steps = [e for e in logs if e["event"] == "selfcheck_step" and e["step"] == "cleanup"]
+    assert [(s["ok"], s["detail"]) for s in steps] == [(True, "0 deleted")]
+    assert not [e for e in logs if e["event"] == "selfcheck_cleanup_failed"]

@@ -103,7 +103,8 @@ class Runner:
         try:
             finished = await finish_shielded(task, timeout)
         except asyncio.CancelledError:
-            self._cleanup_outcome(result, task, timeout, task.done())
+            # By now the cleanup either ended on its own or was cut short at its bound.
+            self._cleanup_outcome(result, task, timeout, task.done() and not task.cancelled())
             raise
         self._cleanup_outcome(result, task, timeout, finished)
 

@@ -1,10 +1,25 @@
-"""One round trip over one route: prepare, IMAP connect, send, wait, verify, clean up.
+"""The round trip as a check: prepare, IMAP connect, sweep, send, wait, verify; then delete.
 
 IMAP is connected before the probe is sent: a mailbox we cannot read is found
 out without leaving a probe behind, and IDLE is already listening when the
 probe lands, so `reception_time` is measured from SMTP acceptance to the
-server's push rather than to our next poll. Cleanup runs on every path,
-including cancellation, on a fresh connection if the first one is gone.
+server's push rather than to our next poll.
+
+The runner (`daemon.checks.runner`) owns the deadline, the verdict on crashes
+and cancellation, the `selfcheck_completed` line and the metrics; `run()` only
+records its steps and the first failure. `cleanup()` deletes this run's probe
+on a fresh connection if the first one is gone or wedged.
+
+Only provable probes are ever deleted (`daemon.roundtrip.probe.is_own_probe`):
+the route header equals this route exactly and a token verifies with the
+secret for that route and run id. IMAP `SEARCH HEADER` is a substring match,
+so a search only yields candidates.
+
+Every IMAP wait of the reception phase is bounded by the reception deadline
+(SMTP acceptance + `selfcheck.timeout`): waiting for the push ends there, and
+the commands that close the phase (DONE, the last SEARCH) get `RECEIVE_GRACE`
+more. A server that stops answering mid-IDLE fails the run within
+`timeout + RECEIVE_GRACE`, not `timeout + command_timeout`.
 """
 
 from __future__ import annotations
@@ -17,224 +32,308 @@ from email.utils import parsedate_to_datetime
 
 import structlog
 
+from daemon.checks.result import CheckResult, FailureReason, Step
 from daemon.config import RouteConfig, SelfcheckConfig
 from daemon.roundtrip.imap_client import ImapError, ImapSession
 from daemon.roundtrip.probe import (
     PROBE_HEADER,
+    ROUTE_HEADER,
     IntegrityError,
     Probe,
     build_probe,
+    is_own_probe,
+    probe_run_id,
     verify_probe,
 )
-from daemon.roundtrip.result import CheckResult, FailureReason, Step
 from daemon.roundtrip.smtp_send import SendError, send_probe
 
 log = structlog.get_logger("daemon.roundtrip")
 
 Clock = Callable[[], float]
 
+# Seconds after the reception deadline for the commands that end the wait
+# (DONE and its tagged answer, the last SEARCH).
+RECEIVE_GRACE = 1.0
+# IDLE is started only with at least this much of the wait left: the server must
+# acknowledge it before the deadline. With less, a NOOP poll ends the wait.
+MIN_IDLE = 1.0
+# A probe is about 1.5 KB; a "candidate" far larger is not one (and is not downloaded).
+MAX_PROBE_SIZE = 256 * 1024
+
 
 class ReceiveTimeoutError(Exception):
     pass
 
 
-class _Steps:
-    """Times named steps into `result.steps` (shown by `check --verbose`)."""
+class RoundTrip:
+    """One route's SMTP -> mailbox round trip, as a check the runner schedules."""
 
-    def __init__(self, result: CheckResult, clock: Clock) -> None:
-        self._result = result
-        self._clock = clock
+    kind = "roundtrip"
 
-    def record(self, name: str, started: float, ok: bool, detail: str = "") -> None:
+    def __init__(
+        self,
+        route: RouteConfig,
+        selfcheck: SelfcheckConfig,
+        secret: bytes,
+        *,
+        clock: Clock = time.monotonic,
+        wall: Clock = time.time,
+    ) -> None:
+        self.route = route
+        self.selfcheck = selfcheck
+        self.secret = secret
+        self.clock = clock
+        self.wall = wall
+        # Unverifiable probe-like messages are reported once per check, then at debug.
+        self.reported_unverified = False
+
+    @property
+    def name(self) -> str:
+        return self.route.name
+
+    @property
+    def deadline(self) -> float:
+        """Seconds the verdict may take: every step's own budget, added up (no cleanup)."""
+        imap = self.route.imap
+        return (
+            imap.connect_timeout * 2  # connect + STARTTLS handshake
+            + imap.command_timeout * 4  # login, select, sweep, fetch
+            + self.route.smtp.timeout
+            + self.selfcheck.timeout
+            + RECEIVE_GRACE
+        )
+
+    @property
+    def cleanup_timeout(self) -> float:
+        return self.selfcheck.cleanup_timeout
+
+    def start(self, result: CheckResult) -> RoundTripRun:
+        return RoundTripRun(self, result)
+
+
+class RoundTripRun:
+    """One execution of a `RoundTrip`, reporting into one `CheckResult`."""
+
+    def __init__(self, check: RoundTrip, result: CheckResult) -> None:
+        self.check = check
+        self.result = result
+        self._clock = check.clock
+        self._session: ImapSession | None = None
+        self._sent = False  # from the SMTP attempt on, a probe may be in flight
+
+    def _step(self, name: str, started: float, ok: bool, detail: str = "") -> None:
         step = Step(name, self._clock() - started, ok, detail)
-        self._result.steps.append(step)
-        log.debug("selfcheck_step", route=self._result.route, step=name,
-                  duration=step.duration, ok=ok, detail=detail)
+        self.result.steps.append(step)
+        log.debug("selfcheck_step", route=self.result.route, run_id=self.result.run_id,
+                  step=name, duration=step.duration, ok=ok, detail=detail)
 
+    def _new_session(self) -> ImapSession:
+        self._session = ImapSession(self.check.route.imap, clock=self._clock)
+        return self._session
 
-async def run_roundtrip(
-    route: RouteConfig,
-    selfcheck: SelfcheckConfig,
-    secret: bytes,
-    result: CheckResult,
-    clock: Clock = time.monotonic,
-) -> None:
-    """Fill `result` with the outcome. Never raises except CancelledError."""
-    steps = _Steps(result, clock)
-    session: ImapSession | None = None
-    probe: Probe | None = None
-    sent = False
-    try:
+    async def run(self) -> None:
+        """Up to the verdict, recorded in the result; never deletes this run's probe."""
+        check, result, clock = self.check, self.result, self._clock
+        route, selfcheck = check.route, check.selfcheck
+
         t = clock()
         try:
             probe = build_probe(route=route.name, sender=route.from_, recipient=route.to,
-                                secret=secret, run_id=result.run_id)
+                                secret=check.secret, run_id=result.run_id)
         except (ValueError, TypeError) as exc:
-            steps.record("prepare", t, False, str(exc))
+            self._step("prepare", t, False, str(exc))
             result.fail(FailureReason.PREPARE, f"probe could not be built: {exc}")
             return
-        steps.record("prepare", t, True)
+        self._step("prepare", t, True)
 
         t = clock()
-        session = ImapSession(route.imap)
+        session = self._new_session()
         try:
             await session.connect()
         except ImapError as exc:
-            steps.record("imap_connect", t, False, str(exc))
+            self._step("imap_connect", t, False, str(exc))
             result.fail(FailureReason.IMAP, str(exc))
             return
-        steps.record("imap_connect", t, True)
+        self._step("imap_connect", t, True)
 
         t = clock()
         try:
-            result.late_arrivals = await _sweep_late_probes(session, route.name, selfcheck.timeout)
-            steps.record("sweep_late", t, True, f"{result.late_arrivals} deleted")
+            result.late_arrivals = await self._sweep_late_probes(session)
+            self._step("sweep_late", t, True, f"{result.late_arrivals} deleted")
         except ImapError as exc:
             # Not the probe's fault: note it as a cleanup problem and go on.
-            steps.record("sweep_late", t, False, str(exc))
+            self._step("sweep_late", t, False, str(exc))
             result.cleanup_error = f"sweeping late probes: {exc}"
-            if session.lost:
+            if not session.usable:
                 result.fail(FailureReason.IMAP, str(exc))
                 return
 
         t = clock()
-        sent = True  # from here a probe may be in flight, even if send fails
+        self._sent = True
         try:
             result.send_time = await send_probe(route.smtp, probe, route.smtp.timeout)
         except SendError as exc:
-            steps.record("smtp_send", t, False, str(exc))
+            self._step("smtp_send", t, False, str(exc))
             result.fail(FailureReason.SEND, str(exc))
             return
         accepted_at = clock()
-        steps.record("smtp_send", t, True)
+        self._step("smtp_send", t, True)
 
         try:
-            uid = await _wait_for_probe(session, probe.run_id, accepted_at + selfcheck.timeout,
-                                        clock)
+            uid = await self._wait_for_probe(session, probe, accepted_at + selfcheck.timeout)
         except ReceiveTimeoutError:
-            steps.record("receive", accepted_at, False, "timeout")
+            self._step("receive", accepted_at, False, "timeout")
             result.fail(FailureReason.RECEIVE_TIMEOUT,
                         f"probe not received within {selfcheck.timeout:g}s")
             return
         except ImapError as exc:
-            steps.record("receive", accepted_at, False, str(exc))
+            self._step("receive", accepted_at, False, str(exc))
             result.fail(FailureReason.IMAP, str(exc))
             return
         result.reception_time = clock() - accepted_at
-        steps.record("receive", accepted_at, True)
+        self._step("receive", accepted_at, True)
 
         t = clock()
         try:
             raw = await session.fetch_raw(uid)
             verify_probe(raw, probe)
         except ImapError as exc:
-            steps.record("verify", t, False, str(exc))
+            self._step("verify", t, False, str(exc))
             result.fail(FailureReason.IMAP, str(exc))
             return
         except IntegrityError as exc:
-            steps.record("verify", t, False, str(exc))
+            self._step("verify", t, False, str(exc))
             result.fail(FailureReason.INTEGRITY, f"probe integrity check failed: {exc}")
             return
-        steps.record("verify", t, True)
+        self._step("verify", t, True)
         result.success = True
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        log.exception("selfcheck_internal_error", route=route.name)
-        result.fail(FailureReason.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-    finally:
-        await _cleanup_in_background(session, route, selfcheck, result, sent, steps, clock)
 
+    async def cleanup(self) -> None:
+        """Delete this run's probe (only it), then close the session.
 
-async def _cleanup_in_background(
-    session: ImapSession | None, route: RouteConfig, selfcheck: SelfcheckConfig,
-    result: CheckResult, sent: bool, steps: _Steps, clock: Clock,
-) -> None:
-    # A task of its own, so a cancellation of the run (shutdown, hard deadline)
-    # does not also cancel the deletion of the probe; bounded by cleanup_timeout.
-    task = asyncio.ensure_future(_cleanup(session, route, result, sent, steps, clock))
-    try:
-        done, _ = await asyncio.wait({task}, timeout=selfcheck.cleanup_timeout)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    if not done:
-        task.cancel()
-        result.cleanup_error = f"cleanup did not finish within {selfcheck.cleanup_timeout:g}s"
-    elif task.exception() is not None:
-        result.cleanup_error = f"cleanup failed: {task.exception()}"
-
-
-async def _cleanup(
-    session: ImapSession | None, route: RouteConfig, result: CheckResult, sent: bool,
-    steps: _Steps, clock: Clock,
-) -> None:
-    t = clock()
-    try:
-        if sent:
-            if session is None or session.lost:
+        A session that is lost or was left with an unanswered command (a
+        wedged server) is dropped at once and a fresh one connects. If the
+        runner cancels the deletion (its time or the shutdown budget ran out),
+        that is recorded as a cleanup error: the next run's sweep removes the probe.
+        """
+        session, self._session = self._session, None
+        t = self._clock()
+        try:
+            if not self._sent:
+                return
+            if session is None or not session.usable:
                 if session is not None:
-                    await session.close()
-                session = ImapSession(route.imap)
+                    await session.drop()
+                session = self._new_session()
                 await session.connect()
             else:
                 # Some servers (pymap) show a selected session new mail only after
                 # a NOOP; without it a probe that just landed would be missed.
                 await session.noop()
-            uids = await session.search_probe(result.run_id)
-            await session.delete(uids)
-            steps.record("cleanup", t, True, f"{len(uids)} deleted")
-    except ImapError as exc:
-        steps.record("cleanup", t, False, str(exc))
-        result.cleanup_error = f"probe not deleted: {exc}"
-    finally:
-        if session is not None:
-            await session.close()
+            deleted = await self._delete_own_probe(session)
+            self._step("cleanup", t, True, f"{deleted} deleted")
+        except ImapError as exc:
+            self._step("cleanup", t, False, str(exc))
+            self.result.cleanup_error = f"probe not deleted: {exc}"
+        except asyncio.CancelledError:
+            self._step("cleanup", t, False, "interrupted")
+            self.result.cleanup_error = (
+                "probe deletion interrupted (out of time); the next run sweeps the probe"
+            )
+            raise
+        finally:
+            self._session = None
+            if session is not None:
+                if session.usable and not _cancelling():
+                    await session.close()
+                else:
+                    await session.drop()
 
+    async def _wait_for_probe(self, session: ImapSession, probe: Probe, deadline: float) -> int:
+        """Search for the probe until `deadline`; IDLE (or poll) between searches."""
+        clock = self._clock
+        answer_until = deadline + RECEIVE_GRACE
+        use_idle = session.settings.idle and session.has_capability("IDLE")
+        while True:
+            exists_before = session.exists_seen
+            uids = await session.search_probe(probe.run_id, until=answer_until)
+            if uids:
+                return uids[0]
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise ReceiveTimeoutError
+            if session.exists_seen != exists_before:
+                continue  # mail landed while we searched: look again before idling
+            if use_idle and remaining >= MIN_IDLE:
+                # Servers push EXISTS on delivery; re-IDLE at most every 25 min as RFC 2177 asks.
+                await session.idle_until_change(min(deadline, clock() + 1500.0), answer_until)
+            else:
+                await asyncio.sleep(min(session.settings.poll_interval, remaining))
+                await session.noop(until=answer_until)
 
-async def _wait_for_probe(session: ImapSession, run_id: str, deadline: float, clock: Clock) -> int:
-    """Search for the probe until `deadline`; IDLE between searches when offered."""
-    use_idle = session.settings.idle and session.has_capability("IDLE")
-    while True:
-        exists_before = session.exists_seen
-        uids = await session.search_probe(run_id)
-        if uids:
-            return uids[0]
-        remaining = deadline - clock()
-        if remaining <= 0:
-            raise ReceiveTimeoutError
-        if session.exists_seen != exists_before:
-            continue  # mail landed while we searched: look again before idling
-        if use_idle:
-            # Servers push EXISTS on delivery; re-IDLE at most every 25 min as RFC 2177 asks.
-            await session.idle_until_change(min(remaining, 1500.0))
-        else:
-            await asyncio.sleep(min(session.settings.poll_interval, remaining))
-            await session.noop()
+    async def _sweep_late_probes(self, session: ImapSession) -> int:
+        """Delete this route's provable probes of earlier runs that arrived after their timeout.
 
-
-async def _sweep_late_probes(session: ImapSession, route: str, timeout: float) -> int:
-    """Delete this route's probes from earlier runs that arrived after their timeout.
-
-    Only probes older than the timeout are touched, so a second instance's
-    in-flight probe (two tasks overlap during an ECS deployment) is left alone.
-    """
-    uids = await session.search_route_probes(route)
-    late: list[int] = []
-    now = time.time()
-    for uid in uids:
-        headers = message_from_bytes(
-            await session.fetch_headers(uid, "DATE", PROBE_HEADER.upper()), policy=policy.default
+        Only probes older than the timeout are touched, so a second instance's
+        in-flight probe (two tasks overlap during an ECS deployment) is left alone.
+        """
+        check = self.check
+        route = check.route.name
+        candidates = await session.search_route_probes(route)
+        if not candidates:
+            return 0
+        headers = await session.fetch_many(
+            candidates, f"RFC822.SIZE BODY.PEEK[HEADER.FIELDS ({ROUTE_HEADER} {PROBE_HEADER} DATE)]"
         )
-        if not headers.get(PROBE_HEADER):
-            continue  # the search matched text elsewhere; not a probe
-        try:
-            sent_at = parsedate_to_datetime(str(headers.get("Date", ""))).timestamp()
-        except (TypeError, ValueError):
-            sent_at = 0.0  # a probe with a mangled Date is stale by definition
-        if now - sent_at > timeout:
-            late.append(uid)
-    if late:
-        await session.delete(late)
-        log.warning("selfcheck_late_arrivals_deleted", route=route, count=len(late))
-    return len(late)
+        now = check.wall()
+        stale = [
+            m.uid for m in headers
+            if (m.size is None or m.size <= MAX_PROBE_SIZE)
+            and probe_run_id(m.data, route) is not None
+            and now - _sent_at(m.data) > check.selfcheck.timeout
+        ]
+        if not stale:
+            return 0
+        bodies = await session.fetch_many(stale, "BODY.PEEK[]")
+        late = [m.uid for m in bodies if is_own_probe(m.data, secret=check.secret, route=route)]
+        if late:
+            await session.delete(late)
+            log.warning("selfcheck_late_arrivals_deleted", route=route, count=len(late))
+        if unverified := len(bodies) - len(late):
+            self._report_unverified(unverified)
+        return len(late)
+
+    def _report_unverified(self, count: int) -> None:
+        detail = ("messages with this route's probe headers whose token does not verify with "
+                  "the current secret (forged, or sent with another secret); left untouched")
+        if self.check.reported_unverified:
+            log.debug("selfcheck_unverified_probes_left", route=self.check.name, count=count)
+            return
+        self.check.reported_unverified = True
+        log.warning("selfcheck_unverified_probes_left", route=self.check.name, count=count,
+                    detail=detail)
+
+    async def _delete_own_probe(self, session: ImapSession) -> int:
+        check, run_id = self.check, self.result.run_id
+        candidates = await session.search_probe(run_id)
+        if not candidates:
+            return 0
+        fetched = await session.fetch_many(candidates, "BODY.PEEK[]")
+        own = [m.uid for m in fetched
+               if is_own_probe(m.data, secret=check.secret, route=check.name, run_id=run_id)]
+        await session.delete(own)
+        return len(own)
+
+
+def _sent_at(header_block: bytes) -> float:
+    """The probe's Date as a timestamp; a mangled Date makes it stale (0)."""
+    try:
+        headers = message_from_bytes(header_block, policy=policy.default)
+        return parsedate_to_datetime(str(headers.get("Date", ""))).timestamp()
+    except Exception:  # any Date we cannot read
+        return 0.0
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -3,15 +3,34 @@
 aioimaplib has no STARTTLS, does not fail pending commands when the connection
 drops, and its `idle_start()` can wait forever on a server that closes instead
 of answering. Every call here therefore races the command against a deadline
-and against the connection-lost signal, so a hung or vanished server costs at
-most `command_timeout` and is reported as an `ImapError`.
+(the command timeout, or an absolute `until` such as the run's reception
+deadline, whichever comes first) and against the connection-lost signal, so a
+hung or vanished server is reported as an `ImapError` in bounded time.
+
+A command that timed out or was abandoned leaves aioimaplib's protocol with a
+command that never completes, so the session is then `usable` no more: the
+caller drops it (`drop()`: no LOGOUT, nothing waits on the wedged peer) and
+connects afresh.
+
+Dropping also cancels aioimaplib's own background tasks and lets them unwind
+on the running loop. Left alone, a session that failed between the greeting
+and the CAPABILITY answer keeps two coroutines inside the protocol's
+`asyncio.Condition` (`welcome()` holding the lock, `wait_hello_from_server()`
+waiting to re-acquire it) forever; when the garbage collector closes them, the
+second one's `async with` releases a lock it does not hold, and Python prints
+`Exception ignored in: <coroutine ... welcome> RuntimeError: Lock is not
+acquired.` through `sys.unraisablehook`, plus `Task was destroyed but it is
+pending!` through the loop's exception handler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aioimaplib
@@ -23,6 +42,17 @@ from daemon.roundtrip.tls import client_context
 T = TypeVar("T")
 
 _EXISTS = re.compile(rb"^\* \d+ EXISTS")
+_FETCH_START = re.compile(rb"^\d+ FETCH \(")
+_FETCH_UID = re.compile(rb"\bUID (\d+)")
+_FETCH_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+
+# How long a dropped session's cancelled tasks get to unwind.
+DROP_GRACE = 0.5
+# LOGOUT is a courtesy: never worth more than this.
+LOGOUT_TIMEOUT = 2.0
+# UIDs per UID FETCH / UID STORE, so a mailbox full of decoys cannot make a
+# command line longer than servers accept.
+UID_CHUNK = 500
 
 
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
@@ -56,6 +86,23 @@ class _Client(aioimaplib.IMAP4):  # type: ignore[misc]
             local_loop.create_connection(lambda: self.protocol, host, port, ssl=ssl_context)
         )
 
+    def background_tasks(self) -> list[asyncio.Future[Any]]:
+        """aioimaplib's own tasks: greeting, IDLE and its ack, connection set-up."""
+        tasks: list[asyncio.Future[Any]] = [*self.tasks, *self.protocol.tasks]
+        if self._client_task is not None:
+            tasks.append(self._client_task)
+        return tasks
+
+    def stop_timers(self) -> None:
+        """Cancel aioimaplib's timers, which would otherwise keep the client alive."""
+        if self._idle_waiter is not None:
+            self._idle_waiter.cancel()
+        protocol = self.protocol
+        for command in (protocol.pending_sync_command, *protocol.pending_async_commands.values()):
+            if command is not None:
+                command._timer.cancel()
+
+
 class ImapError(Exception):
     """An IMAP step failed; the message names the server and the step, never a secret."""
 
@@ -64,15 +111,31 @@ class ConnectionLostError(ImapError):
     """The server closed the connection (or it broke) while we were using it."""
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """One message of a UID FETCH: its UID, RFC822.SIZE when asked, and the literal."""
+
+    uid: int
+    size: int | None
+    data: bytes
+
+
 class ImapSession:
     """One authenticated connection with `mailbox` selected."""
 
-    def __init__(self, settings: ImapSettings) -> None:
+    def __init__(
+        self, settings: ImapSettings, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.where = f"IMAP {settings.host}:{settings.port}"
+        self._clock = clock
         self._client: _Client | None = None
         self._lost = asyncio.Event()
         self._lost_waiter: asyncio.Task[bool] | None = None
+        # Set once a command timed out, failed in the protocol or was abandoned:
+        # aioimaplib then still waits for its answer, so nothing else may be sent.
+        self._broken = False
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -85,32 +148,83 @@ class ImapSession:
             raise ImapError(f"{self.where}: not connected")
         return self._client
 
-    async def _call(self, step: str, aw: Awaitable[T], timeout: float | None = None) -> T:
-        """Await `aw` unless the deadline passes or the connection drops first."""
-        limit = self.settings.command_timeout if timeout is None else timeout
-        task = asyncio.ensure_future(aw)
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    @property
+    def usable(self) -> bool:
+        """Connected, not lost, and no command left unanswered: safe to send the next one."""
+        return self._client is not None and not self._lost.is_set() and not self._broken
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _lost_signal(self) -> asyncio.Task[bool]:
         if self._lost_waiter is None or self._lost_waiter.done():
             self._lost_waiter = asyncio.ensure_future(self._lost.wait())
+        return self._lost_waiter
+
+    async def _call(
+        self, step: str, aw: Awaitable[T], timeout: float | None = None,
+        until: float | None = None,
+    ) -> T:
+        """Await `aw` unless its time is up or the connection drops first.
+
+        The time is `timeout` (default: the command timeout), cut short by the
+        absolute `until` (on this session's clock) when that comes first.
+        """
+        limit = self.settings.command_timeout if timeout is None else timeout
+        cut_by_until = False
+        if until is not None and until - self._clock() < limit:
+            limit, cut_by_until = max(until - self._clock(), 0.0), True
+        if not self.usable:
+            if inspect.iscoroutine(aw):
+                aw.close()  # never started: nothing was sent
+            raise self._unusable(step)
+        task = asyncio.ensure_future(aw)
+        self._track(task)
+        lost = self._lost_signal()
         try:
             done, _ = await asyncio.wait(
-                {task, self._lost_waiter}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+                {task, lost}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
             )
         except asyncio.CancelledError:
             task.cancel()
+            self._broken = True
             raise
         if task in done:
             try:
                 return task.result()
             except aioimaplib.CommandTimeout:
-                raise ImapError(f"{self.where}: {step}: no answer within {limit:g}s") from None
+                self._broken = True
+                raise ImapError(self._no_answer(step, limit, cut_by_until)) from None
+            except TimeoutError:  # aioimaplib's own wait_for, racing ours
+                self._broken = True
+                raise ImapError(self._no_answer(step, limit, cut_by_until)) from None
             except (aioimaplib.Abort, aioimaplib.Error) as exc:
+                self._broken = True
                 raise ImapError(f"{self.where}: {step}: {exc}") from None
             except OSError as exc:
+                self._broken = True
                 raise ImapError(f"{self.where}: {step}: {exc.strerror or exc}") from None
         task.cancel()
+        self._broken = True
         if self._lost.is_set():
             raise ConnectionLostError(f"{self.where}: connection lost during {step}")
-        raise ImapError(f"{self.where}: {step}: no answer within {limit:g}s")
+        raise ImapError(self._no_answer(step, limit, cut_by_until))
+
+    def _no_answer(self, step: str, limit: float, cut_by_until: bool) -> str:
+        if cut_by_until:
+            return (f"{self.where}: {step}: no answer before the reception deadline "
+                    f"(waited {limit:.1f}s); the server stopped responding")
+        return f"{self.where}: {step}: no answer within {limit:g}s"
+
+    def _unusable(self, step: str) -> ImapError:
+        if self._lost.is_set():
+            return ConnectionLostError(f"{self.where}: connection lost before {step}")
+        return ImapError(f"{self.where}: {step}: session unusable after an unanswered command")
 
     @staticmethod
     def _ok(step: str, where: str, response: Any) -> Any:
@@ -154,6 +268,7 @@ class ImapSession:
         if protocol.incomplete_line:
             # Bytes after the tagged OK would be plaintext injected before the
             # handshake (CVE-2011-0411 style); refuse rather than parse them.
+            self._broken = True
             raise ImapError(f"{self.where}: data received after STARTTLS response")
         loop = asyncio.get_running_loop()
         try:
@@ -166,31 +281,48 @@ class ImapSession:
         except ImapError:
             raise
         except Exception as exc:  # ssl.SSLError and friends come out of the handshake
+            self._broken = True
             raise ImapError(f"{self.where}: TLS handshake failed: {exc}") from None
         protocol.transport = transport
         # Capabilities must be re-read after the upgrade (RFC 3501 6.2.1).
         await self._call("CAPABILITY", protocol.capability(), timeout)
 
     async def close(self) -> None:
-        """Log out politely within a short deadline, then drop the connection regardless."""
-        client, self._client = self._client, None
+        """Log out politely if the session is healthy (briefly), then drop it."""
+        client = self._client
         if client is None:
             return
         try:
-            if not self._lost.is_set() and client.get_state() in ("AUTH", "SELECTED", "NONAUTH"):
-                await asyncio.wait_for(client.logout(), timeout=2.0)
-        except Exception:  # noqa: S110 - best effort; the transport is closed below
+            if self.usable and client.get_state() in ("AUTH", "SELECTED", "NONAUTH"):
+                limit = min(LOGOUT_TIMEOUT, self.settings.command_timeout)
+                await asyncio.wait_for(client.logout(), timeout=limit)
+        except Exception:  # noqa: S110 - best effort; the session is dropped below
             pass
         finally:
-            transport = client.protocol.transport
-            if transport is not None:
-                transport.close()
-            if self._lost_waiter is not None:
-                self._lost_waiter.cancel()
+            await self.drop()
 
-    @property
-    def lost(self) -> bool:
-        return self._lost.is_set()
+    async def drop(self) -> None:
+        """Abandon the connection now: no LOGOUT, nothing waits on the peer.
+
+        Every task still working on this connection (ours and aioimaplib's) is
+        cancelled and given `DROP_GRACE` to unwind here, on the running loop,
+        instead of being closed later by the garbage collector (see the module
+        docstring).
+        """
+        client, self._client = self._client, None
+        self._broken = True
+        if client is None:
+            return
+        transport = client.protocol.transport
+        if transport is not None:
+            transport.abort()
+        client.stop_timers()
+        pending = [t for t in (*self._tasks, *client.background_tasks(), self._lost_waiter)
+                   if t is not None and not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=DROP_GRACE)
 
     def has_capability(self, name: str) -> bool:
         return name in self.client.protocol.capabilities
@@ -203,23 +335,20 @@ class ImapSession:
 
     # -- mailbox operations --------------------------------------------------------------
 
-    async def search_header(self, header: str, value: str) -> list[int]:
-        """UIDs of messages whose `header` contains `value`."""
+    async def search_header(self, header: str, value: str, until: float | None = None) -> list[int]:
+        """UIDs of messages whose `header` contains `value` (a substring match: candidates)."""
         response = await self._call(
-            "UID SEARCH", self.client.uid_search("HEADER", header, _quote(value), charset=None)
+            "UID SEARCH", self.client.uid_search("HEADER", header, _quote(value), charset=None),
+            until=until,
         )
         self._ok("UID SEARCH", self.where, response)
-        uids: list[int] = []
-        for line in response.lines[:-1]:
-            text = line.decode(errors="replace").removeprefix("SEARCH")
-            uids += [int(tok) for tok in text.split() if tok.isdigit()]
-        return uids
+        return _search_uids(response.lines[:-1])
 
     async def search_route_probes(self, route: str) -> list[int]:
         return await self.search_header(ROUTE_HEADER, route)
 
-    async def search_probe(self, run_id: str) -> list[int]:
-        return await self.search_header(PROBE_HEADER, run_id)
+    async def search_probe(self, run_id: str, until: float | None = None) -> list[int]:
+        return await self.search_header(PROBE_HEADER, run_id, until)
 
     async def fetch_raw(self, uid: int) -> bytes:
         """The whole message, without setting \\Seen."""
@@ -233,16 +362,28 @@ class ImapSession:
                 return bytes(line)
         raise ImapError(f"{self.where}: UID FETCH {uid} returned no message body")
 
-    async def fetch_headers(self, uid: int, *names: str) -> bytes:
-        fields = " ".join(names)
-        items = f"(BODY.PEEK[HEADER.FIELDS ({fields})])"
-        response = await self._call("UID FETCH", self.client.uid("fetch", str(uid), items))
-        self._ok("UID FETCH", self.where, response)
-        literals = [bytes(x) for x in response.lines if isinstance(x, bytearray)]
-        return literals[0] if literals else b""
+    async def fetch_many(self, uids: Iterable[int], items: str) -> list[Fetched]:
+        """One UID FETCH of `items` (one literal, e.g. `BODY.PEEK[...]`) for all `uids`.
+
+        `items` must not set \\Seen (use BODY.PEEK). Messages the server did not
+        return (expunged meanwhile) are simply absent.
+        """
+        out: list[Fetched] = []
+        for chunk in _chunks(sorted(set(uids))):
+            uid_set = ",".join(str(u) for u in chunk)
+            response = await self._call(
+                "UID FETCH", self.client.uid("fetch", uid_set, f"(UID {items})")
+            )
+            self._ok("UID FETCH", self.where, response)
+            out += [m for m in _parse_fetch(response.lines[:-1]) if m.uid in chunk]
+        return out
 
     async def delete(self, uids: list[int]) -> None:
         """Delete exactly `uids`: UID EXPUNGE with UIDPLUS, else a guarded EXPUNGE."""
+        for chunk in _chunks(sorted(set(uids))):
+            await self._delete(chunk)
+
+    async def _delete(self, uids: list[int]) -> None:
         if not uids:
             return
         uid_set = ",".join(str(u) for u in uids)
@@ -259,10 +400,7 @@ class ImapSession:
             "UID SEARCH", self.client.uid_search("DELETED", charset=None)
         )
         self._ok("UID SEARCH", self.where, flagged)
-        others = {
-            int(tok) for line in flagged.lines[:-1]
-            for tok in line.decode(errors="replace").split() if tok.isdigit()
-        } - set(uids)
+        others = set(_search_uids(flagged.lines[:-1])) - set(uids)
         if others:
             raise ImapError(
                 f"{self.where}: no UIDPLUS and {len(others)} other message(s) are flagged "
@@ -270,27 +408,78 @@ class ImapSession:
             )
         self._ok("EXPUNGE", self.where, await self._call("EXPUNGE", self.client.expunge()))
 
-    async def noop(self) -> None:
-        self._ok("NOOP", self.where, await self._call("NOOP", self.client.noop()))
+    async def noop(self, until: float | None = None) -> None:
+        self._ok("NOOP", self.where, await self._call("NOOP", self.client.noop(), until=until))
 
-    async def idle_until_change(self, timeout: float) -> None:
-        """IDLE until the server pushes anything or `timeout` passes, then DONE."""
+    async def idle_until_change(self, wait_until: float, answer_until: float) -> None:
+        """IDLE until the server pushes anything or `wait_until`, then DONE.
+
+        Both are absolute times on the session's clock. The server must
+        acknowledge IDLE by `wait_until` and answer DONE by `answer_until`;
+        otherwise this raises `ImapError` and the session is no longer usable.
+        """
         client = self.client
-        idle = await self._call("IDLE", client.idle_start(timeout=max(timeout, 0.01)))
+        # aioimaplib's own push timer only has to outlast ours.
+        push_timer = max(wait_until - self._clock(), 0.0) + 60.0
+        idle = await self._call("IDLE", client.idle_start(timeout=push_timer), until=wait_until)
+        self._track(idle)
         try:
-            await self._call("IDLE wait", client.wait_server_push(timeout=timeout + 1.0),
-                             timeout=timeout)
-        except ConnectionLostError:
+            await self._wait_push(client, wait_until)
+        except BaseException:
+            self._broken = True  # cancelled while IDLE is still on: nothing else may be sent
             raise
-        except ImapError:
-            pass  # nothing pushed within `timeout`: the caller searches anyway
-        finally:
-            if not self._lost.is_set() and client.has_pending_idle():
-                client.idle_done()
         if self._lost.is_set():
+            self._broken = True
             raise ConnectionLostError(f"{self.where}: connection lost during IDLE")
+        if client.has_pending_idle():
+            client.idle_done()
         # Wait for the tagged end of IDLE so the next command is not rejected.
-        await self._call("IDLE done", idle)
+        await self._call("IDLE done", idle, until=answer_until)
+
+    async def _wait_push(self, client: _Client, until: float) -> None:
+        """Until the server pushes a line, the connection drops, or `until`."""
+        push: asyncio.Task[Any] = asyncio.ensure_future(client.protocol.idle_queue.get())
+        self._track(push)
+        try:
+            await asyncio.wait(
+                {push, self._lost_signal()}, timeout=max(until - self._clock(), 0.0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            push.cancel()
+
+
+def _search_uids(lines: Iterable[bytes]) -> list[int]:
+    uids: list[int] = []
+    for line in lines:
+        text = bytes(line).decode(errors="replace").removeprefix("SEARCH")
+        uids += [int(tok) for tok in text.split() if tok.isdigit()]
+    return uids
+
+
+def _parse_fetch(lines: Iterable[bytes]) -> list[Fetched]:
+    """Group aioimaplib's FETCH lines per message: text lines are bytes, literals bytearray."""
+    messages: list[tuple[bytearray, list[bytes]]] = []
+    for line in lines:
+        if isinstance(line, bytearray):
+            if messages:
+                messages[-1][1].append(bytes(line))
+        elif _FETCH_START.match(line):
+            messages.append((bytearray(line), []))
+        elif messages:
+            messages[-1][0].extend(b" " + line)
+    out: list[Fetched] = []
+    for text, literals in messages:
+        uid = _FETCH_UID.search(text)
+        if uid is None or not literals:
+            continue  # an unsolicited FETCH (a flag change), not an answer to ours
+        size = _FETCH_SIZE.search(text)
+        out.append(Fetched(int(uid.group(1)), int(size.group(1)) if size else None, literals[0]))
+    return out
+
+
+def _chunks(uids: list[int]) -> list[list[int]]:
+    return [uids[i:i + UID_CHUNK] for i in range(0, len(uids), UID_CHUNK)]
 
 
 def _quote(value: str) -> str:

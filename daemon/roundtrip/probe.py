@@ -1,30 +1,68 @@
-"""Build a probe message and verify what came back.
+"""Build a probe message, verify what came back, and prove a message is our own probe.
 
-The body carries a per-run token: a random nonce plus an HMAC of it keyed with
-the configured secret. The secret itself never leaves the process (it would
-otherwise sit in a mailbox and in every MTA's queue), yet only a holder of the
-secret can mint a token that verifies. The `X-Selfcheck-Id` header lets the
-cleanup find probes, and only probes, by an IMAP header search.
+The body carries a per-run token: a random nonce plus an HMAC keyed with the
+configured secret over the route, the run id and the nonce. The secret itself
+never leaves the process (it would otherwise sit in a mailbox and in every
+MTA's queue), yet only a holder of the secret can mint a token that verifies,
+and a token minted for one route or run does not verify for another.
+
+The `X-Selfcheck-Id` and `X-Selfcheck-Route` headers let the daemon find
+candidates by an IMAP header search, but a search only finds candidates:
+`is_own_probe` decides what may be deleted (exact route, run id present, a
+token that verifies), so forged headers, another route's probes and
+probe-like text are never touched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from email.utils import format_datetime, make_msgid
+
+import structlog
+
+from daemon.config import SelfcheckConfig
 
 PROBE_HEADER = "X-Selfcheck-Id"
 ROUTE_HEADER = "X-Selfcheck-Route"
+
+log = structlog.get_logger("daemon.roundtrip")
+
+# A nonce from token_urlsafe(12) (16 characters) and 32 hex digits of MAC.
+_TOKEN = re.compile(r"(?<![A-Za-z0-9_-])([A-Za-z0-9_-]{16})\.([0-9a-f]{32})(?![0-9a-f])")
+_MAC_HEX = 32
+
+# The secret this process uses when none is configured: one per process, so a
+# reload does not orphan the probes in flight.
+_process_secret: bytes | None = None
+
+
+def probe_secret(selfcheck: SelfcheckConfig) -> bytes:
+    """The configured secret, or one random secret for this process (logged once)."""
+    global _process_secret
+    if selfcheck.secret is not None:
+        return selfcheck.secret.get_secret_value().encode()
+    if _process_secret is None:
+        _process_secret = secrets.token_bytes(32)
+        log.warning(
+            "selfcheck_secret_random",
+            detail="no selfcheck secret configured (set selfcheck.secret, secret_file or "
+            "secret_env): probes of this process verify, but late probes left by an earlier "
+            "process cannot be proven ours and are left in the mailbox",
+        )
+    return _process_secret
 
 
 @dataclass(frozen=True)
 class Probe:
     run_id: str
+    route: str
     token: str
     message_id: str
     subject: str
@@ -37,19 +75,25 @@ class IntegrityError(Exception):
     """The received probe differs from what was sent; the message names the check."""
 
 
-def new_run_id() -> str:
-    return secrets.token_hex(6)
+def _mac(secret: bytes, route: str, run_id: str, nonce: str) -> str:
+    data = f"{route}\n{run_id}\n{nonce}".encode()
+    return hmac.new(secret, data, hashlib.sha256).hexdigest()[:_MAC_HEX]
 
 
-def make_token(secret: bytes, run_id: str) -> str:
+def make_token(secret: bytes, route: str, run_id: str) -> str:
+    """`<nonce>.<mac>`: verifies only with `secret` for this `route` and `run_id`."""
     nonce = secrets.token_urlsafe(12)
-    mac = hmac.new(secret, f"{run_id}.{nonce}".encode(), hashlib.sha256).hexdigest()[:32]
-    return f"{nonce}.{mac}"
+    return f"{nonce}.{_mac(secret, route, run_id, nonce)}"
+
+
+def verify_token(secret: bytes, route: str, run_id: str, token: str) -> bool:
+    nonce, _, mac = token.partition(".")
+    return hmac.compare_digest(mac, _mac(secret, route, run_id, nonce))
 
 
 def build_probe(*, route: str, sender: str, recipient: str, secret: bytes, run_id: str) -> Probe:
     """A multipart/alternative probe with the token in both the text and HTML parts."""
-    token = make_token(secret, run_id)
+    token = make_token(secret, route, run_id)
     domain = sender.rpartition("@")[2]
     # An explicit domain: make_msgid's default resolves the host name (blocking DNS).
     message_id = make_msgid(idstring=run_id, domain=domain)
@@ -80,7 +124,7 @@ def build_probe(*, route: str, sender: str, recipient: str, secret: bytes, run_i
         "</body></html>\n",
         subtype="html",
     )
-    return Probe(run_id, token, message_id, subject, sender, recipient, msg)
+    return Probe(run_id, route, token, message_id, subject, sender, recipient, msg)
 
 
 def verify_probe(raw: bytes, probe: Probe) -> None:
@@ -90,6 +134,7 @@ def verify_probe(raw: bytes, probe: Probe) -> None:
         raise IntegrityError(f"MIME structure is malformed: {msg.defects[0].__class__.__name__}")
     expected = {
         PROBE_HEADER: probe.run_id,
+        ROUTE_HEADER: probe.route,
         "Message-ID": probe.message_id,
         "Subject": probe.subject,
         "From": probe.sender,
@@ -118,3 +163,60 @@ def verify_probe(raw: bytes, probe: Probe) -> None:
             raise IntegrityError(f"the {ctype} part cannot be decoded: {exc}") from None
         if probe.token not in content:
             raise IntegrityError(f"the token is missing from the {ctype} part")
+
+
+def _single_value(msg: Message, name: str) -> str | None:
+    """The header's value if it is present and every copy of it agrees, else None."""
+    values = {str(v).strip() for v in msg.get_all(name, [])}
+    return values.pop() if len(values) == 1 else None
+
+
+def probe_run_id(header_block: bytes, route: str) -> str | None:
+    """The run id of a probe header block naming exactly `route`, else None.
+
+    A cheap first filter on fetched headers; deletion still needs `is_own_probe`.
+    """
+    try:
+        msg = message_from_bytes(header_block, policy=policy.default)
+        if _single_value(msg, ROUTE_HEADER) != route:
+            return None
+        return _single_value(msg, PROBE_HEADER) or None
+    except Exception:  # mail from anyone: a parser bug must not fail the run
+        return None
+
+
+def is_own_probe(raw: bytes, *, secret: bytes, route: str, run_id: str | None = None) -> bool:
+    """True only if `raw` is provably a probe this daemon sent for `route`.
+
+    Its `X-Selfcheck-Route` equals `route` exactly, its `X-Selfcheck-Id` is
+    present (and equals `run_id` when given), and a token in its text/plain or
+    text/html part verifies with `secret` for that route and run id. One
+    verifying part is enough: a probe whose other part was altered in transit
+    is still ours to delete.
+    """
+    try:
+        return _is_own_probe(raw, secret, route, run_id)
+    except Exception:  # mail from anyone: what we cannot parse is not provably ours
+        return False
+
+
+def _is_own_probe(raw: bytes, secret: bytes, route: str, run_id: str | None) -> bool:
+    msg = message_from_bytes(raw, policy=policy.default)
+    if _single_value(msg, ROUTE_HEADER) != route:
+        return False
+    probe_id = _single_value(msg, PROBE_HEADER)
+    if not probe_id or (run_id is not None and probe_id != run_id):
+        return False
+    for part in msg.walk():
+        if part.is_multipart() or part.get_content_type() not in ("text/plain", "text/html"):
+            continue
+        try:
+            content = part.get_content()
+        except (LookupError, ValueError, AssertionError):
+            continue
+        if not isinstance(content, str):
+            continue
+        for match in _TOKEN.finditer(content):
+            if verify_token(secret, route, probe_id, match.group(0)):
+                return True
+    return False
