@@ -124,6 +124,23 @@ def leak_config(tmp_path: Path, stack: EmbeddedMailStack, maillog: Path, listen:
     )
 
 
+@contextlib.asynccontextmanager
+async def running_leak_daemon(
+    tmp_path: Path, stack: EmbeddedMailStack,
+) -> AsyncIterator[tuple[Daemon, Path, Path]]:
+    """A daemon from a config file with a file leak watcher: (daemon, config path, maillog)."""
+    maillog = tmp_path / "maillog"
+    maillog.write_text("")
+    path = tmp_path / "c.toml"
+    path.write_text(leak_config(tmp_path, stack, maillog, "127.0.0.1:0"))
+    daemon = Daemon(load_config(path, {}), path)
+    await daemon.start()
+    try:
+        yield daemon, path, maillog
+    finally:
+        await daemon.shutdown()
+
+
 async def test_sighup_applies_leakwatch_listen_and_logging(
     mail_stack: EmbeddedMailStack, tmp_path: Path, unused_tcp_port: int,
 ) -> None:
@@ -173,41 +190,30 @@ async def test_sighup_with_a_port_in_use_changes_nothing(
     """A listen address that cannot be bound refuses the whole reload, naming the key."""
     blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     taken = blocker.sockets[0].getsockname()[1]
-    maillog = tmp_path / "maillog"
-    maillog.write_text("")
-    path = tmp_path / "c.toml"
-    path.write_text(leak_config(tmp_path, mail_stack, maillog, "127.0.0.1:0"))
-    daemon = Daemon(load_config(path, {}), path)
-    await daemon.start()
     try:
-        before = daemon.status()["config"]
-        path.write_text(leak_config(tmp_path, mail_stack, tmp_path / "other.log",
-                                    f"127.0.0.1:{taken}", level="debug"))
-        with capture_logs() as logs:
-            assert await daemon.reload() is False
-        [refused] = [e for e in logs if e["event"] == "config_reload_rejected"]
-        assert refused["problem"].startswith(f"server.listen: cannot listen on 127.0.0.1:{taken}")
-        assert daemon.status()["config"] == before
-        assert daemon.leakwatch is not None
-        assert daemon.leakwatch.config.file.path == maillog
-        assert daemon.metrics.config_reload_ok._value.get() == 0
-        assert (await get(daemon.listen_port, "/healthz"))[0] == 200
+        async with running_leak_daemon(tmp_path, mail_stack) as (daemon, path, maillog):
+            before = daemon.status()["config"]
+            path.write_text(leak_config(tmp_path, mail_stack, tmp_path / "other.log",
+                                        f"127.0.0.1:{taken}", level="debug"))
+            with capture_logs() as logs:
+                assert await daemon.reload() is False
+            [refused] = [e for e in logs if e["event"] == "config_reload_rejected"]
+            assert refused["problem"].startswith(
+                f"server.listen: cannot listen on 127.0.0.1:{taken}")
+            assert daemon.status()["config"] == before
+            assert daemon.leakwatch is not None
+            assert daemon.leakwatch.config.file.path == maillog
+            assert daemon.metrics.config_reload_ok._value.get() == 0
+            assert (await get(daemon.listen_port, "/healthz"))[0] == 200
     finally:
         blocker.close()
-        await daemon.shutdown()
 
 
 async def test_sighup_refuses_switching_to_stdin(
     mail_stack: EmbeddedMailStack, tmp_path: Path,
 ) -> None:
     """A key that cannot change live refuses the reload with one line naming it."""
-    maillog = tmp_path / "maillog"
-    maillog.write_text("")
-    path = tmp_path / "c.toml"
-    path.write_text(leak_config(tmp_path, mail_stack, maillog, "127.0.0.1:0"))
-    daemon = Daemon(load_config(path, {}), path)
-    await daemon.start()
-    try:
+    async with running_leak_daemon(tmp_path, mail_stack) as (daemon, path, _maillog):
         path.write_text(path.read_text().replace('source = "file"', 'source = "stdin"'))
         with capture_logs() as logs:
             assert await daemon.reload() is False
@@ -216,8 +222,6 @@ async def test_sighup_refuses_switching_to_stdin(
             "(standard input is read once; restart selfcheckd)"]
         assert daemon.config.leakwatch is not None
         assert daemon.config.leakwatch.source == "file"
-    finally:
-        await daemon.shutdown()
 
 
 async def test_reload_drops_the_series_of_a_removed_route(
