@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +27,10 @@ from daemon.logwatch.sources.file import (
     split_lines,
 )
 
-needs_non_root = pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
+# Root reads a chmod 000 file anyway: as root (CI), these tests run once more
+# as `nobody`, by test_permission_tests_pass_without_root_privileges.
+needs_non_root = pytest.mark.skipif(
+    os.geteuid() == 0, reason="root reads a chmod 000 file; re-run as nobody instead")
 
 
 def _append(path: Path, text: str) -> None:
@@ -612,3 +617,16 @@ def test_no_line_duplicated_or_lost_across_rotations_truncations_restarts(
     """Appends, rotations, truncations, restarts: each line once, in order, unless copied unread."""
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(_scenario(Path(directory), ops, budget))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="without root the permission tests run directly")
+def test_permission_tests_pass_without_root_privileges() -> None:
+    """As root, the chmod 000 tests run as `nobody` (setpriv), who cannot read the file."""
+    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+               sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               str(Path(__file__).resolve()), "-k", "unreadable"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HOME": tempfile.gettempdir()}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2], check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout, result.stdout
