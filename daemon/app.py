@@ -27,6 +27,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -118,7 +119,7 @@ class Daemon:
         self.results: dict[str, CheckResult] = {}
         self.checks = self._checks(self.config)
         self.scheduler = Scheduler(
-            self._jobs(), on_skip=self._on_skip,
+            self._jobs(), clock=clock, sleep=sleep, on_skip=self._on_skip,
             on_deadline=lambda name: log.error("selfcheck_deadline_cancelled", route=name),
             on_crash=lambda _name: self.metrics.internal_errors.labels(
                 kind="scheduled_job").inc())
@@ -129,7 +130,6 @@ class Daemon:
         self.ready = False
         self.stopping = False
         self._supervising: asyncio.Task[None] | None = None
-        self._restore_hooks: Callable[[], None] | None = None
 
     # -- building -----------------------------------------------------------------------
 
@@ -154,7 +154,12 @@ class Daemon:
                 return
             run_id = new_run_id()
             self.heartbeats.run_started(name, run_id)
-            await self.runner.execute(check, run_id)
+            try:
+                await self.runner.execute(check, run_id)
+            finally:
+                if name not in self.checks:  # removed by a reload while this run was going
+                    self.metrics.forget_route(name)
+                    self.results.pop(name, None)
         return run
 
     def _leakwatch(self, config: Config, handover: LeakWatch | None = None) -> LeakWatch | None:
@@ -172,6 +177,8 @@ class Daemon:
                           config.server.port, sleep=self._sleep)
 
     def _on_result(self, result: CheckResult) -> None:
+        if result.route not in self.checks:
+            return  # a reload removed the route while this run was going
         self.results[result.route] = result
         self.heartbeats.run_finished(result)
 
@@ -240,9 +247,9 @@ class Daemon:
     async def start(self) -> None:
         """Listen, restore the leak watcher, start every component. Raises OSError on bind."""
         await self.http.bind()
-        self._restore_hooks = install_exception_hooks(asyncio.get_running_loop(), self.metrics)
         if self.leakwatch is not None:
             self.leakwatch.open()
+            await self.leakwatch.prime()
         self.supervisor.start(self.http)
         self.supervisor.start(ScheduledChecks(self.scheduler))
         self.supervisor.start(self.heartbeats)
@@ -271,7 +278,7 @@ class Daemon:
             await self.supervisor.remove(self.leakwatch.source_loop.name,
                                          timeout=min(1.0, self.budget.remaining()))
         await self._finish_runs(cleanup, final)
-        if self.leakwatch is not None:
+        if self.leakwatch is not None and self.leakwatch.opened:
             await self._close_leakwatch(self.leakwatch)
         await self.heartbeats.close(grace=min(2.0, self.budget.remaining()))
         self.supervisor.stop()
@@ -283,8 +290,6 @@ class Daemon:
             elif self._supervising.exception() is not None:
                 log.error("supervisor_failed", exc_info=self._supervising.exception())
         await self.http.close()  # if the http component never ran
-        if self._restore_hooks is not None:
-            self._restore_hooks()
         log.info("selfcheckd_stopped")
 
     async def _finish_runs(self, cleanup: float, final: float) -> None:
@@ -314,6 +319,14 @@ class Daemon:
 
     async def reload(self) -> bool:
         """SIGHUP: apply the file's configuration completely, or not at all."""
+        try:
+            return await self._reload()
+        except Exception as exc:  # a bug: say so, keep running with what is in force
+            log.exception("config_reload_failed")
+            self.metrics.internal_errors.labels(kind="reload").inc()
+            return self._refuse([f"reload failed: {type(exc).__name__}: {exc}"])
+
+    async def _reload(self) -> bool:
         try:
             new = load_config(self.config_path).config
         except ConfigError as exc:
@@ -386,10 +399,11 @@ class Daemon:
             for component in old.components():
                 await self.supervisor.remove(component.name, timeout=SWAP_TIMEOUT)
             handover = old.snapshot()
-            await old.close()
+            await old.close(timeout=SWAP_TIMEOUT)
         self.leakwatch = self._leakwatch(new, handover=old)
         if self.leakwatch is not None:
             self.leakwatch.open(handover)
+            await self.leakwatch.prime()
             for component in self.leakwatch.components():
                 self.supervisor.start(component)
 
@@ -401,12 +415,19 @@ def _changed_sections(old: Config, new: Config) -> list[str]:
 
 async def _main(loaded: LoadedConfig, config_path: Path | None) -> int:
     daemon = Daemon(loaded, config_path)
+    install_exception_hooks(asyncio.get_running_loop(), daemon.metrics)
     try:
         await daemon.start()
     except OSError as exc:
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         print(f"selfcheckd: cannot listen on {daemon.config.server.listen}: {why} "
               "(set [server] listen or SELFCHECKD_LISTEN)", file=sys.stderr)
+        await daemon.shutdown()
+        return EXIT_STARTUP
+    except Exception as exc:  # a bug: one line on stderr, the traceback in the log
+        log.exception("selfcheckd_start_failed")
+        print(f"selfcheckd: could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        await daemon.shutdown()
         return EXIT_STARTUP
 
     loop = asyncio.get_running_loop()
@@ -421,6 +442,7 @@ async def _main(loaded: LoadedConfig, config_path: Path | None) -> int:
             log.warning("selfcheckd_forced_exit", signal=signame)
             os._exit(EXIT_FORCED)
         log.info("selfcheckd_signal", signal=signame)
+        daemon.budget.start(daemon.config.shutdown_grace)  # the budget runs from the signal
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -431,13 +453,27 @@ async def _main(loaded: LoadedConfig, config_path: Path | None) -> int:
             await _first(stop.wait(), reload.wait())
             if reload.is_set() and not stop.is_set():
                 reload.clear()
-                await daemon.reload()
+                await _reload_unless_stopped(daemon, stop)
         await daemon.shutdown()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
     return EXIT_OK
+
+
+async def _reload_unless_stopped(daemon: Daemon, stop: asyncio.Event) -> None:
+    """Reload; a SIGTERM meanwhile wins (the process stops, a half-done reload is moot)."""
+    task = asyncio.create_task(daemon.reload(), name="reload")
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            log.warning("config_reload_interrupted", why="stopping")
+            task.cancel()
+        await asyncio.wait({task, stopped})
 
 
 async def _first(*aws: Awaitable[Any]) -> None:
@@ -452,4 +488,8 @@ async def _first(*aws: Awaitable[Any]) -> None:
 
 
 def serve(loaded: LoadedConfig, config_path: Path | None = None) -> int:
-    return asyncio.run(_main(loaded, config_path))
+    previous = sys.unraisablehook, threading.excepthook
+    try:
+        return asyncio.run(_main(loaded, config_path))
+    finally:  # after asyncio.run's own teardown, which may still report through them
+        sys.unraisablehook, threading.excepthook = previous

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 import traceback
 from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, TextIO
@@ -94,7 +95,8 @@ def install_exception_hooks(
 
     The event loop's handler gets exceptions of tasks nobody awaited and of
     callbacks; `sys.unraisablehook` gets those raised where nothing can catch
-    them (a coroutine's `finally` during garbage collection, `__del__`).
+    them (a coroutine's `finally` during garbage collection, `__del__`);
+    `threading.excepthook` those of threads (the stdin reader, state writes).
     """
     hooks_log = structlog.get_logger("daemon.internal")
 
@@ -108,6 +110,13 @@ def install_exception_hooks(
         hooks_log.error("event_loop_error", msg=str(context.get("message", "")),
                         exc_info=exc if isinstance(exc, BaseException) else None)
 
+    def thread_exception(args: threading.ExceptHookArgs) -> None:
+        count("thread")
+        exc = args.exc_value
+        hooks_log.error("thread_exception",
+                        msg=f"in thread {args.thread.name if args.thread else '?'}",
+                        exc_info=exc if isinstance(exc, BaseException) else None)
+
     def unraisable(info: Any) -> None:
         count("unraisable")
         exc = info.exc_value
@@ -118,13 +127,14 @@ def install_exception_hooks(
                           if exc else None)
 
     previous_handler = loop.get_exception_handler()
-    previous_hook = sys.unraisablehook
+    previous_hooks = sys.unraisablehook, threading.excepthook
     loop.set_exception_handler(loop_handler)
     sys.unraisablehook = unraisable
+    threading.excepthook = thread_exception
 
     def undo() -> None:
         if not loop.is_closed():
             loop.set_exception_handler(previous_handler)
-        sys.unraisablehook = previous_hook
+        sys.unraisablehook, threading.excepthook = previous_hooks
 
     return undo

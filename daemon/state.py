@@ -122,7 +122,7 @@ class StateFile:
         if self.path is None:
             return None
         try:
-            text = self.path.read_text(encoding="utf-8")
+            data = self.path.read_bytes()
         except FileNotFoundError:
             log.info("state_file_absent", path=str(self.path))
             return None
@@ -130,9 +130,12 @@ class StateFile:
             self.quarantine(f"cannot read: {exc.strerror}")
             return None
         try:
-            return parse_state(json.loads(text))
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError too
-            self.quarantine(str(exc))
+            return parse_state(json.loads(data))
+        except ValueError as exc:  # bad JSON, bad UTF-8 and a wrong shape are all ValueErrors
+            self.quarantine(f"{type(exc).__name__}: {exc}"[:300])
+            return None
+        except RecursionError:
+            self.quarantine("nested too deeply")
             return None
 
     def quarantine(self, why: str) -> Path | None:

@@ -41,18 +41,28 @@ class StopBudget:
         return max(0.0, self._ends_at - reserve - self._clock())
 
 
-async def finish_shielded(task: asyncio.Task[Any], timeout: float) -> bool:
+async def finish_shielded(
+    task: asyncio.Task[Any], timeout: float, allowed: Callable[[], float] | None = None,
+) -> bool:
     """Wait up to `timeout` s for `task`, even if we are cancelled meanwhile.
 
     Used for work that must not be abandoned half-way (deleting a probe): a
     cancellation of the caller is held back until the task ends or the time is
-    up, then re-raised. A task still running at the deadline is cancelled and
-    given `CANCEL_GRACE` to unwind. True if the task finished on its own.
+    up, then re-raised. `allowed()` is asked again at every cancellation and can
+    only shorten the wait: a shutdown that starts while the task runs brings its
+    deadline forward to what the budget has left. A task still running at the
+    deadline is cancelled and given `CANCEL_GRACE` to unwind. True if the task
+    finished on its own.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     cancelled = False
-    while not task.done() and (left := deadline - loop.time()) > 0:
+    while not task.done():
+        if allowed is not None:
+            deadline = min(deadline, loop.time() + allowed())
+        left = deadline - loop.time()
+        if left <= 0:
+            break
         try:
             await asyncio.wait({task}, timeout=left)
         except asyncio.CancelledError:

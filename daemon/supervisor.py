@@ -42,6 +42,11 @@ Sleep = Callable[[float], Awaitable[None]]
 HEALTHY_RUN = 300.0
 
 
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Component(Protocol):
     """A long-running loop the supervisor owns."""
 
@@ -256,9 +261,14 @@ class Supervisor:
             try:
                 await component.run(progress)
             except asyncio.CancelledError:
-                state.state = "stopped"
-                progress.down("stopped")
-                raise
+                if _being_cancelled():
+                    state.state = "stopped"
+                    progress.down("stopped")
+                    raise
+                # Nobody cancelled us: a cancellation leaked out of the component's own
+                # awaits. It is as dead as after a crash.
+                why = "CancelledError escaped the component"
+                crashed = True
             except Exception as exc:
                 why = f"{type(exc).__name__}: {exc}"
                 crashed = True

@@ -85,3 +85,12 @@ def test_parse_names_the_bad_section() -> None:
     """The ValueError says where the document went wrong."""
     with pytest.raises(ValueError, match=r"^cloudwatch"):
         parse_state({"version": 1, "cloudwatch": {"seen": 5}})
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8 \x80", b"[" * 100_000])
+def test_undecodable_or_absurdly_nested_file_is_quarantined(tmp_path: Path, content: bytes) -> None:
+    """Bytes that are not UTF-8, or JSON nested past the recursion limit, are moved aside too."""
+    path = tmp_path / "leakwatch.json"
+    path.write_bytes(content)
+    assert state_file(path).load() is None
+    assert (tmp_path / "leakwatch.json.corrupt-20261123T193153Z").read_bytes() == content

@@ -171,3 +171,26 @@ def test_a_name_is_supervised_once() -> None:
     sup.start(Worker())
     with pytest.raises(ValueError, match="already supervised"):
         sup.start(Worker())
+
+
+async def test_a_stray_cancellation_is_a_death_not_a_stop(
+    running: tuple[Supervisor, FakeClock, Metrics],
+) -> None:
+    """A CancelledError nobody asked for (leaked from an inner await) restarts the component."""
+    sup, clock, metrics = running
+
+    class Leaky(Worker):
+        async def run(self, progress: Progress) -> None:
+            if self.starts == 0:
+                self.starts += 1
+                raise asyncio.CancelledError  # e.g. awaiting a future someone else cancelled
+            await super().run(progress)
+
+    worker = Leaky()
+    sup.start(worker)
+    await clock.settle()
+    assert sup.problems() == {
+        "worker": "crashed, restarting (CancelledError escaped the component)"}
+    await clock.advance(1.0)
+    assert worker.starts == 2
+    assert sample(metrics, "selfcheckd_component_restarts_total", "worker") == 1

@@ -68,20 +68,27 @@ class Runner:
         try:
             async with asyncio.timeout(check.deadline) as scope:
                 await run.run()
-        except TimeoutError:
-            if not scope.expired():
-                raise  # not ours: a bug in the check, reported below as internal
-            result.fail(FailureReason.DEADLINE,
-                        f"run exceeded its hard deadline of {check.deadline:g}s")
+        except TimeoutError as exc:
+            if scope.expired():
+                result.fail(FailureReason.DEADLINE,
+                            f"run exceeded its hard deadline of {check.deadline:g}s")
+            else:  # raised inside the check, not by our deadline: a bug
+                self._internal(check, result, exc)
         except asyncio.CancelledError:
             result.interrupted = self.budget.started
             why = "daemon shutting down" if self.budget.started else "cancelled by the scheduler"
             result.fail(FailureReason.DEADLINE, f"run cancelled ({why})")
             return True
         except Exception as exc:
-            log.exception("selfcheck_internal_error", route=check.name, run_id=result.run_id)
-            result.fail(FailureReason.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            self._internal(check, result, exc)
         return False
+
+    def _internal(self, check: Check, result: CheckResult, exc: Exception) -> None:
+        log.error("selfcheck_internal_error", route=check.name, run_id=result.run_id,
+                  exc_info=exc)
+        if self.metrics is not None:
+            self.metrics.internal_errors.labels(kind="check").inc()
+        result.fail(FailureReason.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
     def _report(self, result: CheckResult) -> None:
         log_result(result)
@@ -101,7 +108,8 @@ class Runner:
         timeout = min(check.cleanup_timeout, self.budget.remaining(self.final_reserve))
         task = asyncio.create_task(run.cleanup(), name=f"cleanup:{check.name}")
         try:
-            finished = await finish_shielded(task, timeout)
+            finished = await finish_shielded(
+                task, timeout, allowed=lambda: self.budget.remaining(self.final_reserve))
         except asyncio.CancelledError:
             # By now the cleanup either ended on its own or was cut short at its bound.
             self._cleanup_outcome(result, task, timeout, task.done() and not task.cancelled())
@@ -112,9 +120,10 @@ class Runner:
         self, result: CheckResult, task: asyncio.Task[None], timeout: float, finished: bool,
     ) -> None:
         if not finished:
-            why = " (daemon shutting down)" if self.budget.started else ""
-            result.cleanup_error = (f"cleanup did not finish within {timeout:g}s{why}; "
-                                    "the next run sweeps the probe")
+            within = ("before the shutdown budget ran out" if self.budget.started
+                      else f"within {timeout:g}s")
+            result.cleanup_error = (f"cleanup did not finish {within}; "
+                                    "the next run sweeps what it left")
         elif not task.cancelled() and (exc := task.exception()) is not None:
             log.error("selfcheck_cleanup_crashed", route=result.route, run_id=result.run_id,
                       exc_info=exc)

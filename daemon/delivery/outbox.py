@@ -357,8 +357,9 @@ class Outbox:
         if self.cfg.secret is not None:
             headers["X-Alert-Secret"] = self.cfg.secret.get_secret_value()
         try:
+            # No redirects: aiohttp would carry X-Alert-Secret to wherever they point.
             async with asyncio.timeout(self.cfg.timeout), session.post(
-                self.cfg.url, json=body, headers=headers,
+                self.cfg.url, json=body, headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
             ) as resp:
                 await resp.content.read(_RESPONSE_READ_LIMIT)

@@ -47,6 +47,11 @@ LOGLEVEL_HINT = (
 MIN_RETRY = 1.0
 # No successful read for this long (at least) and the source counts as stalled.
 MIN_DEADLINE = 15.0
+# A save while running may take this long; a hung volume costs this, not the loop.
+SAVE_TIMEOUT = 10.0
+# Reads that only moved the position are saved at most this often (a restart then
+# re-reads at most this much, which found nothing); findings are saved at once.
+POSITION_SAVE_INTERVAL = 5.0
 
 
 def format_sender(sender: str | None) -> str:
@@ -79,6 +84,7 @@ class FileLines:
         self.max_backoff = max(5.0, 5 * cfg.poll_interval)
         self.position: FilePosition | None = None
         self._tail: FileTail | None = None
+        self._primed: list[str] = []
 
     @property
     def more_pending(self) -> bool:
@@ -94,6 +100,23 @@ class FileLines:
             self._tail.close()
             self._tail = None
 
+    async def prime(self) -> None:
+        """Fix where reading starts now (the end, like tail -F), not at the first poll.
+
+        Lines written between start-up (or a reload) and the first poll would
+        otherwise fall before the end the first poll finds.
+        """
+        if self.position is not None or self.cfg.from_beginning:
+            return
+        tail = FileTail(self.cfg.path)
+        try:
+            self._primed = await tail.read()
+        except SourceUnavailable:
+            return  # a file that appears later is read from its start anyway
+        finally:
+            tail.close()
+        self.position = tail.position
+
     async def read(self) -> list[str]:
         if self._tail is None:
             raise SourceError("other", "file source not open")
@@ -103,6 +126,8 @@ class FileLines:
             raise SourceError(exc.reason, str(exc)) from None
         if self._tail.position is not None:
             self.position = self._tail.position
+        if self._primed:
+            lines, self._primed = self._primed + lines, []
         return lines
 
     def state(self) -> dict[str, Any] | None:
@@ -121,10 +146,12 @@ class SourceLoop:
 
     name = "leakwatch-source"
 
-    def __init__(self, watch: LeakWatch, sleep: Sleep) -> None:
+    def __init__(self, watch: LeakWatch, sleep: Sleep, clock: Callable[[], float]) -> None:
         self.watch = watch
         self.source = watch.source
         self._sleep = sleep
+        self._clock = clock
+        self._saved_at = clock()
         self.ended = False
         interval = self.source.poll_interval
         self._backoff = Backoff(initial=max(MIN_RETRY, interval),
@@ -155,11 +182,13 @@ class SourceLoop:
                             log.info("leakwatch_source_recovered", source=self.source.kind,
                                      failures=failures)
                             failures = 0
-                        await self.watch.handle_batch(batch)
+                        found = await self.watch.handle_batch(batch)
                         progress.progress()
                         progress.up()
-                        if batch:
+                        if found or (batch and self._clock() - self._saved_at
+                                     >= POSITION_SAVE_INTERVAL):
                             await self.watch.save()
+                            self._saved_at = self._clock()
                         self.watch.check_blindness()
                         if not self.source.more_pending:
                             await self._sleep(self.source.poll_interval)
@@ -223,12 +252,13 @@ class LeakWatch:
             self.source = FileLines(config.file)
         else:
             self.source = stdin if stdin is not None else StdinReader()
-        self.source_loop = SourceLoop(self, sleep)
+        self.source_loop = SourceLoop(self, sleep, clock)
         self.sinkhole: SinkholeModeWatcher | None = None
         if config.sinkhole_mode.enabled:
             self.sinkhole = SinkholeModeWatcher(config.sinkhole_mode, metrics, warn=self.warn,
                                                 sleep=sleep)
         self._flushed = LineCounts()
+        self.opened = False  # until open(): nothing restored, so nothing to save over the file
         self.started = clock()
         self._blind_since: float | None = None
         self._silent_warned = False
@@ -251,6 +281,11 @@ class LeakWatch:
             loaded = self.state.load()
             if loaded is not None and not self._apply(loaded):
                 self.state.quarantine("the saved state could not be applied")
+        self.opened = True
+        if self.outbox is not None and self.state.path is None:
+            log.warning("leakwatch_without_state_file",
+                        consequence="alerts still pending when selfcheckd stops are lost; "
+                                    "set [leakwatch] state_file")
         cursor = self.poller.cursor_ms if self.poller is not None else None
         log.info("leakwatch_started", source=self.config.source,
                  domains=",".join(self.config.domains),
@@ -294,6 +329,11 @@ class LeakWatch:
                              "in the state file meanwhile")
         return True
 
+    async def prime(self) -> None:
+        """Fix the source's starting point now (see FileLines.prime)."""
+        if isinstance(self.source, FileLines):
+            await self.source.prime()
+
     def _file_position(self) -> FilePosition | None:
         return self.source.position if isinstance(self.source, FileLines) else None
 
@@ -310,17 +350,20 @@ class LeakWatch:
             document[self.source.kind] = source
         return document
 
-    async def save(self, timeout: float | None = None) -> bool:
+    async def save(self, timeout: float | None = SAVE_TIMEOUT) -> bool:
         ok = await self.state.save(self.snapshot(), timeout)
         if not ok:
             self.count_error("state_write")
         return ok
 
-    async def close(self, timeout: float | None = None) -> None:
+    async def close(self, timeout: float | None = SAVE_TIMEOUT) -> None:
         """The final save, after the source stopped and the outbox was flushed."""
         await self.save(timeout)
-        log.info("leakwatch_stopped", source=self.config.source,
-                 pending_alerts=len(self.outbox.pending()) if self.outbox else 0)
+        pending = len(self.outbox.pending()) if self.outbox else 0
+        if pending and self.state.path is None:
+            log.error("alerts_lost_at_exit", pending=pending,
+                      why="no [leakwatch] state_file to keep them in")
+        log.info("leakwatch_stopped", source=self.config.source, pending_alerts=pending)
 
     # -- lines, findings, alerts ------------------------------------------------------------
 
@@ -376,10 +419,21 @@ class LeakWatch:
         self.detector.senders.put(f.queue_id, sender)
         return dataclasses.replace(f, sender=sender, expected=self.detector.is_allowed(sender))
 
-    async def handle_batch(self, batch: list[str]) -> None:
-        """One successful read: detect, report, export counts, lag and the poll time."""
-        for finding in self.processor.feed_batch(batch):
-            self.report(await self.resolve_sender(finding))
+    async def handle_batch(self, batch: list[str]) -> bool:
+        """One successful read: detect, report, export counts, lag and the poll time.
+
+        True if the batch held a sinkhole recipient (the state then changed)."""
+        findings = self.processor.feed_batch(batch)  # the detector counts them reported now
+        for i, finding in enumerate(findings):
+            try:
+                finding = await self.resolve_sender(finding)
+            except BaseException:
+                # Stopped or crashed mid-lookup: report what is left with the sender
+                # unknown rather than lose it (the detector already took them).
+                for rest in findings[i:]:
+                    self.report(rest)
+                raise
+            self.report(finding)
         self._flush_counts()
         now = self._wall()
         self.metrics.leakwatch_last_poll_success.set(now)
@@ -391,6 +445,7 @@ class LeakWatch:
             newest = timestamp_to_epoch(ts) if ts else None
         if newest is not None:
             self.metrics.leakwatch_lag.set(max(0.0, now - newest))
+        return bool(findings)
 
     def check_blindness(self) -> None:
         """Warn once per episode while sendmail lines flow without delivery lines."""

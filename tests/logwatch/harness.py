@@ -68,6 +68,7 @@ async def watching(
     watch = LeakWatch(config, metrics, **watch_options)
     sup = Supervisor(metrics, **({"clock": health_clock} if health_clock else {}))
     watch.open()
+    await watch.prime()
     for component in watch.components():
         sup.start(component)
     task = asyncio.create_task(sup.run())

@@ -18,6 +18,7 @@ from daemon.logwatch.watcher import LeakWatch
 from daemon.metrics import Metrics
 from daemon.supervisor import Supervisor
 from tests.fake_time import FakeClock
+from tests.logwatch.aws_fakes import AWS_ENV
 from tests.logwatch.harness import advance_until, until, watching
 from tests.logwatch.receiver import alert_sink
 
@@ -290,3 +291,39 @@ def test_state_survives_a_handover() -> None:
     assert new.processor.feed(leak_line("6ANJUQna010773").rstrip("\n")) == []
     assert new.outbox is not None
     assert [a.key for a in new.outbox.pending()] == ["leak 6ANJUQna010773 nobody@sinkhole.test"]
+
+
+async def test_leaks_are_reported_even_if_a_sender_lookup_is_cut_short(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled during the CloudWatch sender lookup, the batch's leaks still reach the outbox."""
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    connected = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()  # a CloudWatch endpoint that never answers
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    endpoint = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    config = LeakWatchConfig.model_validate({
+        "source": "cloudwatch", "alert": {"url": "http://127.0.0.1:9/a"},
+        "cloudwatch": {"endpoint_url": endpoint, "region": "us-east-1",
+                       "filter_pattern": "sinkhole.test", "request_timeout": 30}})
+    watch = LeakWatch(config, Metrics())
+    try:
+        async with watch.source.opened():
+            task = asyncio.create_task(watch.handle_batch(
+                [leak_line("6ANJUQna010773").rstrip("\n"),
+                 leak_line("6ANJUTfa010820").rstrip("\n")]))
+            await asyncio.wait_for(connected.wait(), 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        server.close()
+    assert watch.outbox is not None
+    assert [a.key for a in watch.outbox.pending()] == [
+        "leak 6ANJUQna010773 nobody@sinkhole.test", "leak 6ANJUTfa010820 nobody@sinkhole.test"]
