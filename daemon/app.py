@@ -42,7 +42,7 @@ from daemon.checks.scheduler import IDLE_TICK, Job, Scheduler
 from daemon.config import Config, ConfigError, LoadedConfig, load_config
 from daemon.delivery.heartbeats import Heartbeats
 from daemon.http import HttpServer, make_app
-from daemon.logs import configure_logging, install_exception_hooks
+from daemon.logs import configure_logging, install_exception_hooks, redact_secrets
 from daemon.metrics import Metrics
 from daemon.roundtrip.check import RoundTrip
 from daemon.roundtrip.probe import probe_secret
@@ -298,7 +298,8 @@ class Daemon:
             return
         log.warning("selfcheckd_cancelling_runs", running=sorted(self.scheduler.running))
         if not await self.scheduler.cancel_running(timeout=self.budget.remaining(final)):
-            log.error("selfcheckd_runs_ignored_cancel", running=sorted(self.scheduler.running))
+            # Their cleanups are still inside their own (budget-bounded) time.
+            log.warning("selfcheckd_runs_still_cleaning_up", running=sorted(self.scheduler.running))
 
     async def _close_leakwatch(self, watch: LeakWatch) -> None:
         """Save, flush undelivered alerts within the budget, save what is left."""
@@ -346,6 +347,7 @@ class Daemon:
         # Nothing below can fail on bad input: commit.
         changed = _changed_sections(old, new)
         self.config = new
+        redact_secrets(old.secret_values() | new.secret_values())
         self.runner.final_reserve = final_reserve(new.shutdown_grace)
         removed = set(self.checks) - {r.name for r in new.selfcheck.routes}
         self.checks = self._checks(new)

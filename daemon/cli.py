@@ -14,18 +14,20 @@ from pathlib import Path
 
 from daemon import __version__
 from daemon.config import ConfigError, LoadedConfig, load_config
-from daemon.logs import configure_logging, install_exception_hooks
+from daemon.logs import configure_logging, install_exception_hooks, redact_secrets
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
 
 
 def _load(args: argparse.Namespace) -> LoadedConfig | None:
     try:
-        return load_config(args.config)
+        loaded = load_config(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"selfcheckd: config: {problem}", file=sys.stderr)
         return None
+    redact_secrets(loaded.config.secret_values())
+    return loaded
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:

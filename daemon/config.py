@@ -26,6 +26,7 @@ from daemon.config_base import (
     SecretsModel,
     StrictModel,
     key_error,
+    url_secret_pieces,
 )
 from daemon.logwatch.config import LeakWatchConfig
 
@@ -190,6 +191,22 @@ class Config(StrictModel):
     leakwatch: LeakWatchConfig | None = None
     # Below ECS's default 30 s stopTimeout, so cleanup finishes before SIGKILL.
     shutdown_grace: PositiveFloat = 20.0
+
+    def secret_values(self) -> set[str]:
+        """Every configured secret, and the token-bearing pieces of secret URLs (for redaction)."""
+        values: set[str] = set()
+        found: list[SecretStr | None] = [self.selfcheck.secret]
+        for route in self.selfcheck.routes:
+            found += [route.smtp.password, route.imap.password]
+        urls: list[SecretStr | None] = [h.url for h in self.heartbeat]
+        if self.leakwatch is not None and self.leakwatch.alert is not None:
+            found.append(self.leakwatch.alert.secret)
+            values |= url_secret_pieces(self.leakwatch.alert.url)
+        values |= {s.get_secret_value() for s in found if s is not None}
+        for url in urls:
+            if url is not None:
+                values |= url_secret_pieces(url.get_secret_value())
+        return values
 
     @model_validator(mode="after")
     def _check_heartbeat_names(self) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -55,6 +56,21 @@ Port = Annotated[int, AfterValidator(_check_port)]
 PositiveFloat = Annotated[float, AfterValidator(_check_positive)]
 NonNegativeFloat = Annotated[float, AfterValidator(_check_non_negative)]
 NonBlankStr = Annotated[str, AfterValidator(_check_not_blank)]
+
+
+# Shorter pieces of a URL ("api", "push", "v1") are not secrets and would garble text.
+MIN_SECRET_PIECE = 6
+
+
+def url_secret_pieces(url: str) -> set[str]:
+    """The parts of a URL that may carry a token: path segments, query items, credentials."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    pieces = {url, parts.path, parts.query, userinfo, *userinfo.split(":")}
+    pieces.update(parts.path.split("/"))
+    for item in parts.query.split("&"):
+        pieces.update(item.split("="))
+    return {p for p in pieces if len(p) >= MIN_SECRET_PIECE}
 
 
 def key_error(key: str, rule: str) -> ValueError:

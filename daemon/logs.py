@@ -18,7 +18,7 @@ import logging
 import sys
 import threading
 import traceback
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
@@ -31,6 +31,31 @@ if TYPE_CHECKING:
 _ALWAYS_QUOTED = frozenset({"error", "msg", "reason_detail", "cleanup_error", "exception"})
 # structlog/stdlib bookkeeping that the key=value format leaves out.
 _HIDDEN = frozenset({"level", "timestamp", "logger", "_record", "_from_structlog"})
+
+
+# Values that must never reach a log line, longest first (see redact_secrets).
+_secrets: tuple[str, ...] = ()
+
+
+def redact_secrets(values: Iterable[str]) -> None:
+    """From now on, replace each of `values` by `…` wherever it appears in a log record.
+
+    The last line of defence: code logs no secret on purpose, but an exception
+    raised deep in a library (an IMAP command's repr, a URL in a client error)
+    can carry one into a traceback.
+    """
+    global _secrets
+    _secrets = tuple(sorted({v for v in values if len(v) >= 6}, key=len, reverse=True))
+
+
+def _redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    if _secrets:
+        for key, value in event_dict.items():
+            if isinstance(value, str) and any(s in value for s in _secrets):
+                for secret in _secrets:
+                    value = value.replace(secret, "…")
+                event_dict[key] = value
+    return event_dict
 
 
 def _format_value(key: str, value: Any) -> str:
@@ -64,8 +89,9 @@ def configure_logging(fmt: str = "kv", level: str = "info", stream: TextIO | Non
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    # Both formats: the traceback becomes the `exception` field of the one line.
-    shared.append(structlog.processors.format_exc_info)
+    # Both formats: the traceback becomes the `exception` field of the one line,
+    # and no secret survives into any field.
+    shared += [structlog.processors.format_exc_info, _redact]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import json
 import logging
 import re
@@ -18,13 +19,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 from structlog.testing import capture_logs
 
 from daemon.app import Daemon
-from daemon.config import load_config
+from daemon.config import Config, load_config
 from daemon.embedded.stack import EmbeddedMailStack
-from daemon.logs import install_exception_hooks
+from daemon.logs import configure_logging, install_exception_hooks, redact_secrets
 from daemon.metrics import Metrics
 from tests.fake_time import FakeClock
 from tests.faulty_servers import wedging_proxy
@@ -343,3 +345,31 @@ async def test_sigterm_with_every_peer_hung_ends_within_the_budget(
     assert all(re.match(r"^[a-z_]+( |$)", line) for line in stderr.splitlines()), stderr
     pending = json.loads(state.read_text())["outbox"]
     assert [a["key"] for a in pending] == ["leak 6ANJUQna010773 nobody@sinkhole.test"]
+
+
+def test_a_secret_inside_a_library_exception_never_reaches_the_log() -> None:
+    """Configured secrets (passwords, URL tokens) are scrubbed from every record, tracebacks too."""
+    config = Config.model_validate({
+        "selfcheck": {"secret": "probe-secret-1", "routes": [{
+            "from": "a@example.com", "to": "b@example.com",
+            "smtp": {"host": "smtp", "username": "u", "password": "smtp-pass-2"},
+            "imap": {"host": "imap", "username": "u", "password": "imap-pass-3"}}]},
+        "heartbeat": [{"url": "https://pulse.example/tok-4444/key-5555"}],
+    })
+    out = io.StringIO()
+    configure_logging("kv", "info", stream=out)
+    try:
+        redact_secrets(config.secret_values())
+        try:
+            raise RuntimeError('unexpected tagged response (LOGIN u "imap-pass-3")')
+        except RuntimeError:
+            structlog.get_logger().exception(
+                "event_loop_error", url="https://pulse.example/tok-4444/key-5555")
+    finally:
+        redact_secrets(())
+        configure_logging()
+    text = out.getvalue()
+    assert "event_loop_error" in text and "unexpected tagged response" in text
+    for secret in ("imap-pass-3", "tok-4444", "key-5555"):
+        assert secret not in text
+    assert len(text.strip().splitlines()) == 1

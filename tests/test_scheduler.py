@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.checks.scheduler import Job, Scheduler
+from daemon.checks.scheduler import IDLE_TICK, Job, Scheduler
 
 # A safety net in real seconds: a bug that spins the fake clock forever fails fast.
 REAL_TIMEOUT = 5.0
@@ -395,27 +395,18 @@ async def test_replace_jobs_shorter_interval_fires_at_once_if_overdue() -> None:
     await assert_clean_shutdown(sched)
 
 
-async def test_alive_while_looping_and_not_after_stop() -> None:
-    """alive() is true while the loop sleeps toward its wake-up, false when overdue or stopped."""
+async def test_every_tick_is_reported_even_without_jobs() -> None:
+    """on_tick fires at each wake-up, at least every IDLE_TICK: the supervisor's progress."""
     fake = FakeTime()
-    seen: list[tuple[bool, bool]] = []
-    sched: Scheduler
-
-    async def probe() -> None:
-        seen.append((sched.alive(), sched.alive(fake.now + 10 + 5 + 0.1)))
-
-    sched = scheduler(fake, [Job("a", probe, interval=10)])
-    assert not sched.alive()
-    assert sched.last_tick is None
-    await run_until(fake, sched, 25)
-    assert seen == [(True, False)] * 3
-    assert sched.last_tick == 20
-    assert not sched.alive()
-    await assert_clean_shutdown(sched)
+    ticks: list[float] = []
+    sched = Scheduler([], clock=fake.clock, sleep=fake.sleep,
+                      on_tick=lambda: ticks.append(fake.now))
+    await run_until(fake, sched, 3 * IDLE_TICK + 1)
+    assert ticks == [0, IDLE_TICK, 2 * IDLE_TICK, 3 * IDLE_TICK]
 
 
 async def test_broken_sleep_surfaces_from_run() -> None:
-    """If the injected sleep raises, run() raises it instead of spinning, and alive() is false."""
+    """If the injected sleep raises, run() raises it instead of spinning (the supervisor sees it)."""
     fake = FakeTime()
 
     async def broken(delay: float) -> None:
@@ -424,7 +415,6 @@ async def test_broken_sleep_surfaces_from_run() -> None:
     sched = Scheduler([Job("a", Body(fake), interval=10)], clock=fake.clock, sleep=broken)
     with pytest.raises(OSError, match="clock source gone"):
         await sched.run()
-    assert not sched.alive()
     await assert_clean_shutdown(sched)
 
 
@@ -436,7 +426,7 @@ async def test_cancelling_run_leaves_no_sleeper_behind() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert not sched.alive()
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("scheduled:")] == []
     await assert_clean_shutdown(sched)
 
 

@@ -48,7 +48,7 @@ log = structlog.get_logger("daemon.checks.scheduler")
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
-# With no jobs the loop still wakes now and then, so alive() has a wake-up to check.
+# With no jobs the loop still wakes now and then: each tick is the supervisor's progress.
 IDLE_TICK = 60.0
 
 
@@ -145,7 +145,6 @@ class Scheduler:
         self._active = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sleeper: asyncio.Future[None] | None = None
-        self._last_tick: float | None = None
         self._wake_at: float | None = None
 
     # -- public surface -------------------------------------------------------------------
@@ -165,18 +164,6 @@ class Scheduler:
         """True once stop() was called: run() returns and stays returned."""
         return self._stopping
 
-    @property
-    def last_tick(self) -> float | None:
-        """Clock time of the loop's latest tick, None before the first."""
-        return self._last_tick
-
-    def alive(self, now: float | None = None, *, slack: float = 5.0) -> bool:
-        """True while `run()` is looping and not overdue for the wake-up it planned."""
-        if not self._active or self._stopping or self._wake_at is None:
-            return False
-        now = self._clock() if now is None else now
-        return now <= self._wake_at + slack
-
     async def run(self) -> None:
         """Schedule until `stop()`. Returns without waiting for in-flight runs.
 
@@ -190,7 +177,6 @@ class Scheduler:
         try:
             while not self._stopping:
                 now = self._clock()
-                self._last_tick = now
                 if self.on_tick is not None:
                     self.on_tick()
                 if self._jobs_changed:

@@ -31,9 +31,10 @@ from urllib.parse import quote, unquote_plus, urlencode, urlsplit, urlunsplit
 import aiohttp
 import structlog
 
-from daemon import __version__
 from daemon.checks.result import CheckResult
 from daemon.config import HeartbeatKind, HeartbeatTarget
+from daemon.config_base import url_secret_pieces
+from daemon.delivery import SessionFactory, default_session
 from daemon.metrics import Metrics
 from daemon.retry import Backoff
 from daemon.supervisor import Progress
@@ -59,7 +60,6 @@ TICK = 10.0
 _RID_NAMESPACE = uuid.UUID("5d0c7e53-6a43-4c4e-9d55-3c1f1f0f6b7e")
 
 Signal = Literal["start", "success", "fail", "up", "down"]
-SessionFactory = Callable[[], aiohttp.ClientSession]
 
 
 @dataclass(frozen=True)
@@ -187,23 +187,12 @@ def _round(value: float | None) -> float | None:
 
 def scrub(text: str, url: str) -> str:
     """`text` with any piece of `url`'s path, query or credentials replaced by `…`."""
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    pieces = {url, parts.path, parts.query, userinfo, *userinfo.split(":")}
-    pieces.update(parts.path.split("/"))
-    for item in parts.query.split("&"):
-        pieces.update(item.split("="))
-    # Short pieces ("api", "push") are not secrets and would garble the message.
-    for piece in sorted((p for p in pieces if len(p) >= 6), key=len, reverse=True):
+    for piece in sorted(url_secret_pieces(url), key=len, reverse=True):
         text = text.replace(piece, "…")
     return text
 
 
 # -- delivery ------------------------------------------------------------------------------
-
-
-def default_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(headers={"User-Agent": f"selfcheckd/{__version__}"})
 
 
 class _RetryError(Exception):

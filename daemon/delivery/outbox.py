@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from daemon import __version__
+from daemon.delivery import SessionFactory, default_session
 from daemon.logwatch.config import AlertWebhook
 from daemon.metrics import Metrics
 from daemon.retry import Backoff
@@ -50,13 +50,6 @@ _RESPONSE_READ_LIMIT = 4096
 _RETRY_STATUSES = frozenset({408, 425, 429})
 _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 _ID_NAMESPACE = uuid.UUID("0f3c5b1e-8d7a-4c1b-9a55-6a4f2e7d9b10")
-
-SessionFactory = Callable[[], aiohttp.ClientSession]
-
-
-def default_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(headers={"User-Agent": f"selfcheckd/{__version__}"})
-
 
 def alert_id(source: str, key: str) -> str:
     """The same alert (same source and key) always gets the same id, across restarts."""
@@ -196,13 +189,15 @@ class Outbox:
 
     def _add(self, alert: Alert) -> None:
         self._pending[alert.id] = alert
-        self._keys[alert.key] = alert.id
+        for key in (alert.key, *alert.folded):  # a digest stands for its folded alerts
+            self._keys[key] = alert.id
         self._export()
 
     def _remove(self, alert: Alert) -> None:
         self._pending.pop(alert.id, None)
-        if self._keys.get(alert.key) == alert.id:
-            del self._keys[alert.key]
+        for key in (alert.key, *alert.folded):
+            if self._keys.get(key) == alert.id:
+                del self._keys[key]
         self._export()
 
     def _failing(self) -> bool:
@@ -324,7 +319,8 @@ class Outbox:
         self.metrics.alert_deliveries.labels(result=result).inc()
         if result == "sent":
             self._remove(alert)
-            self._sent[alert.key] = None
+            for key in (alert.key, *alert.folded):
+                self._sent[key] = None
             while len(self._sent) > MAX_REMEMBERED_KEYS:
                 self._sent.popitem(last=False)
             log.info("alert_delivered", alert_id=alert.id, attempts=alert.attempts,

@@ -20,7 +20,8 @@ from typing import Any
 
 import structlog
 
-from daemon.delivery.outbox import Alert, Outbox, SessionFactory, default_session
+from daemon.delivery import SessionFactory, default_session
+from daemon.delivery.outbox import Alert, Outbox
 from daemon.logwatch.config import FileSource, LeakWatchConfig
 from daemon.logwatch.detector import Finding, LeakDetector
 from daemon.logwatch.parser import line_timestamp, timestamp_to_epoch

@@ -93,11 +93,15 @@ class RoundTrip:
 
     @property
     def deadline(self) -> float:
-        """Seconds the verdict may take: every step's own budget, added up (no cleanup)."""
+        """Seconds the verdict may take at most (the cleanup has its own budget).
+
+        A cap, not a sum of every wait: each IMAP command has `command_timeout`,
+        and a server slow on many of them fails the run with reason `deadline`.
+        """
         imap = self.route.imap
         return (
             imap.connect_timeout * 2  # connect + STARTTLS handshake
-            + imap.command_timeout * 4  # login, select, sweep, fetch
+            + imap.command_timeout * 4  # room for four slow commands among login..fetch
             + self.route.smtp.timeout
             + self.selfcheck.timeout
             + RECEIVE_GRACE
