@@ -420,16 +420,15 @@ async def _main(loaded: LoadedConfig, config_path: Path | None) -> int:
     install_exception_hooks(asyncio.get_running_loop(), daemon.metrics)
     try:
         await daemon.start()
-    except OSError as exc:
+    except OSError as exc:  # binding comes first: nothing else has started
         why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         print(f"selfcheckd: cannot listen on {daemon.config.server.listen}: {why} "
               "(set [server] listen or SELFCHECKD_LISTEN)", file=sys.stderr)
-        await daemon.shutdown()
         return EXIT_STARTUP
-    except Exception as exc:  # a bug: one line on stderr, the traceback in the log
+    except Exception as exc:  # a bug: the traceback in the log, then one line last
         log.exception("selfcheckd_start_failed")
-        print(f"selfcheckd: could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
         await daemon.shutdown()
+        print(f"selfcheckd: could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_STARTUP
 
     loop = asyncio.get_running_loop()

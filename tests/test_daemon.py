@@ -23,6 +23,7 @@ from daemon.app import Daemon
 from daemon.config import Config, LoadedConfig
 from daemon.embedded.stack import EmbeddedMailStack
 from tests.test_roundtrip import probes_left
+from tests.waiting import until
 
 
 class Receiver:
@@ -69,13 +70,6 @@ def daemon_config(stack: EmbeddedMailStack, pulse_url: str, **selfcheck: Any) ->
     })
 
 
-async def wait_until(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     out = {}
     for family in text_string_to_metric_families(text):
@@ -98,9 +92,9 @@ async def test_run_exports_metrics_status_and_heartbeats(
     daemon = Daemon(LoadedConfig(daemon_config(mail_stack, receiver.url), None))
     await daemon.start()
     try:
-        await wait_until(lambda: len(receiver.bodies) >= 3)
+        await until(lambda: len(receiver.bodies) >= 3)
         mail_stack.smtp.drop = True  # the next run fails: no heartbeat may follow it
-        await wait_until(lambda: daemon.results["default"].success is False)
+        await until(lambda: daemon.results["default"].success is False)
         beats_after_failure = len(receiver.bodies)
         await asyncio.sleep(0.5)
         status, text = await get(daemon.listen_port, "/metrics")
@@ -190,7 +184,7 @@ async def test_sigterm_during_run_exits_within_grace(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        await wait_until(lambda: stack.smtp.delivered == 1, timeout=20)
+        await until(lambda: stack.smtp.delivered == 1, timeout=20)
         await asyncio.sleep(0.3)
         assert await probes_left(stack) == 1  # in flight: delivered, not yet seen
         proc.send_signal(signal.SIGTERM)
@@ -247,7 +241,7 @@ async def test_metrics_page_passes_promtool(
     daemon = Daemon(LoadedConfig(daemon_config(mail_stack, receiver.url), None))
     await daemon.start()
     try:
-        await wait_until(lambda: len(receiver.bodies) >= 1)
+        await until(lambda: len(receiver.bodies) >= 1)
         _, text = await get(daemon.listen_port, "/metrics")
     finally:
         await daemon.shutdown()
@@ -287,9 +281,9 @@ async def test_soak_500_runs_without_growth(
     runs = daemon.metrics.runs.labels("default", "success")
     baseline: tuple[int, int] | None = None
     try:
-        await wait_until(lambda: runs._value.get() >= 50, timeout=120)
+        await until(lambda: runs._value.get() >= 50, timeout=120)
         baseline = await settled_counts()
-        await wait_until(lambda: runs._value.get() >= 500, timeout=300)
+        await until(lambda: runs._value.get() >= 500, timeout=300)
         tasks, fds = await settled_counts()
     finally:
         await daemon.shutdown()

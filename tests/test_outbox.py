@@ -19,15 +19,10 @@ from daemon.metrics import Metrics
 from daemon.supervisor import Supervisor
 from tests.fake_time import FakeClock
 from tests.logwatch.receiver import Sink, alert_sink
+from tests.waiting import until
 
 SECRET = "s3cret-value-for-tests"
 SOURCE = "selfcheckd-leakwatch"
-
-
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def deliveries(metrics: Metrics, result: str) -> float:

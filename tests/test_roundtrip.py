@@ -34,6 +34,7 @@ from tests.faulty_servers import (
     silent_server,
     wedging_proxy,
 )
+from tests.waiting import until
 
 SECRET = b"test-secret-value"
 
@@ -45,19 +46,6 @@ def roundtrip(route: dict[str, Any], **selfcheck: Any) -> RoundTrip:
 
 async def check(route: dict[str, Any], **selfcheck: Any) -> CheckResult:
     return await Runner().execute(roundtrip(route, **selfcheck))
-
-
-async def wait_until(
-    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0,
-) -> None:
-    """Poll `condition` (sync or async) until it holds; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        held = condition()
-        if held if isinstance(held, bool) else await held:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def completed_events(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -265,7 +253,7 @@ async def test_late_probe_is_swept_on_next_run(mail_stack: EmbeddedMailStack) ->
     async def landed() -> bool:
         return await probes_left(mail_stack) == 1
 
-    await wait_until(landed)  # the late probe lands
+    await until(landed)  # the late probe lands
     mail_stack.smtp.delivery_delay = 0.0
     second = await check(mail_stack.route_table(), timeout=1.0)
     assert second.success, second.error
@@ -448,7 +436,7 @@ async def test_cancel_during_probe_deletion_is_logged_counted_and_swept_later(
         budget.start(3.0)  # SIGTERM: what is left of the budget bounds the cleanup
         with capture_logs() as logs:
             task = asyncio.create_task(runner.execute(roundtrip(route, timeout=1.0)))
-            await wait_until(lambda: proxy.wedged == 1)  # the deletion hangs
+            await until(lambda: proxy.wedged == 1)  # the deletion hangs
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -514,7 +502,7 @@ async def test_run_cancelled_while_idling_cleans_up_on_a_fresh_connection(
         route["imap"]["port"] = proxy.port  # command_timeout stays at its default, 15 s
         with capture_logs() as logs:
             task = asyncio.create_task(Runner().execute(roundtrip(route, cleanup_timeout=10.0)))
-            await wait_until(lambda: b"IDLE\r\n" in proxy.sent)
+            await until(lambda: b"IDLE\r\n" in proxy.sent)
             cancelled_at = time.monotonic()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

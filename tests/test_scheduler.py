@@ -406,7 +406,7 @@ async def test_every_tick_is_reported_even_without_jobs() -> None:
 
 
 async def test_broken_sleep_surfaces_from_run() -> None:
-    """If the injected sleep raises, run() raises it instead of spinning (the supervisor sees it)."""
+    """If the injected sleep raises, run() raises it (to the supervisor) instead of spinning."""
     fake = FakeTime()
 
     async def broken(delay: float) -> None:

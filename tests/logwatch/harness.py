@@ -13,6 +13,7 @@ from daemon.logwatch.watcher import LeakWatch
 from daemon.metrics import Metrics
 from daemon.supervisor import Supervisor
 from tests.fake_time import FakeClock
+from tests.waiting import until
 
 
 @dataclass
@@ -27,13 +28,6 @@ class Watching:
     def up(self, component: str) -> float | None:
         return self.metrics.registry.get_sample_value(
             "selfcheckd_component_up", {"component": component})
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 20.0) -> None:
-    """Poll a condition (real time, bounded); for real I/O such as files and HTTP."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def advance_until(clock: FakeClock, predicate: Callable[[], Any], limit: float,
