@@ -19,11 +19,9 @@ on a stalled NFS mount costs that caller its timeout, never the process's exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +31,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon.metrics import Metrics
+from daemon.threads import in_daemon_thread
 
 log = structlog.get_logger("daemon.state")
 
@@ -165,7 +164,7 @@ class StateFile:
         payload = json.dumps({"version": VERSION, **document}, separators=(",", ":"))
         try:
             async with asyncio.timeout(timeout), self._lock:
-                await _in_daemon_thread(_write_atomically, self.path, payload)
+                await in_daemon_thread(_write_atomically, self.path, payload, name="state-write")
         except TimeoutError:
             return self._failed(f"not written within {timeout:g}s")
         except OSError as exc:
@@ -183,33 +182,6 @@ class StateFile:
             log.error("state_file_write_failed", path=str(self.path), error=error)
         self.last_error = error
         return False
-
-
-async def _in_daemon_thread(fn: Callable[..., None], *args: Any) -> None:
-    """Run `fn` in a thread of its own that never holds up interpreter exit."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def settle(error: BaseException | None) -> None:
-        if done.done():
-            return  # the caller gave up waiting
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
-
-    def work() -> None:
-        error: BaseException | None = None
-        try:
-            fn(*args)
-        except BaseException as exc:  # handed to the waiting coroutine
-            error = exc
-        # RuntimeError: the loop is gone, so nobody waits any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, error)
-
-    threading.Thread(target=work, name="state-file-write", daemon=True).start()
-    await done
 
 
 def _write_atomically(path: Path, payload: str) -> None:

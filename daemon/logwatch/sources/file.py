@@ -38,6 +38,8 @@ from typing import Any
 
 import structlog
 
+from daemon.threads import in_daemon_thread
+
 log = structlog.get_logger()
 
 # Bytes before the offset that must match for a resume; the last line or two of a mail log,
@@ -199,7 +201,7 @@ class FileTail:
         self._down: str | None = None  # reason of the current unavailability episode
         self._reading = False
         self._closed = False
-        self._orphans: set[asyncio.Task[_Step]] = set()
+        self._orphans: set[asyncio.Future[_Step]] = set()
 
     @property
     def more_pending(self) -> bool:
@@ -219,7 +221,7 @@ class FileTail:
             raise RuntimeError(f"FileTail for {self.path} is already being read")
         self._reading = True
         try:
-            work = asyncio.ensure_future(asyncio.to_thread(self._step, self._cursor))
+            work = in_daemon_thread(self._step, self._cursor, name="leakwatch-file")
             try:
                 step = await asyncio.shield(work)
             except SourceUnavailable as exc:
@@ -270,7 +272,7 @@ class FileTail:
                         error=str(exc))
         self._down = exc.reason
 
-    def _drop(self, work: asyncio.Task[_Step]) -> None:
+    def _drop(self, work: asyncio.Future[_Step]) -> None:
         self._orphans.discard(work)
         if not work.cancelled() and work.exception() is None:
             self._drop_step(work.result())
