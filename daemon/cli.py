@@ -39,10 +39,17 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     print(f"config OK ({source}): {len(cfg.selfcheck.routes)} route(s), "
           f"{len(cfg.heartbeat)} heartbeat target(s), "
           f"leak watcher {'on' if cfg.leakwatch else 'off'}")
-    return EXIT_OK
+    if not args.connect:
+        return EXIT_OK
+    from daemon.connect_check import check_connections
+
+    configure_logging(cfg.logging.format, "warning")
+    ok = asyncio.run(check_connections(cfg, sys.stdout))
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from daemon.checks.result import CheckResult
     from daemon.checks.runner import Runner
     from daemon.roundtrip.check import RoundTrip
     from daemon.roundtrip.probe import probe_secret
@@ -54,24 +61,36 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if not cfg.selfcheck.routes:
         print("selfcheckd: config: selfcheck.routes: no route to check", file=sys.stderr)
         return EXIT_CONFIG
+    names = [r.name for r in cfg.selfcheck.routes]
+    unknown = [n for n in args.route or [] if n not in names]
+    if unknown:
+        print(f"selfcheckd check: --route: no such route: {', '.join(unknown)} "
+              f"(routes: {', '.join(names)})", file=sys.stderr)
+        return EXIT_CONFIG
+    routes = [r for r in cfg.selfcheck.routes if not args.route or r.name in args.route]
     configure_logging(cfg.logging.format, "debug" if args.verbose else cfg.logging.level)
     secret = probe_secret(cfg.selfcheck)
 
-    async def all_routes() -> list[dict[str, object]]:
+    async def all_routes() -> list[CheckResult]:
         undo = install_exception_hooks(asyncio.get_running_loop())
         try:
             runner = Runner()
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(runner.execute(RoundTrip(r, cfg.selfcheck, secret)))
-                         for r in cfg.selfcheck.routes]
+                         for r in routes]
         finally:
             undo()
-        return [task.result().as_dict(verbose=args.verbose) for task in tasks]
+        return [task.result() for task in tasks]
 
     results = asyncio.run(all_routes())
     for result in results:
-        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
-    return EXIT_OK if all(r["success"] for r in results) else EXIT_FAILED
+        data = result.as_dict(verbose=args.verbose)
+        print(json.dumps(data) if args.json else json.dumps(data, indent=2))
+    if cfg.pushgateway is not None:
+        from daemon.pushgateway import push_results
+
+        push_results(cfg.pushgateway, results)  # a failed push is logged, never fatal
+    return EXIT_OK if all(r.success for r in results) else EXIT_FAILED
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -106,6 +125,12 @@ def _env_config() -> bool:
     return bool(os.environ.get("SELFCHECKD_CONFIG"))
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from daemon.starter import write_starter
+
+    return write_starter(args.output, force=args.force)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
@@ -132,10 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("check", help="one round trip of every route, then exit"))
     p.add_argument("--verbose", action="store_true", help="log each step with its timing")
     p.add_argument("--json", action="store_true", help="one compact JSON object per route")
+    p.add_argument("--route", action="append", metavar="NAME",
+                   help="check only this route (repeatable; default: every route)")
     p.set_defaults(func=_cmd_check)
 
     p = with_config(sub.add_parser("config-check", help="validate the configuration and exit"))
+    p.add_argument("--connect", action="store_true",
+                   help="also reach every configured server (no mail sent, nothing pinged)")
     p.set_defaults(func=_cmd_config_check)
+
+    p = sub.add_parser("init", help="write a minimal working starter config")
+    p.add_argument("--output", type=Path, default=Path("selfcheckd.toml"),
+                   help="where to write it (default: selfcheckd.toml)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_cmd_init)
 
     p = with_config(sub.add_parser("scan", help="one-shot scan of a mail log for leaked "
                                                 "sinkhole recipients"))

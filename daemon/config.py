@@ -147,6 +147,9 @@ class HeartbeatTarget(SecretsModel):
     retries: int = Field(default=3, ge=0, le=10)
     backoff: PositiveFloat = 1.0
     send_start: bool = False
+    # The routes this target speaks for (default: every route). It pulses only
+    # while the latest completed run of each of them succeeded.
+    routes: list[NonBlankStr] | None = None
 
     secret_fields = ("url",)
 
@@ -161,6 +164,8 @@ class HeartbeatTarget(SecretsModel):
 
 class ServerConfig(StrictModel):
     listen: NonBlankStr = "0.0.0.0:9787"
+    # GET /probe?route=NAME runs a round trip on demand. It sends mail, so it is off.
+    probe: bool = False
 
     @model_validator(mode="after")
     def _check_listen(self) -> Any:
@@ -178,6 +183,27 @@ class ServerConfig(StrictModel):
         return int(self.listen.rpartition(":")[2])
 
 
+class PushgatewayConfig(SecretsModel):
+    """Where `selfcheckd check` pushes its result (Messages' Pushgateway metrics)."""
+
+    url: NonBlankStr
+    job: NonBlankStr = "selfcheck"
+    prefix: str = ""
+    timeout: PositiveFloat = 10.0
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+
+    secret_fields = ("password",)
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Any:
+        if self.password is not None and not self.username:
+            raise key_error("username", "required when a password is set")
+        return self
+
+
 class LoggingConfig(StrictModel):
     format: Literal["kv", "json"] = "kv"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -189,6 +215,7 @@ class Config(StrictModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     heartbeat: list[HeartbeatTarget] = Field(default_factory=list)
     leakwatch: LeakWatchConfig | None = None
+    pushgateway: PushgatewayConfig | None = None
     # Below ECS's default 30 s stopTimeout, so cleanup finishes before SIGKILL.
     shutdown_grace: PositiveFloat = 20.0
 
@@ -213,6 +240,13 @@ class Config(StrictModel):
         names = [h.name for h in self.heartbeat]
         if len(set(names)) != len(names):
             raise key_error("heartbeat", "target names must be unique")
+        routes = [r.name for r in self.selfcheck.routes]
+        for i, target in enumerate(self.heartbeat):
+            unknown = [r for r in target.routes or [] if r not in routes]
+            if unknown:
+                raise key_error(f"heartbeat[{i}].routes",
+                                f"no such route: {', '.join(unknown)} "
+                                f"(routes: {', '.join(routes) or 'none'})")
         return self
 
 
@@ -244,6 +278,13 @@ ENV_OVERRIDES: dict[str, tuple[str | int, ...]] = {
     },
     "SELFCHECK_IMAP_MAILBOX": ("selfcheck", "routes", 0, "imap", "mailbox"),
 }
+# Messages' Pushgateway variables: applied only while ..._ENABLED is true, as there.
+PUSHGATEWAY_SWITCH = "MESSAGES_SELFCHECK_PROMETHEUS_METRICS_ENABLED"
+PUSHGATEWAY_OVERRIDES: dict[str, tuple[str | int, ...]] = {
+    "MESSAGES_SELFCHECK_PROMETHEUS_METRICS_PUSHGATEWAY_URL": ("pushgateway", "url"),
+    "MESSAGES_SELFCHECK_PROMETHEUS_METRICS_PREFIX": ("pushgateway", "prefix"),
+}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
 @dataclass(frozen=True)
@@ -339,7 +380,14 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
 
     problems: list[str] = []
     origin: dict[tuple[str | int, ...], str] = {}
-    for var, key_path in ENV_OVERRIDES.items():
+    overrides = dict(ENV_OVERRIDES)
+    switch = env.get(PUSHGATEWAY_SWITCH, "").strip().lower()
+    if switch in _TRUE:
+        overrides.update(PUSHGATEWAY_OVERRIDES)
+        tree.setdefault("pushgateway", {})
+    elif switch not in _FALSE:
+        problems.append(f"{PUSHGATEWAY_SWITCH}: must be true or false")
+    for var, key_path in overrides.items():
         value = env.get(var)
         if not value:
             continue

@@ -45,6 +45,7 @@ class CheckResult:
     cleanup_error: str | None = None
     late_arrivals: int = 0
     steps: list[Step] = field(default_factory=list)
+    started_at: float | None = None  # wall clock, set by the runner
     finished_at: float | None = None
     # Cancelled because the daemon is stopping: logged, but not a verdict on the
     # mail system (no metrics, no heartbeat).

@@ -52,7 +52,8 @@ class Runner:
 
     async def execute(self, check: Check, run_id: str | None = None) -> CheckResult:
         """Run `check` once; a cancellation still runs the cleanup, then propagates."""
-        result = CheckResult(route=check.name, run_id=run_id or new_run_id())
+        result = CheckResult(route=check.name, run_id=run_id or new_run_id(),
+                             started_at=self._wall())
         run = check.start(result)
         log.debug("selfcheck_started", route=check.name, kind=check.kind, run_id=result.run_id)
         cancelled = await self._verdict(check, run, result)
