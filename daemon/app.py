@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,13 +118,17 @@ class Daemon:
                              final_reserve=final_reserve(self.config.shutdown_grace))
         self.runner.on_result(self._on_result)
         self.results: dict[str, CheckResult] = {}
+        # The result of each scheduled run's task, while someone may still ask (/probe).
+        self._run_results: weakref.WeakKeyDictionary[asyncio.Task[None], CheckResult] = (
+            weakref.WeakKeyDictionary())
         self.checks = self._checks(self.config)
         self.scheduler = Scheduler(
             self._jobs(), clock=clock, sleep=sleep, on_skip=self._on_skip,
             on_deadline=lambda name: log.error("selfcheck_deadline_cancelled", route=name),
             on_crash=lambda _name: self.metrics.internal_errors.labels(
                 kind="scheduled_job").inc())
-        self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics, sleep=sleep)
+        self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics, sleep=sleep,
+                                     routes=list(self.checks))
         self.leakwatch = self._leakwatch(self.config)
         self.http = self._http(self.config)
         self.started_at = time.time()
@@ -157,7 +162,9 @@ class Daemon:
             run_id = new_run_id()
             self.heartbeats.run_started(name, run_id)
             try:
-                await self.runner.execute(check, run_id)
+                result = await self.runner.execute(check, run_id)
+                if (task := asyncio.current_task()) is not None:
+                    self._run_results[task] = result  # for /probe callers joining this run
             finally:
                 if name not in self.checks:  # removed by a reload while this run was going
                     self.metrics.forget_route(name)
@@ -243,6 +250,25 @@ class Daemon:
             "routes": routes,
             "leakwatch": leak,
         }
+
+    async def probe(self, route: str) -> tuple[int, dict[str, Any]]:
+        """GET /probe?route=NAME: run the route now (or join its run in flight)."""
+        if not self.config.server.probe:
+            return 404, {"error": "on-demand probes are off (they send mail); "
+                                  "set [server] probe = true to allow them"}
+        if route not in self.checks:
+            return 404, {"error": f"no such route: {route}", "routes": list(self.checks)}
+        task = None if self.stopping else self.scheduler.fire_now(route)
+        if task is None:
+            return 503, {"error": "selfcheckd is stopping"}
+        log.info("selfcheck_probe_requested", route=route)
+        # Shielded: a client that hangs up does not cancel a run the scheduler owns.
+        await asyncio.wait({asyncio.shield(task)})
+        result = self._run_results.get(task)
+        if result is None:
+            return 503, {"error": "the run ended without a verdict (selfcheckd is stopping)"}
+        return 200, {**result.as_dict(verbose=True), "started_at": result.started_at,
+                     "finished_at": result.finished_at}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -359,6 +385,8 @@ class Daemon:
             self.metrics.forget_route(name)
         if new.heartbeat != old.heartbeat:
             await self._swap_heartbeats(new)
+        else:
+            self.heartbeats.set_routes(self.checks)
         if new.leakwatch != old.leakwatch:
             await self._swap_leakwatch(new)
         if http is not None:
@@ -390,7 +418,8 @@ class Daemon:
 
     async def _swap_heartbeats(self, new: Config) -> None:
         old = self.heartbeats
-        self.heartbeats = Heartbeats(new.heartbeat, self.metrics, sleep=self._sleep)
+        self.heartbeats = Heartbeats(new.heartbeat, self.metrics, sleep=self._sleep,
+                                     routes=list(self.checks))
         await old.close(grace=2.0)
         await self.supervisor.replace(self.heartbeats, timeout=SWAP_TIMEOUT)
         for target in {t.name for t in old.targets} - {t.name for t in new.heartbeat}:

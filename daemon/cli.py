@@ -150,30 +150,66 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TOML config file (default: $SELFCHECKD_CONFIG, else env only)")
         return p
 
-    p = with_config(sub.add_parser("run", help="run the daemon: scheduled checks, leak "
-                                               "watcher, /metrics"))
+    def command(name: str, summary: str, description: str,
+                epilog: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = with_config(command(
+        "run", "run the daemon: scheduled checks, leak watcher, /metrics",
+        "Run selfcheckd as a service: a round trip per route every interval, the leak\n"
+        "watcher, heartbeats, and /metrics /healthz /readyz /status (and /probe with\n"
+        "[server] probe = true). SIGTERM stops it within shutdown_grace (+2 s);\n"
+        "SIGHUP reloads the config, all of it or none.",
+        "exit codes: 0 stopped by a signal, 2 bad configuration, 3 could not start\n"
+        "            (port in use)\n"
+        "example:    selfcheckd run --config /etc/selfcheckd.toml"))
     p.set_defaults(func=_cmd_run)
 
-    p = with_config(sub.add_parser("check", help="one round trip of every route, then exit"))
+    p = with_config(command(
+        "check", "one round trip of every route (or of --route), then exit",
+        "Send a probe by SMTP on each route, wait for it over IMAP, verify and delete it,\n"
+        "print the result JSON per route; with [pushgateway], push it (cron jobs).",
+        "exit codes: 0 every checked route succeeded, 1 a route failed,\n"
+        "            2 bad configuration or unknown --route\n"
+        "example:    selfcheckd check --config selfcheckd.toml --route default --verbose"))
     p.add_argument("--verbose", action="store_true", help="log each step with its timing")
     p.add_argument("--json", action="store_true", help="one compact JSON object per route")
     p.add_argument("--route", action="append", metavar="NAME",
                    help="check only this route (repeatable; default: every route)")
     p.set_defaults(func=_cmd_check)
 
-    p = with_config(sub.add_parser("config-check", help="validate the configuration and exit"))
+    p = with_config(command(
+        "config-check", "validate the configuration (and with --connect, reach its servers)",
+        "Load and validate the configuration and report every problem at once. With\n"
+        "--connect, also reach each configured server (SMTP and IMAP login, the log\n"
+        "source, webhook hosts) without sending mail or pinging anything.",
+        "exit codes: 0 valid (and every server reached), 1 a server could not be\n"
+        "            reached (--connect), 2 invalid configuration\n"
+        "example:    selfcheckd config-check --config selfcheckd.toml --connect"))
     p.add_argument("--connect", action="store_true",
                    help="also reach every configured server (no mail sent, nothing pinged)")
     p.set_defaults(func=_cmd_config_check)
 
-    p = sub.add_parser("init", help="write a minimal working starter config")
+    p = command(
+        "init", "write a minimal working starter config",
+        "Write a starter configuration with one route; every value to replace is\n"
+        "marked. Then check it with `selfcheckd config-check --connect`.",
+        "exit codes: 0 written, 2 the file exists (use --force) or cannot be written\n"
+        "example:    selfcheckd init --output selfcheckd.toml")
     p.add_argument("--output", type=Path, default=Path("selfcheckd.toml"),
                    help="where to write it (default: selfcheckd.toml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_cmd_init)
 
-    p = with_config(sub.add_parser("scan", help="one-shot scan of a mail log for leaked "
-                                                "sinkhole recipients"))
+    p = with_config(command(
+        "scan", "one-shot scan of a mail log for leaked sinkhole recipients",
+        "Read a mail log (a file, standard input, or the CloudWatch log groups of\n"
+        "[leakwatch.cloudwatch] over --since) and print every leaked sinkhole\n"
+        "recipient on stdout; a summary goes to stderr.",
+        "exit codes: 0 no leak, 1 leaks found, 2 bad input (unreadable file, not a\n"
+        "            mail log, bad --since, CloudWatch unreachable) or configuration\n"
+        "example:    selfcheckd scan --file /var/log/maillog --json"))
     try:
         from daemon.logwatch.scan_command import add_arguments as add_scan_arguments
     except ImportError:  # the leak watcher is optional at import time
@@ -182,7 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_scan_arguments(p)
     p.set_defaults(func=_cmd_scan)
 
-    p = sub.add_parser("demo", help="run against an embedded mail stack (no setup needed)")
+    p = command(
+        "demo", "run against an embedded mail stack (no setup needed)",
+        "Start an SMTP server delivering into an IMAP server, a local heartbeat and\n"
+        "alert receiver, and selfcheckd against them, all on 127.0.0.1; a leak is\n"
+        "appended to the demo's maillog after 5 s.",
+        "exit codes: 0 stopped (Ctrl-C or --duration), 2 bad arguments, 3 could not\n"
+        "            listen\n"
+        "example:    selfcheckd demo --duration 30")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between selfchecks")
     p.add_argument("--listen", default="127.0.0.1:9787", help="HOST:PORT for /metrics")
     p.add_argument("--workdir", type=Path, default=Path(".demo"),

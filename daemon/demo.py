@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import contextlib
 import secrets
+import shutil
 import signal
+import string
 import sys
 import time
 from pathlib import Path
@@ -27,17 +29,36 @@ from daemon.logs import configure_logging
 log = structlog.get_logger("daemon.demo")
 
 LEAK_LINE = (
-    "{ts} selfcheckd-demo sendmail[4242]: 6ANJUQna010773: to=<nobody-1@sinkhole.test>, "
+    "{ts} selfcheckd-demo sendmail[4242]: {qid}: to=<{rcpt}>, "
     "delay=00:00:00, xdelay=00:00:00, mailer=smtp, pri=30237, "
     "relay=sinkhole.cabal.internal. [127.0.0.2], dsn=4.0.0, "
     "stat=Deferred: 421 4.3.2 Service temporarily unavailable"
 )
+_QID_LETTERS = string.digits + string.ascii_letters
 
 
 def leak_line() -> str:
-    """A real-shaped deferred delivery to a sinkhole.test recipient, stamped now."""
+    """A real-shaped deferred delivery to a new sinkhole.test recipient, stamped now.
+
+    Each call has its own queue id and recipient: the watcher alerts once per
+    (queue id, recipient), so a repeated line would rightly be ignored.
+    """
     ts = time.strftime("%Y-%m-%dT%H:%M:%S.000000+00:00", time.gmtime())
-    return LEAK_LINE.format(ts=ts)
+    # sendmail's shape: 8 letters and digits, then the pid (6 digits or more).
+    letters = "".join(secrets.choice(_QID_LETTERS) for _ in range(8))
+    qid = f"{letters}{secrets.randbelow(10**6):06d}"
+    rcpt = f"nobody-{secrets.token_hex(3)}@sinkhole.test"
+    return LEAK_LINE.format(ts=ts, qid=qid, rcpt=rcpt)
+
+
+def invoked_as() -> str:
+    """How to run selfcheckd the way this process was started, for commands we print."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "selfcheckd" and argv0.exists():
+        return str(argv0)  # as typed: .venv/bin/selfcheckd, or an absolute path
+    if shutil.which("selfcheckd") == str(argv0.resolve()):
+        return "selfcheckd"
+    return f"{sys.executable} -m daemon.cli"
 
 
 async def _start_receiver() -> tuple[web.AppRunner, int]:
@@ -110,7 +131,7 @@ async def _demo(args: argparse.Namespace) -> int:
             f"  maillog:  {maillog.resolve()}  (the leak watcher follows it)\n"
             f"  leak:     a leaked recipient line is appended in 5 s"
             f"{'' if args.inject_leak else ' (disabled)'}; append your own with\n"
-            f"            selfcheckd demo --print-leak-line >> {maillog}\n"
+            f"            {invoked_as()} demo --print-leak-line >> {maillog}\n"
             "Ctrl-C stops it.\n",
             file=sys.stderr, flush=True,
         )

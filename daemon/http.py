@@ -5,7 +5,9 @@ waiting to restart) or stalled (no progress within its deadline). `/readyz`
 says the config is loaded and the daemon is not stopping; it does not depend
 on mail flowing, so a mail outage never gets the monitor restarted. `/status`
 is JSON for people: the configuration in force, each component's state, the
-last result of each route, pending alerts; never a secret.
+last result of each route, pending alerts; never a secret. `/probe?route=NAME`
+(only with `[server] probe = true`: it sends mail) runs that route's round trip
+now, or joins the run in flight, and answers its result.
 
 The listener is the `http` component: bound before anything else starts (a
 taken port is a start-up error, or a refused reload), closed when the
@@ -40,6 +42,8 @@ class StatusSource(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    async def probe(self, route: str) -> tuple[int, dict[str, Any]]: ...
+
 
 def make_app(source: StatusSource, registry: CollectorRegistry) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
@@ -55,11 +59,20 @@ def make_app(source: StatusSource, registry: CollectorRegistry) -> web.Applicati
         return web.Response(text=json.dumps(source.status(), indent=2),
                             content_type="application/json")
 
+    async def probe(request: web.Request) -> web.Response:
+        route = request.query.get("route", "")
+        if not route:
+            return web.json_response({"error": "give the route: /probe?route=NAME"}, status=400)
+        code, body = await source.probe(route)
+        return web.Response(text=json.dumps(body, indent=2), status=code,
+                            content_type="application/json")
+
     app = web.Application()
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
+    app.router.add_get("/probe", probe)
     return app
 
 

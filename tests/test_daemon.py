@@ -296,3 +296,29 @@ async def test_soak_500_runs_without_growth(
     assert daemon.metrics.failures.labels("default", "receive_timeout")._value.get() == 0
     assert await probes_left(mail_stack) == 0
     assert len(await mail_stack.inbox()) == 0
+
+
+async def test_a_failing_route_stops_the_pulse_of_a_target_covering_both(
+    make_stack: Any, receiver: Receiver,
+) -> None:
+    """Two routes, one failing every run: updown gets no pulse until it succeeds again."""
+    good, bad = await make_stack(), await make_stack()
+    bad.smtp.drop = True  # accepted, never delivered: every run of "bad" fails
+    config = Config.model_validate({
+        "selfcheck": {"interval": 0.3, "timeout": 1, "secret": "s",
+                      "routes": [good.route_table("good"), bad.route_table("bad")]},
+        "server": {"listen": "127.0.0.1:0"},
+        "heartbeat": [{"name": "pulse", "url": receiver.url, "retries": 0}],
+    })
+    daemon = Daemon(LoadedConfig(config, None))
+    await daemon.start()
+    try:
+        good_runs = daemon.metrics.runs.labels("good", "success")
+        await until(lambda: daemon.metrics.runs.labels("bad", "failure")._value.get() >= 2
+                    and good_runs._value.get() >= 5, timeout=30)
+        await daemon.heartbeats.drain(2)
+        assert receiver.bodies == []
+        bad.smtp.drop = False
+        await until(lambda: len(receiver.bodies) >= 1, timeout=30)
+    finally:
+        await daemon.shutdown()

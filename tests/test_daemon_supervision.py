@@ -24,7 +24,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from daemon.app import Daemon
-from daemon.config import Config, load_config
+from daemon.config import Config, LoadedConfig, load_config
 from daemon.embedded.stack import EmbeddedMailStack
 from daemon.logs import configure_logging, install_exception_hooks, redact_secrets
 from daemon.metrics import Metrics
@@ -373,3 +373,67 @@ def test_a_secret_inside_a_library_exception_never_reaches_the_log() -> None:
     for secret in ("imap-pass-3", "tok-4444", "key-5555"):
         assert secret not in text
     assert len(text.strip().splitlines()) == 1
+
+
+# -- /probe ------------------------------------------------------------------------------------
+
+
+def probe_config(stack: EmbeddedMailStack, probe: bool) -> LoadedConfig:
+    return LoadedConfig(Config.model_validate({
+        "selfcheck": {"interval": 600, "timeout": 5, "secret": "x",
+                      "routes": [stack.route_table()]},
+        "server": {"listen": "127.0.0.1:0", "probe": probe},
+    }), None)
+
+
+async def test_probe_is_off_unless_configured(mail_stack: EmbeddedMailStack) -> None:
+    """Without [server] probe = true, /probe sends nothing and says how to turn it on."""
+    daemon = Daemon(probe_config(mail_stack, probe=False))
+    await daemon.start()
+    try:
+        await until(lambda: "default" in daemon.results)
+        sent = mail_stack.smtp.delivered
+        code, body = await get(daemon.listen_port, "/probe?route=default")
+        assert code == 404 and "[server] probe = true" in json.loads(body)["error"]
+        assert mail_stack.smtp.delivered == sent
+    finally:
+        await daemon.shutdown()
+
+
+async def test_probe_runs_the_route_now_and_answers_its_result(
+    mail_stack: EmbeddedMailStack,
+) -> None:
+    """GET /probe?route=NAME runs a round trip on demand: result JSON with step timings."""
+    daemon = Daemon(probe_config(mail_stack, probe=True))
+    await daemon.start()
+    try:
+        # The start-up run, cleanup included, is over: the probe starts a run of its own.
+        await until(lambda: "default" in daemon.results and not daemon.scheduler.running)
+        code, body = await get(daemon.listen_port, "/probe?route=default")
+        result = json.loads(body)
+        assert code == 200 and result["success"] is True, body
+        assert [s["step"] for s in result["steps"]][-2:] == ["verify", "cleanup"]
+        assert result["run_id"] == daemon.results["default"].run_id
+        assert mail_stack.smtp.delivered == 2
+        assert daemon.metrics.runs.labels("default", "success")._value.get() == 2
+        code, body = await get(daemon.listen_port, "/probe?route=nope")
+        assert code == 404 and json.loads(body)["routes"] == ["default"]
+        assert (await get(daemon.listen_port, "/probe"))[0] == 400
+    finally:
+        await daemon.shutdown()
+
+
+async def test_a_probe_during_a_run_joins_it(make_stack: Any) -> None:
+    """A probe while the route's run is in flight waits for that run and returns its result."""
+    stack = await make_stack()
+    stack.smtp.delivery_delay = 1.0  # the start-up run is still waiting when the probe comes
+    daemon = Daemon(probe_config(stack, probe=True))
+    await daemon.start()
+    try:
+        await until(lambda: "default" in daemon.scheduler.running)
+        code, body = await get(daemon.listen_port, "/probe?route=default")
+        assert code == 200 and json.loads(body)["success"] is True
+        assert stack.smtp.delivered == 1  # one run, one probe message, shared
+        assert json.loads(body)["run_id"] == daemon.results["default"].run_id
+    finally:
+        await daemon.shutdown()

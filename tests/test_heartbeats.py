@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from daemon.checks.result import CheckResult, FailureReason
-from daemon.config import HeartbeatTarget
+from daemon.config import ConfigError, HeartbeatTarget, load_config
 from daemon.delivery.heartbeats import (
     BODY_LIMIT,
     Heartbeats,
@@ -111,8 +112,9 @@ async def make_heartbeats(metrics: Metrics, supervisor: Supervisor) -> AsyncIter
     """Run a Heartbeats component for target dicts; all are closed at teardown."""
     started: list[Heartbeats] = []
 
-    async def factory(*targets: dict[str, Any]) -> Heartbeats:
-        hb = Heartbeats([HeartbeatTarget.model_validate(t) for t in targets], metrics)
+    async def factory(*targets: dict[str, Any], routes: list[str] | None = None) -> Heartbeats:
+        hb = Heartbeats([HeartbeatTarget.model_validate(t) for t in targets], metrics,
+                        routes=routes)
         supervisor.start(hb)
         started.append(hb)
         return hb
@@ -133,13 +135,13 @@ def count(metrics: Metrics, target: str, result: str) -> float:
     return value or 0.0
 
 
-def succeeded(**kw: Any) -> CheckResult:
-    return CheckResult(route=ROUTE, run_id=RUN_ID, success=True,
+def succeeded(route: str = ROUTE, **kw: Any) -> CheckResult:
+    return CheckResult(route=route, run_id=RUN_ID, success=True,
                        send_time=0.150_49, reception_time=2.340_4, **kw)
 
 
-def failed(error: str = "probe not received within 60s") -> CheckResult:
-    result = CheckResult(route=ROUTE, run_id=RUN_ID)
+def failed(error: str = "probe not received within 60s", route: str = ROUTE) -> CheckResult:
+    result = CheckResult(route=route, run_id=RUN_ID)
     result.fail(FailureReason.RECEIVE_TIMEOUT, error)
     result.send_time = 0.2
     return result
@@ -184,6 +186,71 @@ async def test_routes_do_not_supersede_each_other(
                                 send_time=0.1, reception_time=0.2))
     assert await hb.drain(5.0)
     assert len(receiver.requests) == 2
+
+
+# -- targets and the routes they cover -----------------------------------------------------
+
+
+async def test_a_failing_route_silences_a_target_that_covers_it(
+    receiver: Receiver, make_heartbeats: Factory,
+) -> None:
+    """updown pulses only while the latest run of every covered route succeeded."""
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}")}, routes=["good", "bad"])
+    hb.run_finished(succeeded("good"))  # "bad" has not completed a run yet: no pulse
+    hb.run_finished(failed(route="bad"))
+    for _ in range(3):
+        hb.run_finished(succeeded("good"))  # every other route fine, "bad" still failing
+    assert await hb.drain(5.0)
+    assert receiver.requests == []
+    hb.run_finished(succeeded("bad"))
+    hb.run_finished(succeeded("good"))
+    assert await hb.drain(5.0)
+    assert len(receiver.requests) == 2
+
+
+async def test_a_target_tied_to_one_route_ignores_the_others(
+    receiver: Receiver, make_heartbeats: Factory,
+) -> None:
+    """A target with routes = ["good"] pulses for good's successes whatever "bad" does."""
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}"), "routes": ["good"]},
+                               routes=["good", "bad"])
+    hb.run_finished(failed(route="bad"))
+    hb.run_finished(succeeded("good"))
+    hb.run_finished(succeeded("bad"))
+    assert await hb.drain(5.0)
+    assert [r.body for r in receiver.requests] == [
+        b'{"send_time": 0.15, "reception_time": 2.34}']
+
+
+async def test_healthchecks_hears_which_covered_route_fails(
+    receiver: Receiver, make_heartbeats: Factory,
+) -> None:
+    """A success of one route while another covered route fails is a /fail naming it."""
+    hb = await make_heartbeats({"kind": "healthchecks", "url": receiver.url(f"/{TOKEN}")},
+                               routes=["good", "bad"])
+    hb.run_finished(succeeded("good"))  # "bad" not run yet: neither success nor failure
+    assert await hb.drain(5.0)
+    assert receiver.requests == []
+    hb.run_finished(failed(route="bad"))
+    assert await hb.drain(5.0)
+    hb.run_finished(succeeded("good"))
+    assert await hb.drain(5.0)
+    assert [r.path for r in receiver.requests] == [f"/{TOKEN}/fail", f"/{TOKEN}/fail"]
+    assert receiver.requests[1].body.decode().splitlines()[1] == (
+        "failing routes: bad (receive_timeout)")
+
+
+def test_a_target_naming_an_unknown_route_is_a_config_error(tmp_path: Path) -> None:
+    """routes in [[heartbeat]] must name configured routes; the error lists the real ones."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[selfcheck.routes]]\nname = "good"\nfrom = "a@example.com"\nto = "b@example.com"\n'
+        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
+        '[[heartbeat]]\nurl = "https://pulse.example/tok"\nroutes = ["good", "typo"]\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == [
+        "heartbeat[0].routes: no such route: typo (routes: good)"]
 
 
 # -- healthchecks ------------------------------------------------------------------------

@@ -77,12 +77,13 @@ async def test_success_plain_with_idle(mail_stack: EmbeddedMailStack) -> None:
     assert completed_events(logs) == [{
         "event": "selfcheck_completed", "log_level": "info", "success": True,
         "send_time": result.send_time, "reception_time": result.reception_time,
+        "route": "default",
     }]
     assert await probes_left(mail_stack) == 0
 
 
 async def test_success_line_is_the_seed_format(mail_stack: EmbeddedMailStack) -> None:
-    """The key=value renderer prints exactly `selfcheck_completed success=true send_time=...`."""
+    """The seed's exact line, `selfcheck_completed success=true send_time=...`, then the route."""
     out = io.StringIO()
     configure_logging("kv", "info", stream=out)
     try:
@@ -90,10 +91,9 @@ async def test_success_line_is_the_seed_format(mail_stack: EmbeddedMailStack) ->
     finally:
         configure_logging()
     line = next(x for x in out.getvalue().splitlines() if x.startswith("selfcheck_completed"))
-    assert line == (
-        f"selfcheck_completed success=true send_time={result.send_time:.3f} "
-        f"reception_time={result.reception_time:.3f}"
-    )
+    seed = (f"selfcheck_completed success=true send_time={result.send_time:.3f} "
+            f"reception_time={result.reception_time:.3f}")
+    assert line == f"{seed} route=default"
 
 
 async def test_success_with_polling(make_stack: StackFactory) -> None:
@@ -511,3 +511,21 @@ async def test_run_cancelled_while_idling_cleans_up_on_a_fresh_connection(
     steps = [e for e in logs if e["event"] == "selfcheck_step" and e["step"] == "cleanup"]
     assert [(s["ok"], s["detail"]) for s in steps] == [(True, "0 deleted")]
     assert not [e for e in logs if e["event"] == "selfcheck_cleanup_failed"]
+
+
+async def test_failure_line_keeps_the_seed_prefix_and_names_the_route(
+    make_stack: StackFactory,
+) -> None:
+    """`selfcheck_completed success=false error="..."` as in the seed, then route=NAME."""
+    stack = await make_stack()
+    stack.smtp.drop = True  # accepted, never delivered
+    out = io.StringIO()
+    configure_logging("kv", "info", stream=out)
+    try:
+        result = await check(stack.route_table("eu-west"), timeout=1.0)
+    finally:
+        configure_logging()
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("selfcheck_completed"))
+    assert line == ('selfcheck_completed success=false error="probe not received within 1s" '
+                    "route=eu-west")
+    assert result.route == "eu-west"

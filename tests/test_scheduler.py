@@ -482,3 +482,28 @@ def test_duplicate_job_names_are_refused() -> None:
 
 async def _noop() -> None:
     pass
+
+
+async def test_fire_now_starts_a_run_or_hands_back_the_one_in_flight() -> None:
+    """fire_now runs a job at once without moving its cadence, or joins its run in flight."""
+    fake = FakeTime()
+    body = Body(fake, duration=3)
+    counts = Counts(fake)
+    sched = scheduler(fake, [Job("a", body, interval=10)], counts)
+    assert sched.fire_now("a") is None  # not running yet
+
+    async def scenario() -> None:
+        await fake.reached(1).wait()
+        joined = sched.fire_now("a")  # the start-up run (0 to 3) is in flight
+        assert joined is sched.running["a"]
+        await fake.reached(5).wait()
+        fresh = sched.fire_now("a")  # idle now: a run of its own, 5 to 8
+        assert fresh is not None and fresh is not joined
+        assert sched.fire_now("nope") is None
+
+    task = asyncio.create_task(scenario())
+    await run_until(fake, sched, 25)
+    await task
+    assert body.starts == [0, 5, 10, 20]  # the cadence is untouched
+    assert sched.fire_now("a") is None  # stopped
+    await assert_clean_shutdown(sched)

@@ -137,12 +137,12 @@ class Runner:
 
 
 def log_result(result: CheckResult) -> None:
-    """The seed's exact line, then the details that do not fit it."""
+    """The seed's exact line (its fields first, byte for byte), the route appended."""
     if result.success:
         log.info("selfcheck_completed", success=True, send_time=result.send_time,
-                 reception_time=result.reception_time)
+                 reception_time=result.reception_time, route=result.route)
     else:
-        log.error("selfcheck_completed", success=False, error=result.error)
+        log.error("selfcheck_completed", success=False, error=result.error, route=result.route)
     log.info("selfcheck_result", route=result.route, run_id=result.run_id,
              reason=result.reason.value if result.reason else "none",
              late_arrivals=result.late_arrivals)

@@ -201,6 +201,23 @@ class Scheduler:
         self._jobs_changed = True
         self._poke()
 
+    def fire_now(self, name: str) -> asyncio.Task[None] | None:
+        """Run job `name` now, or hand back its run in flight (on demand: /probe).
+
+        The run is like a scheduled one: no overlap with the job's own runs, its
+        deadline, cancelled at shutdown; the cadence is untouched (a due time that
+        finds it still going is skipped). None if stopping or no such job.
+        """
+        run = self._runs.get(name)
+        if run is not None:
+            return run.task
+        job = next((j for j in self._jobs if j.name == name), None)
+        if job is None or self._stopping or self._loop is None:
+            return None
+        self._start(job, self._clock())
+        self._poke()  # the loop plans its next wake-up with this run's deadline
+        return self._runs[name].task
+
     async def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no run is in flight or `timeout` passes; True if none is in flight."""
         timer = None if timeout is None else asyncio.ensure_future(self._sleep(timeout))

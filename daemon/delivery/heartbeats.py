@@ -9,6 +9,13 @@ Three kinds of target (`heartbeat[].kind`):
   success, `<url>/fail` on failure; `?rid=` pairs start and end of a run.
 - `uptime-kuma`: a push with `status=up|down`, `msg=` and `ping=` (ms).
 
+A target speaks for the routes it covers (`routes`, default every route): it
+reports success only while the latest completed run of each covered route
+succeeded. So one failing route silences an updown target however often the
+other routes succeed; healthchecks and Uptime Kuma get a failure naming the
+failing routes. A covered route that has not completed a run yet holds back a
+success without reporting a failure (at start-up, routes finish one by one).
+
 `run_started`/`run_finished` only queue the pings and return: the
 `heartbeats` component delivers them, each as a task of its own task group,
 with bounded retries (stamina). Each (target, route) has at most one delivery
@@ -21,9 +28,10 @@ Pulse URLs embed tokens, so logs only ever show `redact_url(url)`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote, unquote_plus, urlencode, urlsplit, urlunsplit
@@ -104,14 +112,34 @@ def start_ping(target: HeartbeatTarget, route: str, run_id: str) -> Ping | None:
     return None
 
 
-def finish_ping(target: HeartbeatTarget, result: CheckResult) -> Ping | None:
-    """The ping due when a run ends; None when the kind signals by silence (updown)."""
+def finish_ping(
+    target: HeartbeatTarget, result: CheckResult,
+    failing: Sequence[CheckResult] = (), waiting: Sequence[str] = (),
+) -> Ping | None:
+    """The ping due when a run of a covered route ends, or None.
+
+    `failing`: the latest runs of the target's other routes that failed;
+    `waiting`: its other routes without a completed run yet.
+    """
     url = target_url(target)
+    if result.success and failing:
+        result = _others_failed(result, failing)
+    elif result.success and waiting:
+        return None  # not every covered route has spoken yet: no success, no failure
     if target.kind is HeartbeatKind.HEALTHCHECKS:
         return _healthchecks_ping(url, result)
     if target.kind is HeartbeatKind.UPTIME_KUMA:
         return _uptime_kuma_ping(url, result)
     return _updown_ping(url, result)
+
+
+def _others_failed(result: CheckResult, failing: Sequence[CheckResult]) -> CheckResult:
+    """This run succeeded, but the target also covers routes whose latest run failed."""
+    worst = failing[0]
+    named = ", ".join(f"{r.route} ({_reason(r)})" for r in failing)
+    combined = dataclasses.replace(result, success=False, reason=worst.reason,
+                                   error=f"failing routes: {named}")
+    return combined
 
 
 def _updown_ping(url: str, result: CheckResult) -> Ping | None:
@@ -228,8 +256,13 @@ class Heartbeats:
         *,
         session_factory: SessionFactory = default_session,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        routes: Iterable[str] | None = None,
     ) -> None:
         self.targets = list(targets)
+        # Every configured route (a target without `routes` covers them all);
+        # None: each run speaks only for its own route.
+        self.routes: list[str] | None = None if routes is None else list(routes)
+        self._latest: dict[str, CheckResult] = {}
         self._metrics = metrics
         self._session_factory = session_factory
         self._queued: dict[tuple[str, str], _Delivery] = {}
@@ -248,17 +281,38 @@ class Heartbeats:
 
     # -- what callers see ------------------------------------------------------------------
 
+    def set_routes(self, routes: Iterable[str]) -> None:
+        """The configured routes changed (a reload): forget results of removed ones."""
+        self.routes = list(routes)
+        self._latest = {k: v for k, v in self._latest.items() if k in self.routes}
+
+    def covered(self, target: HeartbeatTarget, route: str) -> list[str]:
+        """The routes `target` speaks for, as seen from a run of `route`."""
+        if target.routes is not None:
+            return list(target.routes)
+        return list(self.routes) if self.routes is not None else [route]
+
     def run_started(self, route: str, run_id: str) -> None:
         """Queue the start pings of a run (healthchecks with send_start); returns at once."""
         for target in self.targets:
+            if route not in self.covered(target, route):
+                continue
             ping = start_ping(target, route, run_id)
             if ping is not None:
                 self._queue(target, route, ping)
 
     def run_finished(self, result: CheckResult) -> None:
-        """Queue each target's ping for a finished run; returns at once."""
+        """Queue each covering target's ping for a finished run; returns at once."""
+        self._latest[result.route] = result
         for target in self.targets:
-            ping = finish_ping(target, result)
+            covered = self.covered(target, result.route)
+            if result.route not in covered:
+                continue
+            others = [r for r in covered if r != result.route]
+            failing = [self._latest[r] for r in others
+                       if r in self._latest and not self._latest[r].success]
+            waiting = [r for r in others if r not in self._latest]
+            ping = finish_ping(target, result, failing, waiting)
             if ping is not None:
                 self._queue(target, result.route, ping)
 

@@ -7,7 +7,8 @@ stdout carries only leaks: with --json one JSON object per line
 (`{"type": "leak", "queue_id", "recipient", "sender", "stat", "timestamp"}`),
 otherwise one `LEAK ...` line each. The summary always goes to stderr (a JSON
 object with --json). Exit status: 1 if any leak was found, 0 if none, 2 on bad
-input or config (unreadable file, bad --since, CloudWatch unreachable).
+input or config (unreadable file, bad --since, CloudWatch unreachable, or
+lines of which none is a sendmail/Postfix line: the wrong file).
 """
 
 from __future__ import annotations
@@ -191,6 +192,11 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
         err.write(f"scan: cannot read {name}: {exc.strerror or exc}\n")
         return EXIT_BAD_INPUT
     out.flush()
-    _print_summary(_summary(processor, report, source, time.monotonic() - started),
-                   bool(args.json), err)
+    summary = _summary(processor, report, source, time.monotonic() - started)
+    if summary["lines"] and not summary["mta_lines"]:
+        # Not a mail log at all: "no leak" would pass the wrong file as clean.
+        err.write(f"scan: {source}: none of the {summary['lines']} lines read is a sendmail "
+                  "or Postfix log line; is this the mail log?\n")
+        return EXIT_BAD_INPUT
+    _print_summary(summary, bool(args.json), err)
     return EXIT_LEAKS if report.leaks else EXIT_CLEAN

@@ -104,6 +104,28 @@ def test_blind_log_warns_about_loglevel(tmp_path: Path) -> None:
     assert "LogLevel 9" in err
 
 
+@pytest.mark.parametrize("text", [
+    "GET /index.html HTTP/1.1 200\n" * 5,  # not syslog at all
+    "2026-11-23T19:30:26Z h nginx[1]: upstream timed out\n" * 5,  # syslog, but no MTA
+])
+def test_a_file_that_is_no_mail_log_is_bad_input(tmp_path: Path, text: str) -> None:
+    """Lines of which none is a sendmail/Postfix line: exit 2, one line with the count."""
+    log = tmp_path / "access.log"
+    log.write_text(text)
+    code, out, err = _scan(["--file", str(log), "--json"])
+    assert (code, out) == (2, "")
+    assert err == (f"scan: {log}: none of the 5 lines read is a sendmail or Postfix log "
+                   "line; is this the mail log?\n")
+
+
+def test_an_empty_file_is_a_blind_scan_not_an_error(tmp_path: Path) -> None:
+    """Nothing to read (a fresh log after rotation) stays exit 0 with the blind warning."""
+    log = tmp_path / "maillog"
+    log.write_text("")
+    code, _out, err = _scan(["--file", str(log)])
+    assert code == 0 and "blind=true" in err
+
+
 def test_missing_file_is_bad_input(tmp_path: Path) -> None:
     """An unreadable file exits 2 with one line naming it."""
     code, out, err = _scan(["--file", str(tmp_path / "nope.log")])
