@@ -89,7 +89,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if cfg.pushgateway is not None:
         from daemon.pushgateway import push_results
 
-        push_results(cfg.pushgateway, results)  # a failed push is logged, never fatal
+        # One group per route whenever the config has several, even with --route,
+        # so a partial check never lands in (and lingers as) the ungrouped group.
+        push_results(cfg.pushgateway, results, grouped=len(cfg.selfcheck.routes) > 1)
     return EXIT_OK if all(r.success for r in results) else EXIT_FAILED
 
 
