@@ -37,7 +37,7 @@ import aioimaplib
 
 from daemon.config import ImapSettings, Security
 from daemon.roundtrip.probe import PROBE_HEADER, ROUTE_HEADER
-from daemon.roundtrip.tls import client_context
+from daemon.roundtrip.tls import client_context, os_error_text
 
 T = TypeVar("T")
 
@@ -208,7 +208,7 @@ class ImapSession:
                 raise ImapError(f"{self.where}: {step}: {exc}") from None
             except OSError as exc:
                 self._broken = True
-                raise ImapError(f"{self.where}: {step}: {exc.strerror or exc}") from None
+                raise ImapError(f"{self.where}: {step}: {os_error_text(exc)}") from None
         task.cancel()
         self._broken = True
         if self._lost.is_set():

@@ -14,7 +14,7 @@ import aiosmtplib
 
 from daemon.config import Security, SmtpSettings
 from daemon.roundtrip.probe import Probe
-from daemon.roundtrip.tls import client_context
+from daemon.roundtrip.tls import client_context, os_error_text
 
 
 class SendError(Exception):
@@ -56,5 +56,5 @@ async def send_probe(settings: SmtpSettings, probe: Probe, timeout: float) -> fl
     except aiosmtplib.SMTPException as exc:
         raise SendError(f"SMTP {where}: {exc}") from None
     except OSError as exc:
-        raise SendError(f"SMTP {where}: {exc.strerror or exc}") from None
+        raise SendError(f"SMTP {where}: {os_error_text(exc)}") from None
     return time.monotonic() - started

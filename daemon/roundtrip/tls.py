@@ -1,10 +1,20 @@
-"""TLS client contexts built from a route's connection settings."""
+"""TLS client contexts built from a route's connection settings, and readable socket errors."""
 
 from __future__ import annotations
 
+import os
 import ssl
 
 from daemon.config import TLSSettings
+
+
+def os_error_text(exc: OSError) -> str:
+    """"Connection refused", not asyncio's "Connect call failed ('h', 1)"."""
+    if isinstance(exc, ssl.SSLError):  # its errno is OpenSSL's, not the OS's
+        return exc.strerror or str(exc)
+    if exc.errno is not None:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
 
 
 def client_context(settings: TLSSettings) -> ssl.SSLContext:

@@ -200,6 +200,8 @@ def test_site_image_config_and_environment_load_together(tmp_path: Path) -> None
     for group in leakwatch.cloudwatch.log_groups:
         arn = f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{group}:*"
         assert grants(task_stmts, "logs:FilterLogEvents", arn), group
+        # `config-check --connect` run in the task checks each group this way.
+        assert grants(task_stmts, "logs:DescribeLogStreams", arn), group
     parameter = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{leakwatch.sinkhole_mode.parameter}"
     assert grants(task_stmts, "ssm:GetParameter", parameter)
     # The state file must sit on a writable volume: the root fs is read-only.
@@ -377,11 +379,13 @@ def test_policies_are_least_privilege(policy: str) -> None:
 
 
 def test_task_role_reads_smtp_out_logs_and_sinkhole_mode_and_mounts_its_state() -> None:
-    """The daemon may read smtp-out's logs and /cabal/sinkhole_mode, mount its state; no more."""
+    """The daemon may read smtp-out's logs (and list their streams, for `config-check
+    --connect`) and /cabal/sinkhole_mode, mount its state; no more."""
     stmts = statements("iam-task-role-policy.json")
     by_action = {a: as_list(s["Resource"]) for s in stmts for a in as_list(s["Action"])}
     assert by_action == {
         "logs:FilterLogEvents": [SMTP_OUT_LOG_GROUP],
+        "logs:DescribeLogStreams": [SMTP_OUT_LOG_GROUP],
         "ssm:GetParameter": [SINKHOLE_MODE],
         "kms:Decrypt": [f"arn:aws:kms:{REGION}:{ACCOUNT}:key/*"],
         "elasticfilesystem:ClientMount": [STATE_FILE_SYSTEM],
@@ -389,8 +393,9 @@ def test_task_role_reads_smtp_out_logs_and_sinkhole_mode_and_mounts_its_state() 
     }
     (kms,) = [s for s in stmts if s["Action"] == "kms:Decrypt"]
     assert kms["Condition"]["StringLike"]["kms:EncryptionContext:PARAMETER_ARN"] == [SINKHOLE_MODE]
-    assert not grants(stmts, "logs:FilterLogEvents",
-                      f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/ecs/cabal-imap:*")
+    other_group = f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/ecs/cabal-imap:*"
+    assert not grants(stmts, "logs:FilterLogEvents", other_group)
+    assert not grants(stmts, "logs:DescribeLogStreams", other_group)
 
 
 def test_execution_role_covers_exactly_the_task_definitions_secrets() -> None:
