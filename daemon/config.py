@@ -9,26 +9,43 @@ is reported as one line `key.path: rule`, all of them at once.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from daemon.config_base import (
+    ExistingFile,
     NonBlankStr,
     NonNegativeFloat,
     Port,
     PositiveFloat,
+    Problem,
+    SecretHttpUrl,
     SecretsModel,
     StrictModel,
-    key_error,
+    needs_username,
+    table_value,
+    url_problem,
     url_secret_pieces,
 )
 from daemon.logwatch.config import LeakWatchConfig
+
+# A Prometheus metric name (and so a valid prefix of one).
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 class Security(StrEnum):
@@ -47,19 +64,17 @@ class TLSSettings(SecretsModel):
     password: SecretStr | None = None
     password_file: Path | None = None
     password_env: str | None = None
-    ca_file: Path | None = None
+    ca_file: ExistingFile | None = None
     verify_tls: bool = True
     connect_timeout: PositiveFloat = 10.0
 
     secret_fields = ("password",)
 
-    @model_validator(mode="after")
-    def _check_auth_and_ca(self) -> Any:
-        if self.password is not None and not self.username:
-            raise key_error("username", "required when a password is set")
-        if self.ca_file is not None and not self.ca_file.is_file():
-            raise key_error("ca_file", f"no such file: {self.ca_file}")
-        return self
+    @classmethod
+    def check_table(cls, table: dict[str, Any], info: ValidationInfo,
+                    problems: list[Problem]) -> dict[str, Any]:
+        needs_username(table, problems)
+        return super().check_table(table, info, problems)
 
 
 class SmtpSettings(TLSSettings):
@@ -97,13 +112,13 @@ class RouteConfig(StrictModel):
     smtp: SmtpSettings
     imap: ImapSettings
 
-    @model_validator(mode="after")
-    def _check_addresses(self) -> Any:
-        for key, value in (("from", self.from_), ("to", self.to)):
-            local, at, domain = value.rpartition("@")
-            if not at or not local or not domain or any(c.isspace() for c in value):
-                raise key_error(key, "must be an email address like name@example.com")
-        return self
+    @field_validator("from_", "to")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        local, at, domain = value.rpartition("@")
+        if not at or not local or not domain or any(c.isspace() for c in value):
+            raise ValueError("must be an email address like name@example.com")
+        return value
 
 
 class SelfcheckConfig(SecretsModel):
@@ -118,15 +133,31 @@ class SelfcheckConfig(SecretsModel):
 
     secret_fields = ("secret",)
 
-    @model_validator(mode="after")
-    def _check_routes(self) -> Any:
-        if self.jitter >= self.interval:
-            raise key_error("jitter", "must be less than interval")
-        names = [r.name for r in self.routes]
+    @field_validator("jitter")
+    @classmethod
+    def _jitter_below_interval(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("interval")  # absent when interval itself is invalid
+        if interval is not None and value >= interval:
+            raise ValueError("must be less than interval")
+        return value
+
+    @classmethod
+    def check_table(cls, table: dict[str, Any], info: ValidationInfo,
+                    problems: list[Problem]) -> dict[str, Any]:
+        names = [n for n in route_names(table) or () if isinstance(n, str)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise key_error("routes", f"route names must be unique (repeated: {', '.join(dupes)})")
-        return self
+            problems.append((("routes",),
+                             f"route names must be unique (repeated: {', '.join(dupes)})"))
+        return super().check_table(table, info, problems)
+
+
+def route_names(selfcheck: Any) -> list[Any] | None:
+    """The route names of a [selfcheck] table as written (None if it is not a table yet)."""
+    routes = table_value(selfcheck, "routes", [])
+    if not isinstance(selfcheck, dict | SelfcheckConfig) or not isinstance(routes, list):
+        return None
+    return [table_value(r, "name", "default") for r in routes]
 
 
 class HeartbeatKind(StrEnum):
@@ -140,7 +171,7 @@ class HeartbeatTarget(SecretsModel):
 
     name: NonBlankStr = "default"
     kind: HeartbeatKind = HeartbeatKind.UPDOWN
-    url: SecretStr | None = None
+    url: SecretHttpUrl | None = None
     url_file: Path | None = None
     url_env: str | None = None
     timeout: PositiveFloat = 10.0
@@ -153,13 +184,12 @@ class HeartbeatTarget(SecretsModel):
 
     secret_fields = ("url",)
 
-    @model_validator(mode="after")
-    def _check_url(self) -> Any:
-        if self.url is None:
-            raise key_error("url", "required (or url_file / url_env)")
-        if not self.url.get_secret_value().startswith(("http://", "https://")):
-            raise key_error("url", "must start with http:// or https://")
-        return self
+    @classmethod
+    def check_table(cls, table: dict[str, Any], info: ValidationInfo,
+                    problems: list[Problem]) -> dict[str, Any]:
+        if all(table.get(k) is None for k in ("url", "url_file", "url_env")):
+            problems.append((("url",), "required (or url_file / url_env)"))
+        return super().check_table(table, info, problems)
 
 
 class ServerConfig(StrictModel):
@@ -167,12 +197,13 @@ class ServerConfig(StrictModel):
     # GET /probe?route=NAME runs a round trip on demand. It sends mail, so it is off.
     probe: bool = False
 
-    @model_validator(mode="after")
-    def _check_listen(self) -> Any:
-        _host, sep, port = self.listen.rpartition(":")
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        _host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise key_error("listen", "must be HOST:PORT with PORT 0-65535")
-        return self
+            raise ValueError("must be HOST:PORT with PORT 0-65535")
+        return value
 
     @property
     def host(self) -> str:
@@ -186,6 +217,7 @@ class ServerConfig(StrictModel):
 class PushgatewayConfig(SecretsModel):
     """Where `selfcheckd check` pushes its result (Messages' Pushgateway metrics)."""
 
+    # A bare HOST:PORT means http://HOST:PORT, as in push_to_gateway (and so in Messages).
     url: NonBlankStr
     job: NonBlankStr = "selfcheck"
     prefix: str = ""
@@ -197,11 +229,28 @@ class PushgatewayConfig(SecretsModel):
 
     secret_fields = ("password",)
 
-    @model_validator(mode="after")
-    def _check_auth(self) -> Any:
-        if self.password is not None and not self.username:
-            raise key_error("username", "required when a password is set")
-        return self
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        problem = url_problem(value if "://" in value else f"http://{value}")
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        # prometheus_client would quietly rewrite other characters ("my-" becomes "my_").
+        if value and not _METRIC_NAME.fullmatch(value):
+            raise ValueError("must be empty or a metric name prefix: letters, digits, _ and :, "
+                             "not starting with a digit")
+        return value
+
+    @classmethod
+    def check_table(cls, table: dict[str, Any], info: ValidationInfo,
+                    problems: list[Problem]) -> dict[str, Any]:
+        needs_username(table, problems)
+        return super().check_table(table, info, problems)
 
 
 class LoggingConfig(StrictModel):
@@ -225,6 +274,12 @@ class Config(StrictModel):
         found: list[SecretStr | None] = [self.selfcheck.secret]
         for route in self.selfcheck.routes:
             found += [route.smtp.password, route.imap.password]
+        if self.pushgateway is not None:
+            found.append(self.pushgateway.password)
+            # Its path may carry a token; scheme://host:port is what logs show of it.
+            parts = urlsplit(self.pushgateway.url)
+            values |= url_secret_pieces(self.pushgateway.url) - {
+                self.pushgateway.url, f"{parts.scheme}://{parts.netloc}", parts.netloc}
         urls: list[SecretStr | None] = [h.url for h in self.heartbeat]
         if self.leakwatch is not None and self.leakwatch.alert is not None:
             found.append(self.leakwatch.alert.secret)
@@ -235,19 +290,29 @@ class Config(StrictModel):
                 values |= url_secret_pieces(url.get_secret_value())
         return values
 
-    @model_validator(mode="after")
-    def _check_heartbeat_names(self) -> Any:
-        names = [h.name for h in self.heartbeat]
+    @classmethod
+    def check_table(cls, table: dict[str, Any], info: ValidationInfo,
+                    problems: list[Problem]) -> dict[str, Any]:
+        targets = table.get("heartbeat", [])
+        if not isinstance(targets, list):
+            return super().check_table(table, info, problems)
+        names = [n for t in targets if isinstance(n := table_value(t, "name", "default"), str)]
         if len(set(names)) != len(names):
-            raise key_error("heartbeat", "target names must be unique")
-        routes = [r.name for r in self.selfcheck.routes]
-        for i, target in enumerate(self.heartbeat):
-            unknown = [r for r in target.routes or [] if r not in routes]
+            problems.append((("heartbeat",), "target names must be unique"))
+        known = route_names(table.get("selfcheck", {}))
+        # A route whose name is itself invalid leaves the known names unknown.
+        if known is None or not all(isinstance(n, str) for n in known):
+            return super().check_table(table, info, problems)
+        for i, target in enumerate(targets):
+            covered = table_value(target, "routes")
+            if not isinstance(covered, list):
+                continue
+            unknown = [r for r in covered if isinstance(r, str) and r not in known]
             if unknown:
-                raise key_error(f"heartbeat[{i}].routes",
-                                f"no such route: {', '.join(unknown)} "
-                                f"(routes: {', '.join(routes) or 'none'})")
-        return self
+                problems.append((("heartbeat", i, "routes"),
+                                 f"no such route: {', '.join(unknown)} "
+                                 f"(routes: {', '.join(dict.fromkeys(known)) or 'none'})"))
+        return super().check_table(table, info, problems)
 
 
 class ConfigError(Exception):
@@ -349,9 +414,6 @@ _RULES = {
 def _problem(err: Mapping[str, Any], origin: dict[tuple[str | int, ...], str]) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
     msg = str(err["msg"]).removeprefix("Value error, ")
-    if msg.startswith("@"):
-        key, _, msg = msg[1:].partition(": ")
-        loc = (*loc, key)
     if err["type"] in _RULES:
         msg = _RULES[err["type"]]
     elif err["type"] in ("enum", "literal_error"):
@@ -402,11 +464,13 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     try:
         config = Config.model_validate(tree, context={"environ": env})
     except ValidationError as exc:
-        raise ConfigError([_problem(e, origin) for e in exc.errors()]) from None
-    if not config.selfcheck.routes and config.leakwatch is None:
-        raise ConfigError([
+        problems = [_problem(e, origin) for e in exc.errors()]
+    section = tree.get("selfcheck", {})
+    if isinstance(section, dict) and not section.get("routes") and tree.get("leakwatch") is None:
+        problems.append(
             "selfcheck.routes: at least one route is required (or a [leakwatch] section); "
             "for a single route set MESSAGES_SELFCHECK_FROM/_TO and "
-            "SELFCHECK_SMTP_HOST/SELFCHECK_IMAP_HOST"
-        ])
+            "SELFCHECK_SMTP_HOST/SELFCHECK_IMAP_HOST")
+    if problems:
+        raise ConfigError(problems)
     return LoadedConfig(config=config, path=path)

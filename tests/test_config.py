@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel, SecretStr
 
-from daemon.config import ConfigError, load_config
+from daemon.config import Config, ConfigError, load_config
 
 ROUTE = """
 [[selfcheck.routes]]
@@ -112,16 +115,238 @@ def test_secret_from_file_and_env(tmp_path: Path) -> None:
     ]
 
 
-def test_example_config_is_valid(tmp_path: Path) -> None:
-    """config.example.toml validates once its secret files and variables exist."""
-    text = Path("config.example.toml").read_text()
-    for name in ("selfcheck_secret", "smtp", "imap"):
-        (tmp_path / name).write_text("x\n")
-        text = text.replace(f"/run/secrets/{name}", str(tmp_path / name))
-    env = {"MESSAGES_SELFCHECK_WEBHOOK_URL": "https://pulse.updown.io/a/b",
-           "ALERT_SINK_SECRET": "y"}
-    cfg = load_config(write(tmp_path, text), env).config
-    assert cfg.leakwatch is not None and cfg.selfcheck.routes[0].name == "default"
+def test_rules_between_keys_come_in_the_same_pass(tmp_path: Path) -> None:
+    """Rules spanning keys, files and sections are reported alongside every field error."""
+    text = """
+[selfcheck]
+interval = 10
+jitter = 10
+secret_file = "/nonexistent/secret"
+[[selfcheck.routes]]
+from = "a@example.com"
+to = "b@example.com"
+smtp = { host = "s", port = 0, password = "pw" }
+imap = { host = "i", mailbox = "", ca_file = "/nonexistent/ca.pem" }
+[[selfcheck.routes]]
+from = "a@example.com"
+to = "b@example.com"
+smtp = { host = "s" }
+imap = { host = "i" }
+[[heartbeat]]
+timeout = 0
+[[heartbeat]]
+name = "b"
+url = "https://pulse.example.net/tok"
+routes = ["typo"]
+[leakwatch]
+blind_after = 0
+state_file = "/a.json"
+cloudwatch = { state_file = "/b.json" }
+alert = { url = "https://alerts.example.net/", timeout = 0, backoff = 600 }
+[pushgateway]
+url = "http://pgw:9091"
+job = ""
+password = "pw"
+"""
+    assert problems(tmp_path, text) == [
+        "selfcheck.jitter: must be less than interval",
+        "selfcheck.secret_file: cannot read /nonexistent/secret: No such file or directory",
+        "selfcheck.routes[0].smtp.port: must be 1-65535",
+        "selfcheck.routes[0].smtp.username: required when a password is set",
+        "selfcheck.routes[0].imap.ca_file: no such file: /nonexistent/ca.pem",
+        "selfcheck.routes[0].imap.mailbox: must not be empty",
+        "selfcheck.routes: route names must be unique (repeated: default)",
+        "heartbeat[0].url: required (or url_file / url_env)",
+        "heartbeat[0].timeout: must be greater than 0",
+        "heartbeat[1].routes: no such route: typo (routes: default)",
+        "leakwatch.blind_after: must be greater than 0",
+        "leakwatch.cloudwatch.state_file: conflicts with leakwatch.state_file (give only one)",
+        "leakwatch.alert.timeout: must be greater than 0",
+        "leakwatch.alert.backoff: must not be greater than max_backoff",
+        "pushgateway.job: must not be empty",
+        "pushgateway.username: required when a password is set",
+    ]
+
+
+def test_no_route_is_reported_with_the_other_problems(tmp_path: Path) -> None:
+    """A config without routes or [leakwatch] says so next to its other problems."""
+    assert problems(tmp_path, "[logging]\nlevel = 'loud'\n") == [
+        "logging.level: must be one of debug, info, warning or error",
+        "selfcheck.routes: at least one route is required (or a [leakwatch] section); "
+        "for a single route set MESSAGES_SELFCHECK_FROM/_TO and "
+        "SELFCHECK_SMTP_HOST/SELFCHECK_IMAP_HOST",
+    ]
+
+
+def test_a_rule_between_two_keys_reads_their_defaults(tmp_path: Path) -> None:
+    """jitter is held to the default interval, backoff to the default max_backoff."""
+    text = ROUTE + "\n[selfcheck]\njitter = 600\n[leakwatch.alert]\n" \
+        'url = "http://127.0.0.1/a"\nmax_backoff = 0.5\n'
+    assert problems(tmp_path, text) == [
+        "selfcheck.jitter: must be less than interval",
+        "leakwatch.alert.backoff: must not be greater than max_backoff",
+    ]
+
+
+LEAKWATCH = '\n[leakwatch]\nalert = {{ url = "{alert}" }}\n' \
+    'cloudwatch = {{ endpoint_url = "{cloudwatch}" }}\n' \
+    'sinkhole_mode = {{ endpoint_url = "{ssm}" }}\n'
+GOOD = {"alert": "https://alerts.example.net/a?x=1", "cloudwatch": "http://[::1]:4566",
+        "ssm": "HTTPS://user:pw@ssm.example.net:443/"}
+
+
+@pytest.mark.parametrize(("key", "url", "expected"), [
+    ("alert", "http://alerts.example.net:70000/a", "port must be 1-65535 (got 70000)"),
+    ("alert", "http://alerts.example.net:0/a", "port must be 1-65535 (got 0)"),
+    ("alert", "http://alerts.example.net:http/a", "port must be 1-65535 (got http)"),
+    ("alert", "alerts.example.net/a", "must start with http:// or https://"),
+    ("alert", "ftp://alerts.example.net/a", "must start with http:// or https://"),
+    ("alert", "http:/alerts.example.net/a", "must start with http:// or https://"),
+    ("alert", "https:///a", "must name a host (http://HOST/...)"),
+    ("alert", "https://alerts.example.net/a b", "must not contain spaces or line breaks"),
+    ("cloudwatch", "http://localhost:99999", "port must be 1-65535 (got 99999)"),
+    ("cloudwatch", "http://[::1", "is not a valid URL"),
+    ("ssm", "https://:443", "must name a host (http://HOST/...)"),
+])
+def test_urls_need_scheme_host_and_port_in_range(
+    tmp_path: Path, key: str, url: str, expected: str,
+) -> None:
+    """Every URL key is checked: http(s), a host, a port 1-65535, no whitespace."""
+    text = ROUTE + LEAKWATCH.format(**{**GOOD, key: url})
+    name = {"alert": "alert.url", "cloudwatch": "cloudwatch.endpoint_url",
+            "ssm": "sinkhole_mode.endpoint_url"}[key]
+    assert problems(tmp_path, text) == [f"leakwatch.{name}: {expected}"]
+
+
+def test_good_urls_pass(tmp_path: Path) -> None:
+    """IPv6 hosts, credentials, ports, queries and upper-case schemes are accepted."""
+    leakwatch = load_config(write(tmp_path, ROUTE + LEAKWATCH.format(**GOOD)), {}).config.leakwatch
+    assert leakwatch is not None and leakwatch.cloudwatch.endpoint_url == GOOD["cloudwatch"]
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("pgw.example.net:9091", None),  # push_to_gateway (and so Messages) reads it as http://
+    ("https://pgw.example.net/", None),
+    ("pgw.example.net:99999", "port must be 1-65535 (got 99999)"),
+    ("ftp://pgw.example.net", "must start with http:// or https://"),
+])
+def test_pushgateway_url_may_omit_the_scheme(
+    tmp_path: Path, url: str, expected: str | None,
+) -> None:
+    """pushgateway.url is checked like the others, a bare HOST:PORT meaning http."""
+    text = ROUTE + f'\n[pushgateway]\nurl = "{url}"\n'
+    if expected is None:
+        pushgateway = load_config(write(tmp_path, text), {}).config.pushgateway
+        assert pushgateway is not None and pushgateway.url == url
+    else:
+        assert problems(tmp_path, text) == [f"pushgateway.url: {expected}"]
+
+
+TOKEN = "tok-3f9a1c77e2"
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    (f"https://pulse.example.net:123456/{TOKEN}", "port must be 1-65535"),
+    (f"https://pulse.example.net:{TOKEN}/x", "port must be 1-65535"),
+    (f"pulse.example.net/{TOKEN}", "must start with http:// or https://"),
+    (f"https:///{TOKEN}", "must name a host (http://HOST/...)"),
+])
+def test_a_secret_url_is_checked_without_being_echoed(
+    tmp_path: Path, url: str, expected: str,
+) -> None:
+    """A heartbeat URL carries a token: its problem names the rule, never the URL or port."""
+    assert problems(tmp_path, ROUTE + f'\n[[heartbeat]]\nurl = "{url}"\n') == [
+        f"heartbeat[0].url: {expected}"]
+    assert problems(tmp_path, ROUTE, {"MESSAGES_SELFCHECK_WEBHOOK_URL": url}) == [
+        f"heartbeat[0].url (from MESSAGES_SELFCHECK_WEBHOOK_URL): {expected}"]
+
+
+# The example's placeholders: `key = "value"  # ... REPLACE: what goes there`.
+PLACEHOLDER = re.compile(r'^(\s*)([a-z_]+) = "([^"]*)"(\s*#.*\bREPLACE:.*)$', re.MULTILINE)
+WORKING_URL = "http://127.0.0.1:9/working"
+
+
+def fill_placeholders(text: str, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """Put a working value in place of every value marked REPLACE; return (text, environ).
+
+    A secret file becomes a temp file, a variable named by *_env is set, a URL
+    points at localhost, an address is selfcheck@localhost, a host localhost.
+    """
+    marked = [line for line in text.splitlines()
+              if "REPLACE:" in line and not line.lstrip().startswith("#")]
+    assert len(PLACEHOLDER.findall(text)) == len(marked), "a REPLACE mark in another form"
+    environ: dict[str, str] = {}
+
+    def working(match: re.Match[str]) -> str:
+        indent, key, value, comment = match.groups()
+        if key.endswith("_file"):
+            path = tmp_path / f"placeholder-{match.start()}"
+            path.write_text("working\n", encoding="utf-8")
+            value = str(path)
+        elif key.endswith("_env"):
+            environ[value] = WORKING_URL
+        elif key.endswith("url"):
+            value = WORKING_URL
+        else:
+            value = "selfcheck@localhost" if "@" in value else "localhost"
+        return f'{indent}{key} = "{value}"{comment}'
+
+    return PLACEHOLDER.sub(working, text), environ
+
+
+def strings(value: Any) -> list[str]:
+    """Every string in a loaded config, secrets included."""
+    if isinstance(value, BaseModel):
+        return [s for name in type(value).model_fields for s in strings(getattr(value, name))]
+    if isinstance(value, list | tuple):
+        return [s for item in value for s in strings(item)]
+    if isinstance(value, SecretStr):
+        return [value.get_secret_value()]
+    return [str(value)] if value is not None else []
+
+
+def assert_placeholders_all_replaced(config: Config) -> None:
+    """Nothing left of the example values: no example.* name, no /run/secrets file."""
+    left = [s for s in strings(config) if "example." in s or "/run/secrets" in s]
+    assert left == [], "placeholders without a REPLACE mark"
+
+
+def test_example_config_marks_every_placeholder(tmp_path: Path) -> None:
+    """With only its REPLACE-marked values filled in, config.example.toml loads with nothing else.
+
+    An unmarked secret file or variable fails the load; an unmarked example.* host,
+    address or URL is left in the config and fails the last assert.
+    """
+    text, environ = fill_placeholders(Path("config.example.toml").read_text(), tmp_path)
+    config = load_config(write(tmp_path, text), environ).config
+    assert config.leakwatch is not None and config.heartbeat and config.selfcheck.routes
+    assert_placeholders_all_replaced(config)
+
+
+def test_example_config_copied_as_is_lists_every_problem_in_one_pass(tmp_path: Path) -> None:
+    """The example as copied reports all its problems at once; fixing those, it loads."""
+    secrets = tmp_path / "secrets"  # absent, wherever the tests run
+    text = Path("config.example.toml").read_text().replace("/run/secrets/", f"{secrets}/")
+    assert problems(tmp_path, text) == [
+        f"selfcheck.secret_file: cannot read {secrets}/selfcheck_secret: "
+        "No such file or directory",
+        f"selfcheck.routes[0].smtp.password_file: cannot read {secrets}/smtp: "
+        "No such file or directory",
+        f"selfcheck.routes[0].imap.password_file: cannot read {secrets}/imap: "
+        "No such file or directory",
+        "heartbeat[0].url_env: environment variable MESSAGES_SELFCHECK_WEBHOOK_URL is not set",
+        "leakwatch.alert.secret_env: environment variable ALERT_SINK_SECRET is not set",
+    ]
+    environ: dict[str, str] = {}
+    for problem in problems(tmp_path, text):  # each fixed the way it says
+        if missing := re.search(r"cannot read (\S+): No such file", problem):
+            Path(missing[1]).parent.mkdir(exist_ok=True)
+            Path(missing[1]).write_text("x\n", encoding="utf-8")
+        else:
+            unset = re.search(r"environment variable (\w+) is not set", problem)
+            assert unset is not None, problem
+            environ[unset[1]] = WORKING_URL
+    assert load_config(write(tmp_path, text), environ).config.leakwatch is not None
 
 
 @pytest.mark.parametrize("cmd", ["config-check", "check", "run"])

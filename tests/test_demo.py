@@ -29,7 +29,7 @@ def test_every_printed_leak_line_is_a_new_leak() -> None:
 
 async def test_the_banner_prints_a_command_that_works_as_shown(tmp_path: Path) -> None:
     """The banner's `... demo --print-leak-line >> maillog` runs as printed, from where we are."""
-    exe = os.path.relpath(SELFCHECKD, tmp_path)
+    exe = os.path.relpath(SELFCHECKD, tmp_path)  # noqa: ASYNC240 - pure path arithmetic
     proc = await asyncio.create_subprocess_exec(
         exe, "demo", "--duration", "2", "--listen", "127.0.0.1:0", "--no-inject-leak",
         "--interval", "60", cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -442,3 +442,28 @@ async def test_cli_check_exit_code_ignores_a_dead_pushgateway(
     err = capsys.readouterr().err
     [line] = [x for x in err.splitlines() if x.startswith("pushgateway_push_failed")]
     assert f"url=http://127.0.0.1:{closed_port}" in line and "route=default" in line
+
+
+def test_a_prefix_prometheus_would_rewrite_is_a_config_error(tmp_path: Path) -> None:
+    """`prefix = "my-"` would quietly become `my_`: refused, naming the key."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[selfcheck.routes]]\nfrom = "a@example.com"\nto = "b@example.com"\n'
+        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
+        '[pushgateway]\nurl = "http://pgw:9091"\nprefix = "my-"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert [p.split(":")[0] for p in caught.value.problems] == ["pushgateway.prefix"]
+
+
+def test_the_pushgateway_password_and_path_token_are_redacted(tmp_path: Path) -> None:
+    """secret_values() covers the password and the URL's path, not its host."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[selfcheck.routes]]\nfrom = "a@example.com"\nto = "b@example.com"\n'
+        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
+        '[pushgateway]\nurl = "https://pgw.example:9091/tok-123456"\n'
+        'username = "u"\npassword = "pw-7654321"\n')
+    values = load_config(path, {}).config.secret_values()
+    assert {"pw-7654321", "tok-123456"} <= values
+    assert "https://pgw.example:9091" not in values and "pgw.example:9091" not in values

@@ -9,15 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from daemon.config_base import (
+    HttpUrl,
     NonBlankStr,
     NonNegativeFloat,
     PositiveFloat,
+    Problem,
     SecretsModel,
     StrictModel,
-    key_error,
+    table_value,
 )
 
 
@@ -30,7 +32,7 @@ class CloudWatchSource(StrictModel):
     # without the second, targeted query).
     filter_pattern: str = ""
     region: str | None = None
-    endpoint_url: str | None = None
+    endpoint_url: HttpUrl | None = None
     poll_interval: PositiveFloat = 10.0
     # Re-queried on every poll so late-ingested events are still seen.
     overlap: PositiveFloat = 300.0
@@ -55,13 +57,6 @@ class CloudWatchSource(StrictModel):
             raise ValueError("must list at least one log group")
         return value
 
-    @field_validator("endpoint_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
-
 
 class FileSource(StrictModel):
     """A local mail log followed like `tail -F`."""
@@ -75,7 +70,7 @@ class FileSource(StrictModel):
 class AlertWebhook(SecretsModel):
     """Cabalmail alert_sink compatible webhook (POST summary/severity/source)."""
 
-    url: NonBlankStr
+    url: HttpUrl
     secret: SecretStr | None = None
     secret_file: Path | None = None
     secret_env: str | None = None
@@ -83,9 +78,10 @@ class AlertWebhook(SecretsModel):
     severity: Literal["critical", "warning", "info"] = "critical"
     timeout: PositiveFloat = 10.0
     # Undelivered alerts are retried after backoff, doubling up to max_backoff,
-    # until the webhook accepts them or they are max_age old.
-    backoff: PositiveFloat = 1.0
+    # until the webhook accepts them or they are max_age old. (max_backoff comes
+    # first: backoff's rule reads it.)
     max_backoff: PositiveFloat = 300.0
+    backoff: PositiveFloat = Field(default=1.0, validate_default=True)
     max_age: PositiveFloat = 86400.0
     # Requests in flight at once, so one hanging request never holds back the rest.
     max_concurrent: int = Field(default=4, ge=1, le=64)
@@ -98,17 +94,12 @@ class AlertWebhook(SecretsModel):
 
     secret_fields = ("secret",)
 
-    @model_validator(mode="after")
-    def _check_backoff(self) -> Any:
-        if self.backoff > self.max_backoff:
-            raise key_error("backoff", "must not be greater than max_backoff")
-        return self
-
-    @field_validator("url")
+    @field_validator("backoff")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+    def _backoff_below_max(cls, value: float, info: ValidationInfo) -> float:
+        max_backoff = info.data.get("max_backoff")  # absent when itself invalid
+        if max_backoff is not None and value > max_backoff:
+            raise ValueError("must not be greater than max_backoff")
         return value
 
 
@@ -121,7 +112,7 @@ class SinkholeModeWatch(StrictModel):
     # Warn when the mode stays accept/accept-log longer than this.
     max_accept_duration: PositiveFloat = 3600.0
     region: str | None = None
-    endpoint_url: str | None = None
+    endpoint_url: HttpUrl | None = None
     request_timeout: PositiveFloat = 10.0
 
 
@@ -144,13 +135,15 @@ class LeakWatchConfig(StrictModel):
     alert: AlertWebhook | None = None
     sinkhole_mode: SinkholeModeWatch = Field(default_factory=SinkholeModeWatch)
 
-    @model_validator(mode="after")
-    def _one_state_file(self) -> Any:
-        alias = self.cloudwatch.state_file
-        if alias is not None and self.state_file is not None and alias != self.state_file:
-            raise key_error("cloudwatch.state_file",
-                            "conflicts with leakwatch.state_file (give only one)")
-        return self
+    @classmethod
+    def check_table(cls, table: dict[str, Any], info: ValidationInfo,
+                    problems: list[Problem]) -> dict[str, Any]:
+        main, alias = table.get("state_file"), table_value(table.get("cloudwatch"), "state_file")
+        if isinstance(main, str | Path) and isinstance(alias, str | Path) \
+                and Path(main) != Path(alias):
+            problems.append((("cloudwatch", "state_file"),
+                             "conflicts with leakwatch.state_file (give only one)"))
+        return super().check_table(table, info, problems)
 
     @property
     def state_path(self) -> Path | None:
