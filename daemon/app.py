@@ -260,13 +260,16 @@ class Daemon:
             return 404, {"error": f"no such route: {route}", "routes": list(self.checks)}
         task = None if self.stopping else self.scheduler.fire_now(route)
         if task is None:
-            return 503, {"error": "selfcheckd is stopping"}
+            why = "stopping" if self.stopping else "not scheduling yet (starting up)"
+            return 503, {"error": f"selfcheckd is {why}"}
         log.info("selfcheck_probe_requested", route=route)
-        # Shielded: a client that hangs up does not cancel a run the scheduler owns.
-        await asyncio.wait({asyncio.shield(task)})
+        # asyncio.wait never cancels what it waits for: a client that hangs up
+        # does not cancel a run the scheduler owns.
+        await asyncio.wait({task})
         result = self._run_results.get(task)
         if result is None:
-            return 503, {"error": "the run ended without a verdict (selfcheckd is stopping)"}
+            why = "selfcheckd is stopping" if self.stopping else "it was cancelled"
+            return 503, {"error": f"the run ended without a verdict: {why}"}
         return 200, {**result.as_dict(verbose=True), "started_at": result.started_at,
                      "finished_at": result.finished_at}
 
@@ -420,6 +423,7 @@ class Daemon:
         old = self.heartbeats
         self.heartbeats = Heartbeats(new.heartbeat, self.metrics, sleep=self._sleep,
                                      routes=list(self.checks))
+        self.heartbeats.carry_results_from(old)
         await old.close(grace=2.0)
         await self.supervisor.replace(self.heartbeats, timeout=SWAP_TIMEOUT)
         for target in {t.name for t in old.targets} - {t.name for t in new.heartbeat}:

@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         "watcher, heartbeats, and /metrics /healthz /readyz /status (and /probe with\n"
         "[server] probe = true). SIGTERM stops it within shutdown_grace (+2 s);\n"
         "SIGHUP reloads the config, all of it or none.",
-        "exit codes: 0 stopped by a signal, 2 bad configuration, 3 could not start\n"
-        "            (port in use)\n"
+        "exit codes: 0 stopped by a signal, 1 a second signal forced the exit,\n"
+        "            2 bad configuration, 3 could not start (port in use)\n"
         "example:    selfcheckd run --config /etc/selfcheckd.toml"))
     p.set_defaults(func=_cmd_run)
 

@@ -180,7 +180,7 @@ class HeartbeatTarget(SecretsModel):
     send_start: bool = False
     # The routes this target speaks for (default: every route). It pulses only
     # while the latest completed run of each of them succeeded.
-    routes: list[NonBlankStr] | None = None
+    routes: list[NonBlankStr] | None = Field(default=None, min_length=1)
 
     secret_fields = ("url",)
 
@@ -235,6 +235,9 @@ class PushgatewayConfig(SecretsModel):
         problem = url_problem(value if "://" in value else f"http://{value}")
         if problem:
             raise ValueError(problem)
+        if "@" in urlsplit(value if "://" in value else f"http://{value}").netloc:
+            # urllib would resolve "user:pass@host" as a host name: every push would fail.
+            raise ValueError("must not carry credentials; set username and password_file")
         return value
 
     @field_validator("prefix")
@@ -277,9 +280,7 @@ class Config(StrictModel):
         if self.pushgateway is not None:
             found.append(self.pushgateway.password)
             # Its path may carry a token; scheme://host:port is what logs show of it.
-            parts = urlsplit(self.pushgateway.url)
-            values |= url_secret_pieces(self.pushgateway.url) - {
-                self.pushgateway.url, f"{parts.scheme}://{parts.netloc}", parts.netloc}
+            values |= url_secret_pieces(self.pushgateway.url)
         urls: list[SecretStr | None] = [h.url for h in self.heartbeat]
         if self.leakwatch is not None and self.leakwatch.alert is not None:
             found.append(self.leakwatch.alert.secret)
@@ -408,6 +409,7 @@ _RULES = {
     "list_type": "must be a list",
     "model_type": "must be a table",
     "dict_type": "must be a table",
+    "too_short": "must not be empty (leave the key out for the default)",
 }
 
 

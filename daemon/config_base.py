@@ -168,15 +168,52 @@ SecretHttpUrl = Annotated[SecretStr, AfterValidator(_check_secret_url)]
 MIN_SECRET_PIECE = 6
 
 
+def _token_like(piece: str) -> bool:
+    """A path segment or query value that may be a token (not "pushgateway", "status")."""
+    if len(piece) >= 16:
+        return True
+    return (len(piece) >= MIN_SECRET_PIECE and any(c.isdigit() for c in piece)
+            and any(c.isalpha() for c in piece))
+
+
 def url_secret_pieces(url: str) -> set[str]:
-    """The parts of a URL that may carry a token: path segments, query items, credentials."""
+    """The parts of a URL that may carry a token, to scrub from any text.
+
+    The whole path, query and credentials, and every path segment or query
+    value that looks like a token. Plain words ("api", "push", "pushgateway")
+    are left alone: scrubbing them would garble messages, event names included.
+    """
     parts = urlsplit(url)
     userinfo = parts.netloc.rpartition("@")[0]
-    pieces = {url, parts.path, parts.query, userinfo, *userinfo.split(":")}
-    pieces.update(parts.path.split("/"))
-    for item in parts.query.split("&"):
-        pieces.update(item.split("="))
-    return {p for p in pieces if len(p) >= MIN_SECRET_PIECE}
+    pieces = {p for p in (parts.path, parts.query, userinfo, userinfo.partition(":")[2])
+              if len(p) >= MIN_SECRET_PIECE and p != "/"}
+    candidates = parts.path.split("/") + [v for item in parts.query.split("&")
+                                          for v in item.split("=")]
+    pieces.update(p for p in candidates if _token_like(p))
+    return pieces
+
+
+def scrub(text: str, pieces: Iterable[str]) -> str:
+    """`text` with each of `pieces` (longest first) replaced by `…`."""
+    for piece in sorted(pieces, key=len, reverse=True):
+        text = text.replace(piece, "…")
+    return text
+
+
+def url_origin(url: str) -> str:
+    """`scheme://host:port` of a URL: what messages may show of one that carries a token."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return "<invalid url>"
+    if not parts.scheme or not host:
+        return "<invalid url>"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def needs_username(table: dict[str, Any], problems: list[Problem]) -> None:

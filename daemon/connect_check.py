@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import ssl
 import stat
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -48,10 +48,11 @@ from botocore.exceptions import (
 from pydantic import SecretStr
 
 from daemon.config import Config, RouteConfig, Security
+from daemon.config_base import scrub, url_origin
 from daemon.logwatch.config import CloudWatchSource, SinkholeModeWatch
 from daemon.logwatch.sources.cloudwatch import BOTO_ATTEMPTS, create_logs_client
 from daemon.roundtrip.imap_client import ImapError, ImapSession
-from daemon.roundtrip.tls import client_context
+from daemon.roundtrip.tls import client_context, os_error_text
 from daemon.threads import in_daemon_thread
 
 # Deadline of a target with no timeout of its own in the config (the log file).
@@ -59,7 +60,6 @@ DEFAULT_DEADLINE = 5.0
 # How long a finished TLS connection gets to exchange close_notify before it is cut.
 CLOSE_GRACE = 1.0
 # Secrets shorter than this are not scrubbed from lines (they would mangle ordinary words).
-MIN_SCRUBBED = 4
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _ACCESS_DENIED = frozenset({"AccessDenied", "AccessDeniedException"})
 _BAD_CREDENTIALS = frozenset({
@@ -116,17 +116,19 @@ async def check_connections(config: Config, out: TextIO) -> bool:
     True only if no target failed (a skipped target is not a failure).
     """
     targets = build_targets(config)
-    secrets = _secret_values(config)
+    secrets = config.secret_values()
     outcomes: list[Outcome] = []
     async with asyncio.TaskGroup() as group:
         tasks = [group.create_task(run_target(t)) for t in targets]
         for target, task in zip(targets, tasks, strict=True):
             outcome = await task
             outcomes.append(outcome)
-            _emit(out, _scrub(format_line(target, outcome), secrets))
+            # Only the detail can carry a server's words; the target column is ours.
+            outcome = replace(outcome, detail=scrub(outcome.detail, secrets))
+            _emit(out, format_line(target, outcome))
     failed = [t.label for t, o in zip(targets, outcomes, strict=True) if o.status == "FAIL"]
     skipped = sum(1 for o in outcomes if o.status == "skip")
-    _emit(out, _scrub(format_summary(len(targets), failed, skipped), secrets))
+    _emit(out, format_summary(len(targets), failed, skipped))
     return not failed
 
 
@@ -152,8 +154,7 @@ def build_targets(config: Config) -> list[Target]:
         if leak.sinkhole_mode.enabled:
             targets.append(_ssm_target(leak.sinkhole_mode))
     if config.pushgateway is not None:
-        pg = config.pushgateway
-        targets.append(_url_target("pushgateway", "", pg.url, pg.timeout))
+        targets.append(_pushgateway_target(config.pushgateway.url, config.pushgateway.timeout))
     return targets
 
 
@@ -212,35 +213,6 @@ def _emit(out: TextIO, line: str) -> None:
 # -- secrets ----------------------------------------------------------------------------
 
 
-def _secret_values(config: Config) -> list[str]:
-    """Passwords, secrets, and the token-bearing parts of secret URLs, longest first."""
-    found: list[SecretStr | None] = [config.selfcheck.secret]
-    for route in config.selfcheck.routes:
-        found += [route.smtp.password, route.imap.password]
-    urls = [h.url.get_secret_value() for h in config.heartbeat if h.url is not None]
-    if config.leakwatch is not None and config.leakwatch.alert is not None:
-        found.append(config.leakwatch.alert.secret)
-        urls.append(config.leakwatch.alert.url)
-    if config.pushgateway is not None:
-        found.append(config.pushgateway.password)
-        urls.append(config.pushgateway.url)
-    values = {s.get_secret_value() for s in found if s is not None}
-    for url in urls:
-        with contextlib.suppress(ValueError):
-            parts = urlsplit(url)
-            userinfo = parts.netloc.rpartition("@")[0]
-            values |= {parts.query, userinfo, userinfo.partition(":")[2]}
-            if parts.path not in ("", "/"):
-                values.add(parts.path)
-    return sorted((v for v in values if len(v) >= MIN_SCRUBBED), key=len, reverse=True)
-
-
-def _scrub(line: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        line = line.replace(secret, "…")
-    return line
-
-
 # -- SMTP -------------------------------------------------------------------------------
 
 
@@ -292,7 +264,7 @@ async def _check_smtp(route: RouteConfig, t: Target) -> str:
     except ssl.SSLError as exc:
         raise TargetError(f"{t.step}: TLS handshake failed: {_tls_reason(exc)}") from None
     except OSError as exc:
-        raise TargetError(f"{t.step}: {_os_reason(exc)}") from None
+        raise TargetError(f"{t.step}: {os_error_text(exc)}") from None
     finally:
         client.close()
     return ", ".join(done)
@@ -303,17 +275,8 @@ def _smtp_reason(exc: aiosmtplib.SMTPException) -> str:
     if isinstance(cause, ssl.SSLError):
         return f"TLS handshake failed: {_tls_reason(cause)}"
     if isinstance(cause, OSError):
-        return _os_reason(cause)
+        return os_error_text(cause)
     return exc.message
-
-
-def _os_reason(exc: OSError) -> str:
-    """`Connection refused` rather than asyncio's `Connect call failed ('h', 25)`."""
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name: {exc.strerror or exc}"
-    if exc.errno:
-        return os.strerror(exc.errno)
-    return str(exc) or type(exc).__name__
 
 
 # -- IMAP -------------------------------------------------------------------------------
@@ -462,6 +425,19 @@ def _region(region: str | None) -> str:
 # -- HTTP endpoints: TCP and TLS, no request ---------------------------------------------
 
 
+def _pushgateway_target(url: str, timeout: float) -> Target:
+    """The push goes through urllib, which honours http(s)_proxy / no_proxy: test that path."""
+    if "://" not in url:
+        url = f"http://{url}"  # a bare HOST:PORT, as push_to_gateway reads it
+    host = urlsplit(url).hostname or ""
+    proxy = None if urllib.request.proxy_bypass(host) else \
+        urllib.request.getproxies().get(urlsplit(url).scheme)
+    if proxy is None:
+        return _url_target("pushgateway", "", url, timeout)
+    where = f"{_redact_url(url)} via proxy {_redact_url(proxy)}"
+    return Target("pushgateway", "", where, timeout, lambda t: _check_tcp_tls(proxy, t))
+
+
 def _url_target(kind: str, name: str, url: str | SecretStr | None, timeout: float) -> Target:
     raw = url.get_secret_value() if isinstance(url, SecretStr) else (url or "")
     return Target(kind, name, _redact_url(raw), timeout, lambda t: _check_tcp_tls(raw, t))
@@ -481,7 +457,7 @@ async def _check_tcp_tls(url: str, t: Target) -> str:
     try:
         _reader, writer = await asyncio.open_connection(host, port)
     except OSError as exc:
-        raise TargetError(f"TCP connect: {_os_reason(exc)}") from None
+        raise TargetError(f"TCP connect: {os_error_text(exc)}") from None
     if parts.scheme != "https":
         await _close(writer, t)
         return "TCP connect; http, so no TLS; no request sent"
@@ -493,7 +469,7 @@ async def _check_tcp_tls(url: str, t: Target) -> str:
         if isinstance(exc, ssl.SSLError):
             raise TargetError(f"TLS handshake failed: {_tls_reason(exc)}") from None
         if isinstance(exc, OSError):
-            raise TargetError(f"TLS handshake: {_os_reason(exc)}") from None
+            raise TargetError(f"TLS handshake: {os_error_text(exc)}") from None
         if isinstance(exc, EOFError):
             raise TargetError("TLS handshake: the server closed the connection") from None
         raise
@@ -548,13 +524,4 @@ def _host(host: str) -> str:
 
 def _redact_url(url: str | None) -> str:
     """scheme://host:port and nothing else: paths, queries and user info carry tokens."""
-    if not url:
-        return "<no url>"
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port or _DEFAULT_PORTS.get(parts.scheme)
-    except ValueError:
-        return "<invalid url>"
-    if not parts.scheme or not host:
-        return "<invalid url>"
-    return f"{parts.scheme}://{_host(host)}" + (f":{port}" if port is not None else "")
+    return url_origin(url) if url else "<no url>"

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import secrets
-import shutil
 import signal
 import string
 import sys
@@ -24,6 +23,7 @@ import structlog
 from aiohttp import web
 
 from daemon.config import Config, ConfigError, LoadedConfig
+from daemon.invocation import invoked_as
 from daemon.logs import configure_logging
 
 log = structlog.get_logger("daemon.demo")
@@ -49,16 +49,6 @@ def leak_line() -> str:
     qid = f"{letters}{secrets.randbelow(10**6):06d}"
     rcpt = f"nobody-{secrets.token_hex(3)}@sinkhole.test"
     return LEAK_LINE.format(ts=ts, qid=qid, rcpt=rcpt)
-
-
-def invoked_as() -> str:
-    """How to run selfcheckd the way this process was started, for commands we print."""
-    argv0 = Path(sys.argv[0])
-    if argv0.name == "selfcheckd" and argv0.exists():
-        return str(argv0)  # as typed: .venv/bin/selfcheckd, or an absolute path
-    if shutil.which("selfcheckd") == str(argv0.resolve()):
-        return "selfcheckd"
-    return f"{sys.executable} -m daemon.cli"
 
 
 async def _start_receiver() -> tuple[web.AppRunner, int]:

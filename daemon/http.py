@@ -72,7 +72,7 @@ def make_app(source: StatusSource, registry: CollectorRegistry) -> web.Applicati
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
-    app.router.add_get("/probe", probe)
+    app.router.add_get("/probe", probe, allow_head=False)  # a HEAD must not send mail
     return app
 
 

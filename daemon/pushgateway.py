@@ -45,7 +45,7 @@ from prometheus_client.exposition import basic_auth_handler, default_handler
 
 from daemon.checks.result import CheckResult
 from daemon.config import PushgatewayConfig
-from daemon.config_base import MIN_SECRET_PIECE, url_secret_pieces
+from daemon.config_base import MIN_SECRET_PIECE, scrub, url_secret_pieces
 
 log = structlog.get_logger("daemon.pushgateway")
 
@@ -219,6 +219,4 @@ def _secrets(cfg: PushgatewayConfig) -> set[str]:
 
 
 def _scrub(text: str, secrets: Iterable[str]) -> str:
-    for piece in sorted(secrets, key=len, reverse=True):
-        text = text.replace(piece, "…")
-    return text
+    return scrub(text, secrets)

@@ -13,6 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from daemon.invocation import invoked_as
+
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 STARTER = """\
@@ -25,6 +27,10 @@ STARTER = """\
 [selfcheck]
 interval = 600    # seconds between round trips
 timeout = 60      # seconds the probe may take to arrive
+# Keys the probe's token. Without it each process makes up its own, and a probe an
+# earlier process left behind (a cron `check` that timed out) can never be proven
+# ours, so it is never swept. Create it once: head -c 32 /dev/urandom | base64 > FILE
+secret_file = "/etc/selfcheckd/probe.secret"      # REPLACE: a file holding a random secret
 
 # One route: a probe sent by SMTP from `from` to `to`, then read back over IMAP.
 [[selfcheck.routes]]
@@ -81,5 +87,5 @@ def write_starter(path: Path, *, force: bool) -> int:
         print(f"selfcheckd init: cannot write {path}: {exc.strerror}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {path}: replace every value marked REPLACE, then check it with "
-          f"`selfcheckd config-check --config {shown} --connect`")
+          f"`{invoked_as()} config-check --config {shown} --connect`")
     return EXIT_OK

@@ -312,11 +312,9 @@ def assert_placeholders_all_replaced(config: Config) -> None:
 
 
 def test_example_config_marks_every_placeholder(tmp_path: Path) -> None:
-    """With only its REPLACE-marked values filled in, config.example.toml loads with nothing else.
-
-    An unmarked secret file or variable fails the load; an unmarked example.* host,
-    address or URL is left in the config and fails the last assert.
-    """
+    """With only its REPLACE-marked values filled in, config.example.toml loads."""
+    # An unmarked secret file or variable fails the load; an unmarked example.* host,
+    # address or URL is left in the loaded config and fails the last assert.
     text, environ = fill_placeholders(Path("config.example.toml").read_text(), tmp_path)
     config = load_config(write(tmp_path, text), environ).config
     assert config.leakwatch is not None and config.heartbeat and config.selfcheck.routes

@@ -39,3 +39,17 @@ def test_reference_lists_every_key() -> None:
     expected = model_keys(Config)
     assert sorted(expected - documented) == [], "undocumented keys"
     assert sorted(documented - expected) == [], "documented keys that no longer exist"
+
+
+def test_the_example_shows_every_key() -> None:
+    """config.example.toml mentions every key of the model (set or commented out)."""
+    text = Path("config.example.toml").read_text(encoding="utf-8")
+    # Its header says once that any secret can also be given inline or by `*_env`.
+    secret_variants = re.compile(r"\.(password|secret|url)(_env)?$")
+    missing = []
+    for key in sorted(model_keys(Config)):
+        leaf = key.rpartition(".")[2].replace("[]", "")
+        mentioned = re.search(rf"(^|[#\s\[.]){re.escape(leaf)}\s*(=|\])", text, re.M)
+        if not mentioned and not secret_variants.search(key):
+            missing.append(key)
+    assert missing == []

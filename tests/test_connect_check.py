@@ -161,8 +161,7 @@ async def test_every_target_passes_and_nothing_is_sent_or_pinged(
     make_stack: StackFactory, server_ssl_context: ssl.SSLContext, ca_file: Path,
     test_ca: trustme.CA, tmp_path: Path, trust_test_ca: None,
 ) -> None:
-    """Plain and STARTTLS+AUTH routes, the log file, https heartbeat and alert, an http
-    Pushgateway: all ok, no message delivered, no HTTP request made."""
+    """Every kind of target passes, and not one message is delivered nor request made."""
     plain = await make_stack()
     secure = await make_stack(tls="starttls", ssl_context=server_ssl_context,
                               smtp_credentials=("submitter", "s3cret-pass"))
@@ -336,7 +335,7 @@ async def test_closed_ports_fail_at_once() -> None:
         assert status == "FAIL", detail
         assert elapsed < 2.0, report.text  # connect_timeout is 5 s
     assert report.line("smtp r")[1] == f"127.0.0.1:{port}: connect: Connection refused"
-    assert report.line("imap r")[1].startswith(f"127.0.0.1:{port}: connect: ")
+    assert report.line("imap r")[1] == f"127.0.0.1:{port}: connect: Connection refused"
     assert report.line("heartbeat default")[1] == (
         f"http://127.0.0.1:{port}: TCP connect: Connection refused")
     assert report.summary == "3 of 3 targets failed: smtp r, imap r, heartbeat default"
@@ -399,8 +398,7 @@ async def test_cli_exit_code_and_lines(
     make_stack: StackFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     restore_logging: None,
 ) -> None:
-    """`config-check --connect` prints a line per target and exits 1 on a failure, 0 when all
-    pass."""
+    """`config-check --connect` prints a line per target; exit 1 on a failure, else 0."""
     stack = await make_stack()
     route = stack.route_table()
     maillog = tmp_path / "maillog"
@@ -450,3 +448,46 @@ async def test_untrusted_certificate_fails_the_tls_handshake(
         assert status == "FAIL"
         assert f": {step}" in detail, detail
         assert "certificate verify failed" in detail, detail
+
+
+async def test_an_unresolvable_host_says_so() -> None:
+    """A host name that does not resolve reads as such on SMTP and IMAP, not "Unknown error"."""
+    route = {"name": "r", "from": "a@example.com", "to": "b@example.com",
+             "smtp": {"host": "smtp.invalid", "security": "none"},
+             "imap": {"host": "imap.invalid", "security": "none"}}
+    report = await connect_check(make([route]))
+    for label in ("smtp r", "imap r"):
+        assert "connect: cannot resolve the host name" in report.line(label)[1], report.text
+
+
+async def test_the_target_column_is_never_scrubbed() -> None:
+    """Scrubbing secrets never eats into the scheme://host:port the line shows."""
+    config = make(leakwatch={"source": "stdin",
+                             "alert": {"url": f"http://127.0.0.1:{closed_port()}/alert"}})
+    report = await connect_check(config)
+    assert report.line("alert")[1].startswith("http://127.0.0.1:"), report.text
+
+
+async def test_a_pushgateway_behind_a_proxy_is_reached_through_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With http_proxy set (as urllib honours it for the push), --connect tests the proxy."""
+    accepted: list[bool] = []
+
+    async def proxy(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(True)
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    try:
+        report = await connect_check(make(pushgateway={"url": "pushgateway.invalid:9091"}))
+    finally:
+        server.close()
+    status, detail, _ = report.line("pushgateway")
+    assert status == "ok", report.text
+    assert detail.startswith(f"http://pushgateway.invalid:9091 via proxy http://127.0.0.1:{port}")
+    assert accepted == [True]

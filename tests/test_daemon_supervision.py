@@ -31,7 +31,7 @@ from daemon.metrics import Metrics
 from tests.fake_time import FakeClock
 from tests.faulty_servers import wedging_proxy
 from tests.logwatch.harness import advance_until, until
-from tests.test_daemon import get, samples
+from tests.test_daemon import Receiver, get, samples
 from tests.test_roundtrip import probes_left
 
 LEAK = ("2026-11-23T19:31:53.567357+00:00 vm sendmail[11287]: {qid}: to=<nobody@sinkhole.test>, "
@@ -437,3 +437,28 @@ async def test_a_probe_during_a_run_joins_it(make_stack: Any) -> None:
         assert json.loads(body)["run_id"] == daemon.results["default"].run_id
     finally:
         await daemon.shutdown()
+
+
+async def test_a_heartbeat_reload_keeps_what_each_route_last_said(
+    make_stack: Any, tmp_path: Path,
+) -> None:
+    """Replacing the targets by a reload does not make routes count as never run (no pulse gap)."""
+    good, other = await make_stack(), await make_stack()
+    first, second = await Receiver().start(), await Receiver().start()
+    path = tmp_path / "c.toml"
+    head = ('[selfcheck]\ninterval = 600\nsecret = "x"\n' + toml_route("good", good)
+            + toml_route("other", other) + '[server]\nlisten = "127.0.0.1:0"\n')
+    path.write_text(head + f'[[heartbeat]]\nurl = "{first.url}"\n')
+    daemon = Daemon(load_config(path, {}), path)
+    await daemon.start()
+    try:
+        await until(lambda: {"good", "other"} <= set(daemon.results))
+        path.write_text(head + f'[[heartbeat]]\nurl = "{second.url}"\n')
+        assert await daemon.reload() is True
+        daemon.heartbeats.run_finished(daemon.results["good"])  # the next run of one route
+        assert await daemon.heartbeats.drain(5)
+        assert len(second.bodies) == 1  # "other" still counts as succeeded: a pulse
+    finally:
+        await daemon.shutdown()
+        await first.stop()
+        await second.stop()

@@ -489,3 +489,16 @@ async def test_logs_never_contain_the_token(
     assert {e["url"] for e in logs} == {f"http://127.0.0.1:{closed_port}/…"}
     for secret in (TOKEN, "query-secret-77", "pw-secret-99"):
         assert secret not in repr(logs)
+
+
+def test_a_target_covering_no_route_is_a_config_error(tmp_path: Path) -> None:
+    """`routes = []` would never pulse (updown alarms for ever): refused."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[selfcheck.routes]]\nname = "good"\nfrom = "a@example.com"\nto = "b@example.com"\n'
+        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
+        '[[heartbeat]]\nurl = "https://pulse.example/tok"\nroutes = []\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == [
+        "heartbeat[0].routes: must not be empty (leave the key out for the default)"]

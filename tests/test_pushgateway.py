@@ -467,3 +467,28 @@ def test_the_pushgateway_password_and_path_token_are_redacted(tmp_path: Path) ->
     values = load_config(path, {}).config.secret_values()
     assert {"pw-7654321", "tok-123456"} <= values
     assert "https://pgw.example:9091" not in values and "pgw.example:9091" not in values
+
+
+def test_credentials_in_the_url_are_refused(tmp_path: Path) -> None:
+    """`http://user:pass@host` would be resolved as a host name by urllib: refused at load."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[selfcheck.routes]]\nfrom = "a@example.com"\nto = "b@example.com"\n'
+        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
+        '[pushgateway]\nurl = "http://user:hunter2pass@127.0.0.1:9/"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == [
+        "pushgateway.url: must not carry credentials; set username and password_file"]
+    assert "hunter2pass" not in repr(caught.value.problems)
+
+
+def test_plain_words_in_the_pushgateway_path_are_not_secrets(tmp_path: Path) -> None:
+    """A proxy path like /pushgateway is not scrubbed (it would garble event names)."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[selfcheck.routes]]\nfrom = "a@example.com"\nto = "b@example.com"\n'
+        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
+        '[pushgateway]\nurl = "http://pushgateway.invalid:9091/pushgateway"\n')
+    values = load_config(path, {}).config.secret_values()
+    assert not any("pushgateway_push_failed".find(v) >= 0 for v in values)

@@ -492,6 +492,10 @@ async def test_fire_now_starts_a_run_or_hands_back_the_one_in_flight() -> None:
     sched = scheduler(fake, [Job("a", body, interval=10)], counts)
     assert sched.fire_now("a") is None  # not running yet
 
+    async def at_nine() -> None:  # an on-demand run going at the due time 10 serves it
+        await fake.reached(9).wait()
+        assert sched.fire_now("a") is not None
+
     async def scenario() -> None:
         await fake.reached(1).wait()
         joined = sched.fire_now("a")  # the start-up run (0 to 3) is in flight
@@ -502,8 +506,11 @@ async def test_fire_now_starts_a_run_or_hands_back_the_one_in_flight() -> None:
         assert sched.fire_now("nope") is None
 
     task = asyncio.create_task(scenario())
+    nine = asyncio.create_task(at_nine())
     await run_until(fake, sched, 25)
     await task
-    assert body.starts == [0, 5, 10, 20]  # the cadence is untouched
+    await nine
+    assert body.starts == [0, 5, 9, 20]  # the cadence is untouched; 9 served the 10
+    assert counts.skips == []  # nothing was missed
     assert sched.fire_now("a") is None  # stopped
     await assert_clean_shutdown(sched)

@@ -10,6 +10,7 @@ import pytest
 
 from daemon.cli import main
 from daemon.config import ConfigError, load_config
+from daemon.invocation import invoked_as
 from tests.test_config import assert_placeholders_all_replaced, fill_placeholders
 
 # A commented-out config line of the starter (`# [leakwatch]`, `# key = value`), not prose.
@@ -30,7 +31,7 @@ def test_init_writes_valid_toml_and_says_what_next(
     out, err = capsys.readouterr()
     assert (out, err) == (
         f"wrote {path}: replace every value marked REPLACE, then check it with "
-        f"`selfcheckd config-check --config {path} --connect`\n", "")
+        f"`{invoked_as()} config-check --config {path} --connect`\n", "")
 
 
 def test_starter_loads_once_its_placeholders_are_filled_in(tmp_path: Path) -> None:

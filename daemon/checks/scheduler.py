@@ -94,6 +94,7 @@ class _Run:
     task: asyncio.Task[None]
     deadline_at: float
     cancelling: bool = False  # cancel() is sent once: a second one would cut its cleanup short
+    on_demand: bool = False  # started by fire_now, not by the cadence
 
 
 def _ignore_skip(name: str, count: int) -> None:
@@ -206,7 +207,8 @@ class Scheduler:
 
         The run is like a scheduled one: no overlap with the job's own runs, its
         deadline, cancelled at shutdown; the cadence is untouched (a due time that
-        finds it still going is skipped). None if stopping or no such job.
+        finds it still going counts as served, not as skipped). None if stopping
+        or no such job.
         """
         run = self._runs.get(name)
         if run is not None:
@@ -214,7 +216,7 @@ class Scheduler:
         job = next((j for j in self._jobs if j.name == name), None)
         if job is None or self._stopping or self._loop is None:
             return None
-        self._start(job, self._clock())
+        self._start(job, self._clock(), on_demand=True)
         self._poke()  # the loop plans its next wake-up with this run's deadline
         return self._runs[name].task
 
@@ -283,7 +285,10 @@ class Scheduler:
         for name, cadence in self._cadences.items():
             if cadence.fire_at > now:
                 continue
-            if name in self._runs:
+            if name in self._runs and self._runs[name].on_demand:
+                # An on-demand run is doing this due run's work: nothing is missed.
+                log.debug("scheduled_run_served_on_demand", job=name)
+            elif name in self._runs:
                 log.warning("scheduled_run_skipped", job=name, reason="previous_run_still_going")
                 self._on_skip(name, 1)
             else:
@@ -303,10 +308,10 @@ class Scheduler:
                             count=missed)
                 self._on_skip(name, missed)
 
-    def _start(self, job: Job, now: float) -> None:
+    def _start(self, job: Job, now: float, on_demand: bool = False) -> None:
         task = asyncio.create_task(self._guarded(job), name=f"scheduled:{job.name}")
         deadline_at = math.inf if job.deadline is None else now + job.deadline
-        self._runs[job.name] = _Run(task=task, deadline_at=deadline_at)
+        self._runs[job.name] = _Run(task=task, deadline_at=deadline_at, on_demand=on_demand)
         task.add_done_callback(functools.partial(self._finished, job.name))
 
     async def _guarded(self, job: Job) -> None:

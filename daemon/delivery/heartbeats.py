@@ -41,6 +41,7 @@ import structlog
 
 from daemon.checks.result import CheckResult
 from daemon.config import HeartbeatKind, HeartbeatTarget
+from daemon.config_base import scrub as scrub_pieces
 from daemon.config_base import url_secret_pieces
 from daemon.delivery import SessionFactory, default_session
 from daemon.metrics import Metrics
@@ -215,9 +216,7 @@ def _round(value: float | None) -> float | None:
 
 def scrub(text: str, url: str) -> str:
     """`text` with any piece of `url`'s path, query or credentials replaced by `…`."""
-    for piece in sorted(url_secret_pieces(url), key=len, reverse=True):
-        text = text.replace(piece, "…")
-    return text
+    return scrub_pieces(text, url_secret_pieces(url))
 
 
 # -- delivery ------------------------------------------------------------------------------
@@ -280,6 +279,11 @@ class Heartbeats:
         return self._closed
 
     # -- what callers see ------------------------------------------------------------------
+
+    def carry_results_from(self, old: Heartbeats) -> None:
+        """A reload replaced the targets: keep what each route's latest run said."""
+        self._latest = {k: v for k, v in old._latest.items()
+                        if self.routes is None or k in self.routes}
 
     def set_routes(self, routes: Iterable[str]) -> None:
         """The configured routes changed (a reload): forget results of removed ones."""

@@ -195,8 +195,10 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
     summary = _summary(processor, report, source, time.monotonic() - started)
     if summary["lines"] and not summary["mta_lines"]:
         # Not a mail log at all: "no leak" would pass the wrong file as clean.
-        err.write(f"scan: {source}: none of the {summary['lines']} lines read is a sendmail "
-                  "or Postfix log line; is this the mail log?\n")
+        read = summary["lines"]
+        which = "the one line read is not" if read == 1 else f"none of the {read} lines read is"
+        err.write(f"scan: {source}: {which} a sendmail or Postfix log line; "
+                  "is this the mail log?\n")
         return EXIT_BAD_INPUT
     _print_summary(summary, bool(args.json), err)
     return EXIT_LEAKS if report.leaks else EXIT_CLEAN

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 
 from daemon.config import TLSSettings
@@ -12,6 +13,8 @@ def os_error_text(exc: OSError) -> str:
     """"Connection refused", not asyncio's "Connect call failed ('h', 1)"."""
     if isinstance(exc, ssl.SSLError):  # its errno is OpenSSL's, not the OS's
         return exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror):  # its errno is a resolver code
+        return f"cannot resolve the host name: {exc.strerror or exc}"
     if exc.errno is not None:
         return os.strerror(exc.errno)
     return exc.strerror or str(exc)

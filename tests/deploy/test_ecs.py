@@ -379,8 +379,7 @@ def test_policies_are_least_privilege(policy: str) -> None:
 
 
 def test_task_role_reads_smtp_out_logs_and_sinkhole_mode_and_mounts_its_state() -> None:
-    """The daemon may read smtp-out's logs (and list their streams, for `config-check
-    --connect`) and /cabal/sinkhole_mode, mount its state; no more."""
+    """The daemon may read smtp-out's logs and /cabal/sinkhole_mode, mount its state; no more."""
     stmts = statements("iam-task-role-policy.json")
     by_action = {a: as_list(s["Resource"]) for s in stmts for a in as_list(s["Action"])}
     assert by_action == {
