@@ -97,6 +97,20 @@ class ImapSettings(TLSSettings):
     idle: bool = True
     poll_interval: PositiveFloat = 2.0
     command_timeout: PositiveFloat = 15.0
+    # Where a misfiled probe is looked for (reason `junk`). None: the mailboxes
+    # with the \Junk special-use flag, plus "Junk" and "Spam" when they exist;
+    # [] turns the look off.
+    junk_mailboxes: list[NonBlankStr] | None = None
+
+    @field_validator("junk_mailboxes")
+    @classmethod
+    def _junk_is_not_watched(cls, value: list[str] | None, info: ValidationInfo) -> Any:
+        watched = info.data.get("mailbox")  # absent when mailbox itself is invalid
+        if value is not None and watched is not None and any(
+            m == watched or m.upper() == watched.upper() == "INBOX" for m in value
+        ):
+            raise ValueError(f"must not include the watched mailbox ({watched})")
+        return value
 
     @model_validator(mode="after")
     def _default_port(self) -> Any:
@@ -105,12 +119,51 @@ class ImapSettings(TLSSettings):
         return self
 
 
+# The results a receiving server may report per method (RFC 8601 2.7, RFC 7489 11.2).
+SpfResult = Literal["pass", "fail", "softfail", "neutral", "none", "policy", "temperror",
+                    "permerror"]
+DkimResult = Literal["pass", "fail", "neutral", "none", "policy", "temperror", "permerror"]
+DmarcResult = Literal["pass", "fail", "none", "temperror", "permerror"]
+
+
+class ExpectConfig(StrictModel):
+    """Delivery-quality expectations of a route (docs/delivery-quality.md).
+
+    Only the Authentication-Results of `authserv_id` are trusted; a verdict that
+    differs from one given here fails the run with reason `auth`. With
+    `authserv_id` alone the verdicts are recorded, never judged.
+    """
+
+    authserv_id: NonBlankStr | None = None
+    spf: SpfResult | None = None
+    dkim: DkimResult | None = None
+    dmarc: DmarcResult | None = None
+
+    @field_validator("authserv_id")
+    @classmethod
+    def _check_authserv_id(cls, value: str | None) -> str | None:
+        if value is not None and any(c.isspace() or c in ";()" for c in value):
+            raise ValueError("must be the receiving server's authserv-id, e.g. mx.google.com "
+                             "(no spaces, ';' or parentheses)")
+        return value
+
+    @classmethod
+    def check_table(cls, table: dict[str, Any], info: ValidationInfo,
+                    problems: list[Problem]) -> dict[str, Any]:
+        expected = [m for m in ("spf", "dkim", "dmarc") if table.get(m) is not None]
+        if expected and table.get("authserv_id") is None:
+            problems.append((("authserv_id",), f"required when {' or '.join(expected)} is "
+                             "expected: only that server's verdicts are trusted"))
+        return super().check_table(table, info, problems)
+
+
 class RouteConfig(StrictModel):
     name: NonBlankStr = "default"
     from_: NonBlankStr = Field(alias="from")
     to: NonBlankStr
     smtp: SmtpSettings
     imap: ImapSettings
+    expect: ExpectConfig | None = None
 
     @field_validator("from_", "to")
     @classmethod

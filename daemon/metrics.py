@@ -20,6 +20,12 @@ from daemon.checks.result import FailureReason
 DURATION_BUCKETS = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )
+# sendmail logs delay= in whole seconds, Postfix in fractions; a deferred message
+# may be delivered days later (sendmail returns it after 5 days).
+MTA_DELAY_BUCKETS = (
+    1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
+    86400.0, 172800.0, 432000.0,
+)
 
 
 class Metrics:
@@ -89,6 +95,25 @@ class Metrics:
             "selfcheckd_internal_errors",
             "Errors that escaped their owner (event loop handler, unraisable hook) by kind.",
             ["kind"], registry=r,
+        )
+
+        # -- delivery quality (docs/delivery-quality.md) ----------------------------------
+        self.auth_result = Gauge(
+            "selfcheck_auth_result",
+            "1 for the probe's current Authentication-Results verdict per method (spf, dkim, "
+            "dmarc, arc) from the trusted authserv-id; results outside RFC 8601's are 'other'.",
+            ["route", "method", "result"], registry=r,
+        )
+        self.tls_cert_expiry = Gauge(
+            "selfcheck_tls_cert_expiry_timestamp_seconds",
+            "notAfter (Unix time) of the certificate the route's SMTP or IMAP server presented "
+            "at the last TLS handshake.",
+            ["route", "protocol"], registry=r,
+        )
+        self.tls_version = Info(
+            "selfcheck_tls_version",
+            "TLS version negotiated with the route's SMTP or IMAP server at the last handshake.",
+            ["route", "protocol"], registry=r,
         )
 
         # -- supervision: every long-running component -----------------------------------
@@ -175,6 +200,32 @@ class Metrics:
             ["mode"], registry=r,
         )
 
+        # -- queue health from the mail log (docs/queue-health.md) -------------------------
+        self.mta_deliveries = Counter(
+            "mta_deliveries",
+            "Recipients of delivery (to=) lines by result: sent, deferred, queued, bounced, "
+            "other. Every retry line counts again.", ["result"], registry=r,
+        )
+        self.mta_delivery_delay = Histogram(
+            "mta_delivery_delay_seconds",
+            "delay= of sent recipients: from the message's arrival to its delivery.",
+            buckets=MTA_DELAY_BUCKETS, registry=r,
+        )
+        self.mta_deferred_messages = Gauge(
+            "mta_deferred_messages",
+            "Queue ids with at least one recipient whose latest result is deferred.", registry=r,
+        )
+        self.mta_oldest_deferred = Gauge(
+            "mta_oldest_deferred_seconds",
+            "Seconds since the first line of the oldest deferred message (0 when none).",
+            registry=r,
+        )
+        self.mta_tracked_messages = Gauge(
+            "mta_tracked_messages",
+            "Queue ids the leak watcher remembers (bounded by leakwatch.max_tracked_messages).",
+            registry=r,
+        )
+
     def forget_route(self, route: str) -> None:
         """Drop every series of a route a reload removed, so no stale value lingers."""
         per_route = (self.success, self.last_run, self.last_success, self.send_duration,
@@ -186,6 +237,8 @@ class Metrics:
         for metric, labels in labelled:
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
+        for quality in (self.auth_result, self.tls_cert_expiry, self.tls_version):
+            quality.remove_by_labels({"route": route})
 
     def forget_heartbeat_target(self, target: str) -> None:
         for result in ("success", "failure", "skipped"):

@@ -3,7 +3,9 @@
 It holds everything that must survive a restart: the CloudWatch cursor and the
 event ids seen in its overlap window, the followed file's position (device,
 inode, offset, fingerprint), the detector's memory (senders by queue id,
-(queue id, recipient) pairs already alerted) and the alert outbox.
+(queue id, recipient) pairs already alerted), the alert outbox and the queue
+tracker's messages (saved with the position, so a restart neither counts a line
+twice nor forgets a deferred message).
 
 A file that cannot be used (not JSON, another shape, an unknown version, a
 section of the wrong type) is renamed to `<name>.corrupt-<UTC time>` with one
@@ -74,6 +76,30 @@ class AlertState(_Section):
     folded: list[str] = Field(default_factory=list)
 
 
+class QueueRecipientState(_Section):
+    address: str
+    result: Literal["sent", "deferred", "queued", "bounced", "other"]
+    stat: str
+    attempts: int = Field(ge=0)
+    seen: float
+
+
+class QueueMessageState(_Section):
+    queue_id: str = Field(min_length=1)
+    sender: str | None = None
+    first_seen: float
+    last_seen: float
+    hosts: list[str] = Field(default_factory=list)
+    log_streams: list[str] = Field(default_factory=list)
+    recipients: list[QueueRecipientState] = Field(default_factory=list)
+
+
+class QueueState(_Section):
+    """The queue tracker's messages (daemon/logwatch/queue.py), least recently active first."""
+
+    messages: list[QueueMessageState] = Field(default_factory=list)
+
+
 class LeakwatchState(_Section):
     """The whole document; every section is optional."""
 
@@ -84,6 +110,7 @@ class LeakwatchState(_Section):
     file: FileState | None = None
     detector: DetectorState | None = None
     outbox: list[AlertState] = Field(default_factory=list)
+    queue: QueueState | None = None  # absent in files written before queue health
 
 
 def parse_state(data: Any) -> LeakwatchState:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import structlog
 
 from daemon.checks.base import Check, CheckRun
-from daemon.checks.result import CheckResult, FailureReason, new_run_id
+from daemon.checks.result import CheckResult, FailureReason, auth_label, new_run_id
 from daemon.metrics import Metrics
 from daemon.stopping import StopBudget, finish_shielded
 
@@ -145,7 +145,24 @@ def log_result(result: CheckResult) -> None:
         log.error("selfcheck_completed", success=False, error=result.error, route=result.route)
     log.info("selfcheck_result", route=result.route, run_id=result.run_id,
              reason=result.reason.value if result.reason else "none",
-             late_arrivals=result.late_arrivals)
+             late_arrivals=result.late_arrivals, **_quality_fields(result))
+
+
+def _quality_fields(result: CheckResult) -> dict[str, str]:
+    """Delivery-quality facts for the `selfcheck_result` line (only those recorded)."""
+    fields: dict[str, str] = {}
+    if result.found_in is not None:
+        fields["found_in"] = result.found_in
+    if result.auth is not None:
+        verdicts = " ".join(f"{m}={r}" for m, r in result.auth.items())
+        fields["auth"] = verdicts or "none"
+        if result.authserv_id is not None:
+            fields["authserv_id"] = result.authserv_id
+    for protocol, tls in sorted(result.tls.items()):
+        fields[f"{protocol}_tls"] = tls.version
+        if tls.not_after is not None:
+            fields[f"{protocol}_cert_not_after"] = tls.as_dict()["not_after"]
+    return fields
 
 
 def record_metrics(metrics: Metrics, result: CheckResult) -> None:
@@ -164,3 +181,19 @@ def record_metrics(metrics: Metrics, result: CheckResult) -> None:
         metrics.reception_duration.labels(route).observe(result.reception_time)
     if result.late_arrivals:
         metrics.late_arrivals.labels(route).inc(result.late_arrivals)
+    _record_quality(metrics, result)
+
+
+def _record_quality(metrics: Metrics, result: CheckResult) -> None:
+    """TLS facts of each handshake and the probe's verdicts; a run that did not get as far
+    leaves the last values in place (a certificate does not change because SMTP failed)."""
+    route = result.route
+    for protocol, tls in result.tls.items():
+        if tls.not_after is not None:
+            metrics.tls_cert_expiry.labels(route, protocol).set(tls.not_after)
+        metrics.tls_version.labels(route, protocol).info({"version": tls.version})
+    if result.auth is not None:
+        # The probe was read: its verdicts replace the last ones, methods gone included.
+        metrics.auth_result.remove_by_labels({"route": route})
+        for method, verdict in result.auth.items():
+            metrics.auth_result.labels(route, method, auth_label(verdict)).set(1)

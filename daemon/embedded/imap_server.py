@@ -8,6 +8,7 @@ embedded SMTP server hands accepted mail to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from argparse import Namespace
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from proxyprotocol.reader import ProxyProtocolReader
 from pymap.backend.dict import Config as DictConfig
 from pymap.backend.dict import Identity, Login
 from pymap.config import BackendCapability
+from pymap.exceptions import MailboxConflict
 from pymap.imap import IMAPServer
 from pymap.parsing.message import AppendMessage
 from pymap.parsing.specials.fetchattr import FetchRequirement
@@ -115,12 +117,26 @@ class EmbeddedImapServer:
             self._server = None
 
     async def deliver(self, user: str, data: bytes, mailbox: str = "INBOX") -> None:
-        """Append a message as a delivery agent would (IDLE clients see EXISTS)."""
+        """Append a message as a delivery agent would (IDLE clients see EXISTS); a mailbox
+        other than INBOX is created on first use, as a spam filter's `fileinto :create`."""
         identity = Identity(user, self._login, None, frozenset())
         async with identity.new_session() as session:
+            if mailbox.upper() != "INBOX":
+                await self._ensure_mailbox(session, mailbox)
             await session.append_messages(
                 mailbox, [AppendMessage(data, datetime.now(UTC), frozenset())]
             )
+
+    async def create_mailbox(self, user: str, mailbox: str) -> None:
+        """Create `mailbox` for `user` unless it exists."""
+        identity = Identity(user, self._login, None, frozenset())
+        async with identity.new_session() as session:
+            await self._ensure_mailbox(session, mailbox)
+
+    @staticmethod
+    async def _ensure_mailbox(session: Any, mailbox: str) -> None:
+        with contextlib.suppress(MailboxConflict):
+            await session.create_mailbox(mailbox)
 
     async def messages(self, user: str, mailbox: str = "INBOX") -> list[bytes]:
         """The raw messages in a mailbox (for tests and the demo's own checks)."""

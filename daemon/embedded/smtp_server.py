@@ -3,8 +3,20 @@
 Runs on the caller's event loop (no thread), so the demo and the tests see one
 process with one loop. Optional STARTTLS or implicit TLS, optional AUTH, and a
 sendmail-style log line per delivery so the demo's leak watcher has a real
-stream to follow. Test seams: `mutate` alters a message in transit, `drop`
-accepts and loses it.
+stream to follow.
+
+Like a real MTA it prepends a `Received` header to every message it accepts
+(`from <EHLO name> (localhost [<ip>]) by smtp.selfcheckd.test ... with
+ESMTP[S][A] id <queue id> for <rcpt>; <date>`), and, as a receiving MTA's
+milters (SPF, OpenDKIM, OpenDMARC) would, it stamps the `Authentication-Results`
+headers in `auth_results` on top of it.
+
+Test seams: `mutate` alters a message in transit, `drop` accepts and loses it,
+`auth_results` are the Authentication-Results values to stamp (top first; see
+`auth_results_value`), `forged_auth_results` are values placed below them as if
+an earlier hop (or the sender) had written them, and `junk_recipients` are
+filed into the IMAP server's `junk_mailbox` instead of INBOX, as a spam filter
+would.
 """
 
 from __future__ import annotations
@@ -15,13 +27,43 @@ import ssl
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from daemon.embedded.imap_server import EmbeddedImapServer
+
+HOSTNAME = "smtp.selfcheckd.test"
+# The authserv-id the embedded server's "milters" use by default.
+AUTHSERV_ID = "mx.selfcheckd.test"
+
+
+def auth_results_value(
+    results: Mapping[str, str], *, authserv_id: str = AUTHSERV_ID,
+    domain: str = "selfcheckd.test",
+) -> str:
+    """An Authentication-Results value as OpenDKIM/OpenDMARC/an SPF milter write it.
+
+    `results` maps a method (spf, dkim, dmarc, arc) to its result, e.g.
+    `{"spf": "pass", "dkim": "fail"}`; each gets the usual property and a comment.
+    """
+    props = {
+        "spf": f"smtp.mailfrom={domain}",
+        "dkim": f"header.d={domain} header.s=probe header.b=AbCdEf12",
+        "dmarc": f"header.from={domain}",
+        "arc": "smtp.remote-ip=127.0.0.1",
+    }
+    parts = [authserv_id]
+    for method, result in results.items():
+        prop = props.get(method, "")
+        parts.append(f"{method}={result} ({method} checked by the embedded MTA) {prop}".rstrip())
+    if len(parts) == 1:
+        parts.append("none")
+    return ";\r\n\t".join(parts)
 
 
 def _queue_id() -> str:
@@ -35,10 +77,10 @@ class _DeliveryHandler:
         self._server = server
 
     async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
-        self, _srv: SMTP, _session: Session, envelope: Envelope,
+        self, _srv: SMTP, session: Session, envelope: Envelope,
     ) -> str:
-        data = envelope.original_content or b""
         qid = _queue_id()
+        data = self._server.stamp(envelope.original_content or b"", session, envelope, qid)
         self._server.log_line(
             f"{qid}: from=<{envelope.mail_from}>, size={len(data)}, class=0, "
             f"nrcpts={len(envelope.rcpt_tos)}, proto=ESMTP, daemon=MTA, relay=localhost [127.0.0.1]"
@@ -81,6 +123,13 @@ class EmbeddedSmtpServer:
         self.delivery_delay = delivery_delay
         self.mutate: Callable[[bytes], bytes] | None = None
         self.drop = False
+        # Authentication-Results values stamped on top of each message (top first), and
+        # forged ones placed below them (see the module docstring).
+        self.auth_results: list[str] = []
+        self.forged_auth_results: list[str] = []
+        # Recipients a spam filter files into `junk_mailbox` (compared case-insensitively).
+        self.junk_recipients: set[str] = set()
+        self.junk_mailbox = "Junk"
         self.delivered = 0
         self.tasks: set[asyncio.Future[None]] = set()
         self._server: asyncio.Server | None = None
@@ -111,7 +160,7 @@ class EmbeddedSmtpServer:
     def _new_protocol(self) -> SMTP:
         return SMTP(
             _DeliveryHandler(self),
-            hostname="smtp.selfcheckd.test",
+            hostname=HOSTNAME,
             ident="selfcheckd embedded SMTP",
             tls_context=self._ssl_context if self._tls == "starttls" else None,
             require_starttls=self._tls == "starttls",
@@ -156,6 +205,22 @@ class EmbeddedSmtpServer:
         with self._maillog.open("a", encoding="utf-8") as fh:
             fh.write(line)
 
+    def stamp(self, data: bytes, session: Session, envelope: Envelope, qid: str) -> bytes:
+        """Prepend the trace headers a receiving MTA adds: Received, then its milters'
+        Authentication-Results above it (with any forged ones below)."""
+        ip = session.peer[0] if isinstance(session.peer, tuple) else "127.0.0.1"
+        helo = session.host_name or "unknown"
+        tls = self._tls is not None
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        proto += ("S" if tls else "") + ("A" if session.authenticated else "")
+        rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        when = format_datetime(datetime.now(UTC).replace(microsecond=0))
+        received = (f"Received: from {helo} (localhost [{ip}])\r\n\tby {HOSTNAME} "
+                    f"(selfcheckd embedded SMTP) with {proto} id {qid}{rcpt}; {when}\r\n")
+        trace = "".join(f"Authentication-Results: {v}\r\n" for v in self.auth_results)
+        forged = "".join(f"Authentication-Results: {v}\r\n" for v in self.forged_auth_results)
+        return (trace + received + forged).encode() + data
+
     async def deliver_later(self, qid: str, rcpts: list[str], data: bytes) -> None:
         if self.delivery_delay:
             await asyncio.sleep(self.delivery_delay)
@@ -166,7 +231,8 @@ class EmbeddedSmtpServer:
         for rcpt in rcpts:
             user = self._local_users.get(rcpt.lower())
             if user is not None:
-                await self._imap.deliver(user, data)
+                junk = rcpt.lower() in {r.lower() for r in self.junk_recipients}
+                await self._imap.deliver(user, data, self.junk_mailbox if junk else "INBOX")
                 self.delivered += 1
                 status = "mailer=local, stat=Sent"
             else:

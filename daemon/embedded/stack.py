@@ -27,6 +27,13 @@ class StackOptions:
     ssl_context: ssl.SSLContext | None = None
     idle: bool = True
     maillog: Path | None = None
+    # Delivery quality seams of the SMTP server (see daemon.embedded.smtp_server):
+    # Authentication-Results values stamped on top, forged ones below them, and
+    # recipients filed into `junk_mailbox` instead of INBOX.
+    auth_results: list[str] = field(default_factory=list)
+    forged_auth_results: list[str] = field(default_factory=list)
+    junk_recipients: set[str] = field(default_factory=set)
+    junk_mailbox: str = "Junk"
 
 
 class EmbeddedMailStack:
@@ -42,6 +49,10 @@ class EmbeddedMailStack:
             self.imap, {o.recipient: o.imap_user}, tls=o.tls, ssl_context=o.ssl_context,
             credentials=o.smtp_credentials, maillog=o.maillog,
         )
+        self.smtp.auth_results = list(o.auth_results)
+        self.smtp.forged_auth_results = list(o.forged_auth_results)
+        self.smtp.junk_recipients = set(o.junk_recipients)
+        self.smtp.junk_mailbox = o.junk_mailbox
 
     async def start(self) -> EmbeddedMailStack:
         await self.imap.start()
@@ -62,6 +73,13 @@ class EmbeddedMailStack:
 
     async def inbox(self) -> list[bytes]:
         return await self.imap.messages(self.options.imap_user)
+
+    async def junk(self) -> list[bytes]:
+        """The messages in the SMTP server's junk mailbox (none if it was never created)."""
+        try:
+            return await self.imap.messages(self.options.imap_user, self.smtp.junk_mailbox)
+        except KeyError:
+            return []
 
     def route_table(self, name: str = "default") -> dict[str, object]:
         """The `[[selfcheck.routes]]` entry (as a TOML-shaped dict) that targets this stack."""

@@ -127,6 +127,11 @@ class LeakWatchConfig(StrictModel):
     blind_after: PositiveFloat = 3600.0
     # Bounds on the queue-id -> sender map and the alerted (queue id, recipient) set.
     max_tracked_queue_ids: int = Field(default=100_000, ge=100)
+    # Queue health (docs/queue-health.md): a message with no line for this long is
+    # forgotten (6 days: past sendmail's 5-day queue return), and at most this many
+    # messages are tracked and saved in the state file.
+    queue_retention: PositiveFloat = 518_400.0
+    max_tracked_messages: int = Field(default=20_000, ge=100, le=100_000)
     # Where the watcher keeps what must survive a restart: the source's position
     # (CloudWatch cursor, file offset), the detector's memory, undelivered alerts.
     state_file: Path | None = None

@@ -266,3 +266,30 @@ def timestamp_to_epoch(ts: str, now: float | None = None) -> float | None:
         return epoch
     except (ValueError, OverflowError):
         return None
+
+
+# -- header fields for queue health (not on parse_line's path) -------------------------------
+_QUEUE_HEADER = re.compile(
+    r"(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?"
+    r"|[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)"
+    r" +(?P<host>\S+) +[^\s\[:]+(?:\[\d+\])?: (?P<qid>[0-9A-Za-z]{5,24}): "
+)
+
+
+def header_host(line: str, timestamp: str) -> str | None:
+    """The syslog HOST field of a line whose header timestamp `timestamp` starts it.
+
+    For the `timestamp` of a record `parse_line` returned: no second match, just the
+    word after it.
+    """
+    if not line.startswith(timestamp):
+        return None
+    rest = line[len(timestamp):].lstrip(" ")
+    end = rest.find(" ")
+    return rest[:end] if end > 0 else None
+
+
+def line_queue_header(line: str) -> tuple[str, str, str] | None:
+    """(timestamp, host, queue id) of a `TS HOST PROG[PID]: QID: ...` line of any program."""
+    m = _QUEUE_HEADER.match(line)
+    return None if m is None else (m.group("ts"), m.group("host"), m.group("qid"))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from daemon.logwatch.detector import Finding, LeakDetector
 from daemon.logwatch.parser import Delivery, LineKind, QueueAdd, parse_line
+from daemon.logwatch.queue import QueueTracker
 
 
 @dataclass(slots=True)
@@ -27,7 +28,11 @@ class LineCounts:
 
 @dataclass(slots=True)
 class LineProcessor:
-    """Parses lines and feeds the detector; returns findings (leaks and test traffic)."""
+    """Parses lines and feeds the detector; returns findings (leaks and test traffic).
+
+    With a `queue` tracker, the same records also feed queue health (`stream`: the
+    CloudWatch log stream a line came from).
+    """
 
     detector: LeakDetector
     clock: Callable[[], float] = time.monotonic
@@ -37,19 +42,24 @@ class LineProcessor:
     last_delivery_seen: float | None = None
     last_mta_seen: float | None = None
     last_line_seen: float | None = None
+    queue: QueueTracker | None = None
 
-    def feed(self, line: str) -> list[Finding]:
+    def feed(self, line: str, stream: str | None = None) -> list[Finding]:
         record = parse_line(line)
         counts = self.counts
         if isinstance(record, Delivery):
             counts.to += 1
             counts.mta += 1
             self.last_delivery_timestamp = record.timestamp
+            if self.queue is not None:
+                self.queue.see_delivery(record, line, stream)
             return self.detector.see_delivery(record)
         if isinstance(record, QueueAdd):
             counts.from_ += 1
             counts.mta += 1
             self.detector.see_queue_add(record)
+            if self.queue is not None:
+                self.queue.see_queue_add(record, line, stream)
             return []
         if record.kind is LineKind.OTHER:
             counts.other += 1
@@ -59,14 +69,23 @@ class LineProcessor:
             counts.mta += 1
         return []
 
-    def feed_batch(self, lines: list[str]) -> list[Finding]:
-        """Feed many lines; also note (monotonic) when MTA and delivery lines last arrived."""
+    def feed_batch(self, lines: list[str], streams: list[str] | None = None) -> list[Finding]:
+        """Feed many lines; also note (monotonic) when MTA and delivery lines last arrived.
+
+        `streams`, when given, names each line's log stream (same length as `lines`).
+        """
         before_to, before_mta = self.counts.to, self.counts.mta
         findings: list[Finding] = []
-        for line in lines:
-            found = self.feed(line)
-            if found:
-                findings.extend(found)
+        if streams is None:
+            for line in lines:
+                found = self.feed(line)
+                if found:
+                    findings.extend(found)
+        else:
+            for line, stream in zip(lines, streams, strict=True):
+                found = self.feed(line, stream)
+                if found:
+                    findings.extend(found)
         now = self.clock()
         if lines:
             self.last_line_seen = now

@@ -1,6 +1,7 @@
 """`selfcheckd scan`: one pass over a mail log, printing every sinkhole leak.
 
     selfcheckd scan [--file F | --cloudwatch --since DURATION] [--json]
+                    [--queue | --queue-id ID]
 
 Standard input is read when neither --file nor --cloudwatch is given.
 stdout carries only leaks: with --json one JSON object per line
@@ -9,6 +10,11 @@ otherwise one `LEAK ...` line each. The summary always goes to stderr (a JSON
 object with --json). Exit status: 1 if any leak was found, 0 if none, 2 on bad
 input or config (unreadable file, bad --since, CloudWatch unreachable, or
 lines of which none is a sendmail/Postfix line: the wrong file).
+
+`--queue` prints, instead of leaks, every message still deferred at the end of
+the input (exit 1 if any, 0 if none); `--queue-id ID` prints every line of one
+message in order (exit 1 while it is deferred, 0 when it is not, 3 when no line
+has that queue id). See docs/queue-health.md.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from typing import Any, TextIO
 
 from daemon.logwatch.config import LeakWatchConfig
 from daemon.logwatch.detector import Finding, LeakDetector
+from daemon.logwatch.parser import line_queue_header
 from daemon.logwatch.pipeline import LineProcessor
+from daemon.logwatch.queue import Message, QueueTracker, Result, iso
 from daemon.logwatch.sources.cloudwatch import (
     RETRYABLE,
     CloudWatchPoller,
@@ -35,6 +43,8 @@ from daemon.logwatch.sources.cloudwatch import (
 from daemon.logwatch.watcher import LOGLEVEL_HINT, format_sender
 
 EXIT_CLEAN, EXIT_LEAKS, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_DEFERRED, EXIT_NOT_FOUND = 1, 3  # --queue / --queue-id
+_QUEUE_ID = re.compile(r"[0-9A-Za-z]{5,24}")
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -58,14 +68,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --cloudwatch: how far back, e.g. 15m, 2h, 1d")
     parser.add_argument("--json", action="store_true",
                         help="print leaks as JSON lines (summary to stderr as JSON)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--queue", action="store_true",
+                      help="instead of leaks, print every message still deferred at the end "
+                           "of the input (exit 1 if any, 0 if none)")
+    what.add_argument("--queue-id", metavar="ID",
+                      help="instead of leaks, print every line of this message in order "
+                           "(exit 1 while it is deferred, 0 when not, 3 when no line has it)")
 
 
 class ScanReport:
     """Collects findings; prints leaks as they are found."""
 
-    def __init__(self, out: TextIO, as_json: bool) -> None:
+    def __init__(self, out: TextIO, as_json: bool, print_leaks: bool = True) -> None:
         self.out = out
         self.as_json = as_json
+        self.print_leaks = print_leaks  # False: counted for the summary only
         self.leaks = 0
         self.test_recipients = 0
 
@@ -75,6 +93,8 @@ class ScanReport:
                 self.test_recipients += 1
                 continue
             self.leaks += 1
+            if not self.print_leaks:
+                continue
             if self.as_json:
                 self.out.write(json.dumps({"type": "leak", **f.as_dict()}) + "\n")
             else:
@@ -137,8 +157,9 @@ async def _scan_cloudwatch(config: LeakWatchConfig, since: float, processor: Lin
     async with create_logs_client(config.cloudwatch) as client:
         poller.client = client
         events = await poller.query(client, start_ms, end_ms, config.cloudwatch.filter_pattern)
-        for line in poller.take_new(events, start_ms):
-            for f in processor.feed(line):
+        lines = poller.take_new(events, start_ms)
+        for line, stream in zip(lines, poller.last_streams, strict=True):
+            for f in processor.feed(line, stream):
                 if f.sender is None and config.cloudwatch.filter_pattern:
                     sender = await poller.lookup_sender(f.queue_id, end_ms)
                     if sender is not None:
@@ -153,6 +174,8 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
     """Scan once; return the exit status (0 clean, 1 leaks, 2 bad input/config)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    if getattr(args, "queue", False) or getattr(args, "queue_id", None) is not None:
+        return run_queue(args, config, out, err)
     detector = LeakDetector(config.domains, config.allowed_senders,
                             config.max_tracked_queue_ids)
     processor = LineProcessor(detector)
@@ -202,3 +225,182 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
         return EXIT_BAD_INPUT
     _print_summary(summary, bool(args.json), err)
     return EXIT_LEAKS if report.leaks else EXIT_CLEAN
+
+
+# -- --queue and --queue-id (docs/queue-health.md) -------------------------------------------
+
+
+class QueueScan:
+    """One pass for `--queue` (every line feeds the queue tracker; leaks are only counted)
+    or `--queue-id` (only that message's lines are parsed and printed, in order)."""
+
+    def __init__(self, config: LeakWatchConfig, out: TextIO, as_json: bool,
+                 queue_id: str | None) -> None:
+        # The scan's clock is the input's own newest line: retention ages messages
+        # relative to the end of what was read, as the daemon would have at that time.
+        self.queue = QueueTracker(config.queue_retention, config.max_tracked_messages,
+                                  keep_delays=False)
+        detector = LeakDetector(config.domains, config.allowed_senders,
+                                config.max_tracked_queue_ids)
+        self.processor = LineProcessor(detector, queue=self.queue)
+        self.report = ScanReport(out, as_json, print_leaks=False)
+        self.out = out
+        self.as_json = as_json
+        self.queue_id = queue_id
+        self.lines = 0  # --queue-id: lines read (the processor counts the others)
+        self.matched = 0
+
+    def feed(self, line: str, stream: str | None = None) -> None:
+        line = line.rstrip("\r\n")
+        if self.queue_id is None:
+            found = self.processor.feed(line, stream)
+            if found:
+                self.report.emit(found)
+            return
+        self.lines += 1
+        if self.queue_id not in line:
+            return
+        header = line_queue_header(line)
+        if header is None or header[2] != self.queue_id:
+            return  # the id in another place: a DSN's parent line, a remote's "queued as"
+        self.matched += 1
+        self.processor.feed(line, stream)
+        timestamp, host, _ = header
+        if self.as_json:
+            entry: dict[str, Any] = {"type": "line", "timestamp": timestamp, "host": host}
+            if stream is not None:
+                entry["log_stream"] = stream
+            entry["line"] = line
+            self.out.write(json.dumps(entry) + "\n")
+        else:
+            self.out.write(line + "\n" if stream is None else f"[{stream}] {line}\n")
+
+
+def message_lines(msg: Message, label: str) -> list[str]:
+    """A message as text: one head line, then one indented line per recipient."""
+    head = (f"{label} queue_id={msg.queue_id} sender={format_sender(msg.sender)} "
+            f"first_seen={iso(msg.first_seen)} last_seen={iso(msg.last_seen)} "
+            f"attempts={msg.attempts} hosts={','.join(msg.hosts) or '-'}")
+    if msg.log_streams:
+        head += f" log_streams={','.join(msg.log_streams)}"
+    return [head, *(f"  to={address} result={r.result.value} attempts={r.attempts} "
+                    f"stat={r.stat}" for address, r in msg.recipients.items())]
+
+
+async def _fetch_cloudwatch(config: LeakWatchConfig, since: float, clock: float,
+                            queue_id: str | None) -> tuple[list[str], list[str]]:
+    """The window's lines and their log streams: every event for --queue (queue health
+    needs every delivery line, whatever filter_pattern says), those naming the id for
+    --queue-id."""
+    poller = CloudWatchPoller(config.cloudwatch)
+    end_ms = int(clock * 1000)
+    start_ms = end_ms - int(since * 1000)
+    async with create_logs_client(config.cloudwatch) as client:
+        if queue_id is None:
+            events = await poller.query(client, start_ms, end_ms, "")
+        else:
+            events = await poller.query_queue_id(client, queue_id, start_ms, end_ms)
+    lines = poller.take_new(events, start_ms)
+    return lines, poller.last_streams
+
+
+def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
+              err: TextIO) -> int:
+    """`scan --queue` / `scan --queue-id ID`; the exit status."""
+    as_json = bool(args.json)
+    queue_id: str | None = args.queue_id
+    if queue_id is not None and not _QUEUE_ID.fullmatch(queue_id):
+        err.write(f"scan: --queue-id: not a sendmail or Postfix queue id: {queue_id!r}\n")
+        return EXIT_BAD_INPUT
+    if args.since is not None and not args.cloudwatch:
+        err.write("scan: --since only applies with --cloudwatch\n")
+        return EXIT_BAD_INPUT
+    scan = QueueScan(config, out, as_json, queue_id)
+    started = time.monotonic()
+    try:
+        if args.cloudwatch:
+            if args.since is None:
+                err.write("scan: --cloudwatch needs --since DURATION (e.g. 1h)\n")
+                return EXIT_BAD_INPUT
+            since = parse_duration(args.since)
+            try:
+                lines, streams = asyncio.run(
+                    _fetch_cloudwatch(config, since, time.time(), queue_id))
+            except RETRYABLE as exc:
+                err.write(f"scan: CloudWatch query failed ({error_reason(exc)}): "
+                          f"{type(exc).__name__}: {exc}\n")
+                return EXIT_BAD_INPUT
+            for line, stream in zip(lines, streams, strict=True):
+                scan.feed(line, stream)
+            source = "cloudwatch"
+        elif args.file is not None:
+            with Path(args.file).open(encoding="utf-8", errors="replace", newline="\n") as fh:
+                for line in fh:
+                    scan.feed(line)
+            source = str(args.file)
+        else:
+            stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="replace",  # noqa: SIM115
+                         newline="\n", closefd=False)
+            with stdin:
+                for line in stdin:
+                    scan.feed(line)
+            source = "stdin"
+    except ValueError as exc:
+        err.write(f"scan: {exc}\n")
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        name = getattr(exc, "filename", None) or args.file
+        err.write(f"scan: cannot read {name}: {exc.strerror or exc}\n")
+        return EXIT_BAD_INPUT
+    seconds = time.monotonic() - started
+    if queue_id is not None:
+        return _finish_history(scan, queue_id, source, seconds, err)
+    return _finish_queue(scan, source, seconds, err)
+
+
+def _finish_queue(scan: QueueScan, source: str, seconds: float, err: TextIO) -> int:
+    summary = _summary(scan.processor, scan.report, source, seconds)
+    if summary["lines"] and not summary["mta_lines"]:
+        read = summary["lines"]
+        which = "the one line read is not" if read == 1 else f"none of the {read} lines read is"
+        err.write(f"scan: {source}: {which} a sendmail or Postfix log line; "
+                  "is this the mail log?\n")
+        return EXIT_BAD_INPUT
+    queue = scan.queue
+    queue.expire()  # past the retention before the input's end: returned or gone
+    deferred = queue.deferred_messages()
+    for msg in deferred:
+        if scan.as_json:
+            scan.out.write(json.dumps({"type": "deferred", **msg.as_dict()}) + "\n")
+        else:
+            scan.out.write("\n".join(message_lines(msg, "DEFERRED")) + "\n")
+    scan.out.flush()
+    summary["deliveries"] = {r.value: queue.counts[r] for r in Result}
+    summary["deferred_messages"] = len(deferred)
+    _print_summary(summary, scan.as_json, err)
+    if not scan.as_json:
+        counts = ",".join(f"{r}:{n}" for r, n in summary["deliveries"].items())
+        err.write(f"queue_summary deferred_messages={len(deferred)} deliveries={counts}\n")
+    return EXIT_DEFERRED if deferred else EXIT_CLEAN
+
+
+def _finish_history(scan: QueueScan, queue_id: str, source: str, seconds: float,
+                    err: TextIO) -> int:
+    scan.out.flush()
+    msg = scan.queue.get(queue_id)
+    deferred = msg is not None and msg.deferred > 0
+    if scan.as_json:
+        err.write(json.dumps({
+            "type": "summary", "source": source, "lines": scan.lines, "queue_id": queue_id,
+            "matched": scan.matched, "deferred": deferred,
+            "message": None if msg is None else msg.as_dict(), "seconds": round(seconds, 3),
+        }) + "\n")
+    else:
+        err.write(f"scan_summary source={source} lines={scan.lines} queue_id={queue_id} "
+                  f"matched={scan.matched} deferred={'true' if deferred else 'false'}\n")
+        if msg is not None:
+            err.write("\n".join(message_lines(msg, "MESSAGE")) + "\n")
+    if not scan.matched:
+        err.write(f"scan: no line for queue id {queue_id} in {source}\n")
+        return EXIT_NOT_FOUND
+    return EXIT_DEFERRED if deferred else EXIT_CLEAN

@@ -6,7 +6,10 @@ components: `leakwatch-source` (the read loop, with the blindness check),
 `sinkhole-mode` (when enabled). It owns the state file: restored once at
 start (or handed over from the watcher a reload replaces), saved after every
 read that moved the position or found something, after every outbox change,
-and once more, completely, at shutdown.
+and once more, completely, at shutdown. The parsed lines also feed the queue
+tracker (queue.py: the mta_* metrics); its messages are saved in the same
+document as the position, so a restart neither recounts a line nor forgets a
+deferred message.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from daemon.logwatch.config import FileSource, LeakWatchConfig
 from daemon.logwatch.detector import Finding, LeakDetector
 from daemon.logwatch.parser import line_timestamp, timestamp_to_epoch
 from daemon.logwatch.pipeline import LineCounts, LineProcessor
+from daemon.logwatch.queue import Message, QueueTracker, Result
 from daemon.logwatch.sinkhole_mode import SinkholeModeWatcher
 from daemon.logwatch.sources import EndOfInput, LineSource, SourceError
 from daemon.logwatch.sources.cloudwatch import CloudWatchPoller, call_deadline
@@ -33,7 +37,7 @@ from daemon.logwatch.sources.file import FilePosition, FileTail, SourceUnavailab
 from daemon.logwatch.sources.stdin import StdinReader
 from daemon.metrics import Metrics
 from daemon.retry import Backoff
-from daemon.state import LeakwatchState, StateFile, parse_state, trim
+from daemon.state import VERSION, LeakwatchState, StateFile, parse_state, trim
 from daemon.supervisor import Component, Progress
 
 log = structlog.get_logger("daemon.leakwatch")
@@ -53,6 +57,8 @@ SAVE_TIMEOUT = 10.0
 # Reads that only moved the position are saved at most this often (a restart then
 # re-reads at most this much, which found nothing); findings are saved at once.
 POSITION_SAVE_INTERVAL = 5.0
+# Messages past the queue retention are looked for at most this often (seconds).
+QUEUE_EXPIRE_INTERVAL = 60.0
 
 
 def format_sender(sender: str | None) -> str:
@@ -235,7 +241,13 @@ class LeakWatch:
         self._wall = wall
         self.detector = LeakDetector(
             config.domains, config.allowed_senders, config.max_tracked_queue_ids)
-        self.processor = LineProcessor(self.detector, clock=clock)
+        self.queue = QueueTracker(config.queue_retention, config.max_tracked_messages,
+                                  clock=wall)
+        self.processor = LineProcessor(self.detector, clock=clock, queue=self.queue)
+        self._bind_queue_metrics(self.queue)
+        self._flushed_results = dict(self.queue.counts)
+        self._expired_at = clock()
+        self._evicted_warned = False
         self.state = StateFile(config.state_path, metrics, wall)
         self.outbox: Outbox | None = None
         if config.alert is not None:
@@ -292,11 +304,16 @@ class LeakWatch:
                  domains=",".join(self.config.domains),
                  state_file=str(self.state.path) if self.state.path else None,
                  resumed=cursor is not None or self._file_position() is not None,
-                 pending_alerts=len(self.outbox.pending()) if self.outbox else 0)
+                 pending_alerts=len(self.outbox.pending()) if self.outbox else 0,
+                 deferred_messages=self.queue.deferred_count())
+        if self.poller is not None and self.poller.cfg.filter_pattern:
+            log.info("queue_health_partial", filter_pattern=self.poller.cfg.filter_pattern,
+                     consequence="mta_* metrics count only the lines the filter pattern "
+                                 "fetches; set filter_pattern = \"\" for the whole queue")
 
     def _restore_document(self, document: dict[str, Any], origin: str) -> None:
         try:
-            parsed = parse_state({"version": 2, **document})
+            parsed = parse_state({"version": VERSION, **document})
         except ValueError as exc:
             log.warning("leakwatch_state_not_taken", origin=origin, reason=str(exc))
             return
@@ -312,11 +329,16 @@ class LeakWatch:
                 probe.restore(state.file.model_dump())
                 position = probe.position
             alerts = [Alert(**a.model_dump()) for a in state.outbox]
+            messages = [] if state.queue is None else [
+                Message.from_state(m.model_dump()) for m in state.queue.messages]
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("leakwatch_state_unusable", reason=f"{type(exc).__name__}: {exc}")
             return False
         if state.detector is not None:
             self.detector.restore(state.detector.senders, state.detector.reported)
+        if state.queue is not None:
+            self.queue.restore(messages)
+            self.queue.expire()
         if state.cloudwatch is not None and self.poller is not None:
             self.poller.restore(state.cloudwatch.cursor_ms, state.cloudwatch.seen)
         if position is not None and isinstance(self.source, FileLines):
@@ -345,6 +367,7 @@ class LeakWatch:
             "detector": {"senders": trim(detector["senders"]),
                          "reported": trim(detector["reported"])},
             "outbox": self.outbox.snapshot() if self.outbox is not None else self._orphans,
+            "queue": {"messages": self.queue.state()},
         }
         source = self.source.state()
         if source is not None and self.source.kind in ("cloudwatch", "file"):
@@ -360,6 +383,8 @@ class LeakWatch:
     async def close(self, timeout: float | None = SAVE_TIMEOUT) -> None:
         """The final save, after the source stopped and the outbox was flushed."""
         await self.save(timeout)
+        # A reload may drop [leakwatch]: no deferred message may stay on /metrics, ageing.
+        self._bind_queue_metrics(None)
         pending = len(self.outbox.pending()) if self.outbox else 0
         if pending and self.state.path is None:
             log.error("alerts_lost_at_exit", pending=pending,
@@ -393,6 +418,41 @@ class LeakWatch:
         if self.outbox is not None:
             self.outbox.submit(leak_summary(f), key=leak_key(f))
 
+    def _bind_queue_metrics(self, queue: QueueTracker | None) -> None:
+        """Compute the queue gauges at scrape time from `queue` (so the age grows between
+        reads); None: they read 0."""
+        m = self.metrics
+        if queue is None:
+            for gauge in (m.mta_deferred_messages, m.mta_oldest_deferred,
+                          m.mta_tracked_messages):
+                gauge.set_function(lambda: 0.0)
+            return
+        for result in Result:
+            m.mta_deliveries.labels(result=result.value)  # every result shows, from 0
+        m.mta_deferred_messages.set_function(queue.deferred_count)
+        m.mta_oldest_deferred.set_function(lambda: queue.oldest_deferred_age(self._wall()))
+        m.mta_tracked_messages.set_function(queue.tracked_count)
+
+    def _flush_queue(self) -> None:
+        """Hand the tracker's new counts and delays to Prometheus; age out old messages."""
+        queue, m = self.queue, self.metrics
+        for result, value in queue.counts.items():
+            delta = value - self._flushed_results[result]
+            if delta:
+                m.mta_deliveries.labels(result=result.value).inc(delta)
+        self._flushed_results = dict(queue.counts)
+        for delay in queue.take_delays():
+            m.mta_delivery_delay.observe(delay)
+        if self._clock() - self._expired_at >= QUEUE_EXPIRE_INTERVAL:
+            self._expired_at = self._clock()
+            queue.expire()
+        if queue.evicted and not self._evicted_warned:
+            self._evicted_warned = True
+            log.warning("queue_tracker_full", max_tracked_messages=queue.max_messages,
+                        consequence="the least recently active messages are forgotten "
+                                    "(finished ones first); raise "
+                                    "leakwatch.max_tracked_messages")
+
     def _flush_counts(self) -> None:
         now, was = self.processor.counts.as_dict(), self._flushed.as_dict()
         m = self.metrics.maillog_lines
@@ -424,7 +484,12 @@ class LeakWatch:
         """One successful read: detect, report, export counts, lag and the poll time.
 
         True if the batch held a sinkhole recipient (the state then changed)."""
-        findings = self.processor.feed_batch(batch)  # the detector counts them reported now
+        streams = None
+        if self.poller is not None and len(self.poller.last_streams) == len(batch):
+            streams = self.poller.last_streams
+        # The detector counts the findings reported now; the queue tracker takes the lines.
+        findings = self.processor.feed_batch(batch, streams)
+        self._flush_queue()
         for i, finding in enumerate(findings):
             try:
                 finding = await self.resolve_sender(finding)

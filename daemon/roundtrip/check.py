@@ -20,6 +20,23 @@ Every IMAP wait of the reception phase is bounded by the reception deadline
 the commands that close the phase (DONE, the last SEARCH) get `RECEIVE_GRACE`
 more. A server that stops answering mid-IDLE fails the run within
 `timeout + RECEIVE_GRACE`, not `timeout + command_timeout`.
+
+Delivery quality (docs/delivery-quality.md) is recorded on the way, as facts
+in the result; the runner turns them into metrics:
+
+- TLS: the negotiated version and the peer certificate's notAfter of the SMTP
+  and the IMAP connection, read right after each handshake (also when a later
+  step such as AUTH or LOGIN fails).
+- Junk: while the watched mailbox is waited on, `daemon.roundtrip.junk`
+  looks in the junk mailboxes on a second connection (first after a short
+  wait, last at the deadline). A probe found there fails the run with reason
+  `junk`, naming the mailbox, and the cleanup deletes it there. After a run
+  whose probe was never found, the next run's late sweep also covers the junk
+  mailboxes (a probe may be misfiled after its timeout).
+- Authentication-Results and Received hops are read from the received probe
+  (in the watched mailbox or a junk one). Verdicts are judged against the
+  route's `[expect]` only after the integrity check passed; a mismatch, or no
+  header from the trusted authserv-id, fails the run with reason `auth`.
 """
 
 from __future__ import annotations
@@ -34,7 +51,10 @@ import structlog
 
 from daemon.checks.result import CheckResult, FailureReason, Step
 from daemon.config import RouteConfig, SelfcheckConfig
+from daemon.roundtrip.authresults import judge, read_verdicts
+from daemon.roundtrip.hops import parse_hops
 from daemon.roundtrip.imap_client import ImapError, ImapSession
+from daemon.roundtrip.junk import JUNK_FINAL_GRACE, JUNK_FIRST_LOOK, JunkHit, JunkWatch
 from daemon.roundtrip.probe import (
     PROBE_HEADER,
     ROUTE_HEADER,
@@ -46,6 +66,7 @@ from daemon.roundtrip.probe import (
     verify_probe,
 )
 from daemon.roundtrip.smtp_send import SendError, send_probe
+from daemon.roundtrip.tls import peer_tls
 
 log = structlog.get_logger("daemon.roundtrip")
 
@@ -78,14 +99,20 @@ class RoundTrip:
         *,
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
+        junk_first_look: float = JUNK_FIRST_LOOK,
     ) -> None:
         self.route = route
         self.selfcheck = selfcheck
         self.secret = secret
         self.clock = clock
         self.wall = wall
+        self.junk_first_look = junk_first_look
         # Unverifiable probe-like messages are reported once per check, then at debug.
         self.reported_unverified = False
+        # A probe sent and never found may land in a junk mailbox later: the next run
+        # sweeps the junk mailboxes too (only then, so healthy runs open no second
+        # connection for it).
+        self.junk_sweep_due = False
 
     @property
     def name(self) -> str:
@@ -105,6 +132,7 @@ class RoundTrip:
             + self.route.smtp.timeout
             + self.selfcheck.timeout
             + RECEIVE_GRACE
+            + (JUNK_FINAL_GRACE if imap.junk_mailboxes != [] else 0.0)  # the last junk look
         )
 
     @property
@@ -124,6 +152,18 @@ class RoundTripRun:
         self._clock = check.clock
         self._session: ImapSession | None = None
         self._sent = False  # from the SMTP attempt on, a probe may be in flight
+        self._junk = JunkWatch(
+            check.route.imap, secret=check.secret, route=check.name, run_id=result.run_id,
+            clock=self._clock, record=self._step, first_look=check.junk_first_look,
+        )
+        self._junk_hit: JunkHit | None = None
+        self._found = False  # the probe was seen, in the watched mailbox or a junk one
+        self._junk_deleted = False
+
+    def _record_tls(self, protocol: str, ssl_object: object) -> None:
+        facts = peer_tls(ssl_object, self.check.wall())
+        if facts is not None:
+            self.result.tls[protocol] = facts
 
     def _step(self, name: str, started: float, ok: bool, detail: str = "") -> None:
         step = Step(name, self._clock() - started, ok, detail)
@@ -155,9 +195,11 @@ class RoundTripRun:
         try:
             await session.connect()
         except ImapError as exc:
+            self._record_tls("imap", session.ssl_object())
             self._step("imap_connect", t, False, str(exc))
             result.fail(FailureReason.IMAP, str(exc))
             return
+        self._record_tls("imap", session.ssl_object())
         self._step("imap_connect", t, True)
 
         t = clock()
@@ -171,11 +213,15 @@ class RoundTripRun:
             if not session.usable:
                 result.fail(FailureReason.IMAP, str(exc))
                 return
+        if check.junk_sweep_due and self._junk.enabled:
+            await self._sweep_junk()
 
         t = clock()
         self._sent = True
         try:
-            result.send_time = await send_probe(route.smtp, probe, route.smtp.timeout)
+            result.send_time = await send_probe(
+                route.smtp, probe, route.smtp.timeout,
+                on_tls=lambda ssl_object: self._record_tls("smtp", ssl_object))
         except SendError as exc:
             self._step("smtp_send", t, False, str(exc))
             result.fail(FailureReason.SEND, str(exc))
@@ -184,7 +230,8 @@ class RoundTripRun:
         self._step("smtp_send", t, True)
 
         try:
-            uid = await self._wait_for_probe(session, probe, accepted_at + selfcheck.timeout)
+            found = await self._receive(session, probe, accepted_at,
+                                        accepted_at + selfcheck.timeout)
         except ReceiveTimeoutError:
             self._step("receive", accepted_at, False, "timeout")
             result.fail(FailureReason.RECEIVE_TIMEOUT,
@@ -194,23 +241,93 @@ class RoundTripRun:
             self._step("receive", accepted_at, False, str(exc))
             result.fail(FailureReason.IMAP, str(exc))
             return
+        self._found = True
+        if isinstance(found, JunkHit):
+            self._junk_hit = found
+            result.found_in = found.display_name
+            self._step("receive", accepted_at, False, f"in junk mailbox {found.display_name}")
+            self._read_delivery_facts(found.raw)
+            result.fail(FailureReason.JUNK, f"probe landed in junk mailbox {found.display_name}"
+                        f" instead of {route.imap.mailbox}")
+            return
         result.reception_time = clock() - accepted_at
+        result.found_in = route.imap.mailbox
         self._step("receive", accepted_at, True)
 
         t = clock()
         try:
-            raw = await session.fetch_raw(uid)
-            verify_probe(raw, probe)
+            raw = await session.fetch_raw(found)
         except ImapError as exc:
             self._step("verify", t, False, str(exc))
             result.fail(FailureReason.IMAP, str(exc))
             return
+        auth_problem = self._read_delivery_facts(raw)
+        try:
+            verify_probe(raw, probe)
         except IntegrityError as exc:
             self._step("verify", t, False, str(exc))
             result.fail(FailureReason.INTEGRITY, f"probe integrity check failed: {exc}")
             return
         self._step("verify", t, True)
+        if auth_problem is not None:
+            result.fail(FailureReason.AUTH, auth_problem)
+            return
         result.success = True
+
+    async def _sweep_junk(self) -> None:
+        """The late sweep, in the junk mailboxes (after a run whose probe was never found)."""
+        t = self._clock()
+        try:
+            swept = await self._junk.sweep(self._sweep_late_probes)
+        except ImapError as exc:
+            self._step("sweep_junk", t, False, str(exc))
+            return  # due again next run
+        self.check.junk_sweep_due = False
+        self.result.late_arrivals += swept
+        self._step("sweep_junk", t, True, f"{swept} deleted")
+
+    def _read_delivery_facts(self, raw: bytes) -> str | None:
+        """Record the probe's Authentication-Results verdicts and hops; the auth problem."""
+        result, route = self.result, self.check.route
+        expect = route.expect
+        msg = message_from_bytes(raw, policy=policy.compat32)
+        verdicts = read_verdicts(msg, expect.authserv_id if expect is not None else None)
+        result.auth = dict(verdicts.results)
+        result.authserv_id = verdicts.authserv_id
+        result.hops = parse_hops(msg)
+        return judge(verdicts, expect)
+
+    async def _receive(
+        self, session: ImapSession, probe: Probe, accepted_at: float, deadline: float,
+    ) -> int | JunkHit:
+        """The probe's UID in the watched mailbox, or where it landed in a junk one.
+
+        The junk watch runs beside the wait on its own connection and is
+        cancelled as soon as the watched mailbox shows the probe; when the wait
+        times out, the watch's last look (at the deadline) decides.
+        """
+        if not self._junk.enabled:
+            return await self._wait_for_probe(session, probe, deadline)
+        watched = asyncio.ensure_future(self._wait_for_probe(session, probe, deadline))
+        junk = asyncio.ensure_future(self._junk.watch(accepted_at, deadline))
+        try:
+            done, _ = await asyncio.wait({watched, junk}, return_when=asyncio.FIRST_COMPLETED)
+            if watched in done:
+                try:
+                    return watched.result()
+                except ReceiveTimeoutError:
+                    hit = await junk
+                    if hit is not None:
+                        return hit
+                    raise
+            hit = junk.result()
+            if hit is not None:
+                return hit
+            return await watched
+        finally:
+            for task in (watched, junk):
+                task.cancel()
+            await asyncio.gather(watched, junk, return_exceptions=True)
 
     async def cleanup(self) -> None:
         """Delete this run's probe (only it), then close the session.
@@ -224,6 +341,13 @@ class RoundTripRun:
         t = self._clock()
         try:
             if not self._sent:
+                return
+            if self._junk_hit is not None:
+                # Deleted where it landed; the watched mailbox never had it.
+                deleted = await self._junk.delete(self._junk_hit)
+                self._junk_deleted = True
+                self._step("cleanup", t, True,
+                           f"{deleted} deleted from {self._junk_hit.display_name}")
                 return
             if session is None or not session.usable:
                 if session is not None:
@@ -247,8 +371,12 @@ class RoundTripRun:
             raise
         finally:
             self._session = None
+            if self._sent and (not self._found or (self._junk_hit and not self._junk_deleted)):
+                self.check.junk_sweep_due = True  # it may be (or still be) in a junk mailbox
+            polite = not _cancelling()
+            await self._junk.close(polite)
             if session is not None:
-                if session.usable and not _cancelling():
+                if session.usable and polite:
                     await session.close()
                 else:
                     await session.drop()

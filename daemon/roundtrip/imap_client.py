@@ -26,6 +26,7 @@ pending!` through the loop's exception handler.
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import re
 import time
@@ -136,6 +137,7 @@ class ImapSession:
         # aioimaplib then still waits for its answer, so nothing else may be sent.
         self._broken = False
         self._tasks: set[asyncio.Future[Any]] = set()
+        self.selected: str | None = None
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -235,8 +237,9 @@ class ImapSession:
 
     # -- connection -------------------------------------------------------------------
 
-    async def connect(self) -> None:
-        """Connect, upgrade to TLS as configured, log in and select the mailbox."""
+    async def connect(self, select: bool = True) -> None:
+        """Connect, upgrade to TLS as configured, log in and (unless told not to) select
+        the configured mailbox."""
         s = self.settings
         timeout = s.connect_timeout
         self._client = _Client(
@@ -253,8 +256,21 @@ class ImapSession:
             self._ok("login", self.where, response)
         if self.client.get_state() not in ("AUTH", "SELECTED"):
             raise ImapError(f"{self.where}: not authenticated (set imap.username and password)")
-        self._ok("select", self.where,
-                 await self._call("select", self.client.select(_quote(s.mailbox))))
+        if select:
+            await self.select(s.mailbox)
+
+    async def select(self, mailbox: str, until: float | None = None) -> None:
+        """SELECT `mailbox` (read-write: a probe found there may be deleted)."""
+        self.selected = None  # a failed SELECT leaves no mailbox selected (RFC 3501 6.3.1)
+        self._ok(f"select {mailbox}", self.where, await self._call(
+            "select", self.client.select(_quote(mailbox)), until=until))
+        self.selected = mailbox
+
+    def ssl_object(self) -> Any:
+        """The TLS connection's `ssl_object` (None when plain, or not connected)."""
+        if self._client is None or self._client.protocol.transport is None:
+            return None
+        return self._client.protocol.transport.get_extra_info("ssl_object")
 
     async def _starttls(self, timeout: float) -> None:
         """RFC 3501 STARTTLS on aioimaplib's protocol: command, handshake, new CAPABILITY."""
@@ -408,6 +424,22 @@ class ImapSession:
             )
         self._ok("EXPUNGE", self.where, await self._call("EXPUNGE", self.client.expunge()))
 
+    async def list_mailboxes(self, until: float | None = None) -> list[Mailbox]:
+        """Every mailbox (LIST "" "*"), with its attributes.
+
+        With the SPECIAL-USE capability the server is asked for the special-use
+        attributes (`RETURN (SPECIAL-USE)`, RFC 6154); without it, whatever
+        attributes it sends anyway are kept.
+        """
+        protocol = self.client.protocol
+        args = ['""', '"*"']
+        if self.has_capability("SPECIAL-USE"):
+            args += ["RETURN", "(SPECIAL-USE)"]
+        command = aioimaplib.Command("LIST", protocol.new_tag(), *args, loop=protocol.loop)
+        response = await self._call("LIST", protocol.execute(command), until=until)
+        self._ok("LIST", self.where, response)
+        return _parse_list(response.lines[:-1])
+
     async def noop(self, until: float | None = None) -> None:
         self._ok("NOOP", self.where, await self._call("NOOP", self.client.noop(), until=until))
 
@@ -447,6 +479,67 @@ class ImapSession:
             )
         finally:
             push.cancel()
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """One LIST answer: the name as the server spells it (modified UTF-7) and its attributes."""
+
+    name: str
+    attributes: frozenset[str]  # lowercase, with the backslash: "\\junk", "\\noselect"
+
+    @property
+    def display_name(self) -> str:
+        """The name for people: modified UTF-7 (RFC 3501 5.1.3) decoded."""
+        return decode_mailbox_name(self.name)
+
+
+_LIST_LINE = re.compile(
+    rb'^(?:LIST )?\(([^)]*)\) (?:NIL|"(?:[^"\\]|\\.)*") ?(.*)$', re.IGNORECASE)
+_LITERAL = re.compile(rb"^\{(\d+)\+?\}$")
+
+
+def _parse_list(lines: Iterable[bytes]) -> list[Mailbox]:
+    """LIST answers: `(attrs) "/" name`, the name an atom, a quoted string or a literal."""
+    out: list[Mailbox] = []
+    pending: bytes | None = None  # attributes of an answer whose name is the next literal
+    for line in lines:
+        if isinstance(line, bytearray):
+            if pending is not None:
+                out.append(Mailbox(bytes(line).decode(errors="replace"), _attrs(pending)))
+                pending = None
+            continue
+        match = _LIST_LINE.match(bytes(line))
+        if match is None:
+            continue
+        attrs, name = match.group(1), match.group(2).strip()
+        if _LITERAL.match(name):
+            pending = attrs
+            continue
+        if name.startswith(b'"') and name.endswith(b'"') and len(name) >= 2:
+            name = re.sub(rb'\\(.)', rb"\1", name[1:-1])
+        out.append(Mailbox(name.decode(errors="replace"), _attrs(attrs)))
+    return out
+
+
+def _attrs(raw: bytes) -> frozenset[str]:
+    return frozenset(a.lower() for a in raw.decode(errors="replace").split())
+
+
+def decode_mailbox_name(name: str) -> str:
+    """Modified UTF-7 to text: `&` + base64 of UTF-16BE (`,` for `/`) + `-`; `&-` is `&`."""
+    def shifted(match: re.Match[str]) -> str:
+        body = match.group(1)
+        if not body:
+            return "&"
+        data = body.replace(",", "/")
+        data += "=" * (-len(data) % 4)
+        try:
+            return base64.b64decode(data).decode("utf-16-be")
+        except (ValueError, UnicodeDecodeError):
+            return match.group(0)
+
+    return re.sub(r"&([A-Za-z0-9+,]*)-", shifted, name)
 
 
 def _search_uids(lines: Iterable[bytes]) -> list[int]:

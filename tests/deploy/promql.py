@@ -14,7 +14,7 @@ from tests.integration.support import binary, require_binaries
 # Series that Prometheus itself provides for every target.
 PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 # The prefixes of every selfcheckd metric; identifiers with these are checked.
-OUR_PREFIXES = ("selfcheck_", "selfcheckd_", "sinkhole_", "maillog_", "leakwatch_")
+OUR_PREFIXES = ("selfcheck_", "selfcheckd_", "sinkhole_", "maillog_", "leakwatch_", "mta_")
 _IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 

@@ -23,10 +23,14 @@ EXPECTED_ALERTS = {
     "SelfcheckFailing", "SelfcheckStale", "SelfcheckSlow", "SelfcheckAbsent",
     "SinkholeRecipientLeaked", "LeakWatcherBlind", "LeakWatcherDown",
     "SinkholeLeftInAcceptMode",
+    # delivery quality: the TLS certificates of each route's servers.
+    "SelfcheckCertificateExpiring",
     # selfcheckd watching itself: supervision, state file, escaped errors, alert outbox.
     "SelfcheckdComponentDown", "SelfcheckdComponentStalled", "SelfcheckdComponentRestarted",
     "SelfcheckdComponentMissing", "SelfcheckdStateSaveFailing", "SelfcheckdInternalErrors",
     "SelfcheckdAlertDeliveryFailing", "SelfcheckdAlertExpired",
+    # queue health from the mail log: stuck deferred mail, bounces.
+    "MtaMessageDeferredTooLong", "MtaBounceRatioHigh",
 }
 # The severities alert_sink routes on.
 SEVERITIES = {"critical", "warning", "info"}

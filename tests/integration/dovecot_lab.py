@@ -1,13 +1,20 @@
 """Dovecot behind a real MTA: private sendmail relays the lab domain to Dovecot's LMTP.
 
 The fixture hands tests a `DovecotLab`: where to submit (plain SMTP, no auth), where to
-read (IMAP STARTTLS / imaps, verified against the lab CA) and how to look in the mailbox.
+read (IMAP STARTTLS / imaps, verified against the lab CA, whose server certificate ends
+at `cert_not_after`) and how to look in the mailbox.
+
+For the delivery-quality tests the lab adds to Dovecot's generated config a junk
+mailbox flagged `\\Junk` by SPECIAL-USE but not named Junk ("Quarantine"), and lets
+LMTP file `user+Quarantine@` there (`lmtp_save_to_detail_mailbox`), as a spam filter
+would: `junk_recipient` is the address whose mail lands in it.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from .certs import ServerCerts, make_server_certs
@@ -15,6 +22,21 @@ from .dovecot import Dovecot
 from .sendmail import LMTP_TCP_MAILER, Sendmail
 
 LAB_DOMAIN = "lab.test"
+# A \Junk special-use mailbox whose name a name-based guess would miss.
+JUNK_MAILBOX = "Quarantine"
+JUNK_CONFIG = f"""
+# Added by dovecot_lab.py: a special-use junk mailbox, and LMTP filing user+{JUNK_MAILBOX}@
+# into it.
+recipient_delimiter = +
+lmtp_save_to_detail_mailbox = yes
+namespace inbox {{
+  inbox = yes
+  mailbox {JUNK_MAILBOX} {{
+    auto = create
+    special_use = \\Junk
+  }}
+}}
+"""
 
 
 @dataclass
@@ -32,6 +54,8 @@ class DovecotLab:
     ca_file: Path
     sender: str
     recipient: str
+    junk_recipient: str  # LMTP files its mail into JUNK_MAILBOX
+    cert_not_after: datetime
     dovecot: Dovecot = field(repr=False)
     sendmail: Sendmail = field(repr=False)
 
@@ -40,6 +64,8 @@ class DovecotLab:
         certs: ServerCerts = make_server_certs(dovecot_base)
         username = f"tester{secrets.token_hex(3)}"
         dovecot = Dovecot(dovecot_base, certs, username=username, domain=LAB_DOMAIN)
+        with dovecot.config.open("a", encoding="utf-8") as config:
+            config.write(JUNK_CONFIG)
         dovecot.start()
         sendmail_dir = directory / "sendmail-lmtp"
         sendmail_dir.mkdir()
@@ -69,6 +95,8 @@ class DovecotLab:
             ca_file=certs.ca_file,
             sender=f"selfcheck@{LAB_DOMAIN}",
             recipient=f"{username}@{LAB_DOMAIN}",
+            junk_recipient=f"{username}+{JUNK_MAILBOX}@{LAB_DOMAIN}",
+            cert_not_after=certs.not_after,
             dovecot=dovecot,
             sendmail=sendmail,
         )
@@ -77,9 +105,9 @@ class DovecotLab:
         self.sendmail.stop()
         self.dovecot.stop()
 
-    def message_count(self) -> int:
-        """How many messages Dovecot reports in the test user's INBOX."""
-        return len(self.dovecot.message_uids())
+    def message_count(self, mailbox: str = "INBOX") -> int:
+        """How many messages Dovecot reports in one of the test user's mailboxes."""
+        return len(self.dovecot.message_uids(mailbox))
 
     def message_uids(self) -> list[int]:
         """UIDs in the test user's INBOX (doveadm search)."""
@@ -89,14 +117,14 @@ class DovecotLab:
         """The INBOX maildir files on disk."""
         return self.dovecot.message_files()
 
-    def header_values(self, header: str) -> list[str]:
-        """One header's value for each INBOX message (doveadm fetch), e.g. "Message-ID"."""
+    def header_values(self, header: str, mailbox: str = "INBOX") -> list[str]:
+        """One header's value for each message of a mailbox (doveadm fetch), e.g. "Message-ID"."""
         out = self.dovecot.doveadm(
-            "fetch", "-u", self.username, f"hdr.{header.lower()}", "mailbox", "INBOX", "ALL"
+            "fetch", "-u", self.username, f"hdr.{header.lower()}", "mailbox", mailbox, "ALL"
         )
         prefix = f"hdr.{header.lower()}:"
         return [line[len(prefix):].strip() for line in out.splitlines() if line.startswith(prefix)]
 
-    def delete_all(self) -> None:
-        """Expunge every INBOX message (doveadm), so a test leaves the mailbox empty."""
-        self.dovecot.doveadm("expunge", "-u", self.username, "mailbox", "INBOX", "ALL")
+    def delete_all(self, mailbox: str = "INBOX") -> None:
+        """Expunge every message of a mailbox (doveadm), so a test leaves it empty."""
+        self.dovecot.doveadm("expunge", "-u", self.username, "mailbox", mailbox, "ALL")

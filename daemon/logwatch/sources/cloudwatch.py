@@ -111,6 +111,8 @@ class CloudWatchPoller:
         self.cursor_ms: int | None = None  # newest event timestamp seen
         self.seen: OrderedDict[str, int] = OrderedDict()  # eventId -> timestamp (ms)
         self.newest_event_ms: int | None = None
+        # The log stream of each line the last take_new() (read()) returned, in order.
+        self.last_streams: list[str] = []
         self.client: CloudWatchLogsClient | None = None
 
     # -- querying -------------------------------------------------------------------------
@@ -158,8 +160,12 @@ class CloudWatchPoller:
         return start, now_ms
 
     def take_new(self, events: list[dict[str, Any]], start_ms: int) -> list[str]:
-        """Drop events already emitted, remember the rest, advance the cursor."""
+        """Drop events already emitted, remember the rest, advance the cursor.
+
+        `last_streams` then names each returned line's log stream.
+        """
         lines: list[str] = []
+        streams: list[str] = []
         for event in events:
             event_id = str(event.get("eventId", ""))
             ts = int(event.get("timestamp", 0))
@@ -167,11 +173,13 @@ class CloudWatchPoller:
                 continue
             self.seen[event_id] = ts
             lines.append(str(event.get("message", "")).rstrip("\r\n"))
+            streams.append(str(event.get("logStreamName", "")))
             if self.cursor_ms is None or ts > self.cursor_ms:
                 self.cursor_ms = ts
             if self.newest_event_ms is None or ts > self.newest_event_ms:
                 self.newest_event_ms = ts
         self._evict(start_ms)
+        self.last_streams = streams
         return lines
 
     def _evict(self, start_ms: int) -> None:
@@ -187,6 +195,16 @@ class CloudWatchPoller:
         start, end = self.window()
         events = await self.query(client, start, end, self.cfg.filter_pattern)
         return self.take_new(events, start)
+
+    async def query_queue_id(
+        self, client: CloudWatchLogsClient, queue_id: str, start_ms: int, end_ms: int
+    ) -> list[dict[str, Any]]:
+        """Every event in [start, end] that mentions `queue_id` (a server-side filter on it).
+
+        The caller keeps the lines whose queue id field is `queue_id`: the filter also
+        matches a line that merely names it (a DSN's parent, a remote's "queued as").
+        """
+        return await self.query(client, start_ms, end_ms, f'"{queue_id}"')
 
     async def lookup_sender(self, queue_id: str, before_ms: int) -> str | None:
         """Find the from= line of a queue id (needed when a filter pattern hides it)."""
