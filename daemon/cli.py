@@ -205,13 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_init)
 
     p = with_config(command(
-        "scan", "one-shot scan of a mail log for leaked sinkhole recipients",
+        "scan", "one-shot scan of a mail log: sinkhole leaks, or the queue (--queue)",
         "Read a mail log (a file, standard input, or the CloudWatch log groups of\n"
         "[leakwatch.cloudwatch] over --since) and print every leaked sinkhole\n"
-        "recipient on stdout; a summary goes to stderr.",
-        "exit codes: 0 no leak, 1 leaks found, 2 bad input (unreadable file, not a\n"
-        "            mail log, bad --since, CloudWatch unreachable) or configuration\n"
-        "example:    selfcheckd scan --file /var/log/maillog --json"))
+        "recipient on stdout; a summary goes to stderr. With --queue, list every\n"
+        "message still deferred at the end of the input instead; with --queue-id ID,\n"
+        "print the whole history of one message (docs/queue-health.md).",
+        "exit codes: 0 no leak (--queue: nothing deferred; --queue-id: not deferred),\n"
+        "            1 leaks found (messages deferred; the message is deferred),\n"
+        "            2 bad input (unreadable file, not a mail log, bad --since,\n"
+        "            CloudWatch unreachable) or configuration, 3 --queue-id: no such id\n"
+        "example:    selfcheckd scan --file /var/log/maillog --json\n"
+        "            selfcheckd scan --cloudwatch --since 6h --queue-id 6ANJUQna010773"))
     try:
         from daemon.logwatch.scan_command import add_arguments as add_scan_arguments
     except ImportError:  # the leak watcher is optional at import time

@@ -94,11 +94,15 @@ def demo_config(route: dict[str, Any], receiver_port: int, maillog: Path,
 
 async def _demo(args: argparse.Namespace) -> int:
     from daemon.app import Daemon
+    from daemon.embedded.smtp_server import auth_results_value
     from daemon.embedded.stack import EmbeddedMailStack, StackOptions
 
     maillog = _fresh_maillog(args.workdir)
 
     stack = await EmbeddedMailStack(StackOptions(maillog=maillog)).start()
+    # As a receiving MTA's milters would: the result JSON and /status show the verdicts.
+    stack.smtp.auth_results = [auth_results_value({"spf": "pass", "dkim": "pass",
+                                                   "dmarc": "pass"})]
     receiver, receiver_port = await _start_receiver()
     daemon: Daemon | None = None
     try:

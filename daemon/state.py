@@ -188,10 +188,12 @@ class StateFile:
         """
         if self.path is None:
             return True
-        payload = json.dumps({"version": VERSION, **document}, separators=(",", ":"))
+        # `document` is a snapshot of fresh containers (taken on the event loop), so
+        # it is serialised in the writer thread: a large queue costs the loop nothing.
+        document = {"version": VERSION, **document}
         try:
             async with asyncio.timeout(timeout), self._lock:
-                await in_daemon_thread(_write_atomically, self.path, payload, name="state-write")
+                await in_daemon_thread(_write_atomically, self.path, document, name="state-write")
         except TimeoutError:
             return self._failed(f"not written within {timeout:g}s")
         except OSError as exc:
@@ -211,7 +213,8 @@ class StateFile:
         return False
 
 
-def _write_atomically(path: Path, payload: str) -> None:
+def _write_atomically(path: Path, document: dict[str, Any]) -> None:
+    payload = json.dumps(document, separators=(",", ":"))
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
