@@ -25,6 +25,11 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
+    @property
+    def sleeping(self) -> bool:
+        """Someone waits on this clock (else time would pass with nobody to notice)."""
+        return any(not future.done() for _, _, future in self._sleepers)
+
     async def sleep(self, delay: float) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self.now + max(0.0, delay), next(self._order), future))
