@@ -130,3 +130,15 @@ class LeakDetector:
     def forget_reported(self, key: str) -> None:
         """Alert about `key` again if it shows up again (its alert was never delivered)."""
         self.reported.pop(key, None)
+
+
+LOGLEVEL_HINT = (
+    "sendmail logs to= delivery lines only at LogLevel 9 (8 for stat=Sent): set "
+    "define(`confLOG_LEVEL', `9') in sendmail.mc; until then the leak watcher is blind"
+)
+
+
+def format_sender(sender: str | None) -> str:
+    if sender is None:
+        return "unknown"
+    return sender or "<>"

@@ -27,20 +27,19 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from daemon.logwatch.config import LeakWatchConfig
-from daemon.logwatch.detector import Finding, LeakDetector
+from daemon.logwatch.detector import LOGLEVEL_HINT, Finding, LeakDetector, format_sender
 from daemon.logwatch.parser import line_queue_header
 from daemon.logwatch.pipeline import LineProcessor
 from daemon.logwatch.queue import Message, QueueTracker, Result, iso
-from daemon.logwatch.sources.cloudwatch import (
-    RETRYABLE,
-    CloudWatchPoller,
-    create_logs_client,
-    error_reason,
-)
-from daemon.logwatch.watcher import LOGLEVEL_HINT, format_sender
+
+if TYPE_CHECKING:
+    from daemon.logwatch.fastscan import FastScan
+
+# The CloudWatch source (aiobotocore, botocore) is imported only by --cloudwatch:
+# loading it costs a `scan --file` a quarter of a second.
 
 EXIT_CLEAN, EXIT_LEAKS, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_DEFERRED, EXIT_NOT_FOUND = 1, 3  # --queue / --queue-id
@@ -68,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --cloudwatch: how far back, e.g. 15m, 2h, 1d")
     parser.add_argument("--json", action="store_true",
                         help="print leaks as JSON lines (summary to stderr as JSON)")
+    parser.add_argument("--counts", action="store_true",
+                        help="with --file: also count every line by kind in the summary "
+                             "(parses every line: several times slower)")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--queue", action="store_true",
                       help="instead of leaks, print every message still deferred at the end "
@@ -130,13 +132,30 @@ def _summary(processor: LineProcessor, report: ScanReport, source: str,
     }
 
 
+def _fast_summary(fast: FastScan, report: ScanReport, source: str,
+                  seconds: float) -> dict[str, Any]:
+    """The fast path's summary: per-kind counts are null when it did not need them."""
+    counts = fast.counts
+    return {
+        "type": "summary",
+        "source": source,
+        "lines": fast.lines,
+        "kinds": None if counts is None else counts.as_dict(),
+        "mta_lines": None if counts is None else counts.mta,
+        "leaks": report.leaks,
+        "test_recipients": report.test_recipients,
+        "blind": fast.blind,
+        "seconds": round(seconds, 3),
+    }
+
+
 def _print_summary(summary: dict[str, Any], as_json: bool, err: TextIO) -> None:
     if as_json:
         err.write(json.dumps(summary) + "\n")
     else:
-        kinds = " ".join(f"{k}={v}" for k, v in summary["kinds"].items())
+        kinds = "".join(f" {k}={v}" for k, v in (summary["kinds"] or {}).items())
         err.write(
-            f"scan_summary source={summary['source']} lines={summary['lines']} {kinds} "
+            f"scan_summary source={summary['source']} lines={summary['lines']}{kinds} "
             f"leaks={summary['leaks']} test_recipients={summary['test_recipients']} "
             f"blind={'true' if summary['blind'] else 'false'}\n"
         )
@@ -151,6 +170,8 @@ def _print_summary(summary: dict[str, Any], as_json: bool, err: TextIO) -> None:
 
 async def _scan_cloudwatch(config: LeakWatchConfig, since: float, processor: LineProcessor,
                            report: ScanReport, clock: float) -> None:
+    from daemon.logwatch.sources.cloudwatch import CloudWatchPoller, create_logs_client
+
     poller = CloudWatchPoller(config.cloudwatch)
     end_ms = int(clock * 1000)
     start_ms = end_ms - int(since * 1000)
@@ -181,6 +202,7 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
     processor = LineProcessor(detector)
     report = ScanReport(out, bool(args.json))
     started = time.monotonic()
+    fast: FastScan | None = None
     if args.since is not None and not args.cloudwatch:
         err.write("scan: --since only applies with --cloudwatch\n")
         return EXIT_BAD_INPUT
@@ -190,6 +212,8 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
                 err.write("scan: --cloudwatch needs --since DURATION (e.g. 1h)\n")
                 return EXIT_BAD_INPUT
             since = parse_duration(args.since)
+            from daemon.logwatch.sources.cloudwatch import RETRYABLE, error_reason
+
             try:
                 asyncio.run(_scan_cloudwatch(config, since, processor, report, time.time()))
             except RETRYABLE as exc:
@@ -197,6 +221,14 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
                           f"{type(exc).__name__}: {exc}\n")
                 return EXIT_BAD_INPUT
             source = "cloudwatch"
+        elif args.file is not None and not args.counts:
+            # The fast path (daemon/logwatch/fastscan.py): the same findings, the
+            # per-kind counts only when they come for free (or with --counts).
+            from daemon.logwatch.fastscan import scan_file
+
+            fast = scan_file(Path(args.file), config)
+            report.emit(fast.findings)
+            source = str(args.file)
         elif args.file is not None:
             with Path(args.file).open(encoding="utf-8", errors="replace", newline="\n") as fh:
                 scan_lines(fh, processor, report)
@@ -215,8 +247,11 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
         err.write(f"scan: cannot read {name}: {exc.strerror or exc}\n")
         return EXIT_BAD_INPUT
     out.flush()
-    summary = _summary(processor, report, source, time.monotonic() - started)
-    if summary["lines"] and not summary["mta_lines"]:
+    if fast is not None:
+        summary = _fast_summary(fast, report, source, time.monotonic() - started)
+    else:
+        summary = _summary(processor, report, source, time.monotonic() - started)
+    if summary["lines"] and summary["mta_lines"] == 0:
         # Not a mail log at all: "no leak" would pass the wrong file as clean.
         read = summary["lines"]
         which = "the one line read is not" if read == 1 else f"none of the {read} lines read is"
@@ -292,6 +327,8 @@ async def _fetch_cloudwatch(config: LeakWatchConfig, since: float, clock: float,
     """The window's lines and their log streams: every event for --queue (queue health
     needs every delivery line, whatever filter_pattern says), those naming the id for
     --queue-id."""
+    from daemon.logwatch.sources.cloudwatch import CloudWatchPoller, create_logs_client
+
     poller = CloudWatchPoller(config.cloudwatch)
     end_ms = int(clock * 1000)
     start_ms = end_ms - int(since * 1000)
@@ -323,6 +360,8 @@ def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
                 err.write("scan: --cloudwatch needs --since DURATION (e.g. 1h)\n")
                 return EXIT_BAD_INPUT
             since = parse_duration(args.since)
+            from daemon.logwatch.sources.cloudwatch import RETRYABLE, error_reason
+
             try:
                 lines, streams = asyncio.run(
                     _fetch_cloudwatch(config, since, time.time(), queue_id))

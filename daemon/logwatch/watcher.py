@@ -26,7 +26,7 @@ import structlog
 from daemon.delivery import SessionFactory, default_session
 from daemon.delivery.outbox import Alert, Outbox
 from daemon.logwatch.config import FileSource, LeakWatchConfig
-from daemon.logwatch.detector import Finding, LeakDetector
+from daemon.logwatch.detector import LOGLEVEL_HINT, Finding, LeakDetector, format_sender
 from daemon.logwatch.parser import line_timestamp, timestamp_to_epoch
 from daemon.logwatch.pipeline import LineCounts, LineProcessor
 from daemon.logwatch.queue import Message, QueueTracker, Result
@@ -44,10 +44,6 @@ log = structlog.get_logger("daemon.leakwatch")
 
 Sleep = Callable[[float], Awaitable[None]]
 
-LOGLEVEL_HINT = (
-    "sendmail logs to= delivery lines only at LogLevel 9 (8 for stat=Sent): set "
-    "define(`confLOG_LEVEL', `9') in sendmail.mc; until then the leak watcher is blind"
-)
 # A read loop that fails waits at least this long before the next try.
 MIN_RETRY = 1.0
 # No successful read for this long (at least) and the source counts as stalled.
@@ -59,12 +55,6 @@ SAVE_TIMEOUT = 10.0
 POSITION_SAVE_INTERVAL = 5.0
 # Messages past the queue retention are looked for at most this often (seconds).
 QUEUE_EXPIRE_INTERVAL = 60.0
-
-
-def format_sender(sender: str | None) -> str:
-    if sender is None:
-        return "unknown"
-    return sender or "<>"
 
 
 def leak_summary(f: Finding) -> str:

@@ -43,7 +43,18 @@ def test_json_leaks_for_the_real_lines() -> None:
     summary = json.loads(err.splitlines()[0])
     assert summary["type"] == "summary"
     assert summary["leaks"] == 7
+    assert (summary["lines"], summary["kinds"], summary["blind"]) == (8, None, False)
+
+
+def test_counts_gives_the_per_kind_counts_and_the_same_leaks() -> None:
+    """--counts parses every line for the summary's kinds; the leaks printed are the same."""
+    fast = _scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json"])
+    code, out, err = _scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json",
+                            "--counts"])
+    assert (code, out) == fast[:2]
+    summary = json.loads(err.splitlines()[0])
     assert summary["kinds"] == {"from": 2, "to": 5, "other": 1, "unparsed": 0}
+    assert summary["mta_lines"] == 8
 
 
 def test_allowlist_makes_test_traffic_silent() -> None:

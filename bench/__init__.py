@@ -1,0 +1,1 @@
+"""Benchmarks of selfcheckd: `python -m bench` (see bench/__main__.py, docs/benchmarks.md)."""

@@ -1,0 +1,483 @@
+"""The fast path of `selfcheckd scan --file`: the reference's findings without parsing every line.
+
+The reference (`scan_command.scan_lines`: `LineProcessor` + `LeakDetector` over every decoded
+line) spends its time parsing the millions of lines that cannot be leaks. This module finds the
+same leaks from the bytes:
+
+1. **One streaming pass** in `chunk_size` reads (lines split across reads are joined). It counts
+   newlines, lowercases each read (ASCII) and finds the configured domains in it; only the lines
+   holding a domain are decoded and parsed with the real `parse_line`, and their deliveries fed,
+   in file order, to a real `LeakDetector`. So recipients, case, trailing dots, subdomains,
+   lookalikes and the once-per-(queue id, recipient) rule are the reference's own code.
+2. **Senders** come from `from=` lines, which the pass skipped. For each finding the latest
+   `QID: from=` line before its delivery line is looked for backwards from that line: within
+   `window` bytes (where it nearly always is), then 16 windows, then, for the ids still
+   unresolved, without limit, one backward search per id or, when that would read more, one
+   forward pass looking for all of them at once. The reference's sender map is a bounded LRU
+   (`max_tracked_queue_ids`): a sender counts only while fewer than that many other queue ids
+   were added after it. That is checked exactly: bounds first (the bytes between over the
+   shortest from= line, the lines between from the pass's newline counts, the `: from=`
+   between), the distinct queue ids between only when no bound decides.
+3. **Blindness**: the pass looks for `: to=` lines until one parses as a delivery. A log with
+   none is blind; it has nothing to find, and it is scanned by the reference so that its summary
+   (per-kind counts, MTA lines) is the reference's.
+
+Why the candidates are a superset of the reference's: a recipient is a sinkhole one when
+`domain.rstrip(".").lower()` is a configured domain D or ends with "." + D. For an ASCII D the
+lowered text contains D, and the only non-ASCII characters whose `str.lower()` holds an ASCII
+letter are U+0130 (lowers to "i" + U+0307, which cannot end in an ASCII D) and the Kelvin sign
+U+212A (lowers to "k"): lines with a Kelvin sign are candidates too when D contains "k". Invalid
+UTF-8 decodes to U+FFFD and never hides an ASCII byte. Non-ASCII or empty domains use the
+reference path.
+
+What the fast path does not give: the per-kind line counts (`LineCounts`) of a log that is not
+blind. Counting them exactly needs every line parsed (that is the reference's cost), so
+`FastScan.counts` is None then, unless `exact_counts=True` (which runs the reference).
+`lines` and `blind` are always exact.
+
+The file is streamed: memory holds one read, the lines of a single long line, and the findings.
+It must be seekable (the sender lookups read it again); standard input from a pipe is not.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Literal
+
+from daemon.logwatch.detector import Finding, LeakDetector, normalize_domain
+from daemon.logwatch.parser import Delivery, QueueAdd, parse_line
+from daemon.logwatch.pipeline import LineCounts, LineProcessor
+
+if TYPE_CHECKING:
+    from daemon.logwatch.config import LeakWatchConfig
+
+# Reads of 1 MiB stay in the CPU's cache between lower() and find(); bigger is no faster.
+DEFAULT_CHUNK = 1 << 20
+# How far back from a delivery line its from= line is looked for before the ids still
+# unresolved get a search without limit.
+DEFAULT_WINDOW = 4 << 20
+# Up to this many queue ids unresolved after 16 windows get one backward search each; more
+# get one forward pass for all (whose cost does not grow with their number) unless their
+# backward searches would read less than four passes.
+MAX_BACKWARD_SEARCHES = 3
+_BACK_FIRST_READ = 16 << 10
+_BACK_MAX_READ = 4 << 20
+
+_FROM = b": from="
+_TO = b": to="
+_KELVIN = "\u212a".encode()
+# The shortest line parse_line takes for a from= line, newline included:
+# "Jan  1 00:00:00 h sm-mta: QQQQQ: from=x\n". Fewer bytes than limit * this between a
+# from= line and a delivery cannot hold `limit` other queue-adds.
+MIN_QUEUE_ADD_BYTES = 40
+
+
+@dataclass(frozen=True, slots=True)
+class FastScan:
+    """What a scan found: the reference's findings, in order, and the summary numbers."""
+
+    findings: tuple[Finding, ...]  # leaks and test traffic (`expected`), as LeakDetector gives
+    lines: int  # lines read, as the reference counts them (a last line without newline counts)
+    blind: bool  # no delivery (to=) line at all
+    # Per-kind counts and MTA lines, exact; None when the fast path skipped them (a log with
+    # deliveries scanned without exact_counts).
+    counts: LineCounts | None
+    fast: bool  # False: the reference path produced this (see scan_file)
+
+    @property
+    def leaks(self) -> int:
+        return sum(1 for f in self.findings if not f.expected)
+
+    @property
+    def test_recipients(self) -> int:
+        return sum(1 for f in self.findings if f.expected)
+
+
+def scan_file(path: Path, config: LeakWatchConfig, *, exact_counts: bool = False,
+              chunk_size: int = DEFAULT_CHUNK, window: int = DEFAULT_WINDOW) -> FastScan:
+    """Scan a mail log file for sinkhole leaks, as `scan --file` reports them.
+
+    OSError (missing, unreadable, a directory) propagates as from `open`.
+    """
+    scanner = FastScanner(config.domains, config.allowed_senders,
+                          config.max_tracked_queue_ids, chunk_size=chunk_size, window=window)
+    with Path(path).open("rb", buffering=0) as fh:
+        return scanner.scan(fh, exact_counts=exact_counts)
+
+
+@dataclass(slots=True)
+class _Hit:
+    """A from= line that parse_line reads as a queue-add: [start, newline) in the file."""
+
+    start: int
+    newline: int
+    sender: str
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A finding whose sender is still to be resolved: its queue id and delivery line start."""
+
+    finding: Finding
+    at: int
+
+
+class FastScanner:
+    """The fast path over one seekable binary file; see the module docstring."""
+
+    def __init__(self, domains: Iterable[str], allowed_senders: Iterable[str],
+                 max_tracked: int = 100_000, *, chunk_size: int = DEFAULT_CHUNK,
+                 window: int = DEFAULT_WINDOW,
+                 far_lookup: Literal["auto", "backward", "forward"] = "auto") -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
+        self.domains = list(domains)
+        self.allowed_senders = list(allowed_senders)
+        self.max_tracked = max_tracked
+        self.chunk_size = chunk_size
+        self.window = max(0, window)
+        # How senders beyond 16 windows are found: one search back per queue id, one forward
+        # pass for all, or whichever reads less ("auto"). A test seam: results never differ.
+        self.far_lookup = far_lookup
+        normalized = [normalize_domain(d) for d in self.domains]
+        # Only ASCII, non-empty domains have a byte needle the reference cannot match around.
+        self.supported = bool(normalized) and all(d and d.isascii() for d in normalized)
+        self._needles = sorted({d.encode("ascii") for d in normalized}) if self.supported else []
+        self._kelvin = any(b"k" in n for n in self._needles)
+
+    def _detector(self) -> LeakDetector:
+        return LeakDetector(self.domains, self.allowed_senders, self.max_tracked)
+
+    # -- entry -----------------------------------------------------------------------
+    def scan(self, fh: BinaryIO, *, exact_counts: bool = False) -> FastScan:
+        """Scan from the start of `fh` (binary, seekable) to its end."""
+        if exact_counts or not self.supported or not fh.seekable():
+            return self.reference(fh)
+        fd = fh.fileno()
+        state = _Pass(self)
+        state.run(fd)
+        if not state.delivery_seen:
+            # Nothing can be a leak; the reference gives the counts that explain the blindness.
+            return self.reference(fh)
+        findings = self._resolve(fd, state)
+        return FastScan(tuple(findings), state.lines, blind=False, counts=None, fast=True)
+
+    def reference(self, fh: BinaryIO) -> FastScan:
+        """The per-line reference path (what `scan_command.scan_lines` does), from the start."""
+        if fh.seekable():
+            fh.seek(0)
+        processor = LineProcessor(self._detector())
+        findings: list[Finding] = []
+        feed = processor.feed
+        # Decoded as scan_command opens the file; detached afterwards, so `fh` stays open.
+        text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="\n")
+        try:
+            for line in text:
+                found = feed(line.rstrip("\r\n"))
+                if found:
+                    findings.extend(found)
+        finally:
+            text.detach()
+        c = processor.counts
+        return FastScan(tuple(findings), c.from_ + c.to + c.other + c.unparsed,
+                        blind=c.to == 0, counts=c, fast=False)
+
+    # -- senders ---------------------------------------------------------------------
+    def _resolve(self, fd: int, state: _Pass) -> list[Finding]:
+        """Each finding with the sender the reference's detector had for it then."""
+        senders: dict[tuple[str, int], str | None] = {}
+        unresolved: dict[str, set[int]] = {}
+        for p in state.pending:
+            key = (p.finding.queue_id, p.at)
+            if key in senders or p.at in unresolved.get(key[0], ()):
+                continue
+            hit = self._search_back(fd, key[0], p.at, max(0, p.at - self.window))
+            if hit is None:
+                unresolved.setdefault(key[0], set()).add(p.at)
+            else:
+                senders[key] = self._sender_if_kept(fd, key[0], hit, p.at, state)
+        # Further back, with a larger budget, then without limit.
+        far = {qid: self._resolve_backward(fd, qid, ats, senders, state, 16 * self.window)
+               for qid, ats in unresolved.items()}
+        left = {qid: ats for qid, ats in far.items() if ats}
+        if left:
+            last = max(max(ats) for ats in left.values())
+            # A backward search reads at most up to its delivery line; the forward pass reads
+            # everything before the last one, but about five times slower per byte.
+            backward = sum(max(ats) for ats in left.values())
+            if self.far_lookup == "auto":
+                use_backward = len(left) <= MAX_BACKWARD_SEARCHES or backward <= 4 * last
+            else:
+                use_backward = self.far_lookup == "backward"
+            if use_backward:
+                for qid, ats in left.items():
+                    self._resolve_backward(fd, qid, ats, senders, state, None)
+            else:
+                hits = self._search_forward(fd, set(left), last)
+                for qid, ats in left.items():
+                    found = hits.get(qid, [])
+                    ends = [h.newline for h in found]
+                    for at in ats:
+                        i = bisect.bisect_left(ends, at) - 1  # newline < at: the line is before
+                        senders[(qid, at)] = (None if i < 0 else self._sender_if_kept(
+                            fd, qid, found[i], at, state))
+        detector = self._detector()
+        out: list[Finding] = []
+        for p in state.pending:
+            sender = senders[(p.finding.queue_id, p.at)]
+            out.append(replace(p.finding, sender=sender, expected=detector.is_allowed(sender)))
+        return out
+
+    def _resolve_backward(self, fd: int, qid: str, ats: set[int],
+                          senders: dict[tuple[str, int], str | None], state: _Pass,
+                          budget: int | None) -> set[int]:
+        """Search back from the latest delivery line of `qid`, at most `budget` bytes below it
+        (None: to the start of the file); return the delivery lines left unresolved."""
+        todo = sorted(ats, reverse=True)
+        floor = 0 if budget is None else max(0, todo[0] - budget)
+        cursor = todo[0]
+        while todo:
+            hit = self._search_back(fd, qid, cursor, floor)
+            if hit is None:
+                if floor > 0:
+                    return set(todo)
+                for at in todo:
+                    senders[(qid, at)] = None
+                return set()
+            while todo and todo[0] > hit.newline:
+                at = todo.pop(0)
+                senders[(qid, at)] = self._sender_if_kept(fd, qid, hit, at, state)
+            cursor = hit.start
+        return set()
+
+    def _search_back(self, fd: int, qid: str, at: int, floor: int) -> _Hit | None:
+        """The latest queue-add of `qid` in a line wholly within [floor, at); `at` starts a line."""
+        needle = qid.encode("ascii") + _FROM
+        for base, data, begin in _blocks_backward(fd, floor, at):
+            end = len(data)
+            while True:
+                i = data.rfind(needle, begin, end)
+                if i < 0:
+                    break
+                start = max(data.rfind(b"\n", begin, i) + 1, begin)
+                newline = data.find(b"\n", i)
+                record = parse_line(_text(data[start:newline]))
+                if isinstance(record, QueueAdd) and record.queue_id == qid:
+                    return _Hit(base + start, base + newline, record.sender)
+                end = start
+        return None
+
+    def _search_forward(self, fd: int, qids: set[str], until: int) -> dict[str, list[_Hit]]:
+        """Every queue-add of the given ids in [0, until), in file order, in one pass."""
+        wanted = {q.encode("ascii") for q in qids}
+        hits: dict[str, list[_Hit]] = {}
+        for base, data in _blocks_forward(fd, 0, until, self.chunk_size):
+            i = data.find(_FROM)
+            while i >= 0:
+                space = data.rfind(b" ", max(0, i - 25), i)
+                if space >= 0 and data[space + 1:i] in wanted:
+                    start = data.rfind(b"\n", 0, i) + 1
+                    newline = data.find(b"\n", i)
+                    record = parse_line(_text(data[start:newline]))
+                    if isinstance(record, QueueAdd) and record.queue_id in qids:
+                        hits.setdefault(record.queue_id, []).append(
+                            _Hit(base + start, base + newline, record.sender))
+                i = data.find(_FROM, i + len(_FROM))
+        return hits
+
+    def _sender_if_kept(self, fd: int, qid: str, hit: _Hit, at: int,
+                        state: _Pass) -> str | None:
+        """hit.sender, unless the reference's LRU forgot `qid` before the line at `at`.
+
+        The LRU drops a key once `max_tracked` other keys were added after it. The lines
+        between hold at most (bytes / MIN_QUEUE_ADD_BYTES), at most (lines) and at most
+        (count of ": from=") queue-adds; only when all three bounds reach the limit are the
+        distinct queue ids counted.
+        """
+        after = hit.newline + 1
+        limit = self.max_tracked
+        if (at - after) // MIN_QUEUE_ADD_BYTES < limit:
+            return hit.sender
+        if state.lines_before(fd, at) - state.lines_before(fd, after) < limit:
+            return hit.sender
+        occurrences = 0
+        for _, data in _blocks_forward(fd, after, at, self.chunk_size):
+            occurrences += data.count(_FROM)
+            if occurrences >= limit:
+                break
+        else:
+            return hit.sender
+        others: set[str] = set()
+        for _, data in _blocks_forward(fd, after, at, self.chunk_size):
+            i = data.find(_FROM)
+            while i >= 0:
+                start = data.rfind(b"\n", 0, i) + 1
+                newline = data.find(b"\n", i)
+                record = parse_line(_text(data[start:newline]))
+                if isinstance(record, QueueAdd) and record.queue_id != qid:
+                    others.add(record.queue_id)
+                    if len(others) >= limit:
+                        return None
+                i = data.find(_FROM, newline)
+        return hit.sender
+
+
+class _Pass:
+    """The streaming pass: line count, candidate lines parsed in order, blindness."""
+
+    def __init__(self, scanner: FastScanner) -> None:
+        self.needles = scanner._needles
+        self.kelvin = scanner._kelvin
+        self.chunk_size = scanner.chunk_size
+        self.detector = scanner._detector()  # its sender map stays empty: resolved later
+        self.lines = 0
+        self.delivery_seen = False
+        self.pending: list[_Pending] = []
+        # (offset of a read, newlines before it): lines between two offsets without a pass.
+        self.offsets: list[int] = []
+        self.newlines: list[int] = []
+
+    def lines_before(self, fd: int, at: int) -> int:
+        """Newlines in the file before offset `at` (at most one read is read again)."""
+        i = bisect.bisect_right(self.offsets, at) - 1
+        if i < 0:
+            return 0
+        start = self.offsets[i]
+        return self.newlines[i] + os.pread(fd, at - start, start).count(b"\n")
+
+    def run(self, fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        size = self.chunk_size
+        at = 0  # file offset of `chunk`
+        carry: list[bytes] = []  # the unfinished line before `chunk`
+        carry_len = 0
+        while True:
+            chunk = os.read(fd, size)
+            if not chunk:
+                break
+            self.offsets.append(at)
+            self.newlines.append(self.lines)
+            self.lines += chunk.count(b"\n")
+            first = chunk.find(b"\n")
+            if first < 0:
+                carry.append(chunk)
+                carry_len += len(chunk)
+                at += len(chunk)
+                continue
+            body = 0
+            if carry:
+                carry.append(chunk[:first + 1])
+                line = b"".join(carry)
+                self._block(line, 0, len(line), at - carry_len)
+                carry.clear()
+                body = first + 1
+            last = chunk.rfind(b"\n") + 1
+            if last > body:
+                self._block(chunk, body, last, at)
+            if last < len(chunk):
+                carry.append(chunk[last:])
+            carry_len = len(chunk) - last
+            at += len(chunk)
+        if carry:
+            self.lines += 1
+            line = b"".join(carry)
+            self._block(line + b"\n", 0, len(line) + 1, at - carry_len)
+
+    def _block(self, data: bytes, begin: int, end: int, base: int) -> None:
+        """Complete lines data[begin:end] (ending in a newline) at file offset base."""
+        lowered = data.lower()
+        starts: dict[int, int] = {}
+        for needle in self.needles:
+            i = lowered.find(needle, begin, end)
+            while i >= 0:
+                start = max(data.rfind(b"\n", begin, i) + 1, begin)
+                newline = data.find(b"\n", i, end)
+                starts[start] = newline
+                i = lowered.find(needle, newline + 1, end)
+        if self.kelvin and not data.isascii():
+            i = data.find(_KELVIN, begin, end)
+            while i >= 0:
+                start = max(data.rfind(b"\n", begin, i) + 1, begin)
+                newline = data.find(b"\n", i, end)
+                starts[start] = newline
+                i = data.find(_KELVIN, newline + 1, end)
+        for start in sorted(starts):
+            self._candidate(data[start:starts[start]], base + start)
+        if not self.delivery_seen:
+            self._look_for_delivery(data, begin, end)
+
+    def _candidate(self, raw: bytes, at: int) -> None:
+        record = parse_line(_text(raw))
+        if isinstance(record, Delivery):
+            self.delivery_seen = True
+            for f in self.detector.see_delivery(record):
+                self.pending.append(_Pending(f, at))
+
+    def _look_for_delivery(self, data: bytes, begin: int, end: int) -> None:
+        i = data.find(_TO, begin, end)
+        while i >= 0:
+            start = max(data.rfind(b"\n", begin, i) + 1, begin)
+            newline = data.find(b"\n", i, end)
+            if isinstance(parse_line(_text(data[start:newline])), Delivery):
+                self.delivery_seen = True
+                return
+            i = data.find(_TO, newline + 1, end)
+
+
+def _text(raw: bytes) -> str:
+    """A line as the reference feeds it: decoded like its TextIOWrapper, `\\r` stripped."""
+    return raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+def _blocks_forward(fd: int, start: int, end: int, size: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, data): the lines in [start, end) in reads of about `size`; both ends start lines.
+
+    Every `data` holds whole lines, each ending in a newline.
+    """
+    carry = b""
+    at = start
+    while at < end:
+        chunk = os.pread(fd, min(size, end - at), at)
+        if not chunk:
+            break
+        at += len(chunk)
+        data = carry + chunk if carry else chunk
+        last = data.rfind(b"\n") + 1
+        if last == 0:
+            carry = data
+            continue
+        yield at - len(data), data[:last] if last < len(data) else data
+        carry = data[last:]
+    if carry:  # `end` was no line start (the file shrank): the rest as one line
+        yield at - len(carry), carry + b"\n"
+
+
+def _blocks_backward(fd: int, floor: int, end: int) -> Iterator[tuple[int, bytes, int]]:
+    """(offset, data, begin): reads going back from `end` (a line start) towards `floor`.
+
+    data[begin:] holds whole lines; the partial line before `begin` is read again as the end
+    of the next read. A line reaching below `floor` is never yielded whole (only when floor is
+    0 is the first line of the file).
+    """
+    top = end  # the next read ends here: `hi` plus the partial line above it
+    hi = end
+    step = _BACK_FIRST_READ
+    while hi > floor:
+        lo = max(floor, hi - step)
+        data = os.pread(fd, top - lo, lo)
+        step = min(step * 2, _BACK_MAX_READ)
+        if lo == 0:
+            yield lo, data, 0
+            return
+        cut = data.find(b"\n") + 1
+        if cut == 0:
+            hi = lo  # no line ends in this read: all of it is the partial line
+            continue
+        yield lo, data, cut
+        top = lo + cut
+        hi = lo
