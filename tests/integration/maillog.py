@@ -9,10 +9,10 @@ writes mail lines to by logging a probe line, and read only what was appended af
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from .support import binary, start_daemon, stop_daemon, tail, wait_until
@@ -50,6 +50,9 @@ class MailLog:
         """Own /dev/log with a private rsyslogd, or fall back to the system's mail log."""
         if dev_log_is_owned():
             return cls._use_system_syslog()
+        # A socket file nobody listens on (an rsyslogd that was SIGKILLed) swallows logger's
+        # lines without an error until our rsyslogd replaces it: remove it first.
+        Path(DEV_LOG).unlink(missing_ok=True)
         workdir = directory / "rsyslog"
         workdir.mkdir()
         maillog = directory / "maillog"
@@ -72,27 +75,45 @@ class MailLog:
 
     @classmethod
     def _use_system_syslog(cls) -> MailLog:
-        nonce = _log_probe()
-        for path in SYSTEM_MAILLOGS:
-            try:
-                text = path.read_bytes()
-            except OSError:
-                continue
-            found = text.find(nonce.encode())
-            if found >= 0:
-                return cls(path, text.index(b"\n", found) + 1, None)
-        raise RuntimeError(
-            "another process owns /dev/log and no mail log in "
-            f"{', '.join(map(str, SYSTEM_MAILLOGS))} shows mail.info lines; stop it or "
-            "route mail.* to one of those files"
-        )
+        nonce = _log_probe().encode()
+
+        def find() -> MailLog | None:
+            for path in SYSTEM_MAILLOGS:
+                try:
+                    text = path.read_bytes()
+                except OSError:
+                    continue
+                found = text.find(nonce)
+                end = text.find(b"\n", found)
+                if found >= 0 and end >= 0:
+                    return cls(path, end + 1, None)
+            return None
+
+        try:
+            return wait_until(find, timeout=10, what="the probe line in a system mail log")
+        except TimeoutError:
+            raise RuntimeError(
+                "another process owns /dev/log and no mail log in "
+                f"{', '.join(map(str, SYSTEM_MAILLOGS))} shows mail.info lines; stop it or "
+                "route mail.* to one of those files"
+            ) from None
 
     def _wait_for_probe(self, timeout: float) -> None:
-        wait_until(lambda: None if not os.path.exists(DEV_LOG) else True,
-                   timeout=timeout, what="rsyslogd to create /dev/log")
-        nonce = _log_probe()
-        wait_until(lambda: True if nonce in self.text() else None,
-                   timeout=timeout, what=f"probe line {nonce} in {self.path}")
+        wait_until(lambda: True if dev_log_is_owned() else None,
+                   timeout=timeout, what="rsyslogd to listen on /dev/log")
+        # logger exits 0 even when its datagram is lost, so send a fresh probe each round
+        # until one shows up in the file.
+        deadline = time.monotonic() + timeout
+        while True:
+            nonce = _log_probe()
+            try:
+                wait_until(lambda n=nonce: True if n in self.text() else None,
+                           timeout=min(1.0, max(0.0, deadline - time.monotonic())),
+                           what=f"probe line {nonce} in {self.path}")
+                break
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
         # Later readers only want this session's sendmail lines, not the probe.
         self._start = self.path.stat().st_size
 
