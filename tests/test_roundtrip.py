@@ -529,3 +529,26 @@ async def test_failure_line_keeps_the_seed_prefix_and_names_the_route(
     assert line == ('selfcheck_completed success=false error="probe not received within 1s" '
                     "route=eu-west")
     assert result.route == "eu-west"
+
+
+def test_probes_share_one_boundary_that_no_part_contains() -> None:
+    """Every probe uses one fixed MIME boundary (a random one per probe fills `re`'s cache
+    with a pattern per message, ~1 MiB of RSS), and it never occurs inside a part."""
+    probes = [
+        build_probe(route="default", sender="a@example.test", recipient="b@example.test",
+                    secret=b"s", run_id=new_run_id())
+        for _ in range(3)
+    ]
+    boundaries = {p.message.get_boundary() for p in probes}
+    assert len(boundaries) == 1
+    (boundary,) = boundaries
+    assert boundary
+    for probe in probes:
+        parts = list(probe.message.iter_parts())
+        assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
+        for part in parts:
+            assert boundary not in part.get_content()
+        raw = probe.message.as_bytes()
+        assert raw.count(f"--{boundary}\n".encode()) + raw.count(
+            f"--{boundary}\r\n".encode()) == 2
+        assert raw.count(f"--{boundary}--".encode()) == 1
