@@ -77,7 +77,6 @@ def run_scan_bench(facts: MailLogFacts, workdir: Path, runs: int) -> ScanBench:
     commands: dict[str, list[str]] = {
         "grep": ["grep", "-F", "-i", "-c", DOMAIN, log],
         "fast": [sys.executable, "-m", "bench.scan_child", log],
-        "fast_cli": [sys.executable, "-m", "bench.scan_child", "--cli-imports", log],
         "cli": [selfcheckd, "scan", "--file", log, "--json"],
         "startup": [selfcheckd, "scan", "--file", str(workdir / "empty.log"), "--json"],
     }

@@ -1,10 +1,8 @@
-"""`python -m bench.scan_child [--cli-imports] FILE`: the scan's fast path in its own process.
+"""`python -m bench.scan_child FILE`: the scan's fast path in its own process.
 
 Prints what `selfcheckd scan --file FILE --json` prints (one JSON object per leak on stdout,
 the summary on stderr), with `[leakwatch]` defaults, so its output can be compared with the
-CLI's line by line and its peak RSS measured alone. `--cli-imports` first imports what
-`selfcheckd scan` imports today (daemon.cli, scan_command and through it the CloudWatch
-client), to show what the fast path costs once wired into the CLI as it is.
+CLI's line by line and its cost measured without the CLI's start-up.
 """
 
 from __future__ import annotations
@@ -19,11 +17,6 @@ from daemon.logwatch.fastscan import scan_file
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] == "--cli-imports":
-        import daemon.cli
-        import daemon.logwatch.scan_command  # noqa: F401
-
-        argv = argv[1:]
     path = Path(argv[0])
     started = time.monotonic()
     result = scan_file(path, LeakWatchConfig())
