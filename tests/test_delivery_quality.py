@@ -287,6 +287,38 @@ def test_judging_names_a_missing_method() -> None:
                                        "dkim not reported, expected pass")
 
 
+def test_the_topmost_header_of_the_trusted_id_decides_each_method() -> None:
+    """An all-pass header claiming the trusted id further down (written before the server
+    saw the message, and not stripped) cannot turn the server's own fail into a pass."""
+    msg = message(
+        "Authentication-Results: mx.example.com; spf=fail smtp.mailfrom=example.com;"
+        " dkim=fail header.d=example.com",
+        "Authentication-Results: mx.example.com; dmarc=fail header.from=example.com",
+        "Authentication-Results: mx.example.com; spf=pass; dkim=pass; dmarc=pass; arc=pass",
+    )
+    verdicts = read_verdicts(msg, "mx.example.com")
+    # arc is reported only by the lowest header of the block, so that one still decides it.
+    assert verdicts.results == {"spf": "fail", "dkim": "fail", "dmarc": "fail", "arc": "pass"}
+
+
+def test_common_slips_parse_and_an_unreadable_header_is_named_in_the_error() -> None:
+    """A trailing `;` and UTF-8 in a property value still give their verdicts; a header
+    that cannot be read at all is named in the error instead of "not reported" alone."""
+    msg = message(
+        "Authentication-Results: mx.example.com; spf=pass smtp.mailfrom=j\u00f6e@example.com;",
+        "Authentication-Results: mx.example.com; dkim=pass header.d=example.com;",
+    )
+    assert read_verdicts(msg, "mx.example.com").results == {"spf": "pass", "dkim": "pass"}
+    cfg = make_config({**base_route(), "expect": {"authserv_id": "mx.example.com",
+                                                  "dmarc": "pass"}})
+    broken = read_verdicts(message("Authentication-Results: mx.example.com; ===garbage"),
+                           "mx.example.com")
+    error = judge(broken, cfg.selfcheck.routes[0].expect)
+    assert error is not None
+    assert error.startswith("Authentication-Results from mx.example.com: dmarc not reported, "
+                            "expected pass; 1 header(s) unreadable: ")
+
+
 async def test_results_outside_the_registry_are_labelled_other(
     mail_stack: EmbeddedMailStack,
 ) -> None:
@@ -536,6 +568,18 @@ def test_unreadable_received_headers_give_empty_fields_not_errors() -> None:
     ))
     assert [(h.by, h.timestamp is None, h.delay) for h in hops] == [
         ("b.example", False, None), (None, True, None), ("c.example", False, 10.0)]
+
+
+def test_a_received_date_past_year_9999_in_utc_is_no_time_and_the_result_still_prints() -> None:
+    """`31 Dec 9999 23:59:59 -0100` parses but is year 10000 in UTC: the hop gets no
+    timestamp, and the result JSON (/status, `check --json`) is still produced."""
+    hops = parse_hops(message(
+        "Received: from a.example by b.example; Fri, 31 Dec 9999 23:59:59 -0100",
+        "Date: Mon, 4 Mar 2024 18:00:00 +0000",
+    ))
+    assert [(h.by, h.timestamp, h.delay) for h in hops] == [("b.example", None, None)]
+    result = CheckResult(route="r", run_id="r1", hops=hops, started_at=253402300799.0 + 7200)
+    assert result.as_dict()["hops"][0]["timestamp"] is None
 
 
 # -- TLS -----------------------------------------------------------------------------------

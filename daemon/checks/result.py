@@ -152,4 +152,8 @@ def _iso(stamp: float | None) -> str | None:
     """A Unix time as ISO 8601 UTC (`2026-05-01T12:00:00Z`)."""
     if stamp is None:
         return None
-    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(stamp, UTC)
+    except (ValueError, OverflowError, OSError):  # outside years 1-9999: no printable time
+        return None
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -9,12 +9,16 @@ that claim its own id, so the trusted headers are the block at the top. A
 forged header from another id further down is ignored; so is a header with the
 trusted id below a foreign one (something after the trusted server added it).
 Several milters of one server each add a header with the same id; the block
-is read as one.
+is read as one, and for each method the topmost header that reports it decides
+(a lower one with the same id is older, or a forgery the server did not strip).
 
 The header grammar (comments, folding, quoted strings, `ptype.property=value`)
 is parsed by `authres`, not by regexes. Only the methods in `METHODS` are
-recorded; a method reported twice (two DKIM signatures) counts as `pass` when
-any of its results passes, as DMARC reads DKIM, else as its first result.
+recorded; a method reported twice in that header (two DKIM signatures) counts as
+`pass` when any of its results passes, as DMARC reads DKIM, else as its first
+result. A header `authres` rejects is parsed once more leniently (a trailing `;`
+dropped, non-ASCII in property values replaced), since only methods and results
+are read; one that still fails is named in the judgement's error.
 
 Without a configured authserv-id, the id of the topmost header is taken and
 that block is recorded, never judged: it is the final receiving server's own
@@ -26,6 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from email.message import Message
+from typing import Any
 
 import authres  # type: ignore[import-untyped]
 import structlog
@@ -40,6 +45,7 @@ METHODS = AUTH_METHODS
 # The authserv-id of a header authres cannot parse: its first token, comments skipped.
 _LEADING_ID = re.compile(r"^\s*(?:\([^()]*\)\s*)*([^\s;()]+)")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 @dataclass
@@ -71,8 +77,13 @@ def read_verdicts(msg: Message, authserv_id: str | None) -> AuthVerdicts:
         if problem is not None:
             verdicts.unparsed.append(problem)
             continue
+        here: dict[str, list[str]] = {}
         for method, result in results:
-            found.setdefault(method, []).append(result)
+            here.setdefault(method, []).append(result)
+        for method, reported in here.items():
+            # The topmost header that reports a method decides it: one further down with
+            # the same id is older, or written by someone the server failed to strip.
+            found.setdefault(method, reported)
     for method in METHODS:
         if seen := found.get(method):
             verdicts.results[method] = "pass" if "pass" in seen else seen[0]
@@ -92,14 +103,18 @@ def judge(verdicts: AuthVerdicts, expect: ExpectConfig | None) -> str | None:
     if verdicts.headers == 0:
         return f"no Authentication-Results from {expect.authserv_id}"
     wrong = []
+    missing = False
     for method, want in wanted.items():
         seen = verdicts.results.get(method)
         if seen is None:
+            missing = True
             wrong.append(f"{method} not reported, expected {want}")
         elif seen != want:
             wrong.append(f"{method}={seen}, expected {want}")
     if not wrong:
         return None
+    if missing and verdicts.unparsed:
+        wrong.append(f"{len(verdicts.unparsed)} header(s) unreadable: {verdicts.unparsed[0]}")
     return f"Authentication-Results from {verdicts.authserv_id}: {'; '.join(wrong)}"
 
 
@@ -107,7 +122,7 @@ def _parse(value: str) -> tuple[str | None, list[tuple[str, str]], str | None]:
     """(authserv-id, [(method, result)], parse problem) of one header value."""
     text = _FOLD.sub("", value).strip()
     try:
-        header = authres.parse_value(text)
+        header = _parse_value(text)
     except Exception as exc:  # authres raises its own SyntaxError and friends on any input
         leading = _LEADING_ID.match(text)
         header_id = leading.group(1).lower() if leading else None
@@ -118,3 +133,14 @@ def _parse(value: str) -> tuple[str | None, list[tuple[str, str]], str | None]:
         if str(r.method).lower() in METHODS and r.result
     ]
     return str(header.authserv_id).lower(), results, None
+
+
+def _parse_value(text: str) -> Any:
+    """authres's parse, then once more without the slips real servers make."""
+    try:
+        return authres.parse_value(text)
+    except Exception:
+        lenient = _NON_ASCII.sub("x", text).rstrip().rstrip(";").rstrip()
+        if lenient == text:
+            raise
+        return authres.parse_value(lenient)

@@ -116,5 +116,11 @@ def _date(text: str) -> float | None:
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # "-0000": UTC with no claim about the local zone (RFC 5322)
-        return when.replace(tzinfo=UTC).timestamp()
+        when = when.replace(tzinfo=UTC)
+    try:
+        # "31 Dec 9999 23:59:59 -0100" parses but is year 10000 in UTC: not a time we
+        # can print, so no time at all.
+        when.astimezone(UTC)
+    except OverflowError:
+        return None
     return when.timestamp()
