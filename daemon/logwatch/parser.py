@@ -268,6 +268,28 @@ def timestamp_to_epoch(ts: str, now: float | None = None) -> float | None:
         return None
 
 
+def timestamp_near(ts: str, anchor: float) -> float | None:
+    """Unix time of a header timestamp; a BSD one (no year) in the year that puts it
+    nearest `anchor` (the previous line's time: consecutive lines are close)."""
+    if ts[:4].isdigit():
+        return timestamp_to_epoch(ts)
+    year = time.localtime(anchor).tm_year
+    best: float | None = None
+    for candidate in (year, year - 1, year + 1):
+        try:
+            epoch = time.mktime(time.strptime(f"{candidate} {ts}", "%Y %b %d %H:%M:%S"))
+        except (ValueError, OverflowError):
+            continue  # Feb 29 outside a leap year
+        if abs(epoch - anchor) < _HALF_YEAR:
+            return epoch  # the usual case: the anchor's own year, one strptime
+        if best is None or abs(epoch - anchor) < abs(best - anchor):
+            best = epoch
+    return best
+
+
+_HALF_YEAR = 183 * 86400
+
+
 # -- header fields for queue health (not on parse_line's path) -------------------------------
 _QUEUE_HEADER = re.compile(
     r"(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?"

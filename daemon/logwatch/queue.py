@@ -19,11 +19,23 @@ stream): no line is parsed twice.
   `MAX_RECIPIENTS` recipients and `MAX_ORIGINS` hosts/streams each; a message
   with no line for `retention` seconds is forgotten (`expire`). sendmail returns
   a message after 5 days in the queue, so the default of 6 days outlives it.
+* A message returned to its sender after its queue lifetime is logged once for the
+  whole message, with no `to=` line: sendmail's `QID: NEWQID: DSN: Cannot send
+  message for 5 days`, Postfix's `QID: from=<...>, status=expired, returned to
+  sender`. Each recipient still deferred (or queued) then counts once as `bounced`
+  and the message is no longer deferred.
+* A `to=` line without `stat=`/`status=` (cut short in transit) is not a delivery:
+  it is counted in `truncated`, not by result.
+* A BSD syslog timestamp has no year. The first line's is placed by the clock (the
+  latest year that does not put it more than a day ahead); each later one in the
+  year nearest the newest line read so far, so a capture stays in one year whenever
+  it is read, and crosses New Year as the log did.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,7 +44,14 @@ from enum import StrEnum
 from itertools import chain
 from typing import Any
 
-from daemon.logwatch.parser import Delivery, QueueAdd, header_host, timestamp_to_epoch
+from daemon.logwatch.parser import (
+    Delivery,
+    QueueAdd,
+    header_host,
+    line_queue_header,
+    timestamp_near,
+    timestamp_to_epoch,
+)
 
 
 class Result(StrEnum):
@@ -57,6 +76,9 @@ MAX_STAT = 256
 DUPLICATE_WINDOW = 1000
 
 _WORD = re.compile(r"[A-Za-z]+")
+# Message-level return lines (see the module docstring).
+SENDMAIL_RETURN = ": DSN: Cannot send message for "
+_POSTFIX_EXPIRED = ", status=expired"
 
 
 def classify(stat: str, dsn: str | None) -> Result:
@@ -189,9 +211,12 @@ class QueueTracker:
         max_messages: int = DEFAULT_MAX_MESSAGES,
         clock: Callable[[], float] | None = None,
         keep_delays: bool = True,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        """`clock` is wall time (the daemon); None: the newest line's timestamp (a scan)."""
+        """`clock` is wall time (the daemon); None: the newest line's timestamp (a scan).
+        `wall` places BSD timestamps, which have no year (see the module docstring)."""
         self.retention = retention
+        self._wall = wall
         self.max_messages = max_messages
         self._clock = clock
         self._keep_delays = keep_delays
@@ -203,6 +228,7 @@ class QueueTracker:
         self.newest: float | None = None  # the newest line timestamp seen
         self.evicted = 0  # messages dropped for the count bound
         self.duplicates = 0  # delivery lines dropped as exact repeats
+        self.truncated = 0  # to= lines without a stat=/status=: no result to count
         self._recent: OrderedDict[str, None] = OrderedDict()
 
     # -- feeding -----------------------------------------------------------------------------
@@ -211,8 +237,45 @@ class QueueTracker:
         msg = self._message(record.queue_id, when)
         msg.sender = record.sender
         self._touch(msg, when, line, record.timestamp, stream)
+        if _POSTFIX_EXPIRED in line:
+            self._returned(msg, when, "expired, returned to sender")
+
+    def see_return(self, line: str, stream: str | None = None) -> None:
+        """sendmail's `QID: NEWQID: DSN: Cannot send message for ...` (a `SENDMAIL_RETURN`
+        line): the message went back to its sender."""
+        header = line_queue_header(line)
+        if header is None:
+            return
+        timestamp, _, queue_id = header
+        msg = self.get(queue_id)
+        if msg is None:
+            return  # its deferrals were never read: nothing is waiting
+        when = self._epoch(timestamp)
+        self._message(queue_id, when)  # most recently active
+        self._touch(msg, when, line, timestamp, stream)
+        reason = line[line.index(SENDMAIL_RETURN) + len(": DSN: "):]
+        self._returned(msg, when, reason[:MAX_STAT])
+
+    def _returned(self, msg: Message, when: float, stat: str) -> None:
+        was_deferred = msg.deferred > 0
+        for rcpt in msg.recipients.values():
+            if rcpt.result in (Result.DEFERRED, Result.QUEUED) and when >= rcpt.seen:
+                msg.deferred -= rcpt.result is Result.DEFERRED
+                rcpt.result, rcpt.stat, rcpt.seen = Result.BOUNCED, stat, when
+                self.counts[Result.BOUNCED] += 1
+        self._refile(msg, was_deferred)
+
+    def _refile(self, msg: Message, was_deferred: bool) -> None:
+        if (msg.deferred > 0) != was_deferred:
+            source, target = ((self._others, self._deferred) if msg.deferred
+                              else (self._deferred, self._others))
+            del source[msg.queue_id]
+            target[msg.queue_id] = msg
 
     def see_delivery(self, record: Delivery, line: str, stream: str | None = None) -> None:
+        if not record.stat:
+            self.truncated += 1
+            return
         recent = self._recent
         if line in recent:
             self.duplicates += 1
@@ -245,14 +308,13 @@ class QueueTracker:
             if when >= rcpt.seen:  # a late-ingested older line does not undo a newer one
                 msg.deferred += deferred - (rcpt.result is Result.DEFERRED)
                 rcpt.result, rcpt.stat, rcpt.seen = result, stat, when
-        if (msg.deferred > 0) != was_deferred:
-            source, target = ((self._others, self._deferred) if msg.deferred
-                              else (self._deferred, self._others))
-            del source[msg.queue_id]
-            target[msg.queue_id] = msg
+        self._refile(msg, was_deferred)
 
     def _epoch(self, timestamp: str) -> float:
-        epoch = timestamp_to_epoch(timestamp)
+        if self.newest is None:
+            epoch = timestamp_to_epoch(timestamp, self._wall())
+        else:
+            epoch = timestamp_near(timestamp, self.newest)
         return epoch if epoch is not None else self.now()
 
     def _message(self, queue_id: str, when: float) -> Message:

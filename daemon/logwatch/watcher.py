@@ -232,7 +232,7 @@ class LeakWatch:
         self.detector = LeakDetector(
             config.domains, config.allowed_senders, config.max_tracked_queue_ids)
         self.queue = QueueTracker(config.queue_retention, config.max_tracked_messages,
-                                  clock=wall)
+                                  clock=wall, wall=wall)
         self.processor = LineProcessor(self.detector, clock=clock, queue=self.queue)
         self._bind_queue_metrics(self.queue)
         self._flushed_results = dict(self.queue.counts)

@@ -105,6 +105,19 @@ class SendmailLab:
         for qid in queued:
             self.wait_for_log(rf"{qid}: to=.*stat=", what=f"a retry of {qid}", since=since)
 
+    def queue_return(self) -> None:
+        """A queue run past every message's queue lifetime; wait for each return DSN's
+        delivery, so nothing of it spills into the next test."""
+        queued = self.sendmail.queue_ids()
+        since = self.maillog.offset()
+        self.sendmail.queue_run_returning()
+        for qid in queued:
+            line = self.wait_for_log(rf"{qid}: \w+: DSN: Cannot send message for .*",
+                                     what=f"the return of {qid}", since=since)
+            dsn_qid = line.split(": ")[1]
+            self.wait_for_log(rf"{dsn_qid}: to=.*stat=", what=f"delivery of DSN {dsn_qid}",
+                              since=since)
+
     def wait_for_log(self, pattern: str, *, what: str, since: int | None = None) -> str:
         """Wait until a maillog line matches `pattern`; return that line."""
         regex = re.compile(pattern)

@@ -166,6 +166,11 @@ class Sendmail:
         """Retry every queued message now, in the foreground, ignoring MinQueueAge."""
         run([*self._cmd(), "-q", "-OMinQueueAge=0"], timeout=60)
 
+    def queue_run_returning(self) -> None:
+        """A queue run in which every message has outlived its queue lifetime
+        (`Timeout.queuereturn=0s`): what is still undeliverable goes back to its sender."""
+        run([*self._cmd(), "-q", "-OMinQueueAge=0", "-OTimeout.queuereturn=0s"], timeout=60)
+
 
 def _expect(reply: tuple[int, bytes], code: int, what: str) -> None:
     if reply[0] != code:

@@ -145,6 +145,30 @@ async def test_queue_id_moves_from_deferred_to_sent(
     assert _scan_queue(lab, tmp_path, "--queue") == (0, [])
 
 
+async def test_a_message_returned_after_its_queue_lifetime_is_bounced_not_deferred(
+    sendmail_lab: SendmailLab, tmp_path: Path
+) -> None:
+    """A deferred message that sendmail returns to its sender (`DSN: Cannot send message
+    for ...`, no `to=` line) stops being deferred and counts as bounced, live and in scan."""
+    lab = sendmail_lab
+    async with watching(_watch_config(lab)) as w:
+        lab.set_mode("defer")
+        qid = await asyncio.to_thread(lab.send, ALLOWED_SENDER, ["nobody-22@sinkhole.test"])
+        await until(lambda: w.value("mta_deferred_messages") == 1, timeout=20)
+        await asyncio.to_thread(lab.queue_return)
+        await until(lambda: w.value("mta_deliveries_total", result="bounced") == 1, timeout=20)
+        assert w.value("mta_deferred_messages") == 0
+        assert w.value("mta_oldest_deferred_seconds") == 0
+        message = w.watch.queue.get(qid)
+        assert message is not None
+        rcpt = message.recipients["nobody-22@sinkhole.test"]
+        assert rcpt.stat.startswith("Cannot send message for")
+    assert _scan_queue(lab, tmp_path, "--queue") == (0, [])
+    status, history = _scan_queue(lab, tmp_path, "--queue-id", qid)
+    assert status == 0
+    assert "DSN: Cannot send message for" in history[-1]["line"]
+
+
 async def test_a_watcher_restart_keeps_the_deferred_message_and_counts_only_new_lines(
     sendmail_lab: SendmailLab, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ def tracker_for(lines: list[str], **kw: Any) -> tuple[QueueTracker, LineProcesso
 _TO = re.compile(r"(?:sendmail|sm-mta|sm-msp-queue|postfix[\w/-]*)\[\d+\]: "
                  r"([0-9A-Za-z]+): to=(.*?), (?:\[more\], )?(?:ctladdr|delay|orig_to|relay)=")
 _ADDRESS = re.compile(r'<(?:"[^"]*"|[^>])*>|[^,<>]+')
+_RETURNED = re.compile(r"\]: ([0-9A-Za-z]+): (?:\w+: DSN: Cannot send message for "
+                       r"|from=.*, status=expired, returned to sender)")
 
 
 def independent_reading(text: str) -> tuple[Counter[str], set[str]]:
@@ -64,6 +67,13 @@ def independent_reading(text: str) -> tuple[Counter[str], set[str]]:
     counts: Counter[str] = Counter()
     latest: dict[tuple[str, str], str] = {}
     for line in text.splitlines():
+        returned = _RETURNED.search(line)
+        if returned is not None:  # the whole message went back to its sender
+            for key, result in latest.items():
+                if key[0] == returned.group(1) and result in ("deferred", "queued"):
+                    latest[key] = "bounced"
+                    counts["bounced"] += 1
+            continue
         m = _TO.search(line)
         if m is None:
             continue
@@ -420,3 +430,95 @@ def test_queue_settings_are_validated(key: str, bad: float) -> None:
     assert LeakWatchConfig().queue_retention == 6 * 86400
     with pytest.raises(ValueError, match=key):
         LeakWatchConfig.model_validate({key: bad})
+
+
+# -- messages returned to their sender, cut-short lines, years ------------------------------
+
+def test_postfix_expiry_returns_the_message_and_counts_its_deferred_recipients_bounced() -> None:
+    """Postfix logs expiry once per message (qmgr's `from=<...>, status=expired, returned to
+    sender`): each recipient still deferred counts as bounced and the message is not deferred."""
+    qid = "4ZexpA0001"
+    lines = [
+        f"2026-11-20T10:00:00+00:00 mx postfix/qmgr[900]: {qid}: from=<app@example.com>, "
+        "size=1200, nrcpt=2 (queue active)",
+        f"2026-11-20T10:00:01+00:00 mx postfix/smtp[901]: {qid}: to=<a@example.org>, "
+        "relay=none, delay=1, dsn=4.4.1, status=deferred (connect to example.org: timed out)",
+        f"2026-11-20T10:00:01+00:00 mx postfix/smtp[901]: {qid}: to=<b@example.org>, "
+        "relay=example.org[192.0.2.1]:25, delay=1, dsn=2.0.0, status=sent (250 ok)",
+        f"2026-11-25T10:00:00+00:00 mx postfix/qmgr[900]: {qid}: from=<app@example.com>, "
+        "status=expired, returned to sender",
+        f"2026-11-25T10:00:00+00:00 mx postfix/qmgr[900]: {qid}: removed",
+    ]
+    queue, _ = tracker_for(lines[:3])
+    assert queue.deferred_count() == 1
+    for line in lines[3:]:
+        queue_line(queue, line)
+    assert queue.deferred_count() == 0
+    assert queue.counts == {Result.SENT: 1, Result.DEFERRED: 1, Result.QUEUED: 0,
+                            Result.BOUNCED: 1, Result.OTHER: 0}
+    msg = queue.get(qid)
+    assert msg is not None
+    assert [(a, r.result) for a, r in msg.recipients.items()] == [
+        ("a@example.org", Result.BOUNCED), ("b@example.org", Result.SENT)]
+    queue_line(queue, lines[3])  # seen again (a CloudWatch overlap): nothing more to return
+    assert queue.counts[Result.BOUNCED] == 1
+
+
+def test_sendmail_queue_return_bounces_the_deferred_recipients_but_a_delay_warning_does_not(
+) -> None:
+    """sendmail's `QID: NEWQID: DSN: Cannot send message for 5 days` returns the message;
+    `DSN: Warning: could not send message for past 4 hours` only warns the sender."""
+    t0 = "2026-11-20T10:00:00+00:00"
+    warning = (f"2026-11-20T14:00:00+00:00 vm sendmail[11001]: {DEFERRED_QID}: "
+               "6AKE0000011001: DSN: Warning: could not send message for past 4 hours")
+    returned = (f"2026-11-25T10:00:00+00:00 vm sendmail[11002]: {DEFERRED_QID}: "
+                "6APA0000011002: DSN: Cannot send message for 5 days")
+    queue, _ = tracker_for([to_line(t0, DEFERRED_QID, "a@example.org", "Deferred: 421 later"),
+                            warning])
+    assert queue.deferred_count() == 1
+    queue, _ = tracker_for([to_line(t0, DEFERRED_QID, "a@example.org", "Deferred: 421 later"),
+                            warning, returned])
+    assert queue.deferred_count() == 0
+    msg = queue.get(DEFERRED_QID)
+    assert msg is not None
+    rcpt = msg.recipients["a@example.org"]
+    assert (rcpt.result, rcpt.stat) == (Result.BOUNCED, "Cannot send message for 5 days")
+    assert queue.counts[Result.BOUNCED] == 1 and queue.counts[Result.DEFERRED] == 1
+
+
+def test_a_to_line_cut_short_before_its_stat_is_not_a_delivery() -> None:
+    """A `to=` line without `stat=` (truncated in transit) has no result to count."""
+    cut = f"2026-11-23T19:30:26+00:00 vm sendmail[11000]: {DEFERRED_QID}: to=<trunc@exa"
+    queue, processor = tracker_for([cut])
+    assert sum(queue.counts.values()) == 0 and queue.truncated == 1
+    assert processor.counts.to == 1  # still a to= line in maillog_lines_total
+
+
+def test_bsd_timestamps_of_a_capture_stay_in_one_year_past_the_clock() -> None:
+    """Old-style timestamps have no year: a capture running days past the clock stays in
+    this year (deferred on the 24th and 26th, sent on the 29th: not deferred), and a
+    December line read in January belongs to last year, the January line after it to this."""
+    wall = time.mktime((2026, 11, 25, 16, 0, 0, 0, 0, -1))
+    queue, _ = tracker_for([
+        to_line("Nov 24 10:00:00", "6AOA0000000001", "a@example.org", "Deferred: 421 later"),
+        to_line("Nov 26 10:00:01", "6AOA0000000001", "a@example.org", "Deferred: 421 later"),
+        to_line("Nov 29 10:00:02", "6AOA0000000001", "a@example.org", "Sent (ok)"),
+    ], wall=lambda: wall)
+    msg = queue.get("6AOA0000000001")
+    assert msg is not None and queue.deferred_count() == 0
+    assert time.localtime(msg.first_seen)[:3] == (2026, 11, 24)
+    assert time.localtime(msg.last_seen)[:3] == (2026, 11, 29)
+    january = time.mktime((2027, 1, 2, 12, 0, 0, 0, 0, -1))
+    queue, _ = tracker_for([
+        to_line("Dec 31 23:59:00", "6AOA0000000002", "a@example.org", "Deferred: later"),
+        to_line("Jan  1 00:01:00", "6AOA0000000002", "a@example.org", "Sent (ok)"),
+    ], wall=lambda: january)
+    msg = queue.get("6AOA0000000002")
+    assert msg is not None and queue.deferred_count() == 0
+    assert time.localtime(msg.first_seen)[:3] == (2026, 12, 31)
+    assert time.localtime(msg.last_seen)[:3] == (2027, 1, 1)
+
+
+def queue_line(queue: QueueTracker, line: str) -> None:
+    """Feed one line to a tracker through a processor, as the watcher does."""
+    LineProcessor(LeakDetector(["sinkhole.test"], []), queue=queue).feed(line)
