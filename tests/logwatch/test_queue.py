@@ -494,29 +494,27 @@ def test_a_to_line_cut_short_before_its_stat_is_not_a_delivery() -> None:
     assert processor.counts.to == 1  # still a to= line in maillog_lines_total
 
 
-def test_bsd_timestamps_of_a_capture_stay_in_one_year_past_the_clock() -> None:
-    """Old-style timestamps have no year: a capture running days past the clock stays in
-    this year (deferred on the 24th and 26th, sent on the 29th: not deferred), and a
-    December line read in January belongs to last year, the January line after it to this."""
-    wall = time.mktime((2026, 11, 25, 16, 0, 0, 0, 0, -1))
-    queue, _ = tracker_for([
-        to_line("Nov 24 10:00:00", "6AOA0000000001", "a@example.org", "Deferred: 421 later"),
-        to_line("Nov 26 10:00:01", "6AOA0000000001", "a@example.org", "Deferred: 421 later"),
-        to_line("Nov 29 10:00:02", "6AOA0000000001", "a@example.org", "Sent (ok)"),
-    ], wall=lambda: wall)
+@pytest.mark.parametrize(("wall", "stamps", "first", "last"), [
+    # A capture running days past the clock stays in this year.
+    ((2026, 11, 25, 16), ["Nov 24 10:00:00", "Nov 26 10:00:01", "Nov 29 10:00:02"],
+     (2026, 11, 24), (2026, 11, 29)),
+    # A December line read in January is last year's; the January line after it, this year's.
+    ((2027, 1, 2, 12), ["Dec 31 23:59:00", "Jan  1 00:01:00"], (2026, 12, 31), (2027, 1, 1)),
+], ids=["past-the-clock", "new-year"])
+def test_bsd_timestamps_of_a_capture_stay_in_one_year(
+    wall: tuple[int, ...], stamps: list[str], first: tuple[int, ...], last: tuple[int, ...]
+) -> None:
+    """Old-style timestamps have no year: deferred on every line but the last, sent on the
+    last, the message ends not deferred, its first and last lines on the right dates."""
+    now = time.mktime((*wall, 0, 0, 0, 0, -1))
+    stats = ["Deferred: 421 later"] * (len(stamps) - 1) + ["Sent (ok)"]
+    queue, _ = tracker_for([to_line(ts, "6AOA0000000001", "a@example.org", stat)
+                            for ts, stat in zip(stamps, stats, strict=True)],
+                           wall=lambda: now)
     msg = queue.get("6AOA0000000001")
     assert msg is not None and queue.deferred_count() == 0
-    assert time.localtime(msg.first_seen)[:3] == (2026, 11, 24)
-    assert time.localtime(msg.last_seen)[:3] == (2026, 11, 29)
-    january = time.mktime((2027, 1, 2, 12, 0, 0, 0, 0, -1))
-    queue, _ = tracker_for([
-        to_line("Dec 31 23:59:00", "6AOA0000000002", "a@example.org", "Deferred: later"),
-        to_line("Jan  1 00:01:00", "6AOA0000000002", "a@example.org", "Sent (ok)"),
-    ], wall=lambda: january)
-    msg = queue.get("6AOA0000000002")
-    assert msg is not None and queue.deferred_count() == 0
-    assert time.localtime(msg.first_seen)[:3] == (2026, 12, 31)
-    assert time.localtime(msg.last_seen)[:3] == (2027, 1, 1)
+    assert time.localtime(msg.first_seen)[:3] == first
+    assert time.localtime(msg.last_seen)[:3] == last
 
 
 def queue_line(queue: QueueTracker, line: str) -> None:
