@@ -54,6 +54,18 @@ class _BoundedMap(OrderedDict[str, str]):
             self.popitem(last=False)
 
 
+# The running watcher forgets a sender after `max_tracked_queue_ids` other queue ids: it
+# runs for months. A scan reads one input to its end, so it remembers this many: a leak's
+# sender is found however far back its from= line is in any log a scan meets in practice
+# (about 150 bytes each: at most ~300 MB, for an input of over 2,000,000 messages).
+SCAN_SENDERS = 2_000_000
+
+
+def scan_senders(max_tracked: int) -> int:
+    """How many senders a scan remembers (see SCAN_SENDERS)."""
+    return max(max_tracked, SCAN_SENDERS)
+
+
 def normalize_domain(domain: str) -> str:
     return domain.strip().rstrip(".").lower()
 
@@ -66,12 +78,15 @@ class LeakDetector:
         domains: Iterable[str],
         allowed_senders: Iterable[str],
         max_tracked: int = 100_000,
+        max_senders: int | None = None,
     ) -> None:
+        """`max_tracked` bounds the reported pairs, and the senders unless `max_senders`
+        gives them their own bound (a one-shot scan remembers many more)."""
         self._domains = tuple(normalize_domain(d) for d in domains)
         self._suffixes = tuple("." + d for d in self._domains)
         patterns = [fnmatch.translate(p.lower()) for p in allowed_senders]
         self._allow = re.compile("|".join(patterns)) if patterns else None
-        self.senders = _BoundedMap(max_tracked)
+        self.senders = _BoundedMap(max_tracked if max_senders is None else max_senders)
         self.reported = _BoundedMap(max_tracked)
 
     def is_sinkhole(self, address: str) -> bool:

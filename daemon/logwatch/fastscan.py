@@ -10,14 +10,17 @@ same leaks from the bytes:
    in file order, to a real `LeakDetector`. So recipients, case, trailing dots, subdomains,
    lookalikes and the once-per-(queue id, recipient) rule are the reference's own code.
 2. **Senders** come from `from=` lines, which the pass skipped. For each finding the latest
-   `QID: from=` line before its delivery line is looked for backwards from that line: within
-   `window` bytes (where it nearly always is), then 16 windows, then, for the ids still
-   unresolved, without limit, one backward search per id or, when that would read more, one
-   forward pass looking for all of them at once. The reference's sender map is a bounded LRU
-   (`max_tracked_queue_ids`): a sender counts only while fewer than that many other queue ids
+   `QID: from=` line before its delivery line is looked for backwards from that line within
+   `window` bytes (where it nearly always is). The ids still unresolved (a sender far back, or
+   none in the file: a retry after a rotation) get one backward search each when those would
+   read little, else one forward pass that finds all of them at once: it takes the word before
+   each `: from=` of a read with one `bytes.split` and parses only the lines of wanted ids.
+   The reference's sender map is a bounded LRU (`max_senders`; a scan's is large, see
+   `detector.SCAN_SENDERS`): a sender counts only while fewer than that many other queue ids
    were added after it. That is checked exactly: bounds first (the bytes between over the
    shortest from= line, the lines between from the pass's newline counts, the `: from=`
-   between), the distinct queue ids between only when no bound decides.
+   between, the distinct words before them), the queue ids between parsed only when no bound
+   decides.
 3. **Blindness**: the pass looks for `: to=` lines until one parses as a delivery. A log with
    none is blind; it has nothing to find, and it is scanned by the reference so that its summary
    (per-kind counts, MTA lines) is the reference's.
@@ -49,7 +52,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
-from daemon.logwatch.detector import Finding, LeakDetector, normalize_domain
+from daemon.logwatch.detector import Finding, LeakDetector, normalize_domain, scan_senders
 from daemon.logwatch.parser import Delivery, QueueAdd, parse_line
 from daemon.logwatch.pipeline import LineCounts, LineProcessor
 
@@ -59,12 +62,14 @@ if TYPE_CHECKING:
 # Reads of 1 MiB stay in the CPU's cache between lower() and find(); bigger is no faster.
 DEFAULT_CHUNK = 1 << 20
 # How far back from a delivery line its from= line is looked for before the ids still
-# unresolved get a search without limit.
+# unresolved get a search without limit (see FORWARD_COST).
 DEFAULT_WINDOW = 4 << 20
-# Up to this many queue ids unresolved after 16 windows get one backward search each; more
+# Up to this many queue ids unresolved after the window get one backward search each; more
 # get one forward pass for all (whose cost does not grow with their number) unless their
-# backward searches would read less than four passes.
+# backward searches would cost less (FORWARD_COST).
 MAX_BACKWARD_SEARCHES = 3
+# How many times more a byte costs in the forward pass than in a backward rfind.
+FORWARD_COST = 7
 _BACK_FIRST_READ = 16 << 10
 _BACK_MAX_READ = 4 << 20
 
@@ -105,7 +110,8 @@ def scan_file(path: Path, config: LeakWatchConfig, *, exact_counts: bool = False
     OSError (missing, unreadable, a directory) propagates as from `open`.
     """
     scanner = FastScanner(config.domains, config.allowed_senders,
-                          config.max_tracked_queue_ids, chunk_size=chunk_size, window=window)
+                          config.max_tracked_queue_ids, chunk_size=chunk_size, window=window,
+                          max_senders=scan_senders(config.max_tracked_queue_ids))
     with Path(path).open("rb", buffering=0) as fh:
         return scanner.scan(fh, exact_counts=exact_counts)
 
@@ -133,15 +139,17 @@ class FastScanner:
     def __init__(self, domains: Iterable[str], allowed_senders: Iterable[str],
                  max_tracked: int = 100_000, *, chunk_size: int = DEFAULT_CHUNK,
                  window: int = DEFAULT_WINDOW,
-                 far_lookup: Literal["auto", "backward", "forward"] = "auto") -> None:
+                 far_lookup: Literal["auto", "backward", "forward"] = "auto",
+                 max_senders: int | None = None) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
         self.domains = list(domains)
         self.allowed_senders = list(allowed_senders)
         self.max_tracked = max_tracked
+        self.max_senders = max_tracked if max_senders is None else max_senders
         self.chunk_size = chunk_size
         self.window = max(0, window)
-        # How senders beyond 16 windows are found: one search back per queue id, one forward
+        # How senders beyond the window are found: one search back per queue id, one forward
         # pass for all, or whichever reads less ("auto"). A test seam: results never differ.
         self.far_lookup = far_lookup
         normalized = [normalize_domain(d) for d in self.domains]
@@ -151,7 +159,8 @@ class FastScanner:
         self._kelvin = any(b"k" in n for n in self._needles)
 
     def _detector(self) -> LeakDetector:
-        return LeakDetector(self.domains, self.allowed_senders, self.max_tracked)
+        return LeakDetector(self.domains, self.allowed_senders, self.max_tracked,
+                            self.max_senders)
 
     # -- entry -----------------------------------------------------------------------
     def scan(self, fh: BinaryIO, *, exact_counts: bool = False) -> FastScan:
@@ -201,25 +210,24 @@ class FastScanner:
                 unresolved.setdefault(key[0], set()).add(p.at)
             else:
                 senders[key] = self._sender_if_kept(fd, key[0], hit, p.at, state)
-        # Further back, with a larger budget, then without limit.
-        far = {qid: self._resolve_backward(fd, qid, ats, senders, state, 16 * self.window)
-               for qid, ats in unresolved.items()}
-        left = {qid: ats for qid, ats in far.items() if ats}
-        if left:
-            last = max(max(ats) for ats in left.values())
-            # A backward search reads at most up to its delivery line; the forward pass reads
-            # everything before the last one, but about five times slower per byte.
-            backward = sum(max(ats) for ats in left.values())
+        if unresolved:
+            last = max(max(ats) for ats in unresolved.values())
+            # A backward search reads from its delivery line back to the from= line, or to
+            # the start of the file when there is none (a retry after a rotation); the
+            # forward pass reads everything before the last delivery once for all of them,
+            # about seven times slower per byte than rfind.
+            backward = sum(max(ats) for ats in unresolved.values())
             if self.far_lookup == "auto":
-                use_backward = len(left) <= MAX_BACKWARD_SEARCHES or backward <= 4 * last
+                use_backward = (len(unresolved) <= MAX_BACKWARD_SEARCHES
+                                or backward <= FORWARD_COST * last)
             else:
                 use_backward = self.far_lookup == "backward"
             if use_backward:
-                for qid, ats in left.items():
+                for qid, ats in unresolved.items():
                     self._resolve_backward(fd, qid, ats, senders, state, None)
             else:
-                hits = self._search_forward(fd, set(left), last)
-                for qid, ats in left.items():
+                hits = self._search_forward(fd, set(unresolved), last)
+                for qid, ats in unresolved.items():
                     found = hits.get(qid, [])
                     ends = [h.newline for h in found]
                     for at in ats:
@@ -277,30 +285,33 @@ class FastScanner:
         wanted = {q.encode("ascii") for q in qids}
         hits: dict[str, list[_Hit]] = {}
         for base, data in _blocks_forward(fd, 0, until, self.chunk_size):
-            i = data.find(_FROM)
-            while i >= 0:
-                space = data.rfind(b" ", max(0, i - 25), i)
-                if space >= 0 and data[space + 1:i] in wanted:
+            for token in sorted(wanted.intersection(_from_tokens(data))):
+                qid = token.decode("ascii")
+                needle = token + _FROM
+                i = data.find(needle)
+                while i >= 0:
                     start = data.rfind(b"\n", 0, i) + 1
                     newline = data.find(b"\n", i)
                     record = parse_line(_text(data[start:newline]))
-                    if isinstance(record, QueueAdd) and record.queue_id in qids:
+                    if isinstance(record, QueueAdd) and record.queue_id == qid:
                         hits.setdefault(record.queue_id, []).append(
                             _Hit(base + start, base + newline, record.sender))
-                i = data.find(_FROM, i + len(_FROM))
+                    i = data.find(needle, newline)
+        for found in hits.values():
+            found.sort(key=lambda h: h.start)  # several ids in one read: file order again
         return hits
 
     def _sender_if_kept(self, fd: int, qid: str, hit: _Hit, at: int,
                         state: _Pass) -> str | None:
         """hit.sender, unless the reference's LRU forgot `qid` before the line at `at`.
 
-        The LRU drops a key once `max_tracked` other keys were added after it. The lines
+        The LRU drops a key once `max_senders` other keys were added after it. The lines
         between hold at most (bytes / MIN_QUEUE_ADD_BYTES), at most (lines) and at most
         (count of ": from=") queue-adds; only when all three bounds reach the limit are the
         distinct queue ids counted.
         """
         after = hit.newline + 1
-        limit = self.max_tracked
+        limit = self.max_senders
         if (at - after) // MIN_QUEUE_ADD_BYTES < limit:
             return hit.sender
         if state.lines_before(fd, at) - state.lines_before(fd, after) < limit:
@@ -311,6 +322,13 @@ class FastScanner:
             if occurrences >= limit:
                 break
         else:
+            return hit.sender
+        # An upper bound on the ids: the word before each ": from=", whatever the line.
+        loose: set[bytes] = set()
+        for _, data in _blocks_forward(fd, after, at, self.chunk_size):
+            loose.update(_from_tokens(data))
+        loose.discard(qid.encode("ascii"))
+        if len(loose) < limit:
             return hit.sender
         others: set[str] = set()
         for _, data in _blocks_forward(fd, after, at, self.chunk_size):
@@ -427,6 +445,14 @@ class _Pass:
                 self.delivery_seen = True
                 return
             i = data.find(_TO, newline + 1, end)
+
+
+def _from_tokens(data: bytes) -> list[bytes]:
+    """The word before each `: from=` in `data`: every queue id with a queue-add line there,
+    and perhaps some that parse_line would not take (a superset)."""
+    parts = data.split(_FROM)
+    parts.pop()
+    return [part[part.rfind(b" ") + 1:] for part in parts]
 
 
 def _text(raw: bytes) -> str:

@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from daemon.logwatch.config import LeakWatchConfig
-from daemon.logwatch.detector import LOGLEVEL_HINT, Finding, LeakDetector, format_sender
+from daemon.logwatch.detector import (
+    LOGLEVEL_HINT,
+    Finding,
+    LeakDetector,
+    format_sender,
+    scan_senders,
+)
 from daemon.logwatch.parser import line_queue_header
 from daemon.logwatch.pipeline import LineProcessor
 from daemon.logwatch.queue import Message, QueueTracker, Result, iso
@@ -198,7 +204,8 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
     if getattr(args, "queue", False) or getattr(args, "queue_id", None) is not None:
         return run_queue(args, config, out, err)
     detector = LeakDetector(config.domains, config.allowed_senders,
-                            config.max_tracked_queue_ids)
+                            config.max_tracked_queue_ids,
+                            scan_senders(config.max_tracked_queue_ids))
     processor = LineProcessor(detector)
     report = ScanReport(out, bool(args.json))
     started = time.monotonic()

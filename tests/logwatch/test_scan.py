@@ -190,3 +190,24 @@ def test_stdin_is_the_default_source() -> None:
     assert [json.loads(x)["queue_id"] for x in proc.stdout.splitlines()] == [
         "4Y8KqT1Zx3z9sWP", "3F2A1B2C3D"]
     assert json.loads(proc.stderr.splitlines()[0])["source"] == "stdin"
+
+
+@pytest.mark.parametrize("counts", [[], ["--counts"]], ids=["fast", "reference"])
+def test_a_sender_further_back_than_the_watchers_memory_is_still_found(
+    tmp_path: Path, counts: list[str]
+) -> None:
+    """The running watcher forgets a sender after `max_tracked_queue_ids` other queue ids;
+    a scan reads one file to its end and reports the from= line's sender however far back
+    (here 150 other messages with the bound at 100), by either path."""
+    lines = ["2026-11-23T19:30:00Z vm sendmail[1]: 6ANJU0aa000001: from=<app@example.com>, "
+             "size=1"]
+    lines += [f"2026-11-23T19:30:01Z vm sendmail[1]: 6ANJU1bb{i:06d}: from=<x@example.com>, "
+              "size=1" for i in range(150)]
+    lines.append("2026-11-23T19:30:02Z vm sendmail[2]: 6ANJU0aa000001: "
+                 "to=<nobody@sinkhole.test>, delay=00:00:02, stat=Deferred: 421 later")
+    log = tmp_path / "maillog"
+    log.write_text("\n".join(lines) + "\n")
+    code, out, _ = _scan(["--file", str(log), "--json", *counts],
+                         LeakWatchConfig(max_tracked_queue_ids=100))
+    assert code == 1
+    assert [json.loads(x)["sender"] for x in out.splitlines()] == ["app@example.com"]
