@@ -11,10 +11,13 @@ same leaks from the bytes:
    lookalikes and the once-per-(queue id, recipient) rule are the reference's own code.
 2. **Senders** come from `from=` lines, which the pass skipped. For each finding the latest
    `QID: from=` line before its delivery line is looked for backwards from that line within
-   `window` bytes (where it nearly always is). The ids still unresolved (a sender far back, or
-   none in the file: a retry after a rotation) get one backward search each when those would
-   read little, else one forward pass that finds all of them at once: it takes the word before
-   each `: from=` of a read with one `bytes.split` and parses only the lines of wanted ids.
+   `window` bytes (where it nearly always is; all windows together read at most a quarter of
+   the file, so many ids with no from= line nearby do not cost more than the next step). The
+   ids still unresolved (a sender far back, or none in the file: a retry after a rotation) get
+   one backward search each when those would read little, else one forward pass that finds
+   all of them at once: it takes the word before each `: from=` of a read with one
+   `bytes.split` and parses only the lines of wanted ids; a long pass is split at a line start
+   and its second half read by a forked child on the other CPU.
    The reference's sender map is a bounded LRU (`max_senders`; a scan's is large, see
    `detector.SCAN_SENDERS`): a sender counts only while fewer than that many other queue ids
    were added after it. That is checked exactly: bounds first (the bytes between over the
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -68,8 +72,13 @@ DEFAULT_WINDOW = 4 << 20
 # get one forward pass for all (whose cost does not grow with their number) unless their
 # backward searches would cost less (FORWARD_COST).
 MAX_BACKWARD_SEARCHES = 3
+# The window searches together read at most 1/WINDOW_SHARE of the bytes before the last
+# finding; the ids left after that go to the search without limit.
+WINDOW_SHARE = 4
 # How many times more a byte costs in the forward pass than in a backward rfind.
 FORWARD_COST = 7
+# A forward pass this long is read by two processes (a fork costs a few milliseconds).
+PARALLEL_FROM = 32 << 20
 _BACK_FIRST_READ = 16 << 10
 _BACK_MAX_READ = 4 << 20
 
@@ -152,6 +161,8 @@ class FastScanner:
         # How senders beyond the window are found: one search back per queue id, one forward
         # pass for all, or whichever reads less ("auto"). A test seam: results never differ.
         self.far_lookup = far_lookup
+        # A forward pass over at least this many bytes is split across two processes.
+        self.parallel_from = PARALLEL_FROM
         normalized = [normalize_domain(d) for d in self.domains]
         # Only ASCII, non-empty domains have a byte needle the reference cannot match around.
         self.supported = bool(normalized) and all(d and d.isascii() for d in normalized)
@@ -201,11 +212,20 @@ class FastScanner:
         """Each finding with the sender the reference's detector had for it then."""
         senders: dict[tuple[str, int], str | None] = {}
         unresolved: dict[str, set[int]] = {}
+        # Searching windows for many ids with no from= line nearby can read more than the
+        # forward pass that will follow: past this many bytes, the rest wait for that pass.
+        budget = max((p.at for p in state.pending), default=0) // WINDOW_SHARE
+        spent = 0
         for p in state.pending:
             key = (p.finding.queue_id, p.at)
             if key in senders or p.at in unresolved.get(key[0], ()):
                 continue
-            hit = self._search_back(fd, key[0], p.at, max(0, p.at - self.window))
+            if spent > budget:
+                unresolved.setdefault(key[0], set()).add(p.at)
+                continue
+            floor = max(0, p.at - self.window)
+            hit = self._search_back(fd, key[0], p.at, floor)
+            spent += p.at - (floor if hit is None else hit.start)
             if hit is None:
                 unresolved.setdefault(key[0], set()).add(p.at)
             else:
@@ -281,24 +301,22 @@ class FastScanner:
         return None
 
     def _search_forward(self, fd: int, qids: set[str], until: int) -> dict[str, list[_Hit]]:
-        """Every queue-add of the given ids in [0, until), in file order, in one pass."""
-        wanted = {q.encode("ascii") for q in qids}
-        hits: dict[str, list[_Hit]] = {}
-        for base, data in _blocks_forward(fd, 0, until, self.chunk_size):
-            for token in sorted(wanted.intersection(_from_tokens(data))):
-                qid = token.decode("ascii")
-                needle = token + _FROM
-                i = data.find(needle)
-                while i >= 0:
-                    start = data.rfind(b"\n", 0, i) + 1
-                    newline = data.find(b"\n", i)
-                    record = parse_line(_text(data[start:newline]))
-                    if isinstance(record, QueueAdd) and record.queue_id == qid:
-                        hits.setdefault(record.queue_id, []).append(
-                            _Hit(base + start, base + newline, record.sender))
-                    i = data.find(needle, newline)
-        for found in hits.values():
-            found.sort(key=lambda h: h.start)  # several ids in one read: file order again
+        """Every queue-add of the given ids in [0, until), in file order, in one pass.
+
+        A long pass is split in two at a line start and the second half read by a forked
+        child on another core (the machine's second CPU halves the wall time); if the
+        child cannot run or fails, this process reads that half itself.
+        """
+        middle = _line_start_after(fd, until // 2) if until >= self.parallel_from else until
+        if middle >= until or not hasattr(os, "fork"):
+            return _queue_adds(fd, qids, 0, until, self.chunk_size)
+        child = _fork_reader(fd, qids, middle, until, self.chunk_size)
+        hits = _queue_adds(fd, qids, 0, middle, self.chunk_size)
+        rest = _collect(child) if child is not None else None
+        if rest is None:
+            rest = _queue_adds(fd, qids, middle, until, self.chunk_size)
+        for qid, found in rest.items():
+            hits.setdefault(qid, []).extend(found)
         return hits
 
     def _sender_if_kept(self, fd: int, qid: str, hit: _Hit, at: int,
@@ -445,6 +463,92 @@ class _Pass:
                 self.delivery_seen = True
                 return
             i = data.find(_TO, newline + 1, end)
+
+
+def _queue_adds(fd: int, qids: set[str], start: int, end: int,
+                size: int) -> dict[str, list[_Hit]]:
+    """The queue-adds of `qids` in [start, end) (both line starts), in file order."""
+    wanted = {q.encode("ascii") for q in qids}
+    hits: dict[str, list[_Hit]] = {}
+    for base, data in _blocks_forward(fd, start, end, size):
+        for token in sorted(wanted.intersection(_from_tokens(data))):
+            qid = token.decode("ascii")
+            needle = token + _FROM
+            i = data.find(needle)
+            while i >= 0:
+                line_start = data.rfind(b"\n", 0, i) + 1
+                newline = data.find(b"\n", i)
+                record = parse_line(_text(data[line_start:newline]))
+                if isinstance(record, QueueAdd) and record.queue_id == qid:
+                    hits.setdefault(qid, []).append(
+                        _Hit(base + line_start, base + newline, record.sender))
+                i = data.find(needle, newline)
+    for found in hits.values():
+        found.sort(key=lambda h: h.start)  # several ids in one read: file order again
+    return hits
+
+
+def _line_start_after(fd: int, at: int) -> int:
+    """The first line start at or after `at` (the end of the file if none)."""
+    if at == 0:
+        return 0
+    while True:
+        data = os.pread(fd, 1 << 16, at - 1)
+        if not data:
+            return at
+        newline = data.find(b"\n")
+        if newline >= 0:
+            return at + newline
+        at += len(data)
+
+
+@dataclass(slots=True)
+class _Child:
+    pid: int
+    reader: int  # our end of the pipe it writes its hits to
+
+
+def _fork_reader(fd: int, qids: set[str], start: int, end: int, size: int) -> _Child | None:
+    """A forked child that reads [start, end) and writes its hits as JSON to a pipe."""
+    try:
+        reader, writer = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(reader)
+        os.close(writer)
+        return None
+    if pid == 0:  # the child: no cleanup handlers, no flushing of the parent's buffers
+        status = 1
+        try:
+            os.close(reader)
+            hits = _queue_adds(fd, qids, start, end, size)
+            payload = json.dumps({q: [[h.start, h.newline, h.sender] for h in found]
+                                  for q, found in hits.items()}).encode()
+            with os.fdopen(writer, "wb") as out:
+                out.write(payload)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(writer)
+    return _Child(pid, reader)
+
+
+def _collect(child: _Child) -> dict[str, list[_Hit]] | None:
+    """The child's hits, or None when it failed (its half is then read again here)."""
+    with os.fdopen(child.reader, "rb") as pipe:
+        payload = pipe.read()
+    _, status = os.waitpid(child.pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        return None
+    try:
+        data = json.loads(payload)
+        return {q: [_Hit(int(a), int(b), str(c)) for a, b, c in found]
+                for q, found in data.items()}
+    except (ValueError, TypeError):
+        return None
 
 
 def _from_tokens(data: bytes) -> list[bytes]:

@@ -8,12 +8,13 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.logwatch import fastscan
 from daemon.logwatch.config import LeakWatchConfig
 from daemon.logwatch.detector import Finding, LeakDetector
 from daemon.logwatch.fastscan import (
@@ -62,9 +63,11 @@ def reference(data: bytes, domains: list[str] = DOMAINS, allowed: list[str] = AL
 def fast(data: bytes, domains: list[str] = DOMAINS, allowed: list[str] = ALLOWED,
          max_tracked: int = 100_000, chunk_size: int = 1 << 20, window: int = 4 << 20,
          far_lookup: FarLookup = "auto", exact_counts: bool = False,
-         max_senders: int | None = None) -> FastScan:
+         max_senders: int | None = None, parallel_from: int | None = None) -> FastScan:
     scanner = FastScanner(domains, allowed, max_tracked, chunk_size=chunk_size, window=window,
                           far_lookup=far_lookup, max_senders=max_senders)
+    if parallel_from is not None:
+        scanner.parallel_from = parallel_from
     with tempfile.TemporaryFile() as fh:
         fh.write(data)
         fh.flush()
@@ -229,6 +232,46 @@ def test_sender_far_before_the_window_is_found() -> None:
     for far_lookup in ("auto", "backward", "forward"):
         got = assert_agree(data, window=1000, far_lookup=far_lookup)
         assert [f.sender for f in got.findings] == ["app@example.com"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=log_bytes(), chunk_size=st.integers(1, 400))
+def test_a_forward_pass_split_across_two_processes_agrees(data: bytes, chunk_size: int) -> None:
+    """The forward pass read half by a forked child (any split point, any read size) finds
+    what one process finds: the reference's senders."""
+    assert_agree(data, chunk_size=chunk_size, window=0, far_lookup="forward", parallel_from=0)
+
+
+def test_many_deliveries_without_a_from_line_in_a_parallel_forward_pass() -> None:
+    """Retries after a rotation (no from= line) next to far senders, over a forward pass
+    split between two processes: every sender as the reference has it."""
+    filler = [_line(f"FILL{i:06d}", f"from=<f{i}@example.org>, size=1") for i in range(3000)]
+    lines = [_line(f"6ANJU{i:04d}a010773", f"from=<app{i}@example.com>, size=1")
+             for i in range(0, 40, 2)]
+    lines += filler
+    lines += [_line(f"6ANJU{i:04d}a010773", f"to=<n{i}@sinkhole.test>, stat=Deferred")
+              for i in range(40)]
+    got = assert_agree(_log(*lines), window=100, far_lookup="forward", parallel_from=0)
+    assert [f.sender for f in got.findings] == [
+        f"app{i}@example.com" if i % 2 == 0 else None for i in range(40)]
+
+
+def test_a_failing_child_leaves_its_half_to_the_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forked reader that dies does not lose senders: its half is read again here."""
+    parent = os.getpid()
+    real = fastscan._queue_adds
+
+    def dies_in_the_child(*args: Any) -> Any:
+        if os.getpid() != parent:
+            raise MemoryError("the child's half")
+        return real(*args)
+
+    monkeypatch.setattr(fastscan, "_queue_adds", dies_in_the_child)
+    lines = [_line(f"6ANJU{i:04d}a010773", f"from=<app{i}@example.com>") for i in range(20)]
+    lines += [_line(f"FILL{i:06d}", "to=<u@example.org>, stat=Sent") for i in range(200)]
+    lines += [_line(f"6ANJU{i:04d}a010773", "to=<n@sinkhole.test>") for i in range(20)]
+    got = assert_agree(_log(*lines), window=0, far_lookup="forward", parallel_from=0)
+    assert [f.sender for f in got.findings] == [f"app{i}@example.com" for i in range(20)]
 
 
 def test_sender_of_a_queue_id_that_only_ends_like_another() -> None:
