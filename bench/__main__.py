@@ -9,7 +9,9 @@ table compares two numbers measured in this run on this machine:
   --file F --json`) against `grep -F -i -c sinkhole.test F` and Debian's `mtail` one-shot,
   median of `--runs` alternated runs, each in its own process (peak RSS from wait4); the
   findings are compared with the generator's own list and with the CLI's output.
-- live: the running watcher's file path today (FileTail batches into LineProcessor.feed_batch).
+- scan-hard: grep and the CLI again on a second log of the same size whose leaks' senders are
+  costly to find (far-back from= lines, retries with none; bench.maillog's `hard`).
+- live: the running watcher's file path (FileTail batches into LineProcessor.feed_batch).
 - soak: `selfcheckd run` RSS after start-up and after N round trips (embedded stack in
   another process).
 - routes: `selfcheckd check` with 50 routes: CPU per round trip and peak RSS.
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from bench.maillog import MailLogFacts, write_maillog
 
-SECTIONS = ("scan", "live", "soak", "routes", "idle", "dovecot", "cloudwatch")
+SECTIONS = ("scan", "scan-hard", "live", "soak", "routes", "idle", "dovecot", "cloudwatch")
 Row = tuple[str, str, str, str]
 
 
@@ -116,6 +118,33 @@ def scan_rows(facts: MailLogFacts, workdir: Path, runs: int) -> list[Row]:
          ratio(startup.wall, grep.wall), "grep"),
     ]
     return rows
+
+
+def hard_scan_rows(workdir: Path, lines: int, leaks: int, seed: int, runs: int) -> list[Row]:
+    """The same scan on a log whose senders are costly to find (write_maillog's `hard`)."""
+    from bench.scan import run_scan_bench
+
+    facts = write_maillog(workdir / "maillog-hard", lines, leaks, seed, hard=True)
+    b = run_scan_bench(facts, workdir, runs, only=("grep", "fast", "cli"))
+    grep, cli = b.timings["grep"], b.timings["cli"]
+    same_expected = b.cli_leaks == b.expected_leaks
+    same_fast = b.fast_leaks == b.cli_leaks
+    far = sum(1 for x in facts.leaks if x.sender is None)
+    return [
+        (f"scan, hard shapes ({facts.size / 1e6:.0f} MB; every other leak message's from= line "
+         f"{facts.lines // 40:,}-{facts.lines // 10:,} lines back, {far} leaks with none): "
+         "`grep -F -i -c`",
+         f"{grep.wall:.3f} s ({b.grep_count} lines; expected {facts.domain_lines})",
+         "1.00x", "grep"),
+        ("scan, hard shapes: CLI (`selfcheckd scan --file F --json`)",
+         f"{cli.wall:.3f} s wall, peak RSS {cli.max_rss:.1f} MiB", ratio(cli.wall, grep.wall),
+         "grep"),
+        ("scan, hard shapes: findings",
+         f"{len(b.cli_leaks)} leaks; {'identical to' if same_expected else 'DIFFER FROM'} the "
+         f"generator's {len(b.expected_leaks)}, "
+         f"{'identical to' if same_fast else 'DIFFER FROM'} the fast path's",
+         "1.00" if same_expected and same_fast else "MISMATCH", "pair by pair"),
+    ]
 
 
 def live_rows(facts: MailLogFacts) -> list[Row]:
@@ -232,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         facts = write_maillog(workdir / "maillog", lines, opts.leaks, opts.seed)
         sections: list[tuple[str, Callable[[], list[Row]]]] = [
             ("scan", lambda: scan_rows(facts, workdir, opts.runs)),
+            ("scan-hard", lambda: hard_scan_rows(workdir, lines, opts.leaks, opts.seed,
+                                                 opts.runs)),
             ("live", lambda: live_rows(facts)),
             ("soak", lambda: soak_rows(workdir, soak_runs)),
             ("routes", lambda: routes_rows(workdir, routes)),

@@ -14,6 +14,11 @@ window) or absent altogether. Besides them: allowlisted test traffic (`qp-test-*
 lookalike domains (`notsinkhole.test`, `sinkhole.testing`, `sinkhole.test.example.com`) and the
 domain in places that are no recipient. The generator keeps its own list of what a scan must
 report (`MailLogFacts.leaks`), built without the parser: an independent expectation.
+
+`hard=True` writes the shapes that make senders costly to find: every other leak message's
+delivery lines come 2.5% to 10% of the file (50,000 to 200,000 lines of 2,000,000) after its
+`from=` line, and retries whose `from=` line is not in the file at all (queued before a
+rotation) are spread over the whole file (50 of the 160 pairs at the default size).
 """
 
 from __future__ import annotations
@@ -123,13 +128,15 @@ class _Writer:
 
 
 def write_maillog(path: Path, lines: int = 2_000_000, leaked_pairs: int = 160,
-                  seed: int = 11) -> MailLogFacts:
-    """Write the log; return what a correct scan of it must find."""
-    return _Generator(path, lines, leaked_pairs, seed).run()
+                  seed: int = 11, *, hard: bool = False) -> MailLogFacts:
+    """Write the log; return what a correct scan of it must find (`hard`: module docstring)."""
+    return _Generator(path, lines, leaked_pairs, seed, hard).run()
 
 
 class _Generator:
-    def __init__(self, path: Path, lines: int, leaked_pairs: int, seed: int) -> None:
+    def __init__(self, path: Path, lines: int, leaked_pairs: int, seed: int,
+                 hard: bool = False) -> None:
+        self.hard = hard
         self.rnd = random.Random(seed)
         self.w = _Writer(path, lines, self.rnd)
         self.facts = MailLogFacts(path)
@@ -250,6 +257,13 @@ class _Generator:
         w, rnd = self.w, self.rnd
         self.n += 1
         k = self.n
+        # hard: every other message's deliveries come far after its from= line.
+        far_off = (rnd.randint(w.total // 40, w.total // 10)
+                   if self.hard and k % 2 == 0 else 0)
+
+        def later(delay: int, action: object) -> None:
+            w.later(delay + far_off, action)
+
         qid = _qid(k * 7919)
         kind = self.kind % 12
         self.kind += 1
@@ -275,45 +289,45 @@ class _Generator:
 
         if kind == 0:    # one recipient, deferred, retried later in another case
             a = f"nobody-{k}@sinkhole.test"
-            w.later(rnd.randint(2, 30), lambda: leak([b(a)], deferred))
-            w.later(rnd.randint(500, 5000),
+            later(rnd.randint(2, 30), lambda: leak([b(a)], deferred))
+            later(rnd.randint(500, 5000),
                     lambda: self._leak_to(qid, [b(a.upper().replace("NOBODY", "Nobody"))],
                                           sent, allowed=allowed))
         elif kind == 1:  # several recipients on one line, one of them not a sinkhole
-            w.later(rnd.randint(2, 30), lambda: leak(
+            later(rnd.randint(2, 30), lambda: leak(
                 [b(f"nobody-{k}a@sinkhole.test"), b(f"ok{k}@example.org", False),
                  b(f"Nobody-{k}b@SinkHole.TEST")]))
         elif kind == 2:  # a long list split with [more], quoted local part with a comma
-            w.later(rnd.randint(2, 30), lambda: leak(
+            later(rnd.randint(2, 30), lambda: leak(
                 [(f'<"a,{k}"@sinkhole.test>', f'"a,{k}"@sinkhole.test', True),
                  b(f"x{k}@example.net", False)], more=True))
-            w.later(rnd.randint(31, 60), lambda: leak([b(f"nobody-{k}c@sinkhole.test")]))
+            later(rnd.randint(31, 60), lambda: leak([b(f"nobody-{k}c@sinkhole.test")]))
         elif kind == 3:  # subdomain with a trailing dot
-            w.later(rnd.randint(2, 30), lambda: leak([b(f"nobody-{k}@deep.sinkhole.test.")]))
+            later(rnd.randint(2, 30), lambda: leak([b(f"nobody-{k}@deep.sinkhole.test.")]))
         elif kind == 4:  # bare addresses (command-line submission), queued
-            w.later(rnd.randint(2, 30), lambda: leak(
+            later(rnd.randint(2, 30), lambda: leak(
                 [(f"nobody-{k}@sinkhole.test", f"nobody-{k}@sinkhole.test", True),
                  (f"other{k}@example.org", f"other{k}@example.org", False)], "queued"))
         elif kind == 5:  # the delivery comes long after the from= line (beyond any window)
             far = min(25_000, w.total // 40)
-            w.later(rnd.randint(far, 2 * far), lambda: leak(
+            later(rnd.randint(far, 2 * far), lambda: leak(
                 [b(f"late-{k}@Relay.Sinkhole.Test")], deferred))
         elif kind == 6:  # Postfix: one recipient per line, status=
             self._postfix_leak(k, allowed)
         elif kind == 7:  # sm-mta program name, User unknown
-            w.later(rnd.randint(2, 30), lambda: leak(
+            later(rnd.randint(2, 30), lambda: leak(
                 [b(f"nobody-{k}@sinkhole.test")], "User unknown", program="sm-mta"))
         elif kind == 8:  # two recipients, one line each
-            w.later(rnd.randint(2, 30), lambda: leak([b(f"nobody-{k}a@sinkhole.test")]))
-            w.later(rnd.randint(2, 30), lambda: leak([b(f"nobody-{k}b@sinkhole.test")]))
+            later(rnd.randint(2, 30), lambda: leak([b(f"nobody-{k}a@sinkhole.test")]))
+            later(rnd.randint(2, 30), lambda: leak([b(f"nobody-{k}b@sinkhole.test")]))
         elif kind == 9:  # a bounce: the null sender <>
-            w.later(rnd.randint(2, 30), lambda: leak([b(f"nobody-{k}@sinkhole.test")]))
+            later(rnd.randint(2, 30), lambda: leak([b(f"nobody-{k}@sinkhole.test")]))
         elif kind == 10:  # lookalikes next to a real one
-            w.later(rnd.randint(2, 30), lambda: leak(
+            later(rnd.randint(2, 30), lambda: leak(
                 [b(f"a{k}@notsinkhole.test", False), b(f"b{k}@sinkhole.testing", False),
                  b(f"c{k}@sinkhole.test.example.com", False), b(f"nobody-{k}@sinkhole.test")]))
         else:            # allowlisted test traffic: two recipients, counted not reported
-            w.later(rnd.randint(2, 30), lambda: leak(
+            later(rnd.randint(2, 30), lambda: leak(
                 [b(f"probe-{k}a@sinkhole.test"), b(f"probe-{k}b@sinkhole.test")]))
 
     def _orphan(self) -> None:
@@ -360,8 +374,14 @@ class _Generator:
     def run(self) -> MailLogFacts:
         w, rnd = self.w, self.rnd
         decoy_every = 50_000
-        orphans = max(1, self.target_pairs // 40) if self.target_pairs else 0
-        orphan_at = [max(1, w.total // 100 * (i + 1) // (orphans + 1)) for i in range(orphans)]
+        if self.hard:  # half the pairs, all over the file
+            orphans = self.target_pairs // 2
+            orphan_at = [max(1, int(w.total * 0.9) * (i + 1) // (orphans + 1))
+                         for i in range(orphans)]
+        else:  # a few, near the start
+            orphans = max(1, self.target_pairs // 40) if self.target_pairs else 0
+            orphan_at = [max(1, w.total // 100 * (i + 1) // (orphans + 1))
+                         for i in range(orphans)]
         while w.index < w.total:
             if orphan_at and w.index >= orphan_at[0] and self.planned_pairs < self.target_pairs:
                 orphan_at.pop(0)

@@ -68,7 +68,9 @@ def _leaks(out: bytes) -> list[dict[str, object]]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def run_scan_bench(facts: MailLogFacts, workdir: Path, runs: int) -> ScanBench:
+def run_scan_bench(facts: MailLogFacts, workdir: Path, runs: int,
+                   only: tuple[str, ...] | None = None) -> ScanBench:
+    """`only`: the commands to run (grep, fast and cli at least); default all."""
     log = str(facts.path)
     progs = workdir / "mtail"
     progs.mkdir(exist_ok=True)
@@ -83,6 +85,8 @@ def run_scan_bench(facts: MailLogFacts, workdir: Path, runs: int) -> ScanBench:
     (workdir / "empty.log").write_text("")
     if shutil.which("mtail"):
         commands["mtail"] = ["mtail", "--one_shot", "--progs", str(progs), "--logs", log]
+    if only is not None:
+        commands = {name: cmd for name, cmd in commands.items() if name in only}
     timings = {name: Timing(name) for name in commands}
     for _ in range(runs):
         for name, cmd in commands.items():
