@@ -23,7 +23,8 @@ def test_small_benchmark_prints_its_table() -> None:
     out = proc.stdout
     assert out.count("| measure | result | ratio | against |") == 1
     for measure in ("scan: `grep -F -i -c", "scan: fast path findings", "scan: fast path peak RSS",
-                    "live watcher:", "run: RSS after start-up", "check, 10 routes",
+                    "scan, hard shapes: findings", "live watcher:", "run: RSS after start-up",
+                    "check, 10 routes",
                     "pymap (embedded), IDLE", "polling every 2 s",
                     "FilterLogEvents calls per idle poll", "put-to-alert latency"):
         assert measure in out, measure
