@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import time
 from datetime import UTC, datetime
-from email import message_from_bytes
+from email import message_from_bytes, message_from_string
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -240,15 +240,16 @@ def test_header_grammar_comments_folding_quoted_strings_and_milters() -> None:
 
 
 def test_unparseable_and_unknown_results_are_handled_without_raising() -> None:
-    """A header of the trusted id that does not parse is skipped; odd results stay as they are."""
+    """A header of the trusted id that does not parse ends the block; odd results stay."""
     msg = message(
         "Authentication-Results: mx.example.com; dmarc=bestguesspass header.from=example.com",
         "Authentication-Results: mx.example.com; ===garbage",
         "Authentication-Results: mx.example.com; spf=pass smtp.mailfrom=example.com",
     )
     verdicts = read_verdicts(msg, "mx.example.com")
-    assert verdicts.results == {"spf": "pass", "dmarc": "bestguesspass"}
-    assert len(verdicts.unparsed) == 1 and verdicts.headers == 3
+    # The unreadable header ends the block: the spf=pass below it is older.
+    assert verdicts.results == {"dmarc": "bestguesspass"}
+    assert len(verdicts.unparsed) == 1 and verdicts.headers == 2
 
 
 def test_a_header_without_an_authserv_id_is_attributed_to_no_one() -> None:
@@ -317,6 +318,30 @@ def test_common_slips_parse_and_an_unreadable_header_is_named_in_the_error() -> 
     assert error is not None
     assert error.startswith("Authentication-Results from mx.example.com: dmarc not reported, "
                             "expected pass; 1 header(s) unreadable: ")
+
+
+def test_the_lenient_parse_keeps_the_written_authserv_id() -> None:
+    """Re-parsing with non-ASCII replaced must not turn `mx.eüample.com` into the trusted
+    `mx.example.com`, whose verdicts it would then complete."""
+    forged = read_verdicts(message_from_string(
+        "Authentication-Results: mx.example.com; spf=pass; dkim=pass\n"
+        "Authentication-Results: mx.e\u00fcample.com; dmarc=pass header.from=\u00e9.com;\n"
+        "\nbody\n"), "mx.example.com")
+    assert forged.results == {"spf": "pass", "dkim": "pass"}
+
+
+def test_an_unreadable_trusted_header_ends_the_block() -> None:
+    """What an unreadable header of the trusted id said is unknown, so the older header
+    below it cannot decide: the methods are missing and the error names the header."""
+    cfg = make_config({**base_route(), "expect": {"authserv_id": "mx.example.com",
+                                                  "dkim": "pass"}})
+    verdicts = read_verdicts(message(
+        "Authentication-Results: mx.example.com; ===dkim=fail",
+        "Authentication-Results: mx.example.com; dkim=pass header.d=example.com",
+    ), "mx.example.com")
+    assert verdicts.results == {}
+    error = judge(verdicts, cfg.selfcheck.routes[0].expect)
+    assert error is not None and "dkim not reported" in error and "unreadable" in error
 
 
 async def test_results_outside_the_registry_are_labelled_other(

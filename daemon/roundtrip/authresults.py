@@ -17,8 +17,10 @@ is parsed by `authres`, not by regexes. Only the methods in `METHODS` are
 recorded; a method reported twice in that header (two DKIM signatures) counts as
 `pass` when any of its results passes, as DMARC reads DKIM, else as its first
 result. A header `authres` rejects is parsed once more leniently (a trailing `;`
-dropped, non-ASCII in property values replaced), since only methods and results
-are read; one that still fails is named in the judgement's error.
+dropped, non-ASCII replaced), since only methods and results are read (the
+authserv-id is then the one written); one that still fails ends the trusted
+block there (what it says is unknown, so older headers below cannot decide) and
+is named in the judgement's error.
 
 Without a configured authserv-id, the id of the topmost header is taken and
 that block is recorded, never judged: it is the final receiving server's own
@@ -75,8 +77,9 @@ def read_verdicts(msg: Message, authserv_id: str | None) -> AuthVerdicts:
             break  # the first header from anyone else ends the trusted block
         verdicts.headers += 1
         if problem is not None:
+            # What it says is unknown, so the older headers below cannot decide for it.
             verdicts.unparsed.append(problem)
-            continue
+            break
         here: dict[str, list[str]] = {}
         for method, result in results:
             here.setdefault(method, []).append(result)
@@ -121,26 +124,30 @@ def judge(verdicts: AuthVerdicts, expect: ExpectConfig | None) -> str | None:
 def _parse(value: str) -> tuple[str | None, list[tuple[str, str]], str | None]:
     """(authserv-id, [(method, result)], parse problem) of one header value."""
     text = _FOLD.sub("", value).strip()
+    leading = _LEADING_ID.match(text)
+    leading_id = leading.group(1).lower() if leading else None
     try:
-        header = _parse_value(text)
+        header, lenient = _parse_value(text)
     except Exception as exc:  # authres raises its own SyntaxError and friends on any input
-        leading = _LEADING_ID.match(text)
-        header_id = leading.group(1).lower() if leading else None
-        return header_id, [], f"{type(exc).__name__}: {exc}"[:200]
+        return leading_id, [], f"{type(exc).__name__}: {exc}"[:200]
     results = [
         (str(r.method).lower(), str(r.result).lower())
         for r in header.results
         if str(r.method).lower() in METHODS and r.result
     ]
-    return str(header.authserv_id).lower(), results, None
+    # The lenient parse rewrote the text: the id is the one written, not the rewritten one
+    # (`mx.eüample` must not become a trusted `mx.example`).
+    header_id = leading_id if lenient else str(header.authserv_id).lower()
+    return header_id, results, None
 
 
-def _parse_value(text: str) -> Any:
-    """authres's parse, then once more without the slips real servers make."""
+def _parse_value(text: str) -> tuple[Any, bool]:
+    """authres's parse, then once more without the slips real servers make; whether the
+    second (lenient) parse was needed."""
     try:
-        return authres.parse_value(text)
+        return authres.parse_value(text), False
     except Exception:
         lenient = _NON_ASCII.sub("x", text).rstrip().rstrip(";").rstrip()
         if lenient == text:
             raise
-        return authres.parse_value(lenient)
+        return authres.parse_value(lenient), True
