@@ -258,12 +258,16 @@ def timestamp_to_epoch(ts: str, now: float | None = None) -> float | None:
             return datetime.fromisoformat(value).timestamp()
         current = time.time() if now is None else now
         year = time.localtime(current).tm_year
-        parsed = time.strptime(f"{year} {ts}", "%Y %b %d %H:%M:%S")
-        epoch = time.mktime(parsed)
-        # A December line read in January belongs to last year.
-        if epoch > current + 86400:
-            epoch = time.mktime(time.strptime(f"{year - 1} {ts}", "%Y %b %d %H:%M:%S"))
-        return epoch
+        # The latest year that does not put the line more than a day ahead: a December
+        # line read in January is last year's, Feb 29 the last leap year's.
+        for candidate in range(year, year - 8, -1):
+            try:
+                epoch = time.mktime(time.strptime(f"{candidate} {ts}", "%Y %b %d %H:%M:%S"))
+            except ValueError:
+                continue  # Feb 29 outside a leap year
+            if epoch <= current + 86400:
+                return epoch
+        return None
     except (ValueError, OverflowError):
         return None
 

@@ -28,8 +28,8 @@ stream): no line is parsed twice.
   it is counted in `truncated`, not by result.
 * A BSD syslog timestamp has no year. The first line's is placed by the clock (the
   latest year that does not put it more than a day ahead); each later one in the
-  year nearest the newest line read so far, so a capture stays in one year whenever
-  it is read, and crosses New Year as the log did.
+  year nearest the previous line's, so a capture stays in one year whenever it is
+  read, and crosses New Year as the log did.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ DUPLICATE_WINDOW = 1000
 _WORD = re.compile(r"[A-Za-z]+")
 # Message-level return lines (see the module docstring).
 SENDMAIL_RETURN = ": DSN: Cannot send message for "
-_POSTFIX_EXPIRED = ", status=expired"
+# Postfix qmgr: "QID: from=<sender>, status=expired, returned to sender" (the end of the
+# line, so a quoted sender holding these words on an ordinary from= line does not match).
+_POSTFIX_EXPIRED = ", status=expired, returned to sender"
 
 
 def classify(stat: str, dsn: str | None) -> Result:
@@ -229,6 +231,9 @@ class QueueTracker:
         self.evicted = 0  # messages dropped for the count bound
         self.duplicates = 0  # delivery lines dropped as exact repeats
         self.truncated = 0  # to= lines without a stat=/status=: no result to count
+        # The previous line's time, which places the next BSD timestamp (no year). Not
+        # restored from the state file: after a long stop the clock places the first line.
+        self._anchor: float | None = None
         self._recent: OrderedDict[str, None] = OrderedDict()
 
     # -- feeding -----------------------------------------------------------------------------
@@ -237,7 +242,7 @@ class QueueTracker:
         msg = self._message(record.queue_id, when)
         msg.sender = record.sender
         self._touch(msg, when, line, record.timestamp, stream)
-        if _POSTFIX_EXPIRED in line:
+        if line.endswith(_POSTFIX_EXPIRED):
             self._returned(msg, when, "expired, returned to sender")
 
     def see_return(self, line: str, stream: str | None = None) -> None:
@@ -311,11 +316,14 @@ class QueueTracker:
         self._refile(msg, was_deferred)
 
     def _epoch(self, timestamp: str) -> float:
-        if self.newest is None:
+        if self._anchor is None:
             epoch = timestamp_to_epoch(timestamp, self._wall())
         else:
-            epoch = timestamp_near(timestamp, self.newest)
-        return epoch if epoch is not None else self.now()
+            epoch = timestamp_near(timestamp, self._anchor)
+        if epoch is None:
+            return self.now()
+        self._anchor = epoch
+        return epoch
 
     def _message(self, queue_id: str, when: float) -> Message:
         msg = self._others.get(queue_id)
@@ -352,7 +360,7 @@ class QueueTracker:
     def now(self) -> float:
         if self._clock is not None:
             return self._clock()
-        return self.newest if self.newest is not None else 0.0
+        return self.newest if self.newest is not None else self._wall()
 
     def get(self, queue_id: str) -> Message | None:
         return self._deferred.get(queue_id) or self._others.get(queue_id)

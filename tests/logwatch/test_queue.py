@@ -520,3 +520,41 @@ def test_bsd_timestamps_of_a_capture_stay_in_one_year(
 def queue_line(queue: QueueTracker, line: str) -> None:
     """Feed one line to a tracker through a processor, as the watcher does."""
     LineProcessor(LeakDetector(["sinkhole.test"], []), queue=queue).feed(line)
+
+
+def test_a_first_line_on_feb_29_read_in_a_common_year_is_the_last_leap_years() -> None:
+    """Feb 29 has no date in 2026: the first line goes to 2024, the next ones follow it."""
+    now = time.mktime((2026, 11, 25, 16, 0, 0, 0, 0, -1))
+    queue, _ = tracker_for([
+        to_line("Feb 29 23:59:58", "6AOA0000000003", "a@example.org", "Deferred: later"),
+        to_line("Mar  1 00:00:05", "6AOA0000000004", "b@example.org", "Deferred: later"),
+    ], wall=lambda: now)
+    firsts = [time.localtime(m.first_seen)[:3] for m in queue.deferred_messages()]
+    assert firsts == [(2024, 2, 29), (2024, 3, 1)]
+
+
+def test_a_quoted_sender_holding_status_expired_is_no_expiry() -> None:
+    """Only qmgr's line that ends `status=expired, returned to sender` returns a message."""
+    qid = "4ZexpB0002"
+    queue, _ = tracker_for([
+        f"2026-11-20T10:00:01+00:00 mx postfix/smtp[901]: {qid}: to=<a@example.org>, "
+        "relay=none, delay=1, dsn=4.4.1, status=deferred (connect to example.org: timed out)",
+        f"2026-11-20T11:00:00+00:00 mx postfix/qmgr[900]: {qid}: "
+        'from=<"ops, status=expired, returned to sender"@example.com>, size=1200, '
+        "nrcpt=1 (queue active)",
+    ])
+    assert queue.deferred_count() == 1 and queue.counts[Result.BOUNCED] == 0
+
+
+def test_after_a_long_stop_the_clock_places_the_first_bsd_line_not_the_saved_state() -> None:
+    """A state saved in June 2025 does not pull a February 2026 line back into 2025."""
+    saved = QueueTracker(wall=lambda: time.mktime((2025, 6, 1, 12, 0, 0, 0, 0, -1)))
+    LineProcessor(LeakDetector(["sinkhole.test"], []), queue=saved).feed(
+        to_line("Jun  1 11:00:00", "6AOA0000000005", "a@example.org", "Sent (ok)"))
+    now = time.mktime((2026, 2, 10, 13, 0, 0, 0, 0, -1))
+    restored = QueueTracker(wall=lambda: now)
+    restored.restore(Message.from_state(m) for m in saved.state())
+    queue_line(restored, to_line("Feb 10 12:00:00", "6AOA0000000006", "b@example.org",
+                                 "Deferred: later"))
+    (msg,) = restored.deferred_messages()
+    assert time.localtime(msg.first_seen)[:3] == (2026, 2, 10)
