@@ -48,9 +48,11 @@ It must be seekable (the sender lookups read it again); standard input from a pi
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 import json
 import os
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -311,7 +313,12 @@ class FastScanner:
         if middle >= until or not hasattr(os, "fork"):
             return _queue_adds(fd, qids, 0, until, self.chunk_size)
         child = _fork_reader(fd, qids, middle, until, self.chunk_size)
-        hits = _queue_adds(fd, qids, 0, middle, self.chunk_size)
+        try:
+            hits = _queue_adds(fd, qids, 0, middle, self.chunk_size)
+        except BaseException:
+            if child is not None:
+                _abandon(child)
+            raise
         rest = _collect(child) if child is not None else None
         if rest is None:
             rest = _queue_adds(fd, qids, middle, until, self.chunk_size)
@@ -537,18 +544,45 @@ def _fork_reader(fd: int, qids: set[str], start: int, end: int, size: int) -> _C
 
 
 def _collect(child: _Child) -> dict[str, list[_Hit]] | None:
-    """The child's hits, or None when it failed (its half is then read again here)."""
-    with os.fdopen(child.reader, "rb") as pipe:
-        payload = pipe.read()
-    _, status = os.waitpid(child.pid, 0)
+    """The child's hits, or None when it failed (its half is then read again here).
+
+    The payload is whole JSON only when the child finished: it writes it last. Its exit
+    status confirms that unless SIGCHLD is ignored here (inherited from whoever started
+    us), in which case the kernel reaps it and waitpid has nothing to report.
+    """
+    try:
+        with os.fdopen(child.reader, "rb") as pipe:
+            payload = pipe.read()
+    except OSError:
+        _abandon(child, close=False)  # fdopen closed the pipe on its way out
+        return None
+    try:
+        _, status = os.waitpid(child.pid, 0)
+    except ChildProcessError:
+        status = 0  # reaped already: the payload alone tells
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         return None
     try:
         data = json.loads(payload)
         return {q: [_Hit(int(a), int(b), str(c)) for a, b, c in found]
                 for q, found in data.items()}
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):
         return None
+
+
+def _abandon(child: _Child, *, close: bool = True) -> None:
+    """Stop a child whose answer is no longer wanted; close its pipe and reap it.
+
+    Each step may find its work done (the child exited, the pipe was closed, the kernel
+    reaped it): nothing is lost then, the scan goes on or its own error propagates.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child.pid, signal.SIGKILL)
+    if close:
+        with contextlib.suppress(OSError):
+            os.close(child.reader)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child.pid, 0)
 
 
 def _from_tokens(data: bytes) -> list[bytes]:

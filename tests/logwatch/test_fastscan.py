@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -267,11 +268,48 @@ def test_a_failing_child_leaves_its_half_to_the_parent(monkeypatch: pytest.Monke
         return real(*args)
 
     monkeypatch.setattr(fastscan, "_queue_adds", dies_in_the_child)
+    got = assert_agree(_far_senders_log(), window=0, far_lookup="forward", parallel_from=0)
+    assert [f.sender for f in got.findings] == [f"app{i}@example.com" for i in range(20)]
+
+
+def _far_senders_log() -> bytes:
     lines = [_line(f"6ANJU{i:04d}a010773", f"from=<app{i}@example.com>") for i in range(20)]
     lines += [_line(f"FILL{i:06d}", "to=<u@example.org>, stat=Sent") for i in range(200)]
     lines += [_line(f"6ANJU{i:04d}a010773", "to=<n@sinkhole.test>") for i in range(20)]
-    got = assert_agree(_log(*lines), window=0, far_lookup="forward", parallel_from=0)
+    return _log(*lines)
+
+
+def test_the_forked_reader_works_with_sigchld_ignored() -> None:
+    """Started with SIGCHLD ignored, the kernel reaps the child itself: its answer is
+    still used (waitpid has nothing to report, the whole JSON payload says it finished)."""
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        got = assert_agree(_far_senders_log(), window=0, far_lookup="forward",
+                           parallel_from=0)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
     assert [f.sender for f in got.findings] == [f"app{i}@example.com" for i in range(20)]
+
+
+def test_an_error_in_the_parents_half_stops_and_reaps_the_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parent's half failing leaves no zombie and no open pipe behind."""
+    parent = os.getpid()
+    real = fastscan._queue_adds
+
+    def fails_in_the_parent(*args: Any) -> Any:
+        if os.getpid() == parent:
+            raise RuntimeError("the parent's half")
+        return real(*args)
+
+    monkeypatch.setattr(fastscan, "_queue_adds", fails_in_the_parent)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError):
+        fast(_far_senders_log(), window=0, far_lookup="forward", parallel_from=0)
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no child left to reap
 
 
 def test_sender_of_a_queue_id_that_only_ends_like_another() -> None:
