@@ -303,13 +303,23 @@ def test_an_error_in_the_parents_half_stops_and_reaps_the_child(
             raise RuntimeError("the parent's half")
         return real(*args)
 
+    children: list[Any] = []
+    real_fork = fastscan._fork_reader
+
+    def recorded(*args: Any) -> Any:
+        child = real_fork(*args)
+        children.append(child)
+        return child
+
     monkeypatch.setattr(fastscan, "_queue_adds", fails_in_the_parent)
+    monkeypatch.setattr(fastscan, "_fork_reader", recorded)
     fds = sorted(os.listdir("/proc/self/fd"))
     with pytest.raises(RuntimeError):
         fast(_far_senders_log(), window=0, far_lookup="forward", parallel_from=0)
     assert sorted(os.listdir("/proc/self/fd")) == fds
+    (child,) = children
     with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)  # no child left to reap
+        os.waitpid(child.pid, os.WNOHANG)  # reaped already: no zombie
 
 
 def test_sender_of_a_queue_id_that_only_ends_like_another() -> None:
