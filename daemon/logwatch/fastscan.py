@@ -246,7 +246,7 @@ class FastScanner:
                 use_backward = self.far_lookup == "backward"
             if use_backward:
                 for qid, ats in unresolved.items():
-                    self._resolve_backward(fd, qid, ats, senders, state, None)
+                    self._resolve_backward(fd, qid, ats, senders, state)
             else:
                 hits = self._search_forward(fd, set(unresolved), last)
                 for qid, ats in unresolved.items():
@@ -264,26 +264,21 @@ class FastScanner:
         return out
 
     def _resolve_backward(self, fd: int, qid: str, ats: set[int],
-                          senders: dict[tuple[str, int], str | None], state: _Pass,
-                          budget: int | None) -> set[int]:
-        """Search back from the latest delivery line of `qid`, at most `budget` bytes below it
-        (None: to the start of the file); return the delivery lines left unresolved."""
+                          senders: dict[tuple[str, int], str | None], state: _Pass) -> None:
+        """Search back from the latest delivery line of `qid` to the start of the file,
+        giving each of its delivery lines the sender of the latest from= line before it."""
         todo = sorted(ats, reverse=True)
-        floor = 0 if budget is None else max(0, todo[0] - budget)
         cursor = todo[0]
         while todo:
-            hit = self._search_back(fd, qid, cursor, floor)
+            hit = self._search_back(fd, qid, cursor, 0)
             if hit is None:
-                if floor > 0:
-                    return set(todo)
                 for at in todo:
                     senders[(qid, at)] = None
-                return set()
+                return
             while todo and todo[0] > hit.newline:
                 at = todo.pop(0)
                 senders[(qid, at)] = self._sender_if_kept(fd, qid, hit, at, state)
             cursor = hit.start
-        return set()
 
     def _search_back(self, fd: int, qid: str, at: int, floor: int) -> _Hit | None:
         """The latest queue-add of `qid` in a line wholly within [floor, at); `at` starts a line."""
@@ -436,19 +431,9 @@ class _Pass:
         lowered = data.lower()
         starts: dict[int, int] = {}
         for needle in self.needles:
-            i = lowered.find(needle, begin, end)
-            while i >= 0:
-                start = max(data.rfind(b"\n", begin, i) + 1, begin)
-                newline = data.find(b"\n", i, end)
-                starts[start] = newline
-                i = lowered.find(needle, newline + 1, end)
+            _mark_lines(lowered, needle, data, begin, end, starts)
         if self.kelvin and not data.isascii():
-            i = data.find(_KELVIN, begin, end)
-            while i >= 0:
-                start = max(data.rfind(b"\n", begin, i) + 1, begin)
-                newline = data.find(b"\n", i, end)
-                starts[start] = newline
-                i = data.find(_KELVIN, newline + 1, end)
+            _mark_lines(data, _KELVIN, data, begin, end, starts)
         for start in sorted(starts):
             self._candidate(data[start:starts[start]], base + start)
         if not self.delivery_seen:
@@ -470,6 +455,18 @@ class _Pass:
                 self.delivery_seen = True
                 return
             i = data.find(_TO, newline + 1, end)
+
+
+def _mark_lines(haystack: bytes, needle: bytes, data: bytes, begin: int, end: int,
+                starts: dict[int, int]) -> None:
+    """Record {line start: its newline} in `starts` for each line of data[begin:end] in
+    which `haystack` (data or its lowered copy, same offsets) holds `needle`."""
+    i = haystack.find(needle, begin, end)
+    while i >= 0:
+        start = max(data.rfind(b"\n", begin, i) + 1, begin)
+        newline = data.find(b"\n", i, end)
+        starts[start] = newline
+        i = haystack.find(needle, newline + 1, end)
 
 
 def _queue_adds(fd: int, qids: set[str], start: int, end: int,
