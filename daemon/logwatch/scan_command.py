@@ -196,6 +196,28 @@ async def _scan_cloudwatch(config: LeakWatchConfig, since: float, processor: Lin
                 report.emit([f])
 
 
+def _source_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the choice of input (--cloudwatch, --since), if anything."""
+    if args.since is not None and not args.cloudwatch:
+        return "--since only applies with --cloudwatch"
+    if args.cloudwatch and args.since is None:
+        return "--cloudwatch needs --since DURATION (e.g. 1h)"
+    return None
+
+
+def _cloudwatch_failure(exc: BaseException) -> str:
+    from daemon.logwatch.sources.cloudwatch import error_reason
+
+    return (f"scan: CloudWatch query failed ({error_reason(exc)}): "
+            f"{type(exc).__name__}: {exc}\n")
+
+
+def _stdin() -> TextIO:
+    """Standard input decoded as a file is (undecodable bytes replaced); left open after."""
+    return open(sys.stdin.fileno(), encoding="utf-8", errors="replace",
+                newline="\n", closefd=False)
+
+
 def run(args: argparse.Namespace, config: LeakWatchConfig,
         out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Scan once; return the exit status (0 clean, 1 leaks, 2 bad input/config)."""
@@ -210,22 +232,18 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
     report = ScanReport(out, bool(args.json))
     started = time.monotonic()
     fast: FastScan | None = None
-    if args.since is not None and not args.cloudwatch:
-        err.write("scan: --since only applies with --cloudwatch\n")
+    if (problem := _source_problem(args)) is not None:
+        err.write(f"scan: {problem}\n")
         return EXIT_BAD_INPUT
     try:
         if args.cloudwatch:
-            if args.since is None:
-                err.write("scan: --cloudwatch needs --since DURATION (e.g. 1h)\n")
-                return EXIT_BAD_INPUT
             since = parse_duration(args.since)
-            from daemon.logwatch.sources.cloudwatch import RETRYABLE, error_reason
+            from daemon.logwatch.sources.cloudwatch import RETRYABLE
 
             try:
                 asyncio.run(_scan_cloudwatch(config, since, processor, report, time.time()))
             except RETRYABLE as exc:
-                err.write(f"scan: CloudWatch query failed ({error_reason(exc)}): "
-                          f"{type(exc).__name__}: {exc}\n")
+                err.write(_cloudwatch_failure(exc))
                 return EXIT_BAD_INPUT
             source = "cloudwatch"
         elif args.file is not None and not args.counts:
@@ -241,9 +259,7 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
                 scan_lines(fh, processor, report)
             source = str(args.file)
         else:
-            stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="replace",  # noqa: SIM115
-                         newline="\n", closefd=False)
-            with stdin:
+            with _stdin() as stdin:
                 scan_lines(stdin, processor, report)
             source = "stdin"
     except ValueError as exc:
@@ -283,7 +299,8 @@ class QueueScan:
         self.queue = QueueTracker(config.queue_retention, config.max_tracked_messages,
                                   keep_delays=False)
         detector = LeakDetector(config.domains, config.allowed_senders,
-                                config.max_tracked_queue_ids)
+                                config.max_tracked_queue_ids,
+                                scan_senders(config.max_tracked_queue_ids))
         self.processor = LineProcessor(detector, queue=self.queue)
         self.report = ScanReport(out, as_json, print_leaks=False)
         self.out = out
@@ -356,25 +373,21 @@ def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
     if queue_id is not None and not _QUEUE_ID.fullmatch(queue_id):
         err.write(f"scan: --queue-id: not a sendmail or Postfix queue id: {queue_id!r}\n")
         return EXIT_BAD_INPUT
-    if args.since is not None and not args.cloudwatch:
-        err.write("scan: --since only applies with --cloudwatch\n")
+    if (problem := _source_problem(args)) is not None:
+        err.write(f"scan: {problem}\n")
         return EXIT_BAD_INPUT
     scan = QueueScan(config, out, as_json, queue_id)
     started = time.monotonic()
     try:
         if args.cloudwatch:
-            if args.since is None:
-                err.write("scan: --cloudwatch needs --since DURATION (e.g. 1h)\n")
-                return EXIT_BAD_INPUT
             since = parse_duration(args.since)
-            from daemon.logwatch.sources.cloudwatch import RETRYABLE, error_reason
+            from daemon.logwatch.sources.cloudwatch import RETRYABLE
 
             try:
                 lines, streams = asyncio.run(
                     _fetch_cloudwatch(config, since, time.time(), queue_id))
             except RETRYABLE as exc:
-                err.write(f"scan: CloudWatch query failed ({error_reason(exc)}): "
-                          f"{type(exc).__name__}: {exc}\n")
+                err.write(_cloudwatch_failure(exc))
                 return EXIT_BAD_INPUT
             for line, stream in zip(lines, streams, strict=True):
                 scan.feed(line, stream)
@@ -385,9 +398,7 @@ def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
                     scan.feed(line)
             source = str(args.file)
         else:
-            stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="replace",  # noqa: SIM115
-                         newline="\n", closefd=False)
-            with stdin:
+            with _stdin() as stdin:
                 for line in stdin:
                     scan.feed(line)
             source = "stdin"
