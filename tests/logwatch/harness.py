@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import io
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from daemon.logwatch import scan_command
 from daemon.logwatch.config import LeakWatchConfig
 from daemon.logwatch.watcher import LeakWatch
 from daemon.metrics import Metrics
@@ -79,3 +82,12 @@ async def watching(
         sup.stop()
         await asyncio.wait_for(task, 5)
         await watch.close()
+
+
+def run_scan(argv: list[str], config: LeakWatchConfig | None = None) -> tuple[int, str, str]:
+    """`selfcheckd scan ARGV` in-process: (exit status, stdout, stderr)."""
+    parser = argparse.ArgumentParser()
+    scan_command.add_arguments(parser)
+    out, err = io.StringIO(), io.StringIO()
+    code = scan_command.run(parser.parse_args(argv), config or LeakWatchConfig(), out, err)
+    return code, out.getvalue(), err.getvalue()

@@ -19,7 +19,7 @@ from aiobotocore.session import get_session
 from daemon.logwatch import scan_command
 from daemon.logwatch.config import CloudWatchSource, LeakWatchConfig
 from tests.logwatch.aws_fakes import Faults, fault_proxy
-from tests.logwatch.harness import watching
+from tests.logwatch.harness import run_scan, watching
 from tests.waiting import until
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -29,17 +29,9 @@ GROUP = "/ecs/cabal-smtp-out"
 TASK_A, TASK_B = "smtp-out/smtp-out/task-a", "smtp-out/smtp-out/task-b"
 
 
-def _scan(argv: list[str], config: LeakWatchConfig | None = None) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser()
-    scan_command.add_arguments(parser)
-    out, err = io.StringIO(), io.StringIO()
-    code = scan_command.run(parser.parse_args(argv), config or LeakWatchConfig(), out, err)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_queue_lists_every_message_still_deferred_as_json() -> None:
     """--queue --json: one object per deferred message, oldest first; leaks are not printed."""
-    code, out, err = _scan(["--file", str(REAL), "--queue", "--json"])
+    code, out, err = run_scan(["--file", str(REAL), "--queue", "--json"])
     messages = [json.loads(line) for line in out.splitlines()]
     assert code == 1
     assert [m["queue_id"] for m in messages] == ["6ANJUQna010773", "6ANJVrcF011285"]
@@ -59,7 +51,7 @@ def test_queue_lists_every_message_still_deferred_as_json() -> None:
 
 def test_queue_text_names_every_recipient_with_its_last_stat() -> None:
     """Text mode: a DEFERRED line per message and one indented line per recipient."""
-    code, out, err = _scan(["--file", str(MIXED), "--queue"])
+    code, out, err = run_scan(["--file", str(MIXED), "--queue"])
     assert code == 1
     lines = out.splitlines()
     assert lines[0].startswith("DEFERRED queue_id=6ANJUwxy012000 sender=App@Example.COM "
@@ -79,7 +71,7 @@ def test_queue_exits_zero_when_nothing_is_deferred(tmp_path: Path) -> None:
         "delay=00:00:00, dsn=4.0.0, stat=Deferred: 421 later\n"
         "2026-11-23T20:00:26Z h sendmail[2]: 6ANJUQna010773: to=<a@example.org>, "
         "delay=00:30:00, dsn=2.0.0, stat=Sent (ok)\n")
-    assert _scan(["--file", str(log), "--queue", "--json"])[:2] == (0, "")
+    assert run_scan(["--file", str(log), "--queue", "--json"])[:2] == (0, "")
 
 
 def test_queue_ages_out_relative_to_the_end_of_the_input(tmp_path: Path) -> None:
@@ -90,16 +82,16 @@ def test_queue_ages_out_relative_to_the_end_of_the_input(tmp_path: Path) -> None
         "delay=00:00:00, dsn=4.0.0, stat=Deferred: 421 later\n"
         "2026-11-10T00:00:00Z h sendmail[2]: 6ANJVrcF011285: to=<b@example.org>, "
         "delay=00:00:00, dsn=4.0.0, stat=Deferred: 421 later\n")
-    code, out, _ = _scan(["--file", str(log), "--queue", "--json"])
+    code, out, _ = run_scan(["--file", str(log), "--queue", "--json"])
     assert code == 1
     assert [json.loads(x)["queue_id"] for x in out.splitlines()] == ["6ANJVrcF011285"]
     longer = LeakWatchConfig(queue_retention=30 * 86400)
-    assert len(_scan(["--file", str(log), "--queue", "--json"], longer)[1].splitlines()) == 2
+    assert len(run_scan(["--file", str(log), "--queue", "--json"], longer)[1].splitlines()) == 2
 
 
 def test_queue_id_prints_the_whole_history_in_order() -> None:
     """--queue-id: every line of that id (any program), as written; the summary has its state."""
-    code, out, err = _scan(["--file", str(MIXED), "--queue-id", "6ANJUwxy012000", "--json"])
+    code, out, err = run_scan(["--file", str(MIXED), "--queue-id", "6ANJUwxy012000", "--json"])
     entries = [json.loads(line) for line in out.splitlines()]
     assert code == 1  # Nobody-14 is still deferred
     assert [e["timestamp"] for e in entries] == [
@@ -115,19 +107,19 @@ def test_queue_id_prints_the_whole_history_in_order() -> None:
 
 def test_queue_id_includes_other_programs_but_not_lines_that_merely_name_it() -> None:
     """opendkim's line for the id belongs to it; the DSN parent line does not belong to the DSN."""
-    code, out, _ = _scan(["--file", str(MIXED), "--queue-id", "6ANJUQna010773"])
+    code, out, _ = run_scan(["--file", str(MIXED), "--queue-id", "6ANJUQna010773"])
     assert code == 0  # found, and nothing deferred
     assert out.splitlines() == [
         "2026-11-23T19:29:00.000001+00:00 ip-10-0-1-5 opendkim[77]: 6ANJUQna010773: "
         "DKIM-Signature field added (s=mail, d=example.com)"]
-    code, out, err = _scan(["--file", str(REAL), "--queue-id", "6ANJUeoc010926"])
+    code, out, err = run_scan(["--file", str(REAL), "--queue-id", "6ANJUeoc010926"])
     assert (code, out) == (3, "")  # only named inside 6ANJUeoc010924's DSN line
     assert err.endswith(f"scan: no line for queue id 6ANJUeoc010926 in {REAL}\n")
 
 
 def test_queue_id_of_a_delivered_message_exits_zero() -> None:
     """A message whose recipients were all sent exits 0; the text summary lists them."""
-    code, out, err = _scan(["--file", str(REAL), "--queue-id", "6ANJUTfa010820"])
+    code, out, err = run_scan(["--file", str(REAL), "--queue-id", "6ANJUTfa010820"])
     assert code == 0
     assert len(out.splitlines()) == 1
     assert "deferred=false" in err
@@ -141,7 +133,7 @@ def test_queue_id_of_a_delivered_message_exits_zero() -> None:
 ])
 def test_queue_bad_arguments_exit_two(argv: list[str]) -> None:
     """A malformed queue id or --since without --cloudwatch is bad input."""
-    code, out, err = _scan(["--file", str(REAL), *argv])
+    code, out, err = run_scan(["--file", str(REAL), *argv])
     assert (code, out) == (2, "")
     assert err.startswith("scan: ")
 
@@ -158,7 +150,7 @@ def test_queue_on_a_file_that_is_no_mail_log_is_bad_input(tmp_path: Path) -> Non
     """--queue over lines of which none is an MTA line: exit 2, not "nothing deferred"."""
     log = tmp_path / "access.log"
     log.write_text("GET / HTTP/1.1 200\n" * 3)
-    code, out, err = _scan(["--file", str(log), "--queue"])
+    code, out, err = run_scan(["--file", str(log), "--queue"])
     assert (code, out) == (2, "")
     assert "is this the mail log?" in err
 

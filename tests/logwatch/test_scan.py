@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from daemon.logwatch import scan_command
 from daemon.logwatch.config import LeakWatchConfig
 from daemon.logwatch.scan_command import parse_duration
+from tests.logwatch.harness import run_scan
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _scan(argv: list[str], config: LeakWatchConfig | None = None) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser()
-    scan_command.add_arguments(parser)
-    out, err = io.StringIO(), io.StringIO()
-    code = scan_command.run(parser.parse_args(argv), config or LeakWatchConfig(), out, err)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_json_leaks_for_the_real_lines() -> None:
     """Every sinkhole recipient of the real lines is one JSON leak with sender and timestamp."""
-    code, out, err = _scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json"])
+    code, out, err = run_scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json"])
     leaks = [json.loads(line) for line in out.splitlines()]
     assert code == 1
     assert [x["recipient"] for x in leaks] == [
@@ -48,8 +38,8 @@ def test_json_leaks_for_the_real_lines() -> None:
 
 def test_counts_gives_the_per_kind_counts_and_the_same_leaks() -> None:
     """--counts parses every line for the summary's kinds; the leaks printed are the same."""
-    fast = _scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json"])
-    code, out, err = _scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json",
+    fast = run_scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json"])
+    code, out, err = run_scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json",
                             "--counts"])
     assert (code, out) == fast[:2]
     summary = json.loads(err.splitlines()[0])
@@ -60,7 +50,7 @@ def test_counts_gives_the_per_kind_counts_and_the_same_leaks() -> None:
 def test_allowlist_makes_test_traffic_silent() -> None:
     """With the runbook sender allowlisted, its recipients are counted, not printed."""
     config = LeakWatchConfig(allowed_senders=["qp-test*@*"])
-    code, out, err = _scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json"], config)
+    code, out, err = run_scan(["--file", str(FIXTURES / "sendmail_real.log"), "--json"], config)
     recipients = [json.loads(line)["recipient"] for line in out.splitlines()]
     assert "nobody-1@sinkhole.test" not in recipients
     assert "nobody-6@sinkhole.test" not in recipients
@@ -70,7 +60,7 @@ def test_allowlist_makes_test_traffic_silent() -> None:
 
 def test_mixed_log_dedupes_retries_and_ignores_other_programs() -> None:
     """Retries report once; lookalike domains and other programs produce nothing."""
-    code, out, _ = _scan(["--file", str(FIXTURES / "mixed.log"), "--json"])
+    code, out, _ = run_scan(["--file", str(FIXTURES / "mixed.log"), "--json"])
     leaks = [json.loads(line) for line in out.splitlines()]
     assert [(x["queue_id"], x["recipient"]) for x in leaks] == [
         ("6ANJUwxy012000", '"a,b"@sinkhole.test'),
@@ -84,7 +74,7 @@ def test_mixed_log_dedupes_retries_and_ignores_other_programs() -> None:
 
 def test_postfix_log_text_output() -> None:
     """Text mode prints one LEAK line per leak and a key=value summary on stderr."""
-    code, out, err = _scan(["--file", str(FIXTURES / "postfix.log")])
+    code, out, err = run_scan(["--file", str(FIXTURES / "postfix.log")])
     assert code == 1
     assert out.splitlines() == [
         "LEAK Nov 23 19:40:02 queue_id=4Y8KqT1Zx3z9sWP recipient=Nobody-20@SinkHole.TEST. "
@@ -102,14 +92,14 @@ def test_clean_log_exits_zero(tmp_path: Path) -> None:
     log = tmp_path / "maillog"
     log.write_text("2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: to=<a@example.org>, "
                    "delay=00:00:00, stat=Sent\n")
-    assert _scan(["--file", str(log), "--json"])[:2] == (0, "")
+    assert run_scan(["--file", str(log), "--json"])[:2] == (0, "")
 
 
 def test_blind_log_warns_about_loglevel(tmp_path: Path) -> None:
     """sendmail lines without any to= line: exit 0 but the summary says blind and why."""
     log = tmp_path / "maillog"
     log.write_text("2026-11-23T19:30:26Z h sendmail[1]: STARTTLS=client, relay=x\n" * 3)
-    code, out, err = _scan(["--file", str(log), "--json"])
+    code, out, err = run_scan(["--file", str(log), "--json"])
     assert (code, out) == (0, "")
     assert json.loads(err.splitlines()[0])["blind"] is True
     assert "LogLevel 9" in err
@@ -123,7 +113,7 @@ def test_a_file_that_is_no_mail_log_is_bad_input(tmp_path: Path, text: str) -> N
     """Lines of which none is a sendmail/Postfix line: exit 2, one line with the count."""
     log = tmp_path / "access.log"
     log.write_text(text)
-    code, out, err = _scan(["--file", str(log), "--json"])
+    code, out, err = run_scan(["--file", str(log), "--json"])
     assert (code, out) == (2, "")
     assert err == (f"scan: {log}: none of the 5 lines read is a sendmail or Postfix log "
                    "line; is this the mail log?\n")
@@ -133,13 +123,13 @@ def test_an_empty_file_is_a_blind_scan_not_an_error(tmp_path: Path) -> None:
     """Nothing to read (a fresh log after rotation) stays exit 0 with the blind warning."""
     log = tmp_path / "maillog"
     log.write_text("")
-    code, _out, err = _scan(["--file", str(log)])
+    code, _out, err = run_scan(["--file", str(log)])
     assert code == 0 and "blind=true" in err
 
 
 def test_missing_file_is_bad_input(tmp_path: Path) -> None:
     """An unreadable file exits 2 with one line naming it."""
-    code, out, err = _scan(["--file", str(tmp_path / "nope.log")])
+    code, out, err = run_scan(["--file", str(tmp_path / "nope.log")])
     assert (code, out) == (2, "")
     assert err.count("\n") == 1
     assert "nope.log" in err
@@ -149,7 +139,7 @@ def test_missing_file_is_bad_input(tmp_path: Path) -> None:
                                   ["--cloudwatch", "--since", "soon"]])
 def test_bad_arguments_exit_two(argv: list[str]) -> None:
     """--cloudwatch without --since, --since without --cloudwatch, bad durations: exit 2."""
-    code, out, err = _scan(argv)
+    code, out, err = run_scan(argv)
     assert (code, out) == (2, "")
     assert err.startswith("scan: ")
 
@@ -159,7 +149,7 @@ def test_undecodable_bytes_do_not_stop_the_scan(tmp_path: Path) -> None:
     log = tmp_path / "maillog"
     log.write_bytes(b"\xff\xfe garbage\n2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: "
                     b"to=<a@sinkhole.test>, stat=Sent\n")
-    code, out, _ = _scan(["--file", str(log), "--json"])
+    code, out, _ = run_scan(["--file", str(log), "--json"])
     assert code == 1
     assert json.loads(out)["recipient"] == "a@sinkhole.test"
 
@@ -207,7 +197,7 @@ def test_a_sender_further_back_than_the_watchers_memory_is_still_found(
                  "to=<nobody@sinkhole.test>, delay=00:00:02, stat=Deferred: 421 later")
     log = tmp_path / "maillog"
     log.write_text("\n".join(lines) + "\n")
-    code, out, _ = _scan(["--file", str(log), "--json", *counts],
+    code, out, _ = run_scan(["--file", str(log), "--json", *counts],
                          LeakWatchConfig(max_tracked_queue_ids=100))
     assert code == 1
     assert [json.loads(x)["sender"] for x in out.splitlines()] == ["app@example.com"]
