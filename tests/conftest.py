@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -63,3 +64,17 @@ def make_config(*routes: dict[str, Any], **selfcheck: Any) -> Config:
     section = {"timeout": 10.0, "secret": "test-secret-value", "cleanup_timeout": 5.0,
                **selfcheck, "routes": list(routes)}
     return Config.model_validate({"selfcheck": section})
+
+
+def refused_port() -> int:
+    """A loopback port nobody listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture(name="closed_port")
+def closed_port_fixture() -> int:
+    """A loopback port nobody listens on (connections are refused)."""
+    return refused_port()

@@ -7,7 +7,6 @@ import asyncio
 import io
 import logging
 import re
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +26,7 @@ from daemon.cli import main
 from daemon.config import Config
 from daemon.connect_check import check_connections
 from daemon.logs import redact_secrets
-from tests.conftest import StackFactory
+from tests.conftest import StackFactory, refused_port
 from tests.faulty_servers import silent_server
 from tests.logwatch.conftest import moto_base, moto_url  # noqa: F401
 
@@ -115,13 +114,6 @@ async def connect_check(config: Config) -> Report:
 def make(routes: list[dict[str, Any]] | None = None, **sections: Any) -> Config:
     selfcheck = {"secret": "probe-secret-value", "routes": routes or []}
     return Config.model_validate({"selfcheck": selfcheck, **sections})
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def file_source(path: Path) -> dict[str, Any]:
@@ -321,7 +313,7 @@ async def test_wrong_imap_password_fails_naming_route_and_login(make_stack: Stac
 
 async def test_closed_ports_fail_at_once() -> None:
     """Refused connections to SMTP, IMAP and a heartbeat fail straight away, not at the deadline."""
-    port = closed_port()
+    port = refused_port()
     route = {"name": "r", "from": "a@example.com", "to": "b@example.com",
              "smtp": {"host": "127.0.0.1", "port": port, "security": "none",
                       "connect_timeout": 5},
@@ -463,7 +455,7 @@ async def test_an_unresolvable_host_says_so() -> None:
 async def test_the_target_column_is_never_scrubbed() -> None:
     """Scrubbing secrets never eats into the scheme://host:port the line shows."""
     config = make(leakwatch={"source": "stdin",
-                             "alert": {"url": f"http://127.0.0.1:{closed_port()}/alert"}})
+                             "alert": {"url": f"http://127.0.0.1:{refused_port()}/alert"}})
     report = await connect_check(config)
     assert report.line("alert")[1].startswith("http://127.0.0.1:"), report.text
 

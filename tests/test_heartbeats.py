@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -83,15 +82,6 @@ async def receiver() -> AsyncIterator[Receiver]:
     yield rec
     rec.release.set()
     await runner.cleanup()
-
-
-@pytest.fixture
-def closed_port() -> int:
-    """A loopback port nobody listens on (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 Factory = Callable[..., Awaitable[Heartbeats]]

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import suppress
@@ -89,15 +88,6 @@ async def pushgateway() -> AsyncIterator[Pushgateway]:
     yield gw
     gw.release.set()
     await runner.cleanup()
-
-
-@pytest.fixture
-def closed_port() -> int:
-    """A loopback port nobody listens on (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.fixture
