@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trustme
 
 from daemon.config import Config
 from daemon.embedded.stack import EmbeddedMailStack, StackOptions
+from daemon.logs import redact_secrets
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +81,17 @@ def refused_port() -> int:
 def closed_port_fixture() -> int:
     """A loopback port nobody listens on (connections are refused)."""
     return refused_port()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Undo what configure_logging and the CLI change globally (handlers, structlog,
+    redaction)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config = structlog.get_config()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**config)
+    redact_secrets(())

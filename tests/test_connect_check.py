@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import structlog
 import trustme
 from aiobotocore.session import get_session
 from aiohttp import web
@@ -25,7 +23,6 @@ from aiohttp import web
 from daemon.cli import main
 from daemon.config import Config
 from daemon.connect_check import check_connections
-from daemon.logs import redact_secrets
 from tests.conftest import StackFactory, refused_port
 from tests.faulty_servers import silent_server
 from tests.logwatch.conftest import moto_base, moto_url  # noqa: F401
@@ -134,19 +131,6 @@ def aws_source(endpoint: str, groups: list[str]) -> dict[str, Any]:
 def trust_test_ca(monkeypatch: pytest.MonkeyPatch, ca_file: Path) -> None:
     """The default trust store (the HTTP clients') is the test CA, as SSL_CERT_FILE makes it."""
     monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """Undo what the CLI changes globally (handlers, structlog, redaction)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
-    redact_secrets(())
 
 
 async def test_every_target_passes_and_nothing_is_sent_or_pinged(

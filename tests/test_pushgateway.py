@@ -6,16 +6,14 @@ import asyncio
 import base64
 import io
 import json
-import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
@@ -24,7 +22,7 @@ from daemon.checks.result import CheckResult
 from daemon.cli import main
 from daemon.config import ConfigError, PushgatewayConfig, load_config
 from daemon.embedded.stack import EmbeddedMailStack
-from daemon.logs import configure_logging, redact_secrets
+from daemon.logs import configure_logging
 from daemon.pushgateway import push_results
 
 # Messages' names and help texts (core/management/commands/selfcheck.py), verbatim.
@@ -114,19 +112,6 @@ async def trickling_port() -> AsyncIterator[int]:
         writer.close()
     server.close()
     await server.wait_closed()
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """Undo what configure_logging and the CLI change globally (handlers, structlog, redaction)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
-    redact_secrets(())
 
 
 def result(route: str = "default", **fields: Any) -> CheckResult:
