@@ -104,6 +104,12 @@ class Metrics:
             "dmarc, arc) from the trusted authserv-id; results outside RFC 8601's are 'other'.",
             ["route", "method", "result"], registry=r,
         )
+        self.auth_unparsed = Counter(
+            "selfcheck_auth_results_unparsed",
+            "Authentication-Results headers from the trusted authserv-id that could not be "
+            "read, even leniently; what they said is unknown.",
+            ["route"], registry=r,
+        )
         self.tls_cert_expiry = Gauge(
             "selfcheck_tls_cert_expiry_timestamp_seconds",
             "notAfter (Unix time) of the certificate the route's SMTP or IMAP server presented "
@@ -206,6 +212,12 @@ class Metrics:
             "Recipients of delivery (to=) lines by result: sent, deferred, queued, bounced, "
             "other. Every retry line counts again.", ["result"], registry=r,
         )
+        self.mta_skipped_lines = Counter(
+            "mta_delivery_lines_skipped",
+            "Delivery (to=) lines not counted as deliveries: 'truncated' (cut short before "
+            "stat=), 'duplicate' (an exact repeat of a recent line, e.g. ingested twice).",
+            ["reason"], registry=r,
+        )
         self.mta_delivery_delay = Histogram(
             "mta_delivery_delay_seconds",
             "delay= of sent recipients: from the message's arrival to its delivery.",
@@ -230,7 +242,7 @@ class Metrics:
         """Drop every series of a route a reload removed, so no stale value lingers."""
         per_route = (self.success, self.last_run, self.last_success, self.send_duration,
                      self.reception_duration, self.late_arrivals, self.cleanup_failures,
-                     self.skipped_runs)
+                     self.skipped_runs, self.auth_unparsed)
         labelled: list[tuple[Any, tuple[str, ...]]] = [(m, (route,)) for m in per_route]
         labelled += [(self.runs, (route, result)) for result in ("success", "failure")]
         labelled += [(self.failures, (route, reason.value)) for reason in FailureReason]

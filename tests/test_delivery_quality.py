@@ -344,6 +344,21 @@ def test_an_unreadable_trusted_header_ends_the_block() -> None:
     assert error is not None and "dkim not reported" in error and "unreadable" in error
 
 
+async def test_an_unreadable_trusted_header_is_counted_and_named_in_the_result(
+    mail_stack: EmbeddedMailStack,
+) -> None:
+    """A trusted header that cannot be read shows in the result JSON and in a counter, even
+    when the route judges nothing, so a milter writing broken headers is not invisible."""
+    mail_stack.smtp.auth_results = [f"{AUTHSERV_ID}; ===garbage"]
+    metrics = Metrics()
+    result = await check(expecting(mail_stack, authserv_id=AUTHSERV_ID), metrics)
+    assert result.success, result.error
+    assert len(result.as_dict()["auth_unparsed"]) == 1
+    assert sample(metrics, "selfcheck_auth_results_unparsed_total", route="default") == 1
+    await check(mail_stack.route_table(), metrics)
+    assert sample(metrics, "selfcheck_auth_results_unparsed_total", route="default") == 2
+
+
 async def test_results_outside_the_registry_are_labelled_other(
     mail_stack: EmbeddedMailStack,
 ) -> None:

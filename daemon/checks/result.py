@@ -107,6 +107,7 @@ class CheckResult:
     # trusted authserv-id; None until the probe was read, {} when it carried none.
     auth: dict[str, str] | None = None
     authserv_id: str | None = None  # whose verdicts `auth` holds
+    auth_unparsed: list[str] = field(default_factory=list)  # trusted headers we could not read
     found_in: str | None = None  # the mailbox the probe was found in (a junk one: reason junk)
     hops: list[Hop] | None = None  # the probe's Received headers, first hop first
     tls: dict[str, TlsFacts] = field(default_factory=dict)  # by protocol: smtp, imap
@@ -132,6 +133,7 @@ class CheckResult:
             "run_id": self.run_id,
             "auth": self.auth,
             "authserv_id": self.authserv_id,
+            "auth_unparsed": self.auth_unparsed,
             "found_in": self.found_in,
             "hops": None if self.hops is None else [h.as_dict() for h in self.hops],
             "tls": {protocol: facts.as_dict() for protocol, facts in self.tls.items()},

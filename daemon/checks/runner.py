@@ -197,3 +197,5 @@ def _record_quality(metrics: Metrics, result: CheckResult) -> None:
         metrics.auth_result.remove_by_labels({"route": route})
         for method, verdict in result.auth.items():
             metrics.auth_result.labels(route, method, auth_label(verdict)).set(1)
+    if result.auth_unparsed:
+        metrics.auth_unparsed.labels(route).inc(len(result.auth_unparsed))

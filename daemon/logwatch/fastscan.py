@@ -58,12 +58,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
+import structlog
+
 from daemon.logwatch.detector import Finding, LeakDetector, normalize_domain, scan_senders
 from daemon.logwatch.parser import Delivery, QueueAdd, parse_line
 from daemon.logwatch.pipeline import LineCounts, LineProcessor
 
 if TYPE_CHECKING:
     from daemon.logwatch.config import LeakWatchConfig
+
+log = structlog.get_logger("daemon.scan")
 
 # Reads of 1 MiB stay in the CPU's cache between lower() and find(); bigger is no faster.
 DEFAULT_CHUNK = 1 << 20
@@ -516,13 +520,15 @@ def _fork_reader(fd: int, qids: set[str], start: int, end: int, size: int) -> _C
     """A forked child that reads [start, end) and writes its hits as JSON to a pipe."""
     try:
         reader, writer = os.pipe()
-    except OSError:
+    except OSError as exc:
+        _read_here("no pipe", exc)
         return None
     try:
         pid = os.fork()
-    except OSError:
+    except OSError as exc:
         os.close(reader)
         os.close(writer)
+        _read_here("no fork", exc)
         return None
     if pid == 0:  # the child: no cleanup handlers, no flushing of the parent's buffers
         status = 1
@@ -550,21 +556,30 @@ def _collect(child: _Child) -> dict[str, list[_Hit]] | None:
     try:
         with os.fdopen(child.reader, "rb") as pipe:
             payload = pipe.read()
-    except OSError:
+    except OSError as exc:
         _abandon(child, close=False)  # fdopen closed the pipe on its way out
+        _read_here("pipe failed", exc)
         return None
     try:
         _, status = os.waitpid(child.pid, 0)
     except ChildProcessError:
         status = 0  # reaped already: the payload alone tells
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        _read_here("child failed", f"wait status {status}")
         return None
     try:
         data = json.loads(payload)
         return {q: [_Hit(int(a), int(b), str(c)) for a, b, c in found]
                 for q, found in data.items()}
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError) as exc:
+        _read_here("bad answer", exc)
         return None
+
+
+def _read_here(what: str, detail: object) -> None:
+    """Say why the second half is read by this process after all: same findings, slower."""
+    log.warning("scan_parallel_read_failed", reason=what, detail=str(detail),
+                consequence="this process reads that half itself")
 
 
 def _abandon(child: _Child, *, close: bool = True) -> None:

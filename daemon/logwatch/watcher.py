@@ -236,6 +236,7 @@ class LeakWatch:
         self.processor = LineProcessor(self.detector, clock=clock, queue=self.queue)
         self._bind_queue_metrics(self.queue)
         self._flushed_results = dict(self.queue.counts)
+        self._flushed_skips = self._skips()
         self._expired_at = clock()
         self._evicted_warned = False
         self.state = StateFile(config.state_path, metrics, wall)
@@ -419,9 +420,14 @@ class LeakWatch:
             return
         for result in Result:
             m.mta_deliveries.labels(result=result.value)  # every result shows, from 0
+        for reason in ("truncated", "duplicate"):
+            m.mta_skipped_lines.labels(reason=reason)
         m.mta_deferred_messages.set_function(queue.deferred_count)
         m.mta_oldest_deferred.set_function(lambda: queue.oldest_deferred_age(self._wall()))
         m.mta_tracked_messages.set_function(queue.tracked_count)
+
+    def _skips(self) -> dict[str, int]:
+        return {"truncated": self.queue.truncated, "duplicate": self.queue.duplicates}
 
     def _flush_queue(self) -> None:
         """Hand the tracker's new counts and delays to Prometheus; age out old messages."""
@@ -431,6 +437,11 @@ class LeakWatch:
             if delta:
                 m.mta_deliveries.labels(result=result.value).inc(delta)
         self._flushed_results = dict(queue.counts)
+        skips = self._skips()
+        for reason, value in skips.items():
+            if delta := value - self._flushed_skips[reason]:
+                m.mta_skipped_lines.labels(reason=reason).inc(delta)
+        self._flushed_skips = skips
         for delay in queue.take_delays():
             m.mta_delivery_delay.observe(delay)
         if self._clock() - self._expired_at >= QUEUE_EXPIRE_INTERVAL:

@@ -294,6 +294,7 @@ class RoundTripRun:
         verdicts = read_verdicts(msg, expect.authserv_id if expect is not None else None)
         result.auth = dict(verdicts.results)
         result.authserv_id = verdicts.authserv_id
+        result.auth_unparsed = list(verdicts.unparsed)
         result.hops = parse_hops(msg)
         return judge(verdicts, expect)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+import structlog
+import structlog.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -268,8 +270,11 @@ def test_a_failing_child_leaves_its_half_to_the_parent(monkeypatch: pytest.Monke
         return real(*args)
 
     monkeypatch.setattr(fastscan, "_queue_adds", dies_in_the_child)
-    got = assert_agree(_far_senders_log(), window=0, far_lookup="forward", parallel_from=0)
+    with structlog.testing.capture_logs() as logs:
+        got = assert_agree(_far_senders_log(), window=0, far_lookup="forward", parallel_from=0)
     assert [f.sender for f in got.findings] == [f"app{i}@example.com" for i in range(20)]
+    assert [(e["event"], e["reason"]) for e in logs] == [
+        ("scan_parallel_read_failed", "child failed")]
 
 
 def _far_senders_log() -> bytes:

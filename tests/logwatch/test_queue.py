@@ -341,6 +341,21 @@ async def test_watcher_exports_delivery_metrics_and_an_age_that_grows_between_re
         assert w.value("mta_oldest_deferred_seconds") == wall[0] - FIRST_SEEN
 
 
+async def test_skipped_delivery_lines_are_exported_by_reason(tmp_path: Path) -> None:
+    """A to= line cut short and an exact repeat are not deliveries, but each shows in
+    mta_delivery_lines_skipped_total, so a log that loses its stat= fields is visible."""
+    log = tmp_path / "maillog"
+    sent = to_line("2026-11-23T19:30:20+00:00", DEFERRED_QID, "a@example.com",
+                   "Sent (ok)", dsn="2.0.0")
+    cut = f"2026-11-23T19:30:26+00:00 vm sendmail[11000]: {DEFERRED_QID}: to=<trunc@exa"
+    log.write_text(f"{sent}\n{sent}\n{cut}\n")
+    async with watching(file_config(log)) as w:
+        await until(lambda: w.value("mta_delivery_lines_skipped_total",
+                                    reason="truncated") == 1)
+        assert w.value("mta_delivery_lines_skipped_total", reason="duplicate") == 1
+        assert w.value("mta_deliveries_total", result="sent") == 1
+
+
 async def test_restart_in_the_middle_neither_recounts_nor_forgets_deferred(
     tmp_path: Path,
 ) -> None:
