@@ -267,6 +267,11 @@ class ServerConfig(StrictModel):
         return int(self.listen.rpartition(":")[2])
 
 
+def with_scheme(url: str) -> str:
+    """`url`, read as push_to_gateway reads it: a bare HOST:PORT means http://HOST:PORT."""
+    return url if "://" in url else f"http://{url}"
+
+
 class PushgatewayConfig(SecretsModel):
     """Where `selfcheckd check` pushes its result (Messages' Pushgateway metrics)."""
 
@@ -282,13 +287,17 @@ class PushgatewayConfig(SecretsModel):
 
     secret_fields = ("password",)
 
+    @property
+    def absolute_url(self) -> str:
+        return with_scheme(self.url)
+
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        problem = url_problem(value if "://" in value else f"http://{value}")
+        problem = url_problem(with_scheme(value))
         if problem:
             raise ValueError(problem)
-        if "@" in urlsplit(value if "://" in value else f"http://{value}").netloc:
+        if "@" in urlsplit(with_scheme(value)).netloc:
             # urllib would resolve "user:pass@host" as a host name: every push would fail.
             raise ValueError("must not carry credentials; set username and password_file")
         return value
@@ -333,7 +342,7 @@ class Config(StrictModel):
         if self.pushgateway is not None:
             found.append(self.pushgateway.password)
             # Its path may carry a token; scheme://host:port is what logs show of it.
-            values |= url_secret_pieces(self.pushgateway.url)
+            values |= url_secret_pieces(self.pushgateway.absolute_url)
         urls: list[SecretStr | None] = [h.url for h in self.heartbeat]
         if self.leakwatch is not None and self.leakwatch.alert is not None:
             found.append(self.leakwatch.alert.secret)

@@ -47,7 +47,7 @@ from botocore.exceptions import (
 )
 from pydantic import SecretStr
 
-from daemon.config import Config, RouteConfig, Security
+from daemon.config import Config, RouteConfig, Security, with_scheme
 from daemon.config_base import scrub, url_origin
 from daemon.logwatch.config import CloudWatchSource, SinkholeModeWatch
 from daemon.logwatch.sources.cloudwatch import BOTO_ATTEMPTS, create_logs_client
@@ -427,8 +427,7 @@ def _region(region: str | None) -> str:
 
 def _pushgateway_target(url: str, timeout: float) -> Target:
     """The push goes through urllib, which honours http(s)_proxy / no_proxy: test that path."""
-    if "://" not in url:
-        url = f"http://{url}"  # a bare HOST:PORT, as push_to_gateway reads it
+    url = with_scheme(url)
     host = urlsplit(url).hostname or ""
     proxy = None if urllib.request.proxy_bypass(host) else \
         urllib.request.getproxies().get(urlsplit(url).scheme)

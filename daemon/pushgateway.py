@@ -44,7 +44,7 @@ from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 from prometheus_client.exposition import basic_auth_handler, default_handler
 
 from daemon.checks.result import CheckResult
-from daemon.config import PushgatewayConfig
+from daemon.config import PushgatewayConfig, with_scheme
 from daemon.config_base import MIN_SECRET_PIECE, scrub, url_secret_pieces
 
 log = structlog.get_logger("daemon.pushgateway")
@@ -91,8 +91,7 @@ def _parse_gateway(url: str) -> tuple[str, str | None]:
     A bare `host:port` means http, as in push_to_gateway. An out-of-range port is
     refused here: urllib would truncate it and connect to another port.
     """
-    if "://" not in url:
-        url = f"http://{url}"
+    url = with_scheme(url)
     scheme = url.partition("://")[0].lower()
     invalid = f"{scheme}://<invalid address>"
     try:
@@ -210,7 +209,7 @@ def _describe(exc: Exception, timeout: float) -> str:
 
 def _secrets(cfg: PushgatewayConfig) -> set[str]:
     try:
-        found = url_secret_pieces(cfg.url)
+        found = url_secret_pieces(cfg.absolute_url)
     except ValueError:  # not parseable (an unclosed IPv6 bracket): hide all of it
         found = {cfg.url}
     if cfg.password is not None and len(cfg.password.get_secret_value()) >= MIN_SECRET_PIECE:

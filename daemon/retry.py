@@ -28,6 +28,10 @@ import tenacity
 stamina.instrumentation.set_on_retry_hooks([])
 
 
+# initial * 2**63 exceeds any maximum a config accepts.
+MAX_DOUBLINGS = 64
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Capped exponential backoff: `initial`, doubling, never above `maximum`."""
@@ -48,8 +52,11 @@ class Backoff:
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after `failures` consecutive failures (1-based)."""
-        # The strategy reads only `attempt_number` from tenacity's call state.
-        state = cast(tenacity.RetryCallState, SimpleNamespace(attempt_number=max(1, failures)))
+        # The strategy reads only `attempt_number` from tenacity's call state. It computes
+        # 2 ** (n - 1) as an int: capped here, so a count restored from a state file cannot
+        # make that a number with 10^30 digits (the cap is reached long before anyway).
+        n = min(max(1, failures), MAX_DOUBLINGS)
+        state = cast(tenacity.RetryCallState, SimpleNamespace(attempt_number=n))
         return float(self._wait(state))
 
     def retrying(

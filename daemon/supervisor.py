@@ -270,7 +270,7 @@ class Supervisor:
                 why = "CancelledError escaped the component"
                 crashed = True
             except Exception as exc:
-                why = f"{type(exc).__name__}: {exc}"
+                why = crash_reason(exc)
                 crashed = True
             else:
                 if getattr(component, "may_finish", False):
@@ -289,3 +289,11 @@ class Supervisor:
             log.error("component_crashed", component=name, error=why, restart_in=delay,
                       restarts=state.restarts, exc_info=crashed)
             await self._sleep(delay)
+
+
+def crash_reason(exc: BaseException) -> str:
+    """`Type: message` of what killed a component, looking inside the exception groups a
+    TaskGroup wraps errors in (their own text says only how many there were)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"

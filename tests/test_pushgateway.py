@@ -444,6 +444,21 @@ def test_the_pushgateway_password_and_path_token_are_redacted(tmp_path: Path) ->
     assert "https://pgw.example:9091" not in values and "pgw.example:9091" not in values
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:9091", "127.0.0.1:9091/tok-123456",
+                                 "localhost:9091"])
+def test_a_bare_host_and_port_is_not_taken_for_a_secret(tmp_path: Path, url: str) -> None:
+    """Messages' `IP:PORT` form is read as http://IP:PORT, so its address stays readable
+    in log lines (it was scrubbed to `http://…` everywhere) while a path token is not."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[selfcheck.routes]]\nfrom = "a@example.com"\nto = "b@example.com"\n'
+        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
+        f'[pushgateway]\nurl = "{url}"\n')
+    values = load_config(path, {}).config.secret_values()
+    assert not any(v in "http://127.0.0.1:9091 http://localhost:9091" for v in values), values
+    assert ("tok-123456" in values) == ("tok" in url)
+
+
 def test_credentials_in_the_url_are_refused(tmp_path: Path) -> None:
     """`http://user:pass@host` would be resolved as a host name by urllib: refused at load."""
     path = tmp_path / "c.toml"

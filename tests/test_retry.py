@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from daemon.retry import Backoff
@@ -20,6 +23,16 @@ def test_jitter_stays_within_its_bound() -> None:
         base = min(3.0, 0.5 * 2 ** (n - 1))
         for _ in range(50):
             assert base <= b.delay(n) <= min(3.0, base + 0.5)
+
+
+def test_an_absurd_failure_count_gives_the_cap_at_once() -> None:
+    """A count restored from a state file (attempts = 10^30) gives the cap, instead of
+    computing 2^(10^30) as an int, which never finished and wedged the alert component."""
+    code = "from daemon.retry import Backoff; print(Backoff(1.0, 60.0, 0.0).delay(10**30))"
+    # A child process, so the old behaviour fails this test instead of hanging the suite.
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, check=True)
+    assert float(done.stdout) == 60.0
 
 
 def test_nonsense_bounds_are_refused() -> None:

@@ -86,6 +86,26 @@ async def test_crash_is_logged_once_counted_and_restarted_with_backoff(
     assert sup.problems() == {}
 
 
+async def test_a_crash_inside_a_task_group_is_named_by_its_cause(
+    running: tuple[Supervisor, FakeClock, Metrics],
+) -> None:
+    """A component whose TaskGroup failed is reported by the error inside the group, not
+    by the group's "unhandled errors in a TaskGroup (1 sub-exception)"."""
+    sup, clock, _ = running
+
+    class Grouped(Worker):
+        async def run(self, progress: Progress) -> None:
+            self.starts += 1
+            async with asyncio.TaskGroup() as group:
+                group.create_task(asyncio.sleep(3600))
+                raise OverflowError("backoff too large")
+
+    sup.start(Grouped("grouped"))
+    await clock.settle()
+    assert sup.problems() == {
+        "grouped": "crashed, restarting (OverflowError: backoff too large)"}
+
+
 async def test_returning_without_being_stopped_is_a_death(
     running: tuple[Supervisor, FakeClock, Metrics],
 ) -> None:
