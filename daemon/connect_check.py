@@ -149,6 +149,9 @@ def build_targets(config: Config) -> list[Target]:
             targets += [_cloudwatch_target(leak.cloudwatch, g) for g in leak.cloudwatch.log_groups]
         else:
             targets.append(Target("stdin", "", "leak source", DEFAULT_DEADLINE, _skip_stdin))
+        if (state := leak.state_path) is not None:
+            targets.append(Target("statefile", "", str(state), DEFAULT_DEADLINE,
+                                  lambda t: _check_state_file(state, t)))
         if leak.alert is not None:
             targets.append(_url_target("alert", "", leak.alert.url, leak.alert.timeout))
         if leak.sinkhole_mode.enabled:
@@ -330,6 +333,32 @@ def _open_for_reading(path: Path) -> int:
         raise TargetError(f"not a regular file: {what}")
     with path.open("rb") as fh:
         return os.fstat(fh.fileno()).st_size
+
+
+async def _check_state_file(path: Path, t: Target) -> str:
+    """The state file can be written where it is configured (nothing is written here)."""
+    t.step = "access"
+    return await in_daemon_thread(_state_file_access, path, name="connect-check")
+
+
+def _state_file_access(path: Path) -> str:
+    uid = os.getuid()
+    if path.is_dir():
+        raise TargetError("is a directory")
+    if path.exists() and not os.access(path, os.R_OK):
+        raise TargetError(f"not readable by uid {uid}: permission denied")
+    # Saving writes a temporary file beside it and renames it over: the directory, or the
+    # nearest one that exists when it is still to be created, must be writable.
+    directory = path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise TargetError(f"{directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise TargetError(f"{directory} is not writable by uid {uid}")
+    if directory != path.parent:
+        return f"{path.parent} will be created in {directory}"
+    return "exists, writable" if path.exists() else "writable directory, file not yet written"
 
 
 async def _skip_stdin(_t: Target) -> str:

@@ -215,6 +215,8 @@ class StateFile:
 
 def _write_atomically(path: Path, document: dict[str, Any]) -> None:
     payload = json.dumps(document, separators=(",", ":"))
+    # A fresh volume or host may not have the directory yet (/var/lib/selfcheckd).
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 import ssl
 import time
@@ -343,6 +344,29 @@ async def test_silent_servers_fail_within_their_deadline() -> None:
                             "the 0.7s deadline")
     assert 0.65 <= heartbeat[2] < 0.7 + 0.5
     assert report.elapsed < 1.5  # all at once, not one after the other
+
+
+@pytest.mark.parametrize(("make_path", "status", "detail"), [
+    (lambda tmp: tmp / "state.json", "ok", "writable directory, file not yet written"),
+    (lambda tmp: tmp / "lib" / "selfcheckd" / "state.json", "ok",
+     "{tmp}/lib/selfcheckd will be created in {tmp}"),
+    (lambda tmp: tmp, "FAIL", "is a directory"),
+    (lambda tmp: tmp / "maillog" / "state.json", "FAIL", "{tmp}/maillog is not a directory"),
+])
+async def test_the_state_file_location_is_checked_without_writing(
+    tmp_path: Path, make_path: Any, status: str, detail: str,
+) -> None:
+    """--connect says whether the state file can be saved where configured (a directory
+    still to be created is fine when its parent is writable) and writes nothing."""
+    maillog = tmp_path / "maillog"
+    maillog.write_text("a line\n", encoding="utf-8")
+    path = make_path(tmp_path)
+    report = await connect_check(make(leakwatch={**file_source(maillog),
+                                                 "state_file": str(path)}))
+    assert report.line("statefile")[:2] == (status, f"{path}: {detail.format(tmp=tmp_path)}"
+                                            if status == "FAIL" else
+                                            f"{path} ({detail.format(tmp=tmp_path)})")
+    assert sorted(os.listdir(tmp_path)) == ["maillog"]
 
 
 @pytest.mark.parametrize(("make_path", "reason"), [

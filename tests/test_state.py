@@ -68,10 +68,20 @@ async def test_save_is_atomic_and_round_trips(tmp_path: Path) -> None:
     assert loaded.outbox[0].key == "k" and loaded.outbox[0].attempts == 0
 
 
+async def test_a_missing_directory_is_created_on_the_first_save(tmp_path: Path) -> None:
+    """/var/lib/selfcheckd need not exist on a fresh volume: the first save makes it."""
+    path = tmp_path / "lib" / "selfcheckd" / "state.json"
+    state = state_file(path)
+    assert await state.save({"detector": {"senders": [], "reported": []}})
+    assert json.loads(path.read_text())["detector"] == {"senders": [], "reported": []}
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
 async def test_failed_write_is_counted_and_logged_once(tmp_path: Path) -> None:
     """A state file that cannot be written counts every failure and logs the first."""
     metrics = Metrics()
-    sf = StateFile(tmp_path / "missing-dir" / "leakwatch.json", metrics)
+    (tmp_path / "a-file").write_text("")
+    sf = StateFile(tmp_path / "a-file" / "leakwatch.json", metrics)
     with capture_logs() as logs:
         assert not await sf.save({})
         assert not await sf.save({})
