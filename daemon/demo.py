@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
 import secrets
 import signal
 import string
@@ -119,13 +121,18 @@ async def _demo(args: argparse.Namespace) -> int:
                   "(try --listen 127.0.0.1:0)", file=sys.stderr)
             return 3
         base = f"http://{config.server.host}:{daemon.listen_port}"
+        check_config = _write_check_config(args.workdir, config)
+        command = invoked_as(absolute=True)
         print(
             f"\nselfcheckd demo is running (selfcheck every {args.interval:g}s).\n"
             f"  metrics:  {base}/metrics\n  status:   {base}/status\n"
             f"  maillog:  {maillog.resolve()}  (the leak watcher follows it)\n"
             f"  leak:     a leaked recipient line is appended in 5 s"
             f"{'' if args.inject_leak else ' (disabled)'}; append your own with\n"
-            f"            {invoked_as()} demo --print-leak-line >> {maillog}\n"
+            f"            {command} demo --print-leak-line >> {maillog.resolve()}\n"
+            f"  by hand:  {command} check --config {check_config} --verbose\n"
+            f"            ({check_config}: this stack's SMTP and IMAP, for check and "
+            "config-check --connect)\n"
             "Ctrl-C stops it.\n",
             file=sys.stderr, flush=True,
         )
@@ -143,6 +150,33 @@ async def _demo(args: argparse.Namespace) -> int:
             await daemon.shutdown()
         await receiver.cleanup()
         await stack.stop()
+
+
+def _write_check_config(workdir: Path, config: Config) -> Path:
+    """A config for `check` against the running stack (its ports change on every start)."""
+    route = config.selfcheck.routes[0]
+    secret = config.selfcheck.secret
+    imap_password = route.imap.password
+    assert secret is not None  # the demo config sets both
+    assert imap_password is not None
+    q = json.dumps  # a JSON string or number is a TOML one here (ASCII, no control chars)
+    text = (
+        "# Written by `selfcheckd demo` for the stack it runs now; its ports change on\n"
+        "# every start. The demo's own secret, so either side may sweep the other's probes.\n"
+        f"[selfcheck]\nsecret = {q(secret.get_secret_value())}\ntimeout = 20\n\n"
+        f"[[selfcheck.routes]]\nname = {q(route.name)}\n"
+        f"from = {q(route.from_)}\nto = {q(route.to)}\n"
+        f"smtp = {{ host = {q(route.smtp.host)}, port = {route.smtp.port}, "
+        'security = "none" }\n'
+        f"imap = {{ host = {q(route.imap.host)}, port = {route.imap.port}, "
+        f'security = "none", username = {q(route.imap.username)}, '
+        f"password = {q(imap_password.get_secret_value())} }}\n"
+    )
+    path = workdir.resolve() / "check.toml"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path
 
 
 def _fresh_maillog(workdir: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,17 +28,37 @@ def test_every_printed_leak_line_is_a_new_leak() -> None:
     assert all(re.fullmatch(r"[0-9A-Za-z]{8}\d{6}", f.queue_id) for f in findings)
 
 
-async def test_the_banner_prints_a_command_that_works_as_shown(tmp_path: Path) -> None:
-    """The banner's `... demo --print-leak-line >> maillog` runs as printed, from where we are."""
-    exe = os.path.relpath(SELFCHECKD, tmp_path)  # noqa: ASYNC240 - pure path arithmetic
+async def test_the_banner_prints_commands_that_work_as_shown_from_anywhere(
+    tmp_path: Path,
+) -> None:
+    """The banner's leak and check commands run as printed, also from another directory
+    than the demo's (scripts/demo changes into the repository): the check passes."""
+    workdir, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    workdir.mkdir()
+    elsewhere.mkdir()
+    exe = os.path.relpath(SELFCHECKD, workdir)  # noqa: ASYNC240 - pure path arithmetic
     proc = await asyncio.create_subprocess_exec(
-        exe, "demo", "--duration", "2", "--listen", "127.0.0.1:0", "--no-inject-leak",
-        "--interval", "60", cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode == 0, err.decode()
-    [command] = re.findall(r"^ +(\S+ demo --print-leak-line >> \S+)$", err.decode(), re.M)
-    assert command.startswith(f"{exe} demo")
-    shell = await asyncio.create_subprocess_shell(command, cwd=tmp_path)
-    assert await asyncio.wait_for(shell.wait(), timeout=60) == 0
-    maillog = (tmp_path / ".demo" / "maillog").read_text().splitlines()
-    assert [line for line in maillog if "@sinkhole.test" in line] == maillog[-1:]
+        exe, "demo", "--duration", "30", "--listen", "127.0.0.1:0", "--no-inject-leak",
+        "--interval", "600", cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    banner = ""
+    while "Ctrl-C" not in banner:
+        line = await asyncio.wait_for(proc.stderr.readline(), timeout=60)
+        assert line, banner
+        banner += line.decode()
+    try:
+        [leak] = re.findall(r"^ +(\S+ demo --print-leak-line >> \S+)$", banner, re.M)
+        [check] = re.findall(r"^  by hand: +(\S+ check --config \S+ --verbose)$", banner, re.M)
+        for command in (leak, check):
+            shell = await asyncio.create_subprocess_shell(
+                command, cwd=elsewhere, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = await asyncio.wait_for(shell.communicate(), timeout=60)
+            assert shell.returncode == 0, (command, out.decode(), err.decode())
+        assert b"selfcheck_completed success=true" in err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0
+    maillog = (workdir / ".demo" / "maillog").read_text()
+    assert maillog.count("@sinkhole.test") == 1  # the line the banner's command appended
+    assert (workdir / ".demo" / "check.toml").stat().st_mode & 0o777 == 0o600
