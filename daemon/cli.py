@@ -64,7 +64,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     names = [r.name for r in cfg.selfcheck.routes]
     unknown = [n for n in args.route or [] if n not in names]
     if unknown:
-        print(f"selfcheckd check: --route: no such route: {', '.join(unknown)} "
+        print(f"selfcheckd check: --route: no such route: {', '.join(map(_shown, unknown))} "
               f"(routes: {', '.join(names)})", file=sys.stderr)
         return EXIT_CONFIG
     routes = [r for r in cfg.selfcheck.routes if not args.route or r.name in args.route]
@@ -137,6 +137,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
     return run_demo(args)
+
+
+def _shown(name: str) -> str:
+    """A route name as typed, quoted when it would not read as one (empty, spaces)."""
+    return name if name and name.isprintable() and not any(c.isspace() for c in name) \
+        else repr(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,7 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Said by the command's own parser, so its usage line is the one shown (argparse
+        # has no public way to reach a subparser).
+        commands = next(a for a in parser._actions
+                        if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

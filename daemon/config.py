@@ -360,8 +360,10 @@ class Config(StrictModel):
         if not isinstance(targets, list):
             return super().check_table(table, info, problems)
         names = [n for t in targets if isinstance(n := table_value(t, "name", "default"), str)]
-        if len(set(names)) != len(names):
-            problems.append((("heartbeat",), "target names must be unique"))
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            problems.append((("heartbeat",), "target names must be unique (repeated: "
+                             f"{', '.join(repeated)})"))
         known = route_names(table.get("selfcheck", {}))
         # A route whose name is itself invalid leaves the known names unknown.
         if known is None or not all(isinstance(n, str) for n in known):

@@ -60,7 +60,11 @@ def make_app(source: StatusSource, registry: CollectorRegistry) -> web.Applicati
                             content_type="application/json")
 
     async def probe(request: web.Request) -> web.Response:
-        route = request.query.get("route", "")
+        given = request.query.getall("route", [])
+        if len(given) > 1:
+            return web.json_response({"error": "give one route: /probe?route=NAME"},
+                                     status=400)
+        route = given[0] if given else ""
         if not route:
             return web.json_response({"error": "give the route: /probe?route=NAME"}, status=400)
         code, body = await source.probe(route)

@@ -73,3 +73,18 @@ def test_check_route_unknown_is_a_usage_error_naming_it(
     assert code == 2
     assert capsys.readouterr().err == (
         "selfcheckd check: --route: no such route: typo (routes: a)\n")
+    assert main(["check", "--config", str(cfg), "--route", ""]) == 2
+    assert capsys.readouterr().err == (
+        "selfcheckd check: --route: no such route: '' (routes: a)\n")
+
+
+def test_an_unknown_flag_shows_the_commands_own_usage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`check --bogus` is exit 2 with check's usage line, not the top-level one."""
+    with pytest.raises(SystemExit) as exited:
+        main(["check", "--bogus"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: selfcheckd check ")
+    assert err.endswith("selfcheckd check: error: unrecognized arguments: --bogus\n")

@@ -419,6 +419,10 @@ async def test_probe_runs_the_route_now_and_answers_its_result(
         code, body = await get(daemon.listen_port, "/probe?route=nope")
         assert code == 404 and json.loads(body)["routes"] == ["default"]
         assert (await get(daemon.listen_port, "/probe"))[0] == 400
+        # Two routes in one request: which one would run? Neither.
+        code, body = await get(daemon.listen_port, "/probe?route=default&route=nope")
+        assert code == 400 and "one route" in json.loads(body)["error"]
+        assert mail_stack.smtp.delivered == 2
     finally:
         await daemon.shutdown()
 

@@ -492,3 +492,16 @@ def test_a_target_covering_no_route_is_a_config_error(tmp_path: Path) -> None:
         load_config(path, {})
     assert caught.value.problems == [
         "heartbeat[0].routes: must not be empty (leave the key out for the default)"]
+
+
+def test_a_repeated_target_name_is_named(tmp_path: Path) -> None:
+    """Two targets with one name: the error says which name, as it does for routes."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[selfcheck.routes]]\nfrom = "a@example.com"\nto = "b@example.com"\n'
+        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
+        '[[heartbeat]]\nname = "updown"\nurl = "https://pulse.example/tok"\n'
+        '[[heartbeat]]\nname = "updown"\nurl = "https://pulse.example/other"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == ["heartbeat: target names must be unique (repeated: updown)"]

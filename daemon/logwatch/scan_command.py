@@ -276,10 +276,7 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
         summary = _summary(processor, report, source, time.monotonic() - started)
     if summary["lines"] and summary["mta_lines"] == 0:
         # Not a mail log at all: "no leak" would pass the wrong file as clean.
-        read = summary["lines"]
-        which = "the one line read is not" if read == 1 else f"none of the {read} lines read is"
-        err.write(f"scan: {source}: {which} a sendmail or Postfix log line; "
-                  "is this the mail log?\n")
+        err.write(_not_a_mail_log(summary["lines"], source, args.file))
         return EXIT_BAD_INPUT
     _print_summary(summary, bool(args.json), err)
     return EXIT_LEAKS if report.leaks else EXIT_CLEAN
@@ -412,16 +409,31 @@ def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
     seconds = time.monotonic() - started
     if queue_id is not None:
         return _finish_history(scan, queue_id, source, seconds, err)
-    return _finish_queue(scan, source, seconds, err)
+    return _finish_queue(scan, source, seconds, err, args.file)
 
 
-def _finish_queue(scan: QueueScan, source: str, seconds: float, err: TextIO) -> int:
+def _not_a_mail_log(read: int, source: str, file: str | None) -> str:
+    """The one line for input that holds no mail log line (exit 2)."""
+    which = "the one line read is not" if read == 1 else f"none of the {read} lines read is"
+    if file is not None and _is_gzip(Path(file)):
+        return (f"scan: {source}: {which} a sendmail or Postfix log line; it is "
+                f"gzip-compressed: pipe it in with zcat {file} | selfcheckd scan ...\n")
+    return f"scan: {source}: {which} a sendmail or Postfix log line; is this the mail log?\n"
+
+
+def _is_gzip(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def _finish_queue(scan: QueueScan, source: str, seconds: float, err: TextIO,
+                  file: str | None) -> int:
     summary = _summary(scan.processor, scan.report, source, seconds)
     if summary["lines"] and not summary["mta_lines"]:
-        read = summary["lines"]
-        which = "the one line read is not" if read == 1 else f"none of the {read} lines read is"
-        err.write(f"scan: {source}: {which} a sendmail or Postfix log line; "
-                  "is this the mail log?\n")
+        err.write(_not_a_mail_log(summary["lines"], source, file))
         return EXIT_BAD_INPUT
     queue = scan.queue
     queue.expire()  # past the retention before the input's end: returned or gone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -117,6 +118,17 @@ def test_a_file_that_is_no_mail_log_is_bad_input(tmp_path: Path, text: str) -> N
     assert (code, out) == (2, "")
     assert err == (f"scan: {log}: none of the 5 lines read is a sendmail or Postfix log "
                    "line; is this the mail log?\n")
+
+
+@pytest.mark.parametrize("queue", [False, True])
+def test_a_compressed_log_is_named_as_such(tmp_path: Path, queue: bool) -> None:
+    """A rotated maillog.1.gz given as is: exit 2, and the line says how to read it."""
+    log = tmp_path / "maillog.1.gz"
+    log.write_bytes(gzip.compress(b"2026-11-23T19:30:26Z h sendmail[1]: x: from=<a@b>\n" * 50))
+    code, out, err = run_scan(["--file", str(log), *(["--queue"] if queue else [])])
+    assert (code, out) == (2, "")
+    assert err.startswith(f"scan: {log}: ")
+    assert err.endswith(f"gzip-compressed: pipe it in with zcat {log} | selfcheckd scan ...\n")
 
 
 def test_an_empty_file_is_a_blind_scan_not_an_error(tmp_path: Path) -> None:
