@@ -260,7 +260,7 @@ class Supervisor:
             progress.up()  # until it reports otherwise
             try:
                 await component.run(progress)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as cancelled:
                 if _being_cancelled():
                     state.state = "stopped"
                     progress.down("stopped")
@@ -268,17 +268,19 @@ class Supervisor:
                 # Nobody cancelled us: a cancellation leaked out of the component's own
                 # awaits. It is as dead as after a crash.
                 why = "CancelledError escaped the component"
-                crashed = True
+                crash: BaseException | None = cancelled
             except Exception as exc:
                 why = crash_reason(exc)
-                crashed = True
+                # Kept: the log line below is written after this block, where
+                # exc_info=True would find no exception and print no traceback.
+                crash = exc
             else:
                 if getattr(component, "may_finish", False):
                     state.state = "finished"
                     log.info("component_finished", component=name)
                     return
                 why = "returned without being stopped"
-                crashed = False
+                crash = None
             failures = 1 if self.clock() - started >= HEALTHY_RUN else failures + 1
             delay = round(self._backoff.delay(failures), 3)
             state.restarts += 1
@@ -287,7 +289,8 @@ class Supervisor:
             state.reason = why
             self.metrics.component_restarts.labels(name).inc()
             log.error("component_crashed", component=name, error=why, restart_in=delay,
-                      restarts=state.restarts, exc_info=crashed)
+                      restarts=state.restarts, exc_info=crash or False)
+            crash = None  # its traceback holds the dead run's frames; not across the sleep
             await self._sleep(delay)
 
 

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from structlog.processors import format_exc_info
 from structlog.testing import capture_logs
 
 from daemon.metrics import Metrics
@@ -80,7 +81,12 @@ async def test_crash_is_logged_once_counted_and_restarted_with_backoff(
         assert worker.starts == 4
     crashes = [e for e in logs if e["event"] == "component_crashed"]
     assert [e["restart_in"] for e in crashes] == [1.0, 2.0, 4.0]
-    assert all(e["exc_info"] is True and e["log_level"] == "error" for e in crashes)
+    assert all(e["log_level"] == "error" for e in crashes)
+    # The traceback itself, as the log renders it (exc_info=True after the except block
+    # rendered nothing).
+    rendered = [format_exc_info(None, "error", dict(e)).get("exception", "") for e in crashes]
+    assert [r.startswith("Traceback") and f"RuntimeError: boom {i}" in r
+            for i, r in enumerate(rendered, 1)] == [True] * 3
     assert sample(metrics, "selfcheckd_component_restarts_total", "worker") == 3
     assert sample(metrics, "selfcheckd_component_up", "worker") == 1
     assert sup.problems() == {}
