@@ -23,14 +23,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from daemon.metrics import Metrics
 from daemon.threads import in_daemon_thread
@@ -38,17 +39,37 @@ from daemon.threads import in_daemon_thread
 log = structlog.get_logger("daemon.state")
 
 VERSION = 2  # 1: CloudWatch cursor and detector only (still read)
+# Far more than the bounded sections ever take (20 000 queue messages: about 7.4 MB); a
+# bigger file is not ours, and reading it whole would cost that much memory.
+MAX_STATE_BYTES = 64 << 20
+# Our own clock wrote the cursor and the alerts' creation times: later than this past the
+# clock now, they are not ours either (a cursor in the future would read nothing, for ever).
+FUTURE_SLACK = 86_400.0
 # The detector's memory is bounded in the file too, so a write stays small.
 MAX_PERSISTED_ENTRIES = 20_000
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # NaN and Infinity are not JSON, but Python's json reads them: an alert created at
+    # NaN would never expire.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _no_bool(value: Any) -> Any:
+    # Documents are validated leniently (so JSON lists can become tuples), which reads
+    # `true` as 1: never a cursor.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+# Milliseconds since the epoch.
+EpochMs = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
 
 
 class CloudWatchState(_Section):
-    cursor_ms: int | None = None
-    seen: list[tuple[str, int]] = Field(default_factory=list)
+    cursor_ms: EpochMs | None = None
+    seen: list[tuple[str, EpochMs]] = Field(default_factory=list)
 
 
 class FileState(_Section):
@@ -126,6 +147,17 @@ def parse_state(data: Any) -> LeakwatchState:
         raise ValueError(f"{where}: {first['msg']}") from None
 
 
+def implausible(state: LeakwatchState, now: float) -> str | None:
+    """Why a well-formed `state` cannot have been written by this clock, or None."""
+    latest = now + FUTURE_SLACK
+    if state.cloudwatch is not None and (state.cloudwatch.cursor_ms or 0) > latest * 1000:
+        return "cloudwatch.cursor_ms: in the future"
+    for i, alert in enumerate(state.outbox):
+        if alert.created_at > latest:
+            return f"outbox.{i}.created_at: in the future"
+    return None
+
+
 def trim(entries: list[Any]) -> list[Any]:
     return entries[-MAX_PERSISTED_ENTRIES:]
 
@@ -148,21 +180,25 @@ class StateFile:
         if self.path is None:
             return None
         try:
-            data = self.path.read_bytes()
+            data = _read_regular_file(self.path)
         except FileNotFoundError:
             log.info("state_file_absent", path=str(self.path))
             return None
         except OSError as exc:
-            self.quarantine(f"cannot read: {exc.strerror}")
+            self.quarantine(f"cannot read: {exc.strerror or exc}")
             return None
         try:
-            return parse_state(json.loads(data))
+            state = parse_state(json.loads(data))
         except ValueError as exc:  # bad JSON, bad UTF-8 and a wrong shape are all ValueErrors
             self.quarantine(f"{type(exc).__name__}: {exc}"[:300])
             return None
         except RecursionError:
             self.quarantine("nested too deeply")
             return None
+        if (why := implausible(state, self._wall())) is not None:
+            self.quarantine(why)
+            return None
+        return state
 
     def quarantine(self, why: str) -> Path | None:
         """Move the unusable file aside, with one warning naming both paths."""
@@ -211,6 +247,23 @@ class StateFile:
             log.error("state_file_write_failed", path=str(self.path), error=error)
         self.last_error = error
         return False
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of `path`; OSError when it is no regular file or too big to be ours.
+
+    Opened without blocking, so a FIFO at the path cannot hang the start; its type and
+    size are read from the open file, so nothing can swap it in between.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"not a regular file (mode {stat.filemode(info.st_mode)})")
+        if info.st_size > MAX_STATE_BYTES:
+            raise OSError(f"{info.st_size} bytes, more than the {MAX_STATE_BYTES} a state "
+                          "file can hold")
+        return fh.read(MAX_STATE_BYTES + 1)
 
 
 def _write_atomically(path: Path, document: dict[str, Any]) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from daemon.metrics import Metrics
-from daemon.state import StateFile, parse_state
+from daemon.state import MAX_STATE_BYTES, StateFile, parse_state
 
 WALL = 1795462313.0  # 2026-11-23T19:31:53Z
 
@@ -27,6 +28,14 @@ def state_file(path: Path) -> StateFile:
     '{"version":9}',
     '[1,2,3]',
     '{"version":2,"cursor":',
+    # Well-formed, but no clock of ours wrote them: the watcher would read nothing from a
+    # cursor in the future, fail every poll on a negative one, never expire a NaN alert.
+    '{"version":2,"cloudwatch":{"cursor_ms":true}}',
+    '{"version":2,"cloudwatch":{"cursor_ms":-5}}',
+    '{"version":2,"cloudwatch":{"cursor_ms":1000000000000000000}}',
+    '{"version":2,"cloudwatch":{"cursor_ms":5,"seen":[["e1",-1]]}}',
+    *(f'{{"version":2,"outbox":[{{"id":"a1","key":"k","summary":"s","severity":"critical",'
+      f'"created_at":{when}}}]}}' for when in ("NaN", "Infinity", "1e15")),
 ])
 def test_unusable_file_is_moved_aside_with_one_warning(tmp_path: Path, document: str) -> None:
     """Valid JSON of the wrong shape, or no JSON, is quarantined and reads as no state."""
@@ -95,6 +104,28 @@ def test_parse_names_the_bad_section() -> None:
     """The ValueError says where the document went wrong."""
     with pytest.raises(ValueError, match=r"^cloudwatch"):
         parse_state({"version": 1, "cloudwatch": {"seen": 5}})
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "oversized"])
+def test_a_path_that_is_no_regular_file_or_too_big_is_moved_aside(
+    tmp_path: Path, kind: str,
+) -> None:
+    """A FIFO (reading it blocked the start for ever), a link to /dev/zero (read until
+    memory ran out) or a file past the size limit is moved aside without being read."""
+    path = tmp_path / "leakwatch.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        with path.open("wb") as fh:
+            fh.truncate(MAX_STATE_BYTES + 1)  # sparse: costs no disk
+    with capture_logs() as logs:
+        assert state_file(path).load() is None
+    assert not path.exists()
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"] == "state_file_quarantined"
+    assert ("regular file" if kind != "oversized" else "bytes, more than") in warning["reason"]
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe not utf-8 \x80", b"[" * 100_000])

@@ -283,8 +283,8 @@ class LeakWatch:
             self._restore_document(handover, origin="handover")
         else:
             loaded = self.state.load()
-            if loaded is not None and not self._apply(loaded):
-                self.state.quarantine("the saved state could not be applied")
+            if loaded is not None and (why := self._apply(loaded)) is not None:
+                self.state.quarantine(why)
         self.opened = True
         if self.outbox is not None and self.state.path is None:
             log.warning("leakwatch_without_state_file",
@@ -308,11 +308,11 @@ class LeakWatch:
         except ValueError as exc:
             log.warning("leakwatch_state_not_taken", origin=origin, reason=str(exc))
             return
-        if not self._apply(parsed):
-            log.warning("leakwatch_state_not_taken", origin=origin, reason="could not apply")
+        if (why := self._apply(parsed)) is not None:
+            log.warning("leakwatch_state_not_taken", origin=origin, reason=why)
 
-    def _apply(self, state: LeakwatchState) -> bool:
-        """Apply every section or none; False (nothing changed) if one does not fit."""
+    def _apply(self, state: LeakwatchState) -> str | None:
+        """Apply every section or none; why not (nothing changed) if one does not fit."""
         try:
             position = None
             if state.file is not None and isinstance(self.source, FileLines):
@@ -323,8 +323,7 @@ class LeakWatch:
             messages = [] if state.queue is None else [
                 Message.from_state(m.model_dump()) for m in state.queue.messages]
         except (ValueError, TypeError, KeyError) as exc:
-            log.warning("leakwatch_state_unusable", reason=f"{type(exc).__name__}: {exc}")
-            return False
+            return f"{type(exc).__name__}: {exc}"[:300]
         if state.detector is not None:
             self.detector.restore(state.detector.senders, state.detector.reported)
         if state.queue is not None:
@@ -341,7 +340,7 @@ class LeakWatch:
             log.warning("leakwatch_alerts_undeliverable", pending=len(alerts),
                         hint="configure [leakwatch.alert] to deliver them; they are kept "
                              "in the state file meanwhile")
-        return True
+        return None
 
     async def prime(self) -> None:
         """Fix the source's starting point now (see FileLines.prime)."""

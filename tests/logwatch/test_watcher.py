@@ -81,6 +81,8 @@ async def test_file_source_alerts_once_per_leak_and_exports_metrics(tmp_path: Pa
     '{"version":1,"cloudwatch":{"seen":5}}',
     '{"version":1,"cloudwatch":[]}',
     '{"version":1,"detector":{"senders":[1,2]}}',
+    # Well-formed but not applicable: one warning, naming the real reason.
+    '{"version":2,"file":{"path":"LOG","device":1,"inode":-1,"offset":0,"fingerprint":"ab"}}',
 ])
 async def test_state_file_of_the_wrong_shape_never_kills_the_watcher(
     tmp_path: Path, document: str,
@@ -88,6 +90,7 @@ async def test_state_file_of_the_wrong_shape_never_kills_the_watcher(
     """A state file that is valid JSON of the wrong shape is moved aside; the watcher runs."""
     log, state = tmp_path / "maillog", tmp_path / "leakwatch.json"
     log.write_text("")
+    document = document.replace("LOG", str(log))
     state.write_text(document)
     with capture_logs() as logs:
         async with watching(file_config(log, state_file=str(state))) as w:
@@ -98,6 +101,9 @@ async def test_state_file_of_the_wrong_shape_never_kills_the_watcher(
             assert w.supervisor.problems() == {}
     events = [e["event"] for e in logs]
     assert "state_file_quarantined" in events and "leakwatch_started" in events
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"] == "state_file_quarantined"
+    assert "could not" not in warning["reason"]  # the cause, not that there was one
     [moved] = list(tmp_path.glob("leakwatch.json.corrupt-*"))  # noqa: ASYNC240
     assert moved.read_text() == document
     assert json.loads(state.read_text())["version"] == 2  # a fresh state was saved
