@@ -332,6 +332,62 @@ async def test_copytruncate_refilled_past_offset_is_read_from_start(tmp_path: Pa
     tail.close()
 
 
+async def test_copytruncate_reads_the_unread_rest_from_the_copy_first(tmp_path: Path) -> None:
+    """Lines written after our last read and copied aside by copytruncate are read from
+    the copy (maillog.1), then the truncated file from 0: none lost, none twice."""
+    log = tmp_path / "maillog"
+    log.write_text("seen\n")
+    base = _fds()
+    tail = FileTail(log, from_beginning=True)
+    assert await tail.read() == ["seen"]
+    _append(log, "written before the rotation\n")
+    shutil.copyfile(log, tmp_path / "maillog.1")
+    os.truncate(log, 0)
+    _append(log, "written after it\n")
+    with capture_logs() as logs:
+        assert await _drain(tail) == ["written before the rotation", "written after it"]
+    assert "leakwatch_file_resumed_copy" in _events(logs)
+    assert "leakwatch_file_truncated" not in _events(logs)
+    _append(log, "and later\n")
+    assert await tail.read() == ["and later"]
+    tail.close()
+    assert _fds() == base
+
+
+async def test_restart_after_copytruncate_reads_the_copy_then_the_file(tmp_path: Path) -> None:
+    """Stopped, then copytruncate: the lines written while we were down are in the copy
+    (maillog-20261125) and are read from there; an older copy is left alone."""
+    log = tmp_path / "maillog"
+    (tmp_path / "maillog-20261124").write_text("yesterday's copy, longer than our offset\n")
+    log.write_text("seen\n")
+    first = FileTail(log, from_beginning=True)
+    assert await first.read() == ["seen"]
+    first.close()
+    _append(log, "a leak while we were down\n")
+    shutil.copyfile(log, tmp_path / "maillog-20261125")
+    os.truncate(log, 0)
+    _append(log, "after the rotation\n")
+    second = FileTail(log, position=_saved(first))
+    assert await _drain(second) == ["a leak while we were down", "after the rotation"]
+    second.close()
+
+
+async def test_a_truncation_without_a_matching_copy_reads_from_start(tmp_path: Path) -> None:
+    """`> maillog` beside an unrelated maillog.1: that file is not ours, nothing is read
+    from it, the truncated file is read from 0."""
+    log = tmp_path / "maillog"
+    (tmp_path / "maillog.1").write_text("another day's lines, longer than the offset\n")
+    log.write_text("seen\n")
+    tail = FileTail(log, from_beginning=True)
+    assert await tail.read() == ["seen"]
+    os.truncate(log, 0)
+    _append(log, "new\n")
+    with capture_logs() as logs:
+        assert await _drain(tail) == ["new"]
+    assert _events(logs) == ["leakwatch_file_truncated"]
+    tail.close()
+
+
 async def test_no_file_handle_leaks_across_rotations_and_close(tmp_path: Path) -> None:
     """Rename rotations, truncations and close() leave no file descriptor behind."""
     log = tmp_path / "maillog"

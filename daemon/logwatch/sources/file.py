@@ -348,6 +348,13 @@ class FileTail:
         if at is not None and (at.device, at.inode) == (fst.st_dev, fst.st_ino):
             if fst.st_size >= at.offset and _fingerprint_at(fd, at.offset) == at.fingerprint:
                 offset = at.offset
+            elif (copy := self._find_copy(step, at)) is not None:
+                # Truncated while we were away, its bytes copied aside first: finish the
+                # copy, then read this file from 0 (the walk does both).
+                step.opened.remove(fd)
+                os.close(fd)
+                step.cursor = replace(cursor, fd=copy[0], at=copy[1])
+                return fst
             else:
                 step.events.append(("info", "leakwatch_file_truncated", {"offset": at.offset}))
                 offset = 0
@@ -409,6 +416,47 @@ class FileTail:
             return fd, resume
         return None
 
+    def _find_copy(self, step: _Step, at: FilePosition) -> tuple[int, FilePosition] | None:
+        """After our file was truncated in place: the copy logrotate's copytruncate left
+        beside it (`maillog.1`, `maillog-20261125`; not compressed yet) if it still holds
+        the bytes we stopped at, opened and positioned there. Newest first; None if none."""
+        if at.offset == 0:
+            return None  # nothing was read, so nothing can be missing
+        try:
+            with os.scandir(self.path.parent) as scan:
+                entries = [e for e in scan if e.name.startswith(self.path.name)
+                           and e.name != self.path.name
+                           and not e.name.lower().endswith(_COMPRESSED_SUFFIXES)]
+        except OSError:
+            return None
+        candidates: list[tuple[int, str]] = []
+        for entry in entries:
+            try:
+                est = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if (stat.S_ISREG(est.st_mode) and est.st_size >= at.offset
+                    and (est.st_dev, est.st_ino) != (at.device, at.inode)):
+                candidates.append((est.st_mtime_ns, entry.path))
+        for _, name in sorted(candidates, reverse=True):
+            try:
+                fd, fst = _open_regular(Path(name))
+            except (OSError, SourceUnavailable):
+                continue
+            try:
+                same = fst.st_size >= at.offset and (
+                    _fingerprint_at(fd, at.offset) == at.fingerprint)
+            except OSError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            step.opened.append(fd)
+            step.events.append(("info", "leakwatch_file_resumed_copy",
+                                {"copy": name, "offset": at.offset}))
+            return fd, FilePosition(fst.st_dev, fst.st_ino, at.offset, at.fingerprint)
+        return None
+
     def _advance(self, step: _Step, *, final: bool) -> None:
         """Hand out the complete lines after the cursor, within what is left of the budget."""
         cursor = step.cursor
@@ -424,6 +472,13 @@ class FileTail:
             data = os.pread(fd, keep + min(budget, size - at.offset), at.offset - keep)
         skip = cursor.skip_line
         if size < at.offset or _fingerprint(data[:keep]) != at.fingerprint:
+            if not final and (copy := self._find_copy(step, at)) is not None:
+                # copytruncate: what was written after our offset and before the truncation
+                # is in the copy. Read it there first; this file is reopened from 0 after.
+                step.retired.append(fd)
+                step.cursor = replace(cursor, fd=copy[0], at=copy[1])
+                step.more = True
+                return
             # Truncated, perhaps refilled past the offset already: what we had is gone.
             step.events.append(("info", "leakwatch_file_truncated", {"offset": at.offset}))
             at = replace(at, offset=0, fingerprint=_EMPTY_FINGERPRINT)
