@@ -499,7 +499,9 @@ async def test_restart_after_rotation_finishes_the_rotated_file_first(tmp_path: 
     first.close()
     _append(log, "leak before rotation\n")
     os.rename(log, tmp_path / "maillog-20261125")
-    (tmp_path / "maillog.2.gz").write_bytes(b"\x1f\x8b compressed")
+    older = tmp_path / "maillog.2.gz"
+    older.write_bytes(b"\x1f\x8b compressed")
+    os.utime(older, (1, 1))  # an older rotation: gzip keeps the file's own mtime
     log.write_text("after rotation\n")
     second = FileTail(log, position=_saved(first))
     with capture_logs() as logs:
@@ -507,6 +509,30 @@ async def test_restart_after_rotation_finishes_the_rotated_file_first(tmp_path: 
     assert _events(logs) == ["leakwatch_file_resumed_rotated", "leakwatch_file_rotated"]
     assert second.position is not None
     assert second.position.inode == log.stat().st_ino
+    second.close()
+
+
+async def test_two_rotations_while_stopped_name_the_file_not_read(tmp_path: Path) -> None:
+    """Rotated twice while stopped: our file is finished and the new one read, and the
+    file between them, which is not, is named in a warning (it was skipped silently)."""
+    log = tmp_path / "maillog"
+    log.write_text("seen\n")
+    first = FileTail(log, from_beginning=True)
+    assert await first.read() == ["seen"]
+    first.close()
+    _append(log, "ours, unread\n")
+    os.rename(log, tmp_path / "maillog.1")
+    os.utime(tmp_path / "maillog.1", (1000, 1000))
+    log.write_text("between\n")
+    os.rename(tmp_path / "maillog.1", tmp_path / "maillog.2")
+    os.rename(log, tmp_path / "maillog.1")
+    log.write_text("now\n")
+    second = FileTail(log, position=_saved(first))
+    with capture_logs() as logs:
+        assert await _drain(second) == ["ours, unread", "now"]
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"] == "leakwatch_file_rotations_not_read"
+    assert warning["files"] == [str(tmp_path / "maillog.1")]
     second.close()
 
 

@@ -413,8 +413,30 @@ class FileTail:
             step.opened.append(fd)
             step.events.append(("info", "leakwatch_file_resumed_rotated",
                                 {"rotated": entry.path, "offset": resume.offset}))
+            self._warn_skipped(step, entries, entry, est)
             return fd, resume
         return None
+
+    def _warn_skipped(self, step: _Step, entries: list[os.DirEntry[str]],
+                      ours: os.DirEntry[str], ours_st: os.stat_result) -> None:
+        """Rotated more than once while we were stopped: the files written between ours
+        and the one at the path are not read. Say which, so they can be scanned."""
+        later = []
+        for entry in entries:
+            if entry.name == self.path.name or entry.path == ours.path \
+                    or not entry.name.startswith(self.path.name):
+                continue
+            try:
+                est = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(est.st_mode) and est.st_mtime_ns > ours_st.st_mtime_ns:
+                later.append(entry.path)
+        if later:
+            step.events.append(("warning", "leakwatch_file_rotations_not_read",
+                                {"files": sorted(later),
+                                 "hint": "rotated more than once while stopped; "
+                                         "scan them: selfcheckd scan --file FILE"}))
 
     def _find_copy(self, step: _Step, at: FilePosition) -> tuple[int, FilePosition] | None:
         """After our file was truncated in place: the copy logrotate's copytruncate left
