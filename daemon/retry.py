@@ -9,12 +9,14 @@ Two ways to use the same `Backoff`:
   the outbox). Those loops sleep through their own injected `sleep`, so tests
   drive them with a fake clock; the formula is tenacity's
   `wait_exponential_jitter`, the one stamina applies:
-  `min(maximum, initial * 2 ** (n - 1) + uniform(0, jitter))`.
+  `min(maximum, initial * 2 ** (n - 1) + uniform(0, jitter))`, except that at
+  the cap a wait is spread over the top tenth below `maximum` (see `delay`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import random
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, cast
@@ -30,6 +32,8 @@ stamina.instrumentation.set_on_retry_hooks([])
 
 # initial * 2**63 exceeds any maximum a config accepts.
 MAX_DOUBLINGS = 64
+# At the cap, waits fall in [maximum * (1 - CAP_SPREAD), maximum] (or the jitter, if wider).
+CAP_SPREAD = 0.1
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,20 @@ class Backoff:
         # make that a number with 10^30 digits (the cap is reached long before anyway).
         n = min(max(1, failures), MAX_DOUBLINGS)
         state = cast(tenacity.RetryCallState, SimpleNamespace(attempt_number=n))
-        return float(self._wait(state))
+        wait = float(self._wait(state))
+        if wait < self.maximum:
+            return wait
+        # tenacity's formula loses its jitter at the cap: every wait is `maximum`, and
+        # retries that failed together (alerts of one outage) stay in step for good.
+        # Spread them below the cap instead.
+        return self.maximum - random.uniform(0, self._cap_spread)
+
+    @property
+    def _cap_spread(self) -> float:
+        jitter = self.initial if self.jitter is None else self.jitter
+        if jitter == 0:
+            return 0.0  # asked for none (tests that count exact waits)
+        return min(self.maximum - self.initial, max(jitter, self.maximum * CAP_SPREAD))
 
     def retrying(
         self,

@@ -19,10 +19,21 @@ def test_delay_doubles_from_initial_and_is_capped() -> None:
 def test_jitter_stays_within_its_bound() -> None:
     """Jitter adds between 0 and `jitter` seconds (default: `initial`), and keeps the cap."""
     b = Backoff(initial=0.5, maximum=3.0)
-    for n in range(1, 8):
-        base = min(3.0, 0.5 * 2 ** (n - 1))
+    for n in range(1, 4):
+        base = 0.5 * 2 ** (n - 1)
         for _ in range(50):
             assert base <= b.delay(n) <= min(3.0, base + 0.5)
+
+
+def test_waits_at_the_cap_still_spread() -> None:
+    """At the cap the waits spread over the top tenth below it (or the jitter, if wider),
+    so alerts that failed together do not retry in step for a whole day."""
+    b = Backoff(initial=1.0, maximum=300.0)
+    waits = [b.delay(n) for n in (10, 20, 10**6) for _ in range(200)]
+    assert all(270.0 <= w <= 300.0 for w in waits)
+    assert max(waits) - min(waits) > 20.0
+    small = Backoff(initial=0.5, maximum=3.0)
+    assert all(2.5 <= small.delay(9) <= 3.0 for _ in range(50))
 
 
 def test_an_absurd_failure_count_gives_the_cap_at_once() -> None:
