@@ -123,7 +123,8 @@ class Daemon:
             weakref.WeakKeyDictionary())
         self.checks = self._checks(self.config)
         self.scheduler = Scheduler(
-            self._jobs(), clock=clock, sleep=sleep, on_skip=self._on_skip,
+            self._jobs(self.config, self.checks), clock=clock, sleep=sleep,
+            on_skip=self._on_skip,
             on_deadline=lambda name: log.error("selfcheck_deadline_cancelled", route=name),
             on_crash=lambda _name: self.metrics.internal_errors.labels(
                 kind="scheduled_job").inc())
@@ -145,13 +146,13 @@ class Daemon:
         secret = probe_secret(config.selfcheck)
         return {r.name: RoundTrip(r, config.selfcheck, secret) for r in config.selfcheck.routes}
 
-    def _jobs(self) -> list[Job]:
-        sc = self.config.selfcheck
+    def _jobs(self, config: Config, checks: dict[str, RoundTrip]) -> list[Job]:
+        sc = config.selfcheck
         return [
             Job(name=name, run=self._make_run(name), interval=sc.interval, jitter=sc.jitter,
                 # A backstop: the runner enforces the check's own deadline first.
                 deadline=check.deadline + check.cleanup_timeout + 5)
-            for name, check in self.checks.items()
+            for name, check in checks.items()
         ]
 
     def _make_run(self, name: str) -> Callable[[], Awaitable[None]]:
@@ -367,6 +368,13 @@ class Daemon:
         if problems:
             return self._refuse(problems)
         old = self.config
+        # Everything built from the new config is built before any of it is applied, so
+        # a value that only fails here refuses the reload instead of half-applying it.
+        try:
+            checks = self._checks(new)
+            jobs = self._jobs(new, checks)
+        except ValueError as exc:
+            return self._refuse([f"cannot apply: {exc}"])
         http: HttpServer | None = None
         if new.server.listen != old.server.listen:
             http = self._http(new)
@@ -381,8 +389,8 @@ class Daemon:
         redact_secrets(old.secret_values() | new.secret_values())
         self.runner.final_reserve = final_reserve(new.shutdown_grace)
         removed = set(self.checks) - {r.name for r in new.selfcheck.routes}
-        self.checks = self._checks(new)
-        self.scheduler.replace_jobs(self._jobs())
+        self.checks = checks
+        self.scheduler.replace_jobs(jobs)
         for name in removed:
             self.results.pop(name, None)
             self.metrics.forget_route(name)

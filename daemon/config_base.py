@@ -35,7 +35,10 @@ Problem = tuple[tuple[str | int, ...], str]
 class StrictModel(BaseModel):
     """A config section: unknown keys are errors, values are not coerced loosely."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # inf and nan are TOML floats, but no interval, timeout or budget: `interval = inf`
+    # passed validation and then failed the scheduler (at start, and half-way through a
+    # reload).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @classmethod
     def check_table(cls, table: dict[str, Any], info: ValidationInfo,

@@ -40,6 +40,8 @@ def problems(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> li
     (ROUTE.replace('host = "smtp.example.com"', 'host = "s", security = "ssl"'),
      "selfcheck.routes[0].smtp.security: must be one of none, starttls or tls"),
     (ROUTE + "\n[selfcheck]\ninterval = 0\n", "selfcheck.interval: must be greater than 0"),
+    (ROUTE + "\n[selfcheck]\ninterval = inf\n",
+     "selfcheck.interval: must be a finite number, not inf or nan"),
     (ROUTE.replace('to = "b@example.com"', 'to = "nobody"'),
      "selfcheck.routes[0].to: must be an email address like name@example.com"),
     (ROUTE.replace('password = "pw"', 'password = "pw", password_file = "/x"'),

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.app import Daemon
-from daemon.config import Config, LoadedConfig
+from daemon.config import Config, LoadedConfig, load_config
 from daemon.embedded.stack import EmbeddedMailStack
 from tests.test_roundtrip import probes_left
 from tests.waiting import until
@@ -141,8 +141,6 @@ async def test_reload_swaps_only_a_valid_config(
         '[server]\nlisten = "127.0.0.1:0"\n'
     )
     path.write_text(toml)
-    from daemon.config import load_config
-
     daemon = Daemon(load_config(path, {}), path)
     await daemon.start()
     try:
@@ -152,6 +150,41 @@ async def test_reload_swaps_only_a_valid_config(
         path.write_text(toml.replace("interval = 0.3", "interval = -1"))
         assert await daemon.reload() is False
         assert daemon.config.selfcheck.interval == 0.4
+        assert daemon.metrics.config_reload_ok._value.get() == 0
+        # TOML has inf and nan; no interval or timeout is either (inf passed validation,
+        # then failed the scheduler half-way through the reload).
+        for bad in ("inf", "nan"):
+            path.write_text(toml.replace("interval = 0.3", f"interval = {bad}"))
+            assert await daemon.reload() is False
+            assert daemon.config.selfcheck.interval == 0.4
+    finally:
+        await daemon.shutdown()
+
+
+async def test_a_reload_that_fails_while_applying_changes_nothing(
+    mail_stack: EmbeddedMailStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    closed_port: int,
+) -> None:
+    """A new config that validates but cannot be built into checks (here: forced) leaves
+    the config, routes, listener and /status as they were: nothing half-applied."""
+    path = tmp_path / "c.toml"
+    write_config(path, mail_stack)
+    daemon = Daemon(load_config(path, {}), path)
+    await daemon.start()
+    try:
+        before = (daemon.config, dict(daemon.checks), daemon.listen_port,
+                  daemon.status()["config"])
+        text = path.read_text()
+        path.write_text(text.replace("interval = 600", "interval = 300").replace(
+            'listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{closed_port}"'))
+
+        def cannot(_config: Any) -> dict[str, Any]:
+            raise ValueError("built from the new config, it fails")
+
+        monkeypatch.setattr(Daemon, "_checks", staticmethod(cannot))
+        assert await daemon.reload() is False
+        assert (daemon.config, dict(daemon.checks), daemon.listen_port,
+                daemon.status()["config"]) == before
         assert daemon.metrics.config_reload_ok._value.get() == 0
     finally:
         await daemon.shutdown()
