@@ -149,6 +149,7 @@ class SourceLoop:
         self._sleep = sleep
         self._clock = clock
         self._saved_at = clock()
+        self._tried_first_save = False  # a failing state file is retried at the interval
         self.ended = False
         interval = self.source.poll_interval
         self._backoff = Backoff(initial=max(MIN_RETRY, interval),
@@ -182,10 +183,16 @@ class SourceLoop:
                         found = await self.watch.handle_batch(batch)
                         progress.progress()
                         progress.up()
-                        if found or (batch and self._clock() - self._saved_at
-                                     >= POSITION_SAVE_INTERVAL):
+                        saved = self.watch.saved_source
+                        # A finding at once; a position that moved, every few seconds, and
+                        # the first one at once: a first start on a quiet log that is then
+                        # killed must still resume where it began.
+                        if found or (self.source.state() != saved and (
+                                (saved is None and not self._tried_first_save)
+                                or self._clock() - self._saved_at >= POSITION_SAVE_INTERVAL)):
                             await self.watch.save()
                             self._saved_at = self._clock()
+                            self._tried_first_save = True
                         self.watch.check_blindness()
                         if not self.source.more_pending:
                             await self._sleep(self.source.poll_interval)
@@ -240,6 +247,8 @@ class LeakWatch:
         self._expired_at = clock()
         self._evicted_warned = False
         self.state = StateFile(config.state_path, metrics, wall)
+        # The source's position as the state file holds it (None: not written yet).
+        self.saved_source: dict[str, Any] | None = None
         self.outbox: Outbox | None = None
         if config.alert is not None:
             self.outbox = Outbox(config.alert, metrics, on_change=self.save,
@@ -365,9 +374,12 @@ class LeakWatch:
         return document
 
     async def save(self, timeout: float | None = SAVE_TIMEOUT) -> bool:
-        ok = await self.state.save(self.snapshot(), timeout)
+        document = self.snapshot()
+        ok = await self.state.save(document, timeout)
         if not ok:
             self.count_error("state_write")
+        else:
+            self.saved_source = document.get(self.source.kind)
         return ok
 
     async def close(self, timeout: float | None = SAVE_TIMEOUT) -> None:

@@ -158,6 +158,24 @@ async def test_a_leak_written_while_the_daemon_is_down_is_seen_on_restart(tmp_pa
     assert leaks_in(second) == [("6ANJUTfa010820", "while-down@sinkhole.test")]
 
 
+async def test_a_first_start_on_a_quiet_log_saves_where_it_began(tmp_path: Path) -> None:
+    """No state file yet and no line to read: the position is saved at the first poll, so
+    a kill (no final save) before any line arrives still resumes there, not at the end."""
+    log, state = tmp_path / "maillog", tmp_path / "leakwatch.json"
+    log.write_text("old noise\n")
+    config = file_config(log, state_file=str(state))
+    async with watching(config) as w:
+        await until(lambda: w.value("leakwatch_last_poll_success_timestamp_seconds"))
+        await until(state.exists)
+        killed = state.read_bytes()  # what a SIGKILL would leave: no save at the stop
+    state.write_bytes(killed)
+    append(log, leak_line("6ANJUTfa010820", "while-down@sinkhole.test"))
+    with capture_logs() as logs:
+        async with watching(config) as w:
+            await until(lambda: w.value("sinkhole_leaked_recipients_total") == 1)
+    assert leaks_in(logs) == [("6ANJUTfa010820", "while-down@sinkhole.test")]
+
+
 async def test_copytruncate_and_refill_while_down_is_read_from_the_start(tmp_path: Path) -> None:
     """A log truncated and refilled past the saved offset while stopped is read from byte 0."""
     log, state = tmp_path / "maillog", tmp_path / "leakwatch.json"
