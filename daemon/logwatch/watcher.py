@@ -274,6 +274,7 @@ class LeakWatch:
         self.opened = False  # until open(): nothing restored, so nothing to save over the file
         self.started = clock()
         self._blind_since: float | None = None
+        self._blind_at = 0.0  # when the episode began, on self._clock
         self._silent_warned = False
 
     def components(self) -> list[Component]:
@@ -532,16 +533,19 @@ class LeakWatch:
         p = self.processor
         last_to = p.last_delivery_seen if p.last_delivery_seen is not None else self.started
         mta_flowing = p.last_mta_seen is not None and now - p.last_mta_seen < window
-        if mta_flowing and now - last_to > window:
-            if self._blind_since is None:
+        if self._blind_since is None:
+            if mta_flowing and now - last_to > window:
                 self._blind_since = self._wall()
+                self._blind_at = now
                 log.warning("leakwatch_blind", reason="sendmail lines but no to= lines",
                             seconds=round(now - last_to), hint=LOGLEVEL_HINT)
                 self.warn(
                     f"leak watcher is blind: sendmail logs lines but no delivery (to=) line "
                     f"for {round(now - last_to)} s; sendmail needs LogLevel 9",
                     f"blind {self._blind_since}")
-        elif self._blind_since is not None:
+        elif p.last_delivery_seen is not None and p.last_delivery_seen > self._blind_at:
+            # Only a delivery line ends the episode: a quiet MTA (no line at all for a
+            # while) is no cure, and must not start a second warning when it speaks again.
             log.info("leakwatch_sees_deliveries_again")
             self._blind_since = None
         last_line = p.last_line_seen if p.last_line_seen is not None else self.started

@@ -247,6 +247,26 @@ async def test_blindness_warning_is_sent_once_per_episode(tmp_path: Path) -> Non
     assert len(keys) == 2 and len(set(keys)) == 2
 
 
+async def test_a_quiet_spell_does_not_end_a_blind_episode(tmp_path: Path) -> None:
+    """Blind, then no sendmail line at all for a while, then from= lines again: still the
+    same episode (no delivery line was ever seen), so one warning, not one per pause."""
+    clock = FakeClock()
+    async with alert_sink() as sink:
+        config = LeakWatchConfig.model_validate(
+            {"source": "stdin", "blind_after": 60, "alert": {"url": sink.url}})
+        watch = LeakWatch(config, Metrics(), clock=clock)
+        from_line = "2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: from=<a@b>, size=1"
+        with capture_logs() as logs:
+            for lines in [[from_line]] * 4 + [[]] * 6 + [[from_line]] * 4:
+                await clock.advance(30)
+                await watch.handle_batch(lines)
+                watch.check_blindness()
+        assert watch.outbox is not None
+        assert len(watch.outbox.pending()) == 1
+    assert [e["event"] for e in logs if e["event"].startswith("leakwatch_blind")
+            or e["event"] == "leakwatch_sees_deliveries_again"] == ["leakwatch_blind"]
+
+
 def test_expired_leak_alert_lets_a_retry_alert_again() -> None:
     """When a leak alert expires undelivered, the detector forgets it was reported."""
     config = LeakWatchConfig.model_validate({"source": "stdin",
