@@ -159,3 +159,34 @@ async def greeting_only_server(close_on_command: bool) -> AsyncIterator[int]:
         for w in writers:
             w.close()
         await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def refusing_imap_server(greeting: bytes, *, capability: bytes | None = None,
+                               close: bool = False) -> AsyncIterator[int]:
+    """An IMAP server that greets with `greeting` (a `* BYE ...` refusal, say), answers the
+    first command's tag with `capability` if given, and closes or stays silent after."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            writer.write(greeting)
+            await writer.drain()
+            if close:
+                writer.close()
+                return
+            if capability is not None:
+                tag = (await reader.readline()).split(b" ", 1)[0]
+                writer.write(tag + b" " + capability)
+                await writer.drain()
+            await reader.read()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for w in writers:
+            w.close()
+        await server.wait_closed()

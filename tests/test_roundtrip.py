@@ -31,6 +31,7 @@ from tests.conftest import StackFactory, make_config
 from tests.faulty_servers import (
     cutting_proxy,
     greeting_only_server,
+    refusing_imap_server,
     silent_server,
     wedging_proxy,
 )
@@ -474,6 +475,36 @@ async def test_failed_greeting_leaves_no_aioimaplib_task_behind(
     finally:
         sys.unraisablehook = old_hook
     assert unraisable == []
+
+
+@pytest.mark.parametrize(("greeting", "options", "said"), [
+    (b"* BYE Too many connections from your IP\r\n", {"close": True},
+     "* BYE Too many connections from your IP"),
+    (b"* BYE Too many connections from your IP\r\n", {},
+     "* BYE Too many connections from your IP"),
+    (b"* OK ready\r\n", {"capability": b"BAD unknown command\r\n"},
+     "server not IMAP4 compliant"),
+], ids=["bye-and-close", "bye-and-stay", "capability-bad"])
+async def test_an_imap_server_that_refuses_us_is_quoted_at_once(
+    mail_stack: EmbeddedMailStack, greeting: bytes, options: dict[str, Any], said: str,
+) -> None:
+    """A server refusing the session fails the run with what it said, not after the
+    connect timeout as "no answer", and aioimaplib's error does not escape to the loop."""
+    escaped: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: escaped.append(context["message"]))
+    try:
+        async with refusing_imap_server(greeting, **options) as port:
+            route = mail_stack.route_table()
+            route["imap"].update(port=port, connect_timeout=30, command_timeout=30)
+            result = await check(route)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert result.reason is FailureReason.IMAP
+    assert result.error == f"IMAP 127.0.0.1:{port}: connect: {said}"
+    assert escaped == []
 
 
 def test_without_a_secret_one_random_secret_per_process_is_announced_once(

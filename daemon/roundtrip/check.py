@@ -42,6 +42,7 @@ in the result; the runner turns them into metrics:
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
 from email import message_from_bytes, policy
@@ -328,7 +329,12 @@ class RoundTripRun:
         finally:
             for task in (watched, junk):
                 task.cancel()
-            await asyncio.gather(watched, junk, return_exceptions=True)
+            # Both have ended once this returns; an error either raised above is already
+            # on its way, and the junk watch's own, when the probe won the race, is said.
+            _, junk_outcome = await asyncio.gather(watched, junk, return_exceptions=True)
+            if isinstance(junk_outcome, Exception) and sys.exc_info()[1] is not junk_outcome:
+                log.warning("selfcheck_junk_watch_failed", route=self.check.route.name,
+                            error=f"{type(junk_outcome).__name__}: {junk_outcome}")
 
     async def cleanup(self) -> None:
         """Delete this run's probe (only it), then close the session.

@@ -35,12 +35,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aioimaplib
+import structlog
 
 from daemon.config import ImapSettings, Security
 from daemon.roundtrip.probe import PROBE_HEADER, ROUTE_HEADER
 from daemon.roundtrip.tls import client_context, os_error_text
 
 T = TypeVar("T")
+
+log = structlog.get_logger("daemon.roundtrip")
 
 _EXISTS = re.compile(rb"^\* \d+ EXISTS")
 _FETCH_START = re.compile(rb"^\d+ FETCH \(")
@@ -67,6 +70,30 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.exists_seen = 0
+        # Why the greeting or the CAPABILITY after it failed (`* BYE Too many
+        # connections`, "server not IMAP4 compliant"). aioimaplib raises it in a task of
+        # its own that nobody awaits: the caller waited for a state that never came
+        # until its timeout, and the loop logged "Task exception was never retrieved".
+        self.greeting_error: str | None = None
+        self.greeting_failed = asyncio.Event()
+
+    def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
+        if self.state == aioimaplib.CONNECTED and line.startswith(b"* BYE"):
+            # Noted at once: the server usually closes right after, before the greeting
+            # task below runs, and the loss would hide why.
+            self._greeting_failed(line.decode(errors="replace"))
+        return super()._handle_line(line, current_cmd)
+
+    async def welcome(self, command: bytes) -> None:
+        try:
+            await super().welcome(command)
+        except Exception as exc:  # handed to connect(), which raises it
+            self._greeting_failed(str(exc) or type(exc).__name__)
+
+    def _greeting_failed(self, why: str) -> None:
+        if self.greeting_error is None:
+            self.greeting_error = why.strip()[:200]
+        self.greeting_failed.set()
 
     def _untagged_response(self, line: bytes) -> Any:
         if _EXISTS.match(line):
@@ -214,6 +241,9 @@ class ImapSession:
         task.cancel()
         self._broken = True
         if self._lost.is_set():
+            said = self._client.protocol.greeting_error if self._client is not None else None
+            if said is not None:
+                raise ImapError(f"{self.where}: {step}: {said}")
             raise ConnectionLostError(f"{self.where}: connection lost during {step}")
         raise ImapError(self._no_answer(step, limit, cut_by_until))
 
@@ -247,7 +277,7 @@ class ImapSession:
             conn_lost_cb=self._on_lost,
             ssl_context=client_context(s) if s.security is Security.TLS else None,
         )
-        await self._call("connect", self._client.wait_hello_from_server(), timeout)
+        await self._call("connect", self._hello(self._client), timeout)
         if s.security is Security.STARTTLS:
             await self._starttls(timeout)
         if s.username is not None:
@@ -258,6 +288,21 @@ class ImapSession:
             raise ImapError(f"{self.where}: not authenticated (set imap.username and password)")
         if select:
             await self.select(s.mailbox)
+
+    @staticmethod
+    async def _hello(client: _Client) -> None:
+        """The greeting and CAPABILITY, or the reason the server gave for refusing us."""
+        protocol: _Protocol = client.protocol
+        hello = asyncio.ensure_future(client.wait_hello_from_server())
+        refused = asyncio.ensure_future(protocol.greeting_failed.wait())
+        try:
+            await asyncio.wait({hello, refused}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (hello, refused):
+                task.cancel()
+        if protocol.greeting_error is not None:
+            raise aioimaplib.Error(protocol.greeting_error)
+        hello.result()
 
     async def select(self, mailbox: str, until: float | None = None) -> None:
         """SELECT `mailbox` (read-write: a probe found there may be deleted)."""
@@ -312,8 +357,10 @@ class ImapSession:
             if self.usable and client.get_state() in ("AUTH", "SELECTED", "NONAUTH"):
                 limit = min(LOGOUT_TIMEOUT, self.settings.command_timeout)
                 await asyncio.wait_for(client.logout(), timeout=limit)
-        except Exception:  # noqa: S110 - best effort; the session is dropped below
-            pass
+        except (aioimaplib.Error, aioimaplib.CommandTimeout, OSError, TimeoutError) as exc:
+            # A courtesy: the session is dropped below whatever the server says.
+            log.debug("imap_logout_failed", where=self.where,
+                      error=f"{type(exc).__name__}: {exc}")
         finally:
             await self.drop()
 
