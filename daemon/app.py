@@ -460,21 +460,8 @@ def _changed_sections(old: Config, new: Config) -> list[str]:
 
 async def _main(loaded: LoadedConfig, config_path: Path | None) -> int:
     daemon = Daemon(loaded, config_path)
-    install_exception_hooks(asyncio.get_running_loop(), daemon.metrics)
-    try:
-        await daemon.start()
-    except OSError as exc:  # binding comes first: nothing else has started
-        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        print(f"selfcheckd: cannot listen on {daemon.config.server.listen}: {why} "
-              "(set [server] listen or SELFCHECKD_LISTEN)", file=sys.stderr)
-        return EXIT_STARTUP
-    except Exception as exc:  # a bug: the traceback in the log, then one line last
-        log.exception("selfcheckd_start_failed")
-        await daemon.shutdown()
-        print(f"selfcheckd: could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_STARTUP
-
     loop = asyncio.get_running_loop()
+    install_exception_hooks(loop, daemon.metrics)
     stop = asyncio.Event()
     reload = asyncio.Event()
     signals_seen = 0
@@ -489,10 +476,24 @@ async def _main(loaded: LoadedConfig, config_path: Path | None) -> int:
         daemon.budget.start(daemon.config.shutdown_grace)  # the budget runs from the signal
         stop.set()
 
+    # Before the start, so a SIGTERM while starting is a clean stop, not death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig.name)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     try:
+        try:
+            await daemon.start()
+        except OSError as exc:  # binding comes first: nothing else has started
+            why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            print(f"selfcheckd: cannot listen on {daemon.config.server.listen}: {why} "
+                  "(set [server] listen or SELFCHECKD_LISTEN)", file=sys.stderr)
+            return EXIT_STARTUP
+        except Exception as exc:  # a bug: the traceback in the log, then one line last
+            log.exception("selfcheckd_start_failed")
+            await daemon.shutdown()
+            print(f"selfcheckd: could not start: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return EXIT_STARTUP
         while not stop.is_set():
             await _first(stop.wait(), reload.wait())
             if reload.is_set() and not stop.is_set():
@@ -503,6 +504,9 @@ async def _main(loaded: LoadedConfig, config_path: Path | None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
+        # Removing the handler restored SIGHUP's default, which kills: a reload asked for
+        # in the last moments of the exit must not turn exit 0 into death by signal.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # SIGHUP means "reload" once the daemon runs; until its handler is in place (and
+    # after it is gone at the exit) it must not kill the process, as its default does.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from daemon.app import serve
 
     loaded = _load(args)

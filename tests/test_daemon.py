@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -235,6 +236,49 @@ async def test_sigterm_during_run_exits_within_grace(
     assert "selfcheckd_cancelling_runs" in stderr
     assert await probes_left(stack) == 0
     assert "selfcheckd_stopped" in stderr
+
+
+def _ignores_sighup(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    [mask] = [line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")]
+    return bool(int(mask, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+async def test_sighup_around_start_and_exit_never_kills_the_daemon(
+    mail_stack: EmbeddedMailStack, tmp_path: Path
+) -> None:
+    """SIGHUPs from the moment `run` begins until it has exited: none is death by signal
+    (before the reload handler existed, and after it was removed, HUP killed the process)."""
+    cfg = tmp_path / "c.toml"
+    write_config(cfg, mail_stack)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+
+    async def hup_until_exit() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            while proc.returncode is None:
+                proc.send_signal(signal.SIGHUP)
+                await asyncio.sleep(0.005)
+
+    try:
+        await until(lambda: _ignores_sighup(proc.pid), timeout=20)
+        hups = asyncio.create_task(hup_until_exit())
+        started = b""
+        while b"selfcheckd_started" not in started:
+            started += await asyncio.wait_for(proc.stderr.readline(), timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), timeout=20)
+        await hups
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    rest = (await proc.stderr.read()).decode()
+    assert code == 0, rest
+    assert "selfcheckd_stopped" in rest
 
 
 async def test_port_in_use_is_one_line_and_exit_3(
