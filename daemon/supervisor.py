@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -277,6 +278,10 @@ class Supervisor:
             else:
                 if getattr(component, "may_finish", False):
                     state.state = "finished"
+                    # Its work is done (standard input ended): no deadline is missed any
+                    # more, so SelfcheckdComponentStalled must not fire on the frozen
+                    # progress timestamp.
+                    self.metrics.component_deadline.labels(name).set(math.inf)
                     log.info("component_finished", component=name)
                     return
                 why = "returned without being stopped"

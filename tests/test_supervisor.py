@@ -126,6 +126,9 @@ async def test_returning_without_being_stopped_is_a_death(
     await clock.advance(1.0)
     assert dead.starts == 2 and done.starts == 1
     assert sample(metrics, "selfcheckd_component_restarts_total", "done") == 0
+    # Finished, it has no deadline left to miss: the stall rule must not fire on it.
+    assert sample(metrics, "selfcheckd_component_progress_deadline_seconds", "done") == (
+        float("inf"))
 
 
 async def test_no_progress_within_the_deadline_is_a_stall(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
 import json
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from structlog.testing import capture_logs
 
 from daemon.logwatch.config import LeakWatchConfig, SinkholeModeWatch
 from daemon.logwatch.sinkhole_mode import SinkholeModeWatcher
+from daemon.logwatch.sources.stdin import StdinReader
 from daemon.logwatch.watcher import LeakWatch
 from daemon.metrics import Metrics
 from daemon.supervisor import Supervisor
@@ -371,3 +374,30 @@ async def test_leaks_are_reported_even_if_a_sender_lookup_is_cut_short(
     assert watch.outbox is not None
     assert [a.key for a in watch.outbox.pending()] == [
         "leak 6ANJUQna010773 nobody@sinkhole.test", "leak 6ANJUTfa010820 nobody@sinkhole.test"]
+
+
+class _BrokenStream(io.RawIOBase):
+    """A stream that yields one line, then fails as a reset socket does."""
+
+    def __init__(self) -> None:
+        self.lines = [b"2026-11-23T19:30:26Z h sendmail[1]: x: from=<a@b>, size=1\n"]
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.lines:
+            return self.lines.pop()
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+
+async def test_a_failing_standard_input_is_down_not_finished() -> None:
+    """stdin that breaks (a reset socket) is a source down with its reason, counted, not a
+    clean end of input that /healthz would accept for good."""
+    config = LeakWatchConfig.model_validate({"source": "stdin"})
+    async with watching(config, stdin=StdinReader(_BrokenStream())) as w:  # type: ignore[arg-type]
+        await until(lambda: w.value("leakwatch_errors_total", reason="stdin_error") >= 1)
+        assert w.up("leakwatch-source") == 0
+        assert w.supervisor.states()["leakwatch-source"]["state"] == "running"
+        assert "Connection reset by peer" in str(
+            w.supervisor.states()["leakwatch-source"]["reason"])

@@ -14,9 +14,14 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any, BinaryIO
 
-from daemon.logwatch.sources import EndOfInput
+from daemon.logwatch.sources import EndOfInput, SourceError
+from daemon.roundtrip.tls import os_error_text
 
 _EOF = None
+
+
+class _ReadFailed(str):
+    """Put on the queue instead of a line when reading standard input failed."""
 # A read with nothing to hand over returns after this long, so the loop
 # reading it keeps reporting progress while standard input is quiet.
 QUIET_READ = 1.0
@@ -35,6 +40,7 @@ class StdinReader:
         self.max_batch = max_batch
         self._queue: asyncio.Queue[str | None] | None = None
         self._ended = False
+        self._failed: str | None = None  # why reading broke off, for good
 
     @contextlib.asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
@@ -47,19 +53,26 @@ class StdinReader:
         self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None],
     ) -> None:
         def pump() -> None:
+            last: str | None = _EOF
             try:
                 for raw in self.stream:
                     text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                     asyncio.run_coroutine_threadsafe(queue.put(text), loop).result()
-            except (OSError, ValueError, RuntimeError):
-                pass  # stream closed or loop gone: end of input either way
+            except OSError as exc:
+                # Not an end: the writer's side broke (a reset socket, EIO). Said, and
+                # the source stays down, rather than passing for a clean end of input.
+                last = _ReadFailed(os_error_text(exc))
+            except (ValueError, RuntimeError):
+                pass  # the stream was closed or the loop is gone: we are exiting
             finally:
                 with contextlib.suppress(RuntimeError):
-                    asyncio.run_coroutine_threadsafe(queue.put(_EOF), loop)
+                    asyncio.run_coroutine_threadsafe(queue.put(last), loop)
 
         threading.Thread(target=pump, name="leakwatch-stdin", daemon=True).start()
 
     async def read(self) -> list[str]:
+        if self._failed is not None:
+            raise SourceError("stdin_error", f"standard input: {self._failed}")
         queue = self._queue
         if queue is None or self._ended:
             raise EndOfInput
@@ -70,6 +83,11 @@ class StdinReader:
         batch: list[str] = []
         item = first
         while True:
+            if isinstance(item, _ReadFailed):
+                self._failed = str(item)
+                if batch:
+                    return batch
+                raise SourceError("stdin_error", f"standard input: {self._failed}")
             if item is _EOF:
                 self._ended = True
                 if batch:
