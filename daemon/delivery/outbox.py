@@ -208,6 +208,11 @@ class Outbox:
         self.metrics.alerts_pending.set_function(lambda: len(self._pending))
         self.metrics.alerts_oldest_pending_age.set_function(self._oldest_age)
 
+    def unbind_metrics(self) -> None:
+        """Stop exporting this outbox (it is being replaced or removed): both read 0."""
+        self.metrics.alerts_pending.set_function(lambda: 0.0)
+        self.metrics.alerts_oldest_pending_age.set_function(lambda: 0.0)
+
     def _oldest_age(self) -> float:
         oldest = min((a.created_at for a in self._pending.values()), default=None)
         return 0.0 if oldest is None else max(0.0, self._wall() - oldest)

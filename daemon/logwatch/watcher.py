@@ -386,8 +386,12 @@ class LeakWatch:
     async def close(self, timeout: float | None = SAVE_TIMEOUT) -> None:
         """The final save, after the source stopped and the outbox was flushed."""
         await self.save(timeout)
-        # A reload may drop [leakwatch]: no deferred message may stay on /metrics, ageing.
+        # A reload may drop [leakwatch]: no deferred message and no pending alert may stay
+        # on /metrics, ageing, for a watcher that is gone (a new one binds its own). The
+        # alerts themselves stay in the state file.
         self._bind_queue_metrics(None)
+        if self.outbox is not None:
+            self.outbox.unbind_metrics()
         pending = len(self.outbox.pending()) if self.outbox else 0
         if pending and self.state.path is None:
             log.error("alerts_lost_at_exit", pending=pending,

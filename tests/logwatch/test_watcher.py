@@ -401,3 +401,25 @@ async def test_a_failing_standard_input_is_down_not_finished() -> None:
         assert w.supervisor.states()["leakwatch-source"]["state"] == "running"
         assert "Connection reset by peer" in str(
             w.supervisor.states()["leakwatch-source"]["reason"])
+
+
+async def test_a_removed_watcher_leaves_no_pending_alert_ageing_on_metrics(
+    tmp_path: Path,
+) -> None:
+    """A reload that drops [leakwatch] with an alert pending: the gauges read 0 (they kept
+    the old outbox's count and age, so SelfcheckdAlertDeliveryFailing fired for nothing
+    that exists), while the alert stays in the state file."""
+    state = tmp_path / "leakwatch.json"
+    config = LeakWatchConfig.model_validate({
+        "source": "stdin", "state_file": str(state),
+        "alert": {"url": "http://127.0.0.1:9/alert"}})
+    metrics = Metrics()
+    watch = LeakWatch(config, metrics)
+    watch.open()
+    await watch.handle_batch([leak_line("6ANJUQna010773").rstrip("\n")])
+    value = metrics.registry.get_sample_value
+    assert value("selfcheckd_alerts_pending") == 1
+    await watch.close()
+    assert value("selfcheckd_alerts_pending") == 0
+    assert value("selfcheckd_alerts_oldest_pending_age_seconds") == 0
+    assert len(json.loads(state.read_text())["outbox"]) == 1
