@@ -61,6 +61,7 @@ class SinkholeModeWatcher:
         self.mode: str | None = None
         self.accepting_since: float | None = None
         self.warned = False
+        self._written: float | None = None  # LastModifiedDate of the last reading
 
     def _client(self) -> Any:
         config = AioConfig(
@@ -72,20 +73,28 @@ class SinkholeModeWatcher:
             "ssm", region_name=self.cfg.region, endpoint_url=self.cfg.endpoint_url, config=config
         )
 
-    def observe(self, value: str, modified: datetime | None) -> None:
+    def observe(self, value: str, modified: object) -> None:
         """Record one reading of the parameter; export it; warn if accepting too long."""
         mode = value.strip().lower()
         label = mode if mode in KNOWN_MODES else "other"
         for known in (*KNOWN_MODES, "other"):
             self.metrics.sinkhole_mode.labels(mode=known).set(1 if known == label else 0)
         now = self.clock()
-        if mode != self.mode:
+        # botocore gives a datetime; anything else (a proxy or stub answering oddly) is
+        # treated as unknown rather than crashing the watch on every poll.
+        written = modified.timestamp() if isinstance(modified, datetime) else None
+        rewritten = (written is not None and self._written is not None
+                     and written != self._written)
+        self._written = written
+        if mode != self.mode or (rewritten and mode in ACCEPTING):
+            # A new value, or the same accepting value written again (accept, defer,
+            # accept between two reads): a new episode, warned about again if it lasts.
             self.mode = mode
             self.warned = False
             # LastModifiedDate tells how long it has really been in this mode,
             # even across our own restarts.
             self.accepting_since = (
-                (modified.timestamp() if modified else now) if mode in ACCEPTING else None
+                (written if written is not None else now) if mode in ACCEPTING else None
             )
             log.info("sinkhole_mode", mode=label)
         if self.accepting_since is None or self.warned:

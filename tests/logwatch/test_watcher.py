@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,31 @@ async def test_sinkhole_mode_from_ssm(moto_url: str) -> None:
     assert len([e for e in logs if e["event"] == "sinkhole_mode_accepting_too_long"]) == 1
     assert len(warnings) == 1
     assert "set it back to defer" in warnings[0]
+
+
+def test_sinkhole_accept_written_again_is_a_new_episode() -> None:
+    """accept, then defer and accept again between two reads (only LastModifiedDate
+    tells): a new episode, warned about again once it lasts; the same reading repeated,
+    or a timestamp that is no datetime, is not."""
+    now = [1_800_000_000.0]
+    warnings: list[str] = []
+    cfg = SinkholeModeWatch(enabled=True, region="us-east-1", max_accept_duration=600)
+    watcher = SinkholeModeWatcher(cfg, Metrics(), warn=lambda s, _k: warnings.append(s),
+                                  clock=lambda: now[0])
+    first = datetime.fromtimestamp(now[0] - 3600, tz=UTC)
+    watcher.observe("accept", first)
+    watcher.observe("accept", first)
+    assert len(warnings) == 1
+    now[0] += 60
+    again = datetime.fromtimestamp(now[0] - 30, tz=UTC)
+    watcher.observe("accept", again)  # written again: the clock restarts, no warning yet
+    assert len(warnings) == 1
+    now[0] += 600
+    watcher.observe("accept", again)
+    assert len(warnings) == 2
+    watcher.observe("accept", "2026-11-25 not a datetime")
+    watcher.observe("accept", None)
+    assert len(warnings) == 2
 
 
 async def test_sinkhole_mode_missing_parameter_is_counted_and_down(moto_url: str) -> None:
