@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 
 @contextlib.asynccontextmanager
@@ -138,34 +139,19 @@ async def wedging_proxy(
 @contextlib.asynccontextmanager
 async def greeting_only_server(close_on_command: bool) -> AsyncIterator[int]:
     """An IMAP server that greets, then never answers the first command (or hangs up on it)."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        with contextlib.suppress(ConnectionError):
-            writer.write(b"* OK IMAP4rev1 ready\r\n")
-            await writer.drain()
-            await reader.readline()
-            if close_on_command:
-                writer.close()
-                return
-            await reader.read()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for w in writers:
-            w.close()
-        await server.wait_closed()
+    async with scripted_imap_server(b"* OK IMAP4rev1 ready\r\n",
+                                    close="on_command" if close_on_command else "never") as port:
+        yield port
 
 
 @contextlib.asynccontextmanager
-async def refusing_imap_server(greeting: bytes, *, capability: bytes | None = None,
-                               close: bool = False) -> AsyncIterator[int]:
-    """An IMAP server that greets with `greeting` (a `* BYE ...` refusal, say), answers the
-    first command's tag with `capability` if given, and closes or stays silent after."""
+async def scripted_imap_server(
+    greeting: bytes, *, reply: bytes | None = None,
+    close: Literal["never", "at_once", "on_command"] = "never",
+) -> AsyncIterator[int]:
+    """An IMAP server that greets with `greeting` (`* OK ...`, or a `* BYE ...` refusal),
+    answers the first command's tag with `reply` if given, and then closes (at once after
+    the greeting, or on the first command) or stays silent."""
     writers: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -173,12 +159,15 @@ async def refusing_imap_server(greeting: bytes, *, capability: bytes | None = No
         with contextlib.suppress(ConnectionError):
             writer.write(greeting)
             await writer.drain()
-            if close:
+            if close == "at_once":
                 writer.close()
                 return
-            if capability is not None:
-                tag = (await reader.readline()).split(b" ", 1)[0]
-                writer.write(tag + b" " + capability)
+            command = await reader.readline()
+            if close == "on_command":
+                writer.close()
+                return
+            if reply is not None:
+                writer.write(command.split(b" ", 1)[0] + b" " + reply)
                 await writer.drain()
             await reader.read()
 

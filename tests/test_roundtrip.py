@@ -31,7 +31,7 @@ from tests.conftest import StackFactory, make_config
 from tests.faulty_servers import (
     cutting_proxy,
     greeting_only_server,
-    refusing_imap_server,
+    scripted_imap_server,
     silent_server,
     wedging_proxy,
 )
@@ -478,11 +478,11 @@ async def test_failed_greeting_leaves_no_aioimaplib_task_behind(
 
 
 @pytest.mark.parametrize(("greeting", "options", "said"), [
-    (b"* BYE Too many connections from your IP\r\n", {"close": True},
+    (b"* BYE Too many connections from your IP\r\n", {"close": "at_once"},
      "* BYE Too many connections from your IP"),
     (b"* BYE Too many connections from your IP\r\n", {},
      "* BYE Too many connections from your IP"),
-    (b"* OK ready\r\n", {"capability": b"BAD unknown command\r\n"},
+    (b"* OK ready\r\n", {"reply": b"BAD unknown command\r\n"},
      "server not IMAP4 compliant"),
 ], ids=["bye-and-close", "bye-and-stay", "capability-bad"])
 async def test_an_imap_server_that_refuses_us_is_quoted_at_once(
@@ -494,7 +494,7 @@ async def test_an_imap_server_that_refuses_us_is_quoted_at_once(
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: escaped.append(context["message"]))
     try:
-        async with refusing_imap_server(greeting, **options) as port:
+        async with scripted_imap_server(greeting, **options) as port:
             route = mail_stack.route_table()
             route["imap"].update(port=port, connect_timeout=30, command_timeout=30)
             result = await check(route)

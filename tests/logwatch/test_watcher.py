@@ -226,14 +226,21 @@ async def test_an_alert_pending_at_shutdown_is_delivered_after_restart(tmp_path:
     assert json.loads(state.read_text())["outbox"] == []
 
 
+FROM_LINE = "2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: from=<a@b>, size=1"
+
+
+def blind_after_60(alert_url: str, clock: FakeClock) -> LeakWatch:
+    config = LeakWatchConfig.model_validate(
+        {"source": "stdin", "blind_after": 60, "alert": {"url": alert_url}})
+    return LeakWatch(config, Metrics(), clock=clock)
+
+
 async def test_blindness_warning_is_sent_once_per_episode(tmp_path: Path) -> None:
     """Blind, seeing again, blind again: two warnings, each delivered."""
     clock = FakeClock()
     async with alert_sink() as sink:
-        config = LeakWatchConfig.model_validate(
-            {"source": "stdin", "blind_after": 60, "alert": {"url": sink.url}})
-        watch = LeakWatch(config, Metrics(), clock=clock)
-        from_line = "2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: from=<a@b>, size=1"
+        watch = blind_after_60(sink.url, clock)
+        from_line = FROM_LINE
         to_line = "2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: to=<a@b.org>, stat=Sent"
 
         async def tick(line: str) -> None:
@@ -256,12 +263,9 @@ async def test_a_quiet_spell_does_not_end_a_blind_episode(tmp_path: Path) -> Non
     same episode (no delivery line was ever seen), so one warning, not one per pause."""
     clock = FakeClock()
     async with alert_sink() as sink:
-        config = LeakWatchConfig.model_validate(
-            {"source": "stdin", "blind_after": 60, "alert": {"url": sink.url}})
-        watch = LeakWatch(config, Metrics(), clock=clock)
-        from_line = "2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: from=<a@b>, size=1"
+        watch = blind_after_60(sink.url, clock)
         with capture_logs() as logs:
-            for lines in [[from_line]] * 4 + [[]] * 6 + [[from_line]] * 4:
+            for lines in [[FROM_LINE]] * 4 + [[]] * 6 + [[FROM_LINE]] * 4:
                 await clock.advance(30)
                 await watch.handle_batch(lines)
                 watch.check_blindness()
