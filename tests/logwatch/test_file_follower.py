@@ -372,6 +372,55 @@ async def test_restart_after_copytruncate_reads_the_copy_then_the_file(tmp_path:
     second.close()
 
 
+async def test_a_truncated_file_renamed_away_is_still_read_from_start(tmp_path: Path) -> None:
+    """copytruncate, a line into the truncated file, then a rename rotation before our
+    read: the truncated file (no longer at the path) is read from 0, not left for the
+    copy; that would lose the line written after the truncation."""
+    log = tmp_path / "maillog"
+    log.write_text("seen\n")
+    tail = FileTail(log, from_beginning=True)
+    assert await tail.read() == ["seen"]
+    _append(log, "copied\n")
+    shutil.copyfile(log, tmp_path / "maillog.1")
+    os.truncate(log, 0)
+    _append(log, "after the truncation\n")
+    os.rename(log, tmp_path / "maillog-2")
+    log.touch()
+    out = await _drain(tail)
+    _append(log, "new file\n")
+    out += await _drain(tail)
+    assert out == ["after the truncation", "new file"]
+    tail.close()
+
+
+async def test_two_copytruncates_while_stopped_name_the_copy_not_read(
+    tmp_path: Path,
+) -> None:
+    """Copied and truncated twice while stopped: the copy holding our offset is finished,
+    and the later copy, which is not read, is named in a warning."""
+    log = tmp_path / "maillog"
+    log.write_text("seen, a line long enough to be past the next ones\n")
+    first = FileTail(log, from_beginning=True)
+    assert await first.read() == ["seen, a line long enough to be past the next ones"]
+    first.close()
+    _append(log, "in the first copy\n")
+    shutil.copyfile(log, tmp_path / "maillog.1")
+    os.truncate(log, 0)
+    os.utime(tmp_path / "maillog.1", (1000, 1000))
+    _append(log, "in the second copy\n")
+    os.rename(tmp_path / "maillog.1", tmp_path / "maillog.2")
+    shutil.copyfile(log, tmp_path / "maillog.1")
+    os.truncate(log, 0)
+    _append(log, "now\n")
+    second = FileTail(log, position=_saved(first))
+    with capture_logs() as logs:
+        assert await _drain(second) == ["in the first copy", "now"]
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"] == "leakwatch_file_rotations_not_read"
+    assert warning["files"] == [str(tmp_path / "maillog.1")]
+    second.close()
+
+
 async def test_a_truncation_without_a_matching_copy_reads_from_start(tmp_path: Path) -> None:
     """`> maillog` beside an unrelated maillog.1: that file is not ours, nothing is read
     from it, the truncated file is read from 0."""
@@ -635,6 +684,7 @@ async def _scenario(directory: Path, ops: list[tuple[str, list[int], bool]], bud
     excused: set[str] = set()  # lines a truncation or a double rotation may legitimately lose
     fragment: str | None = None  # a line written up to its middle
     taken = False  # the tail has opened the file at the path, so it drains it after a rotation
+    in_copy: set[str] | None = None  # unread lines of a copytruncate copy, read from there
 
     def finish_fragment() -> None:
         nonlocal fragment
@@ -661,15 +711,29 @@ async def _scenario(directory: Path, ops: list[tuple[str, list[int], bool]], bud
         elif kind == "read" and tail is not None:
             out += await _drain(tail)
             since_read.clear()
+            in_copy = None
             taken = tail.position is not None and tail.position.inode == path.stat().st_ino
         elif kind == "rotate":
             if not taken:
                 excused.update(in_file)
+            # Copied and truncated, then renamed away before a read: the truncated file is
+            # read from 0, the unread rest in the copy is not.
+            excused.update(in_copy or ())
+            in_copy = None
             writer.rotate()
             in_file, taken = [], False
         elif kind == "copytruncate":
-            # What was copied aside before the tail read it is only in the copy.
-            excused.update(since_read.intersection(in_file))
+            # What was copied aside before the tail read it is only in the copy. It is read
+            # from there when the tail's position is in this file, past its start, and this
+            # is the first copy since the last read; a later copy's lines are not.
+            unread = since_read.intersection(in_file)
+            position = tail.position if tail is not None else saved
+            found = (position is not None and position.offset > 0
+                     and position.inode == path.stat().st_ino)
+            if in_copy is None and found:
+                in_copy = unread
+            else:
+                excused.update(unread)
             writer.copytruncate()
             in_file = []
         elif kind == "restart" and tail is not None:

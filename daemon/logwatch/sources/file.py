@@ -315,10 +315,11 @@ class FileTail:
             fd, at = step.cursor.fd, step.cursor.at
             assert fd is not None
             assert at is not None
-            if (at.device, at.inode) == (st.st_dev, st.st_ino) or st.st_size == 0:
+            at_path = (at.device, at.inode) == (st.st_dev, st.st_ino)
+            if at_path or st.st_size == 0:
                 # Our file is still at the path, or the new file there is empty: the writer
                 # may still be appending to the renamed one, so keep reading that.
-                self._advance(step, final=False)
+                self._advance(step, final=False, at_path=at_path)
                 return
             self._advance(step, final=True)
             if step.more:
@@ -443,24 +444,25 @@ class FileTail:
         beside it (`maillog.1`, `maillog-20261125`; not compressed yet) if it still holds
         the bytes we stopped at, opened and positioned there. Newest first; None if none."""
         if at.offset == 0:
-            return None  # nothing was read, so nothing can be missing
+            return None  # no bytes of ours to recognise the copy by
         try:
             with os.scandir(self.path.parent) as scan:
-                entries = [e for e in scan if e.name.startswith(self.path.name)
-                           and e.name != self.path.name
-                           and not e.name.lower().endswith(_COMPRESSED_SUFFIXES)]
+                entries = list(scan)
         except OSError:
             return None
-        candidates: list[tuple[int, str]] = []
+        candidates: list[tuple[int, str, os.DirEntry[str], os.stat_result]] = []
         for entry in entries:
+            if (not entry.name.startswith(self.path.name) or entry.name == self.path.name
+                    or entry.name.lower().endswith(_COMPRESSED_SUFFIXES)):
+                continue
             try:
                 est = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
             if (stat.S_ISREG(est.st_mode) and est.st_size >= at.offset
                     and (est.st_dev, est.st_ino) != (at.device, at.inode)):
-                candidates.append((est.st_mtime_ns, entry.path))
-        for _, name in sorted(candidates, reverse=True):
+                candidates.append((est.st_mtime_ns, entry.path, entry, est))
+        for _, name, entry, est in sorted(candidates, key=lambda c: c[:2], reverse=True):
             try:
                 fd, fst = _open_regular(Path(name))
             except (OSError, SourceUnavailable):
@@ -476,10 +478,13 @@ class FileTail:
             step.opened.append(fd)
             step.events.append(("info", "leakwatch_file_resumed_copy",
                                 {"copy": name, "offset": at.offset}))
+            # Copied and truncated again since (twice while stopped): the later copies
+            # are not read; say which.
+            self._warn_skipped(step, entries, entry, est)
             return fd, FilePosition(fst.st_dev, fst.st_ino, at.offset, at.fingerprint)
         return None
 
-    def _advance(self, step: _Step, *, final: bool) -> None:
+    def _advance(self, step: _Step, *, final: bool, at_path: bool = False) -> None:
         """Hand out the complete lines after the cursor, within what is left of the budget."""
         cursor = step.cursor
         fd, at = cursor.fd, cursor.at
@@ -494,9 +499,11 @@ class FileTail:
             data = os.pread(fd, keep + min(budget, size - at.offset), at.offset - keep)
         skip = cursor.skip_line
         if size < at.offset or _fingerprint(data[:keep]) != at.fingerprint:
-            if not final and (copy := self._find_copy(step, at)) is not None:
+            if at_path and (copy := self._find_copy(step, at)) is not None:
                 # copytruncate: what was written after our offset and before the truncation
-                # is in the copy. Read it there first; this file is reopened from 0 after.
+                # is in the copy. Read it there first; this file, still the one at the path,
+                # is reopened from 0 after. (One renamed away since would not be reopened:
+                # it is read from 0 below, as before.)
                 step.retired.append(fd)
                 step.cursor = replace(cursor, fd=copy[0], at=copy[1])
                 step.more = True
