@@ -187,7 +187,9 @@ class SourceLoop:
                         # A finding at once; a position that moved, every few seconds, and
                         # the first one at once: a first start on a quiet log that is then
                         # killed must still resume where it began.
-                        if found or (self.source.state() != saved and (
+                        # stdin has no position: its lines still change what is kept.
+                        moved = bool(batch) or self.source.state() != saved
+                        if found or (moved and (
                                 (saved is None and not self._tried_first_save)
                                 or self._clock() - self._saved_at >= POSITION_SAVE_INTERVAL)):
                             await self.watch.save()

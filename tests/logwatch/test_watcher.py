@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import json
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from structlog.testing import capture_logs
 from daemon.logwatch.config import LeakWatchConfig, SinkholeModeWatch
 from daemon.logwatch.sinkhole_mode import SinkholeModeWatcher
 from daemon.logwatch.sources.stdin import StdinReader
-from daemon.logwatch.watcher import LeakWatch
+from daemon.logwatch.watcher import LeakWatch, SourceLoop
 from daemon.metrics import Metrics
 from daemon.supervisor import Supervisor
 from tests.fake_time import FakeClock
@@ -453,3 +455,62 @@ async def test_a_removed_watcher_leaves_no_pending_alert_ageing_on_metrics(
     assert value("selfcheckd_alerts_pending") == 0
     assert value("selfcheckd_alerts_oldest_pending_age_seconds") == 0
     assert len(json.loads(state.read_text())["outbox"]) == 1
+
+
+class _ChattyStdin:
+    """A positionless source (like standard input) with a from= line on every read."""
+
+    kind = "stdin"
+    poll_interval = 1.0
+    max_backoff = 10.0
+    more_pending = False
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    @contextlib.asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        yield
+
+    async def read(self) -> list[str]:
+        self.reads += 1
+        return [f"2026-11-23T19:31:53+00:00 vm sendmail[1]: Q{self.reads:07d}: from=<a@b>"]
+
+    def state(self) -> None:
+        return None
+
+
+class _Progress:
+    def progress(self) -> None: ...
+    def up(self) -> None: ...
+    def down(self, why: str) -> None: ...
+
+
+async def test_a_positionless_source_still_saves_what_it_learns(tmp_path: Path) -> None:
+    """stdin has no position to compare: its lines still change the detector's and queue's
+    memory, so that is saved every few seconds (a kill loses at most those seconds)."""
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+        if now[0] > 60:
+            raise asyncio.CancelledError
+        await asyncio.sleep(0)
+
+    config = LeakWatchConfig.model_validate(
+        {"source": "stdin", "state_file": str(tmp_path / "state.json")})
+    watch = LeakWatch(config, Metrics(), clock=lambda: now[0], sleep=sleep,
+                      stdin=_ChattyStdin())  # type: ignore[arg-type]
+    watch.open()
+    saves: list[float] = []
+    save = watch.save
+
+    async def counting_save(timeout: float | None = None) -> bool:
+        saves.append(now[0])
+        return await save(timeout)
+
+    watch.save = counting_save  # type: ignore[method-assign]
+    with contextlib.suppress(asyncio.CancelledError):
+        await SourceLoop(watch, sleep, lambda: now[0]).run(_Progress())  # type: ignore[arg-type]
+    assert len(saves) >= 10, saves  # the first batch at once, then every 5 s
+    assert saves[0] == 0
