@@ -43,7 +43,8 @@ VERSION = 2  # 1: CloudWatch cursor and detector only (still read)
 # bigger file is not ours, and reading it whole would cost that much memory.
 MAX_STATE_BYTES = 64 << 20
 # Our own clock wrote the cursor and the alerts' creation times: later than this past the
-# clock now, they are not ours either (a cursor in the future would read nothing, for ever).
+# clock now, the clock was wrong then (a cursor in the future would read nothing for ever,
+# an alert from the future would never expire), and `repair` mends them.
 FUTURE_SLACK = 86_400.0
 # The detector's memory is bounded in the file too, so a write stays small.
 MAX_PERSISTED_ENTRIES = 20_000
@@ -147,15 +148,24 @@ def parse_state(data: Any) -> LeakwatchState:
         raise ValueError(f"{where}: {first['msg']}") from None
 
 
-def implausible(state: LeakwatchState, now: float) -> str | None:
-    """Why a well-formed `state` cannot have been written by this clock, or None."""
+def repair(state: LeakwatchState, now: float) -> list[str]:
+    """Mend in place what no clock of ours can have written; what was mended.
+
+    Only the parts are dropped, never the file: a clock put right after running ahead
+    must not cost the pending alerts (at-least-once) nor the detector's memory.
+    """
     latest = now + FUTURE_SLACK
+    mended = []
     if state.cloudwatch is not None and (state.cloudwatch.cursor_ms or 0) > latest * 1000:
-        return "cloudwatch.cursor_ms: in the future"
-    for i, alert in enumerate(state.outbox):
-        if alert.created_at > latest:
-            return f"outbox.{i}.created_at: in the future"
-    return None
+        # It would read nothing until that time comes: start from `lookback` instead.
+        state.cloudwatch = None
+        mended.append("cloudwatch.cursor_ms was in the future: reading from lookback")
+    ahead = [a for a in state.outbox if a.created_at > latest]
+    for alert in ahead:
+        alert.created_at = now  # else it would never reach max_age
+    if ahead:
+        mended.append(f"{len(ahead)} pending alert(s) created in the future: aged from now")
+    return mended
 
 
 def trim(entries: list[Any]) -> list[Any]:
@@ -195,9 +205,8 @@ class StateFile:
         except RecursionError:
             self.quarantine("nested too deeply")
             return None
-        if (why := implausible(state, self._wall())) is not None:
-            self.quarantine(why)
-            return None
+        if mended := repair(state, self._wall()):
+            log.warning("state_file_repaired", path=str(self.path), mended="; ".join(mended))
         return state
 
     def quarantine(self, why: str) -> Path | None:

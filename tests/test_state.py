@@ -28,14 +28,13 @@ def state_file(path: Path) -> StateFile:
     '{"version":9}',
     '[1,2,3]',
     '{"version":2,"cursor":',
-    # Well-formed, but no clock of ours wrote them: the watcher would read nothing from a
-    # cursor in the future, fail every poll on a negative one, never expire a NaN alert.
+    # Well-formed JSON, but no value of ours: the watcher would fail every poll on a
+    # negative cursor and never expire a NaN alert.
     '{"version":2,"cloudwatch":{"cursor_ms":true}}',
     '{"version":2,"cloudwatch":{"cursor_ms":-5}}',
-    '{"version":2,"cloudwatch":{"cursor_ms":1000000000000000000}}',
     '{"version":2,"cloudwatch":{"cursor_ms":5,"seen":[["e1",-1]]}}',
     *(f'{{"version":2,"outbox":[{{"id":"a1","key":"k","summary":"s","severity":"critical",'
-      f'"created_at":{when}}}]}}' for when in ("NaN", "Infinity", "1e15")),
+      f'"created_at":{when}}}]}}' for when in ("NaN", "Infinity")),
 ])
 def test_unusable_file_is_moved_aside_with_one_warning(tmp_path: Path, document: str) -> None:
     """Valid JSON of the wrong shape, or no JSON, is quarantined and reads as no state."""
@@ -104,6 +103,28 @@ def test_parse_names_the_bad_section() -> None:
     """The ValueError says where the document went wrong."""
     with pytest.raises(ValueError, match=r"^cloudwatch"):
         parse_state({"version": 1, "cloudwatch": {"seen": 5}})
+
+
+def test_times_from_the_future_are_mended_not_the_file_dropped(tmp_path: Path) -> None:
+    """A clock that ran ahead, then was put right: the cursor in the future is dropped (read
+    from lookback, not nothing for ever) and the alerts from the future age from now, but
+    the file is kept, so pending alerts and the detector's memory survive."""
+    path = tmp_path / "leakwatch.json"
+    alert = {"id": "a1", "key": "k", "summary": "s", "severity": "critical"}
+    path.write_text(json.dumps({
+        "version": 2, "cloudwatch": {"cursor_ms": int((WALL + 3 * 86400) * 1000)},
+        "detector": {"senders": [["Q1", "a@b"]], "reported": []},
+        "outbox": [{**alert, "created_at": WALL + 5 * 86400},
+                   {**alert, "id": "a2", "created_at": WALL - 60}]}))
+    with capture_logs() as logs:
+        state = state_file(path).load()
+    assert state is not None and path.exists()
+    assert state.cloudwatch is None
+    assert [a.created_at for a in state.outbox] == [WALL, WALL - 60]
+    assert state.detector is not None and state.detector.senders == [("Q1", "a@b")]
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"] == "state_file_repaired"
+    assert "lookback" in warning["mended"] and "1 pending alert(s)" in warning["mended"]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "oversized"])
