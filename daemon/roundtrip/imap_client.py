@@ -301,6 +301,8 @@ class ImapSession:
             for task in (hello, refused):
                 task.cancel()
         if protocol.greeting_error is not None:
+            if hello.done() and not hello.cancelled():
+                hello.exception()  # failed in the same turn: retrieved, so never "unretrieved"
             raise aioimaplib.Error(protocol.greeting_error)
         hello.result()
 
@@ -357,7 +359,8 @@ class ImapSession:
             if self.usable and client.get_state() in ("AUTH", "SELECTED", "NONAUTH"):
                 limit = min(LOGOUT_TIMEOUT, self.settings.command_timeout)
                 await asyncio.wait_for(client.logout(), timeout=limit)
-        except (aioimaplib.Error, aioimaplib.CommandTimeout, OSError, TimeoutError) as exc:
+        except (aioimaplib.Error, aioimaplib.CommandTimeout, OSError, TimeoutError,
+                ValueError) as exc:
             # A courtesy: the session is dropped below whatever the server says.
             log.debug("imap_logout_failed", where=self.where,
                       error=f"{type(exc).__name__}: {exc}")
