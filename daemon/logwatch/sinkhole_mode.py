@@ -32,6 +32,10 @@ from daemon.supervisor import Progress
 
 log = structlog.get_logger()
 
+
+class BadAnswerError(Exception):
+    """GetParameter answered something that is not a parameter."""
+
 KNOWN_MODES = ("defer", "accept", "accept-log", "bounce", "greylist")
 ACCEPTING = frozenset({"accept", "accept-log"})
 
@@ -111,6 +115,20 @@ class SinkholeModeWatcher:
                       "sinkhole now succeeds silently; set it back to defer",
                       f"sinkhole_mode {label} {self.accepting_since}")
 
+    async def _read(self, client: Any) -> dict[str, Any]:
+        """The parameter object of one GetParameter call; BadAnswerError if malformed."""
+        try:
+            async with asyncio.timeout(call_deadline(self.cfg.request_timeout)):
+                resp = await client.get_parameter(Name=self.cfg.parameter)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # botocore could not parse what came back (a LastModifiedDate that is no
+            # date): the endpoint misbehaves, which is a failed read, not our crash.
+            raise BadAnswerError(f"{type(exc).__name__}: {exc}") from exc
+        param = resp.get("Parameter") if isinstance(resp, dict) else None
+        if not isinstance(param, dict):
+            raise BadAnswerError("the answer holds no Parameter object")
+        return param
+
     async def run(self, progress: Progress) -> None:
         """Poll until cancelled; a failed read is counted, reported and retried with backoff."""
         failures = 0
@@ -118,17 +136,16 @@ class SinkholeModeWatcher:
             try:
                 async with self._client() as client:
                     while True:
-                        async with asyncio.timeout(call_deadline(self.cfg.request_timeout)):
-                            resp = await client.get_parameter(Name=self.cfg.parameter)
-                        param = resp.get("Parameter", {})
+                        param = await self._read(client)
                         self.observe(str(param.get("Value", "")), param.get("LastModifiedDate"))
                         progress.progress()
                         progress.up()
                         failures = 0
                         await self._sleep(self.cfg.interval)
-            except RETRYABLE as exc:
+            except (*RETRYABLE, BadAnswerError) as exc:
                 failures += 1
-                reason = f"ssm_{error_reason(exc)}"
+                reason = ("ssm_bad_answer" if isinstance(exc, BadAnswerError)
+                          else f"ssm_{error_reason(exc)}")
                 self.metrics.leakwatch_errors.labels(reason=reason).inc()
                 progress.down(f"{reason}: {type(exc).__name__}")
                 delay = round(self._backoff.delay(failures), 3)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from daemon.logwatch.config import LeakWatchConfig, SinkholeModeWatch
@@ -355,6 +356,47 @@ async def test_sinkhole_mode_missing_parameter_is_counted_and_down(moto_url: str
         "selfcheckd_component_restarts_total", {"component": "sinkhole-mode"}) == 0
     sup.stop()
     await asyncio.wait_for(task, 5)
+
+
+@pytest.mark.parametrize("answer", [
+    {"Parameter": {"Name": "/cabal/sinkhole_mode", "Value": "accept",
+                   "LastModifiedDate": "not-a-time"}},
+    {"Parameter": ["x"]},
+], ids=["bad-date", "no-object"])
+async def test_a_malformed_ssm_answer_is_a_failed_read_not_a_crash(
+    answer: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An endpoint answering GetParameter with what botocore cannot parse (a date that is
+    none) or no parameter object: counted, reported down, retried; never a crash loop."""
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+
+    async def get_parameter(_request: web.Request) -> web.Response:
+        return web.json_response(answer, content_type="application/x-amz-json-1.1")
+
+    app = web.Application()
+    app.router.add_post("/", get_parameter)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    metrics = Metrics()
+    cfg = SinkholeModeWatch(enabled=True, endpoint_url=f"http://127.0.0.1:{port}",
+                            region="us-east-1", interval=0.05)
+    sup = Supervisor(metrics)
+    sup.start(SinkholeModeWatcher(cfg, metrics))
+    task = asyncio.create_task(sup.run())
+    try:
+        await until(lambda: metrics.leakwatch_errors.labels(
+            reason="ssm_bad_answer")._value.get() >= 1)
+        value = metrics.registry.get_sample_value
+        assert value("selfcheckd_component_up", {"component": "sinkhole-mode"}) == 0
+        assert value("selfcheckd_component_restarts_total", {"component": "sinkhole-mode"}) == 0
+    finally:
+        sup.stop()
+        await asyncio.wait_for(task, 5)
+        await runner.cleanup()
 
 
 def test_state_survives_a_handover() -> None:
