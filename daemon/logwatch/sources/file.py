@@ -79,6 +79,17 @@ def _fingerprint_at(fd: int, offset: int) -> str:
 _EMPTY_FINGERPRINT = _fingerprint(b"")
 
 
+def _truncated(offset: int) -> tuple[str, str, dict[str, Any]]:
+    """The event of a truncation no copy beside the file could make up for: what was
+    written after `offset` and before the truncation is not read (a copy compressed at
+    once, or none: `> maillog`)."""
+    return ("warning", "leakwatch_file_truncated",
+            {"offset": offset,
+             "consequence": "lines written after this offset and before the truncation "
+                            "are not read unless a plain copy is beside the log "
+                            "(logrotate: copytruncate needs delaycompress)"})
+
+
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -357,7 +368,7 @@ class FileTail:
                 step.cursor = replace(cursor, fd=copy[0], at=copy[1])
                 return fst
             else:
-                step.events.append(("info", "leakwatch_file_truncated", {"offset": at.offset}))
+                step.events.append(_truncated(at.offset))
                 offset = 0
         elif cursor.start_at_end:
             offset, skip_line = self._line_start_near_end(fd, fst.st_size)
@@ -509,7 +520,7 @@ class FileTail:
                 step.more = True
                 return
             # Truncated, perhaps refilled past the offset already: what we had is gone.
-            step.events.append(("info", "leakwatch_file_truncated", {"offset": at.offset}))
+            step.events.append(_truncated(at.offset))
             at = replace(at, offset=0, fingerprint=_EMPTY_FINGERPRINT)
             keep, skip = 0, False
             data = os.pread(fd, min(budget, size), 0)
