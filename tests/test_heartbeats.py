@@ -27,6 +27,7 @@ from daemon.delivery.heartbeats import (
 )
 from daemon.metrics import Metrics
 from daemon.supervisor import Supervisor
+from tests.waiting import until
 
 TOKEN = "s3cr3t-pulse-token-0123456789"
 ROUTE = "local"
@@ -320,6 +321,24 @@ async def test_uptime_kuma_sets_status_msg_ping_and_keeps_other_query(
 
 
 # -- retries and failures ----------------------------------------------------------------
+
+
+async def test_a_pulse_being_retried_is_withdrawn_when_a_covered_route_fails(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics,
+) -> None:
+    """Both routes fine, the pulse meets a 500 and waits for its retry; then a covered
+    route fails: the retry is never sent (it reached updown after the failure)."""
+    receiver.statuses = [500]
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}"), "retries": 5,
+                                "backoff": 30}, routes=["good", "flaky"])
+    hb.run_finished(succeeded("flaky"))
+    hb.run_finished(succeeded("good"))
+    await until(lambda: len(receiver.requests) == 1)
+    hb.run_finished(failed(route="flaky"))
+    assert await hb.drain(5.0)
+    assert len(receiver.requests) == 1
+    assert count(metrics, "default", "skipped") == 1
+    assert count(metrics, "default", "success") == 0
 
 
 async def test_retries_with_backoff_on_5xx_then_success(

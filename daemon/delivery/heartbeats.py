@@ -222,6 +222,11 @@ def scrub(text: str, url: str) -> str:
 # -- delivery ------------------------------------------------------------------------------
 
 
+# The pings that say "all covered routes are fine" (updown and healthchecks success,
+# Uptime Kuma up).
+_SUCCESS_SIGNALS = frozenset({"success", "up"})
+
+
 class _RetryError(Exception):
     """An attempt failed in a way a retry may fix."""
 
@@ -235,6 +240,7 @@ class _Delivery:
     ping: Ping
     task: asyncio.Task[None] | None = None
     drop_reason: str = "cancelled"
+    withdrawn: bool = False  # a success no longer true: skipped, not a failed delivery
 
 
 class Heartbeats:
@@ -316,6 +322,10 @@ class Heartbeats:
             failing = [self._latest[r] for r in others
                        if r in self._latest and not self._latest[r].success]
             waiting = [r for r in others if r not in self._latest]
+            if not result.success or failing:
+                # A covered route is failing now: a success pulse still queued or being
+                # retried from an earlier run must not reach the monitor after this.
+                self._withdraw_successes(target)
             ping = finish_ping(target, result, failing, waiting)
             if ping is not None:
                 self._queue(target, result.route, ping)
@@ -378,12 +388,23 @@ class Heartbeats:
         self._idle.clear()
         self._waker.poke()
 
+    def _withdraw_successes(self, target: HeartbeatTarget) -> None:
+        for table in (self._queued, self._active):
+            for key, delivery in list(table.items()):
+                if key[0] == target.name and delivery.ping.signal in _SUCCESS_SIGNALS:
+                    delivery.drop_reason = "withdrawn: a covered route failed since"
+                    delivery.withdrawn = True
+                    if table is self._queued:
+                        del table[key]
+                    self._drop(delivery)
+        self._update_idle()
+
     def _drop(self, delivery: _Delivery) -> None:
         """Give up on a delivery (counted as a failure); its task, if any, is cancelled."""
         if delivery.task is not None:
             delivery.task.cancel()  # _deliver counts and logs it
             return
-        self._count(delivery.target, "failure")
+        self._count(delivery.target, "skipped" if delivery.withdrawn else "failure")
         log.warning("heartbeat_dropped", target=delivery.target.name,
                     url=redact_url(delivery.ping.url), signal=delivery.ping.signal,
                     reason=delivery.drop_reason)
@@ -411,7 +432,7 @@ class Heartbeats:
         try:
             await self._attempts(session, target, ping)
         except asyncio.CancelledError:
-            self._count(target, "failure")
+            self._count(target, "skipped" if delivery.withdrawn else "failure")
             log.warning("heartbeat_dropped", target=target.name, url=redact_url(ping.url),
                         signal=ping.signal, reason=delivery.drop_reason)
             # Dropped on purpose (superseded, shutdown): this task ends here.
