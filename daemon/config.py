@@ -242,6 +242,9 @@ class HeartbeatTarget(SecretsModel):
                     problems: list[Problem]) -> dict[str, Any]:
         if all(table.get(k) is None for k in ("url", "url_file", "url_env")):
             problems.append((("url",), "required (or url_file / url_env)"))
+        if table.get("send_start") is True and table.get("kind") != "healthchecks":
+            # Only healthchecks.io has a start signal: silently ignoring it misleads.
+            problems.append((("send_start",), 'only for kind = "healthchecks"'))
         return super().check_table(table, info, problems)
 
 
@@ -514,8 +517,13 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     if switch in _TRUE:
         overrides.update(PUSHGATEWAY_OVERRIDES)
         tree.setdefault("pushgateway", {})
-    elif switch not in _FALSE:
-        problems.append(f"{PUSHGATEWAY_SWITCH}: must be true or false")
+    elif switch:
+        if switch in _FALSE:
+            # Said off in so many words: no push, whatever the file's [pushgateway] says
+            # (a file shared between a cron job and a host that must not push).
+            tree.pop("pushgateway", None)
+        else:
+            problems.append(f"{PUSHGATEWAY_SWITCH}: must be true or false")
     for var, key_path in overrides.items():
         value = env.get(var)
         if not value:

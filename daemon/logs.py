@@ -110,7 +110,8 @@ def configure_logging(fmt: str = "kv", level: str = "info", stream: TextIO | Non
     root.setLevel(level.upper())
     # Library chatter that is noise at info level (and aioimaplib logs commands).
     # pymap and aiosmtpd ("mail.log") only run in the embedded demo stack.
-    for noisy in ("aioimaplib", "aiobotocore", "botocore", "mail.log", "aiohttp.access", "pymap"):
+    for noisy in ("aioimaplib", "aiobotocore", "botocore", "mail.log", "aiohttp.access", "pymap",
+                  "asyncio"):  # asyncio: "Using selector: EpollSelector" in --verbose
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

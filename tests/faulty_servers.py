@@ -146,12 +146,13 @@ async def greeting_only_server(close_on_command: bool) -> AsyncIterator[int]:
 
 @contextlib.asynccontextmanager
 async def scripted_imap_server(
-    greeting: bytes, *, reply: bytes | None = None,
-    close: Literal["never", "at_once", "on_command"] = "never",
+    greeting: bytes, *, replies: tuple[bytes, ...] = (),
+    close: Literal["never", "at_once", "on_command", "after_replies"] = "never",
 ) -> AsyncIterator[int]:
     """An IMAP server that greets with `greeting` (`* OK ...`, or a `* BYE ...` refusal),
-    answers the first command's tag with `reply` if given, and then closes (at once after
-    the greeting, or on the first command) or stays silent."""
+    answers the first commands with `replies` in turn (`{tag}` becomes the command's
+    tag), and then closes (at once after the greeting, on the first command, after its
+    replies) or stays silent."""
     writers: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -162,13 +163,17 @@ async def scripted_imap_server(
             if close == "at_once":
                 writer.close()
                 return
-            command = await reader.readline()
-            if close == "on_command":
+            for i, reply in enumerate(replies or (None,)):
+                command = await reader.readline()
+                if close == "on_command" and i == 0:
+                    writer.close()
+                    return
+                if reply is not None:
+                    writer.write(reply.replace(b"{tag}", command.split(b" ", 1)[0]))
+                    await writer.drain()
+            if close == "after_replies":
                 writer.close()
                 return
-            if reply is not None:
-                writer.write(command.split(b" ", 1)[0] + b" " + reply)
-                await writer.drain()
             await reader.read()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)

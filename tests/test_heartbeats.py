@@ -187,12 +187,16 @@ async def test_a_failing_route_silences_a_target_that_covers_it(
 ) -> None:
     """updown pulses only while the latest run of every covered route succeeded."""
     hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}")}, routes=["good", "bad"])
-    hb.run_finished(succeeded("good"))  # "bad" has not completed a run yet: no pulse
-    hb.run_finished(failed(route="bad"))
-    for _ in range(3):
-        hb.run_finished(succeeded("good"))  # every other route fine, "bad" still failing
+    with capture_logs() as logs:
+        hb.run_finished(succeeded("good"))  # "bad" has not completed a run yet: no pulse
+        hb.run_finished(failed(route="bad"))
+        for _ in range(3):
+            hb.run_finished(succeeded("good"))  # every other route fine, "bad" still failing
     assert await hb.drain(5.0)
     assert receiver.requests == []
+    # Each silent success says why, so the missing pulse is not taken for a lost one.
+    withheld = [(e["waiting"], e["failing"]) for e in logs if e["event"] == "heartbeat_withheld"]
+    assert withheld == [("bad", None)] + [(None, "bad")] * 3
     hb.run_finished(succeeded("bad"))
     hb.run_finished(succeeded("good"))
     assert await hb.drain(5.0)
@@ -524,3 +528,17 @@ def test_a_repeated_target_name_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path, {})
     assert caught.value.problems == ["heartbeat: target names must be unique (repeated: updown)"]
+
+
+def test_send_start_on_a_target_that_has_no_start_signal_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    """send_start with updown (the default kind) was silently ignored: refused, naming why."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[selfcheck.routes]]\nfrom = "a@example.com"\nto = "b@example.com"\n'
+        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
+        '[[heartbeat]]\nurl = "https://pulse.example/tok"\nsend_start = true\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == ['heartbeat[0].send_start: only for kind = "healthchecks"']

@@ -223,6 +223,18 @@ def test_messages_switch_off_means_no_push_even_with_a_url() -> None:
         .pushgateway is None
 
 
+def test_messages_switch_off_turns_off_the_files_pushgateway_too(tmp_path: Path) -> None:
+    """ENABLED=off said in so many words wins over the file's [pushgateway] table (it
+    pushed anyway); left unset, the table stands."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[selfcheck.routes]]\nfrom = "a@example.com"\nto = "b@example.com"\n'
+        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
+        '[pushgateway]\nurl = "http://pgw.example:9091"\n')
+    assert load_config(path, {ENABLED: "off"}).config.pushgateway is None
+    assert load_config(path, {}).config.pushgateway is not None
+
+
 def test_messages_switch_with_a_non_boolean_is_a_config_error() -> None:
     """ENABLED=maybe is a config error naming the variable."""
     env = {**SEED_ROUTE_ENV, ENABLED: "maybe", PGW_URL: "http://pgw:9091"}

@@ -482,7 +482,7 @@ async def test_failed_greeting_leaves_no_aioimaplib_task_behind(
      "* BYE Too many connections from your IP"),
     (b"* BYE Too many connections from your IP\r\n", {},
      "* BYE Too many connections from your IP"),
-    (b"* OK ready\r\n", {"reply": b"BAD unknown command\r\n"},
+    (b"* OK ready\r\n", {"replies": (b"{tag} BAD unknown command\r\n",)},
      "server not IMAP4 compliant"),
 ], ids=["bye-and-close", "bye-and-stay", "capability-bad"])
 async def test_an_imap_server_that_refuses_us_is_quoted_at_once(
@@ -505,6 +505,24 @@ async def test_an_imap_server_that_refuses_us_is_quoted_at_once(
     assert result.reason is FailureReason.IMAP
     assert result.error == f"IMAP 127.0.0.1:{port}: connect: {said}"
     assert escaped == []
+
+
+async def test_a_bye_after_login_is_quoted_with_the_lost_connection(
+    mail_stack: EmbeddedMailStack,
+) -> None:
+    """A server that logs us in, then says `* BYE Internal error` and hangs up: the error
+    says what it said, not only "connection lost"."""
+    replies = (b"* CAPABILITY IMAP4rev1\r\n{tag} OK done\r\n",
+               b"* BYE Internal error occurred. Refer to server log\r\n")
+    async with scripted_imap_server(b"* OK ready\r\n", replies=replies,
+                                    close="after_replies") as port:
+        route = mail_stack.route_table()
+        route["imap"].update(port=port, connect_timeout=30, command_timeout=30)
+        result = await check(route)
+    assert result.reason is FailureReason.IMAP
+    assert result.error is not None
+    assert result.error.endswith(
+        "the server said * BYE Internal error occurred. Refer to server log"), result.error
 
 
 def test_without_a_secret_one_random_secret_per_process_is_announced_once(

@@ -329,6 +329,12 @@ class Heartbeats:
             ping = finish_ping(target, result, failing, waiting)
             if ping is not None:
                 self._queue(target, result.route, ping)
+            elif result.success:
+                # This run passed, yet the target stays silent: say why, or the missing
+                # pulse looks like a delivery problem.
+                log.info("heartbeat_withheld", target=target.name, route=result.route,
+                         failing=",".join(r.route for r in failing) or None,
+                         waiting=",".join(waiting) or None)
 
     async def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` s until nothing is queued or in flight; True if so."""

@@ -76,12 +76,15 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         # until its timeout, and the loop logged "Task exception was never retrieved".
         self.greeting_error: str | None = None
         self.greeting_failed = asyncio.Event()
+        self.bye: str | None = None  # the server's last `* BYE ...`, whenever it came
 
     def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
-        if self.state == aioimaplib.CONNECTED and line.startswith(b"* BYE"):
-            # Noted at once: the server usually closes right after, before the greeting
-            # task below runs, and the loss would hide why.
-            self._greeting_failed(line.decode(errors="replace"))
+        if line[:5].upper() == b"* BYE":
+            # Noted at once: the server closes right after, and "connection lost" alone
+            # would hide why (`* BYE Internal error occurred`, too many connections).
+            self.bye = line.decode(errors="replace").strip()[:200]
+            if self.state == aioimaplib.CONNECTED:
+                self._greeting_failed(self.bye)
         return super()._handle_line(line, current_cmd)
 
     async def welcome(self, command: bytes) -> None:
@@ -244,8 +247,14 @@ class ImapSession:
             said = self._client.protocol.greeting_error if self._client is not None else None
             if said is not None:
                 raise ImapError(f"{self.where}: {step}: {said}")
-            raise ConnectionLostError(f"{self.where}: connection lost during {step}")
+            raise ConnectionLostError(f"{self.where}: connection lost during {step}"
+                                      f"{self._bye()}")
         raise ImapError(self._no_answer(step, limit, cut_by_until))
+
+    def _bye(self) -> str:
+        """`; the server said * BYE ...` when it did, for a lost connection's message."""
+        bye = self._client.protocol.bye if self._client is not None else None
+        return f"; the server said {bye}" if bye else ""
 
     def _no_answer(self, step: str, limit: float, cut_by_until: bool) -> str:
         if cut_by_until:
@@ -255,7 +264,8 @@ class ImapSession:
 
     def _unusable(self, step: str) -> ImapError:
         if self._lost.is_set():
-            return ConnectionLostError(f"{self.where}: connection lost before {step}")
+            return ConnectionLostError(f"{self.where}: connection lost before {step}"
+                                       f"{self._bye()}")
         return ImapError(f"{self.where}: {step}: session unusable after an unanswered command")
 
     @staticmethod
