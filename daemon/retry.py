@@ -69,6 +69,19 @@ class Backoff:
         # Spread them below the cap instead.
         return self.maximum - random.uniform(0, self._cap_spread)
 
+    def not_before(self, floor: float, failures: int) -> float:
+        """`delay(failures)`, but not sooner than `floor` (a server's Retry-After) unless
+        that is past the cap; spread like any wait, or every client told the same
+        Retry-After comes back at the same instant."""
+        wait = self.delay(failures)
+        if wait >= floor:
+            return wait
+        jitter = self.initial if self.jitter is None else self.jitter
+        wait = floor + (random.uniform(0, max(jitter, floor * CAP_SPREAD)) if jitter else 0.0)
+        if wait < self.maximum:
+            return wait
+        return self.maximum - random.uniform(0, self._cap_spread)
+
     @property
     def _cap_spread(self) -> float:
         jitter = self.initial if self.jitter is None else self.jitter

@@ -46,6 +46,8 @@ MAX_STATE_BYTES = 64 << 20
 # clock now, the clock was wrong then (a cursor in the future would read nothing for ever,
 # an alert from the future would never expire), and `repair` mends them.
 FUTURE_SLACK = 86_400.0
+# A save's temporary file older than this was left by a killed process, not in progress.
+STALE_TEMPORARY = 600.0
 # The detector's memory is bounded in the file too, so a write stays small.
 MAX_PERSISTED_ENTRIES = 20_000
 
@@ -189,6 +191,7 @@ class StateFile:
         """The saved state, or None when there is none or it was quarantined."""
         if self.path is None:
             return None
+        self._remove_stale_temporaries()
         try:
             data = _read_regular_file(self.path)
         except FileNotFoundError:
@@ -208,6 +211,24 @@ class StateFile:
         if mended := repair(state, self._wall()):
             log.warning("state_file_repaired", path=str(self.path), mended="; ".join(mended))
         return state
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of saves a kill cut short (each as big as the state), left
+        beside the file on every crash. Only old ones: a task overlapping us on a shared
+        volume may be writing a fresh one right now."""
+        assert self.path is not None
+        now = self._wall()
+        try:
+            stale = [t for t in self.path.parent.glob(f".{self.path.name}.*.tmp")
+                     if now - t.stat().st_mtime > STALE_TEMPORARY]
+            for temporary in stale:
+                temporary.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("state_file_temporaries_not_removed", path=str(self.path),
+                        error=exc.strerror or str(exc))
+            return
+        if stale:
+            log.info("state_file_temporaries_removed", path=str(self.path), count=len(stale))
 
     def quarantine(self, why: str) -> Path | None:
         """Move the unusable file aside, with one warning naming both paths."""

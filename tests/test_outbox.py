@@ -183,6 +183,49 @@ async def test_rate_limit_folds_waiting_alerts_into_one_digest() -> None:
         "selfcheckd_alerts_suppressed_total", {"reason": "folded"}) == 3
 
 
+async def test_a_digest_is_saved_before_it_is_sent() -> None:
+    """The digest is in the state file before its request leaves: killed just after the
+    receiver accepted it, a restart sends the same digest (same id), not its alerts again
+    under new ids. The save here is slow, as on EFS."""
+    on_disk: set[str] = set()  # the ids the last completed save holds
+    seen_on_arrival: dict[str, set[str]] = {}
+    clock, metrics = FakeClock(), Metrics()
+    async with alert_sink() as sink:
+        def note_arrival(body: dict[str, Any]) -> bool:
+            seen_on_arrival.setdefault(body["id"], set(on_disk))
+            return False  # answered at once
+
+        sink.hold = note_arrival
+        config = AlertWebhook.model_validate({"url": sink.url, "timeout": 2,
+                                              "rate_limit": 1, "rate_period": 60})
+        outbox: Outbox
+
+        async def slow_save() -> None:
+            pending = {a.id for a in outbox.pending()}
+            await asyncio.sleep(0.05)
+            on_disk.clear()
+            on_disk.update(pending)
+
+        outbox = Outbox(config, metrics, on_change=slow_save, clock=clock, wall=clock,
+                        sleep=clock.sleep)
+        sup = Supervisor(metrics, clock=clock, wall=clock, sleep=clock.sleep)
+        sup.start(outbox)
+        task = asyncio.create_task(sup.run())
+        await sup.started()
+        try:
+            for i in range(4):
+                outbox.submit(f"leak {i}", key=str(i))
+            await until(lambda: len(sink.accepted) == 1)
+            await clock.advance(61)
+            await until(lambda: len(sink.accepted) == 2)
+        finally:
+            sup.stop()
+            await asyncio.wait_for(task, 5)
+    digest = sink.accepted[1]
+    assert digest["summary"].startswith("3 further alerts")
+    assert digest["id"] in seen_on_arrival[digest["id"]]
+
+
 async def test_pending_alerts_carry_over_with_their_id() -> None:
     """A snapshot taken while the sink is down is delivered by a new outbox, same id."""
     async with alert_sink(default=503) as sink, running(sink) as h:

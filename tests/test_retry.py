@@ -46,6 +46,19 @@ def test_an_absurd_failure_count_gives_the_cap_at_once() -> None:
     assert float(done.stdout) == 60.0
 
 
+def test_a_retry_after_is_honoured_and_still_spread() -> None:
+    """Not sooner than the server's Retry-After, yet clients told the same one do not all
+    come back at the same instant; past the cap, the cap's spread applies."""
+    b = Backoff(initial=1.0, maximum=300.0)
+    waits = [b.not_before(60.0, 1) for _ in range(200)]
+    assert all(60.0 <= w <= 66.0 for w in waits)
+    assert max(waits) - min(waits) > 3.0
+    capped = [Backoff(initial=1.0, maximum=3.0).not_before(3600.0, 1) for _ in range(50)]
+    assert all(2.0 <= w <= 3.0 for w in capped)
+    assert len(set(capped)) > 1
+    assert all(b.not_before(0.5, 9) >= 256.0 for _ in range(20))
+
+
 def test_nonsense_bounds_are_refused() -> None:
     """initial must be positive and not above maximum."""
     with pytest.raises(ValueError, match="initial"):

@@ -62,6 +62,23 @@ def test_version_1_checkpoint_is_still_read(tmp_path: Path) -> None:
     assert state.outbox == []
 
 
+def test_temporaries_left_by_killed_saves_are_removed_but_fresh_ones_kept(
+    tmp_path: Path,
+) -> None:
+    """Each kill mid-save left a `.leakwatch.json.*.tmp` as big as the state, for ever; old
+    ones go at the next start, a fresh one (another task writing now) stays."""
+    path = tmp_path / "leakwatch.json"
+    old, fresh = tmp_path / ".leakwatch.json.a1.tmp", tmp_path / ".leakwatch.json.b2.tmp"
+    other = tmp_path / ".other.json.c3.tmp"
+    for temporary in (old, fresh, other):
+        temporary.write_text("{}")
+    os.utime(old, (WALL - 3600, WALL - 3600))
+    os.utime(fresh, (WALL - 5, WALL - 5))
+    os.utime(other, (WALL - 3600, WALL - 3600))
+    assert state_file(path).load() is None
+    assert not old.exists() and fresh.exists() and other.exists()
+
+
 async def test_save_is_atomic_and_round_trips(tmp_path: Path) -> None:
     """save() replaces the file whole (no temp file left) and load() reads it back."""
     path = tmp_path / "leakwatch.json"

@@ -176,13 +176,15 @@ class Outbox:
             while True:
                 changed = self._expire()
                 changed = self._admit() or changed
+                if changed:
+                    # Saved before anything new is sent: a digest delivered and then lost
+                    # to a kill before its save came back as other alerts under new ids.
+                    await self._save()
                 self._dispatch(group, session)
                 self._export()
                 progress.progress()
                 if not self._failing():
                     progress.up()
-                if changed:
-                    await self._save()
                 await self._waker.wait(self._next_wake())
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -336,7 +338,7 @@ class Outbox:
             alert.last_error = error
             delay = self._backoff.delay(alert.attempts)
             if retry_after is not None:
-                delay = min(max(delay, retry_after), self.cfg.max_backoff)
+                delay = self._backoff.not_before(retry_after, alert.attempts)
             alert.next_at = self._clock() + delay
             # The URL may carry a token and the secret is a secret: log neither.
             log.warning("alert_delivery_failed", alert_id=alert.id, attempt=alert.attempts,
