@@ -504,41 +504,29 @@ async def test_logs_never_contain_the_token(
         assert secret not in repr(logs)
 
 
-def test_a_target_covering_no_route_is_a_config_error(tmp_path: Path) -> None:
-    """`routes = []` would never pulse (updown alarms for ever): refused."""
-    path = tmp_path / "c.toml"
-    path.write_text(
-        '[[selfcheck.routes]]\nname = "good"\nfrom = "a@example.com"\nto = "b@example.com"\n'
-        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
-        '[[heartbeat]]\nurl = "https://pulse.example/tok"\nroutes = []\n')
-    with pytest.raises(ConfigError) as caught:
-        load_config(path, {})
-    assert caught.value.problems == [
-        "heartbeat[0].routes: must not be empty (leave the key out for the default)"]
+ONE_ROUTE = ('[[selfcheck.routes]]\nname = "good"\nfrom = "a@example.com"\n'
+             'to = "b@example.com"\nsmtp = { host = "smtp" }\nimap = { host = "imap" }\n')
 
 
-def test_a_repeated_target_name_is_named(tmp_path: Path) -> None:
-    """Two targets with one name: the error says which name, as it does for routes."""
-    path = tmp_path / "c.toml"
-    path.write_text(
-        '[[selfcheck.routes]]\nfrom = "a@example.com"\nto = "b@example.com"\n'
-        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
-        '[[heartbeat]]\nname = "updown"\nurl = "https://pulse.example/tok"\n'
-        '[[heartbeat]]\nname = "updown"\nurl = "https://pulse.example/other"\n')
-    with pytest.raises(ConfigError) as caught:
-        load_config(path, {})
-    assert caught.value.problems == ["heartbeat: target names must be unique (repeated: updown)"]
-
-
-def test_send_start_on_a_target_that_has_no_start_signal_is_a_config_error(
-    tmp_path: Path,
+@pytest.mark.parametrize(("heartbeats", "problem"), [
+    # `routes = []` would never pulse (updown alarms for ever).
+    ('[[heartbeat]]\nurl = "https://pulse.example/tok"\nroutes = []\n',
+     "heartbeat[0].routes: must not be empty (leave the key out for the default)"),
+    # Two targets with one name: which one, as for routes.
+    ('[[heartbeat]]\nname = "updown"\nurl = "https://pulse.example/tok"\n'
+     '[[heartbeat]]\nname = "updown"\nurl = "https://pulse.example/other"\n',
+     "heartbeat: target names must be unique (repeated: updown)"),
+    # send_start with updown (the default kind) was silently ignored.
+    ('[[heartbeat]]\nurl = "https://pulse.example/tok"\nsend_start = true\n',
+     'heartbeat[0].send_start: only for kind = "healthchecks"'),
+], ids=["no-route", "repeated-name", "send-start-without-start-signal"])
+def test_a_target_that_cannot_work_as_meant_is_a_config_error(
+    tmp_path: Path, heartbeats: str, problem: str,
 ) -> None:
-    """send_start with updown (the default kind) was silently ignored: refused, naming why."""
+    """A target configured so it could never pulse, or not as written, is refused with one
+    line naming the key and why."""
     path = tmp_path / "c.toml"
-    path.write_text(
-        '[[selfcheck.routes]]\nfrom = "a@example.com"\nto = "b@example.com"\n'
-        'smtp = { host = "smtp" }\nimap = { host = "imap" }\n'
-        '[[heartbeat]]\nurl = "https://pulse.example/tok"\nsend_start = true\n')
+    path.write_text(ONE_ROUTE + heartbeats)
     with pytest.raises(ConfigError) as caught:
         load_config(path, {})
-    assert caught.value.problems == ['heartbeat[0].send_start: only for kind = "healthchecks"']
+    assert caught.value.problems == [problem]
