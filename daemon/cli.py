@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from daemon import __version__
-from daemon.config import ConfigError, LoadedConfig, load_config
+from daemon.config import Config, ConfigError, LoadedConfig, load_config
 from daemon.logs import configure_logging, install_exception_hooks, redact_secrets
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
@@ -40,6 +40,9 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     print(f"config OK ({source}): {len(cfg.selfcheck.routes)} route(s), "
           f"{len(cfg.heartbeat)} heartbeat target(s), "
           f"leak watcher {'on' if cfg.leakwatch else 'off'}")
+    for key, value in placeholders(cfg):
+        print(f"warning: {key} = {value} is an example domain (RFC 2606), "
+              "a placeholder to replace")
     if not args.connect:
         return EXIT_OK
     from daemon.connect_check import check_connections
@@ -47,6 +50,26 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     configure_logging(cfg.logging.format, "warning")
     ok = asyncio.run(check_connections(cfg, sys.stdout))
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def placeholders(cfg: Config) -> list[tuple[str, str]]:
+    """(key, value) of the hosts and addresses still in an RFC 2606 example domain, as
+    `init` and config.example.toml leave them: valid, but no mail goes there."""
+    found = []
+    for i, route in enumerate(cfg.selfcheck.routes):
+        where = f"selfcheck.routes[{i}]"
+        for key, value in ((f"{where}.from", route.from_), (f"{where}.to", route.to),
+                           (f"{where}.smtp.host", route.smtp.host),
+                           (f"{where}.imap.host", route.imap.host)):
+            if _example_domain(value.rpartition("@")[2]):
+                found.append((key, value))
+    return found
+
+
+def _example_domain(domain: str) -> bool:
+    domain = domain.lower().rstrip(".")
+    return any(domain == d or domain.endswith("." + d)
+               for d in ("example.com", "example.net", "example.org", "example"))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -48,6 +48,30 @@ def test_starter_loads_once_its_placeholders_are_filled_in(tmp_path: Path) -> No
     assert_placeholders_all_replaced(config)
 
 
+def test_config_check_warns_about_example_domains_left_in_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Only the secret files filled in, the starter validates, but config-check says which
+    hosts and addresses are still example.com placeholders; filled in, it says nothing."""
+    path = tmp_path / "selfcheckd.toml"
+    assert init(path) == 0
+    text = path.read_text(encoding="utf-8")
+    for name in re.findall(r'_file = "(/etc/selfcheckd/[^"]+)"', text):
+        (tmp_path / Path(name).name).write_text("x\n")
+        text = text.replace(name, str(tmp_path / Path(name).name))
+    path.write_text(text, encoding="utf-8")
+    capsys.readouterr()
+    assert main(["config-check", "--config", str(path)]) == 0
+    warned = [line.split(" = ")[0] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("warning: ")]
+    assert warned == [f"warning: selfcheck.routes[0].{k}"
+                      for k in ("from", "to", "smtp.host", "imap.host")]
+    filled, _ = fill_placeholders(text, tmp_path)
+    path.write_text(filled, encoding="utf-8")
+    assert main(["config-check", "--config", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_starter_optional_sections_load_once_uncommented(tmp_path: Path) -> None:
     """Uncommenting the heartbeat and leak watcher sections and filling them in also loads."""
     path = tmp_path / "selfcheckd.toml"
