@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.checks.result import CheckResult, FailureReason
+from daemon.checks.result import MAX_ERROR, CheckResult, FailureReason
 from daemon.checks.runner import Runner
 from daemon.metrics import Metrics
 from daemon.stopping import StopBudget
@@ -167,3 +167,11 @@ async def test_a_listener_that_raises_costs_nothing_but_a_log_line() -> None:
     assert "selfcheck_listener_failed" in [e["event"] for e in logs]
     assert metrics.registry.get_sample_value(
         "selfcheckd_internal_errors_total", {"kind": "result_listener"}) == 1
+
+
+def test_a_long_error_is_cut_to_what_a_log_line_carries() -> None:
+    """A server's garbage quoted in the error (1.4 KB of control bytes) is cut, marked."""
+    result = CheckResult(route="default", run_id="r1")
+    result.fail(FailureReason.SEND, "Malformed SMTP response line: " + "\x01" * 1400)
+    assert result.error is not None
+    assert len(result.error) == MAX_ERROR and result.error.endswith("…")

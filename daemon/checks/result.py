@@ -14,6 +14,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+# The longest error a result carries (the `selfcheck_completed` line, /status, JSON).
+MAX_ERROR = 500
+
 
 def new_run_id() -> str:
     """A short random id naming one run in logs, probes and healthchecks pings."""
@@ -117,7 +120,8 @@ class CheckResult:
         if self.reason is None:
             self.success = False
             self.reason = reason
-            self.error = error
+            # A server's garbage is quoted in the error: kept to what a log line can carry.
+            self.error = error if len(error) <= MAX_ERROR else error[:MAX_ERROR - 1] + "…"
 
     def as_dict(self, verbose: bool = False) -> dict[str, Any]:
         """The seed's keys first, then ours. Never contains secrets."""
