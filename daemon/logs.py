@@ -48,6 +48,23 @@ def redact_secrets(values: Iterable[str]) -> None:
     _secrets = tuple(sorted({v for v in values if len(v) >= 6}, key=len, reverse=True))
 
 
+# The longest value a log field carries (a traceback excepted): a peer answering garbage
+# must not write lines that log shippers with a line limit choke on.
+MAX_FIELD = 2000
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text`, cut to `limit` characters with a `…` when longer."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _bound(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    for key, value in event_dict.items():
+        if key != "exception" and isinstance(value, str) and len(value) > MAX_FIELD:
+            event_dict[key] = shorten(value, MAX_FIELD)
+    return event_dict
+
+
 def _redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> Any:
     if _secrets:
         for key, value in event_dict.items():
@@ -91,7 +108,7 @@ def configure_logging(fmt: str = "kv", level: str = "info", stream: TextIO | Non
     ]
     # Both formats: the traceback becomes the `exception` field of the one line,
     # and no secret survives into any field.
-    shared += [structlog.processors.format_exc_info, _redact]
+    shared += [structlog.processors.format_exc_info, _redact, _bound]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -30,10 +30,14 @@ from typing import Any, Protocol
 
 import structlog
 
+from daemon.logs import shorten
 from daemon.metrics import Metrics
 from daemon.retry import RESTART_BACKOFF, Backoff
 
 log = structlog.get_logger("daemon.supervisor")
+
+# The longest reason a component reports down (shown whole by /status and /healthz).
+MAX_REASON = 300
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -119,7 +123,7 @@ class Progress:
     def down(self, reason: str) -> None:
         """The component cannot do its job right now (it keeps running and retrying)."""
         st = self._state
-        st.reason = reason
+        st.reason = shorten(reason, MAX_REASON)  # shown by /status and /healthz
         if st.up:
             st.up = False
             self._sup.metrics.component_up.labels(st.name).set(0)

@@ -334,17 +334,22 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def settled_counts(samples: int = 40) -> tuple[int, int]:
-    """The fewest tasks and fds seen over a few loop turns.
+async def settled_counts(daemon: Daemon, samples: int = 20) -> tuple[int, int]:
+    """The fewest tasks and fds seen at moments when nothing is in flight.
 
-    Runs, cleanups and heartbeats come and go every few milliseconds; the
-    minimum is what stays, so only a leak (which never goes away) moves it.
+    Runs, cleanups and heartbeats come and go every few milliseconds: counted at
+    any moment, a busy machine catches more of them in flight at one sample than
+    at another. Counted only while no run is going and no heartbeat is queued or
+    being sent, and the fewest of those kept, only a leak moves the number.
     """
     tasks, fds = [], []
-    for _ in range(samples):
-        tasks.append(len(asyncio.all_tasks()))
-        fds.append(open_fds())
-        await asyncio.sleep(0.005)
+    deadline = time.monotonic() + 60
+    while len(tasks) < samples:
+        if not daemon.scheduler.running and daemon.heartbeats.idle:
+            tasks.append(len(asyncio.all_tasks()))
+            fds.append(open_fds())
+        assert time.monotonic() < deadline, "never quiet for a moment"
+        await asyncio.sleep(0.001)
     return min(tasks), min(fds)
 
 
@@ -359,9 +364,9 @@ async def test_soak_500_runs_without_growth(
     baseline: tuple[int, int] | None = None
     try:
         await until(lambda: runs._value.get() >= 50, timeout=120)
-        baseline = await settled_counts()
+        baseline = await settled_counts(daemon)
         await until(lambda: runs._value.get() >= 500, timeout=300)
-        tasks, fds = await settled_counts()
+        tasks, fds = await settled_counts(daemon)
     finally:
         await daemon.shutdown()
     assert baseline is not None

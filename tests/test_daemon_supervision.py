@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 from daemon.app import Daemon
 from daemon.config import Config, LoadedConfig, load_config
 from daemon.embedded.stack import EmbeddedMailStack
-from daemon.logs import configure_logging, install_exception_hooks, redact_secrets
+from daemon.logs import MAX_FIELD, configure_logging, install_exception_hooks, redact_secrets
 from daemon.metrics import Metrics
 from tests.fake_time import FakeClock
 from tests.faulty_servers import wedging_proxy
@@ -373,6 +373,21 @@ def test_a_secret_inside_a_library_exception_never_reaches_the_log() -> None:
     for secret in ("imap-pass-3", "tok-4444", "key-5555"):
         assert secret not in text
     assert len(text.strip().splitlines()) == 1
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_huge_field_is_cut_but_a_traceback_is_kept_whole() -> None:
+    """A peer's 560 KB of garbage quoted in a field makes a line no log shipper takes: every
+    field is cut at MAX_FIELD, except the traceback, which is the point of the line."""
+    out = io.StringIO()
+    configure_logging("kv", "info", stream=out)
+    try:
+        raise RuntimeError("deep " * 1000)
+    except RuntimeError:
+        structlog.get_logger().exception("something_failed", error="\\xff" * 100_000)
+    line = out.getvalue()
+    assert len(line) < 2 * MAX_FIELD + len("deep " * 1000) + 2000
+    assert line.count("deep ") >= 1000  # the message in the traceback, whole
 
 
 # -- /probe ------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from daemon.delivery.heartbeats import (
     scrub,
 )
 from daemon.metrics import Metrics
-from daemon.supervisor import Supervisor
+from daemon.supervisor import MAX_REASON, Supervisor
 from tests.waiting import until
 
 TOKEN = "s3cr3t-pulse-token-0123456789"
@@ -459,6 +459,32 @@ async def test_failing_target_reports_the_component_down(
     hb.run_finished(succeeded())
     assert await hb.drain(5.0)
     assert metrics.registry.get_sample_value("selfcheckd_component_up", up) == 1
+
+
+async def test_a_target_answering_garbage_is_quoted_briefly(
+    make_heartbeats: Factory, supervisor: Supervisor,
+) -> None:
+    """80 KB of non-HTTP bytes for an answer: aiohttp quotes them whole in its error; the
+    log line and the component's reason on /status stay short (they were 560 KB)."""
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"\xff\xfe" * 40000 + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        hb = await make_heartbeats({"url": f"http://127.0.0.1:{port}/{TOKEN}", "retries": 0})
+        with capture_logs() as logs:
+            hb.run_finished(succeeded())
+            assert await hb.drain(5.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+    [failed_line] = [e for e in logs if e["event"] == "heartbeat_failed"]
+    assert len(failed_line["error"]) <= MAX_REASON
+    assert len(supervisor.states()["heartbeats"]["reason"]) <= MAX_REASON
 
 
 # -- secrets -----------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from daemon.logs import shorten
+
 # The longest error a result carries (the `selfcheck_completed` line, /status, JSON).
 MAX_ERROR = 500
 
@@ -121,7 +123,7 @@ class CheckResult:
             self.success = False
             self.reason = reason
             # A server's garbage is quoted in the error: kept to what a log line can carry.
-            self.error = error if len(error) <= MAX_ERROR else error[:MAX_ERROR - 1] + "…"
+            self.error = shorten(error, MAX_ERROR)
 
     def as_dict(self, verbose: bool = False) -> dict[str, Any]:
         """The seed's keys first, then ours. Never contains secrets."""

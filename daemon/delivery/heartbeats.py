@@ -44,9 +44,10 @@ from daemon.config import HeartbeatKind, HeartbeatTarget
 from daemon.config_base import scrub as scrub_pieces
 from daemon.config_base import url_secret_pieces
 from daemon.delivery import SessionFactory, default_session
+from daemon.logs import shorten
 from daemon.metrics import Metrics
 from daemon.retry import Backoff
-from daemon.supervisor import Progress
+from daemon.supervisor import MAX_REASON, Progress
 from daemon.wakeup import Waker
 
 log = structlog.get_logger("daemon.heartbeat")
@@ -336,6 +337,11 @@ class Heartbeats:
                          failing=",".join(r.route for r in failing) or None,
                          waiting=",".join(waiting) or None)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or in flight."""
+        return self._idle.is_set()
+
     async def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` s until nothing is queued or in flight; True if so."""
         try:
@@ -495,7 +501,8 @@ class Heartbeats:
         except TimeoutError:  # also aiohttp's ServerTimeoutError
             return f"no response within {target.timeout:g}s", True
         except aiohttp.ClientError as exc:
-            return scrub(f"{type(exc).__name__}: {exc}", ping.url), True
+            # A garbage answer is quoted whole by aiohttp ("Bad status line ..."): cut.
+            return shorten(scrub(f"{type(exc).__name__}: {exc}", ping.url), MAX_REASON), True
         if 200 <= status < 300:
             return None, True
         # 4xx (bad token, deleted check) will not heal on retry; 5xx, 408, 429 may.
