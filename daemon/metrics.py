@@ -8,9 +8,12 @@ names from the config, reasons from a fixed enum, never error text.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from daemon import __version__
 from daemon.checks.result import FailureReason
@@ -144,6 +147,31 @@ class Metrics:
             "Times the supervisor restarted the component after it crashed.",
             ["component"], registry=r,
         )
+        # Read at scrape time from the supervisor (whether a down component is still
+        # alive depends on its deadline, which passes without anyone calling us).
+        self._degraded: Callable[[], dict[str, str]] = dict
+        r.register(_Degraded(self))
+
+        # -- the HTTP listener (docs/configuration.md, [server]) ---------------------------
+        self.http_connections = Gauge(
+            "selfcheckd_http_connections", "HTTP connections held open now.", registry=r,
+        )
+        self.http_connection_cap = Gauge(
+            "selfcheckd_http_connection_cap",
+            "The most HTTP connections held at once: [server] max_connections, at most a "
+            "quarter of RLIMIT_NOFILE.", registry=r,
+        )
+        self.http_connections_shed = Counter(
+            "selfcheckd_http_connections_shed",
+            "Connections closed at the cap: evicted (the oldest idle one made room for a new "
+            "one) or refused (every held connection was busy).", ["action"], registry=r,
+        )
+        self.probe_requests = Counter(
+            "selfcheckd_probe_requests",
+            "GET /probe answers by outcome: ran (started a run), joined (a run in flight), "
+            "cached (the latest result, within probe_min_interval), unauthorized, refused "
+            "(off, unknown route, stopping).", ["outcome"], registry=r,
+        )
 
         # -- the alert outbox ------------------------------------------------------------
         self.alerts_pending = Gauge(
@@ -238,6 +266,20 @@ class Metrics:
             registry=r,
         )
 
+    def watch_degraded(self, source: Callable[[], dict[str, str]]) -> None:
+        """Export `source()` ({component: reason code}) as selfcheckd_component_degraded."""
+        self._degraded = source
+
+    def degraded_family(self) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(
+            "selfcheckd_component_degraded",
+            "1 for the reason code of a component that is alive but cannot do its job "
+            "(file_missing, webhook, crashed, ...): degraded, not dead; /healthz stays 200.",
+            labels=["component", "reason"])
+        for component, code in sorted(self._degraded().items()):
+            family.add_metric([component, code], 1.0)
+        return family
+
     def forget_route(self, route: str) -> None:
         """Drop every series of a route a reload removed, so no stale value lingers."""
         per_route = (self.success, self.last_run, self.last_success, self.send_duration,
@@ -256,3 +298,14 @@ class Metrics:
         for result in ("success", "failure", "skipped"):
             with contextlib.suppress(KeyError):
                 self.heartbeats.remove(target, result)
+
+
+class _Degraded(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield self._metrics.degraded_family()
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("selfcheckd_component_degraded", "", labels=["component", "reason"])

@@ -2,17 +2,25 @@
 
 A component is a named coroutine (`run(progress)`) that runs until cancelled.
 It reports through its `Progress` handle: `progress()` after each unit of
-work (a poll, a tick, a delivery), `down(reason)` while it cannot do its job
-(log file missing, last poll failed). The supervisor runs all of them in one
-`asyncio.TaskGroup`:
+work (a poll, a tick, a delivery), `down(reason, code)` while it cannot do its
+job, `retrying(reason, code)` when an attempt of its loop failed and it will
+try again (log file missing, CloudWatch unreachable). The supervisor runs all
+of them in one `asyncio.TaskGroup`:
 
 * a component that raises is logged once with its traceback, counted in
   `selfcheckd_component_restarts_total` and restarted after a capped backoff;
   returning without being asked to is treated the same way (a loop that ends
   on its own is dead), unless the component declares `may_finish` (stdin
   reaching its end);
-* a component is unhealthy while it waits to restart or when it made no
-  progress within its own `progress_deadline`; `/healthz` names it.
+* liveness (`problems()`, `/healthz` 503) is only what a restart of the process
+  can mend: a component that crashed `DEAD_AFTER_CRASHES` times in a row and
+  waits for yet another restart, or one that made no progress (and reported
+  no failed attempt) within its own `progress_deadline`: a wedged loop;
+* a component that is alive but down (it says why: file missing, webhook
+  refusing, a crash its restart may still mend) is *degraded* (`degraded()`):
+  `/healthz` stays 200 and names it, `selfcheckd_component_up` is 0 and
+  `selfcheckd_component_degraded{reason}` says why. A restart cannot fix a
+  missing file; restarting over it would stop everything else too.
 
 Time comes from the injected `clock` and `sleep`, so tests drive restarts and
 deadlines with a fake clock.
@@ -45,6 +53,12 @@ Sleep = Callable[[float], Awaitable[None]]
 # A component that ran at least this long before crashing starts its restart
 # backoff afresh: a crash a day should not wait a minute to restart.
 HEALTHY_RUN = 300.0
+# Crashes in a row (none after a healthy run) after which a component waiting to
+# restart counts as dead for /healthz: its own restarts did not mend it (1 + 2 + 4 s
+# of backoff have passed), a restart of the process may. Before that it is degraded.
+DEAD_AFTER_CRASHES = 3
+# The bounded `reason` label of a component that reports down without one.
+OTHER = "other"
 
 
 def _being_cancelled() -> bool:
@@ -76,16 +90,19 @@ class ComponentState:
     state: str = "starting"  # starting | running | restarting | finished | stopped
     up: bool = False
     reason: str | None = None  # why it is down, or why it last crashed
+    code: str | None = None  # `reason` as a bounded label value (file_missing, crashed)
     started_at: float | None = None  # wall clock, for /status
     last_progress_at: float | None = None  # wall clock
     last_progress_mono: float = 0.0
     restarts: int = 0
+    crashes_in_a_row: int = 0  # reset by a run of HEALTHY_RUN seconds
 
     def as_dict(self, now_mono: float) -> dict[str, Any]:
         return {
             "state": self.state,
             "up": self.up,
             "reason": self.reason,
+            "reason_code": self.code,
             "started_at": self.started_at,
             "last_progress_at": self.last_progress_at,
             "seconds_since_progress": round(now_mono - self.last_progress_mono, 3),
@@ -117,16 +134,30 @@ class Progress:
         st = self._state
         if not st.up:
             st.up = True
-            st.reason = None
+            st.reason = st.code = None
             self._sup.metrics.component_up.labels(st.name).set(1)
 
-    def down(self, reason: str) -> None:
-        """The component cannot do its job right now (it keeps running and retrying)."""
+    def down(self, reason: str, code: str = OTHER) -> None:
+        """The component cannot do its job right now (it keeps running and retrying).
+
+        `reason` is for people (/status, /healthz); `code` is a bounded label value
+        (`file_missing`, `webhook`): never error text, never a path.
+        """
         st = self._state
         st.reason = shorten(reason, MAX_REASON)  # shown by /status and /healthz
+        st.code = code
         if st.up:
             st.up = False
             self._sup.metrics.component_up.labels(st.name).set(0)
+
+    def retrying(self, reason: str, code: str = OTHER) -> None:
+        """An attempt of the loop failed for `reason` and the loop will try again.
+
+        The loop is alive (this counts as progress: it is not wedged, and a
+        restart would not help) but degraded: down until its next success.
+        """
+        self.progress()
+        self.down(reason, code)
 
 
 class Supervisor:
@@ -153,6 +184,8 @@ class Supervisor:
         self._queued: list[Component] = []
         self._stop = asyncio.Event()
         self._running = asyncio.Event()
+        metrics.watch_degraded(
+            lambda: {name: code for name, (code, _why) in self.degraded().items()})
 
     # -- membership ---------------------------------------------------------------------
 
@@ -207,17 +240,25 @@ class Supervisor:
         return {name: st.as_dict(now) for name, st in sorted(self._states.items())}
 
     def problems(self) -> dict[str, str]:
-        """Components that are dead or stalled, with why (empty when all are healthy)."""
+        """Components a restart may mend (dead or wedged), with why (empty when none)."""
         now = self.clock()
         out: dict[str, str] = {}
         for name, st in sorted(self._states.items()):
-            if st.state == "restarting":
-                out[name] = f"crashed, restarting ({st.reason})"
+            if st.state == "restarting" and st.crashes_in_a_row >= DEAD_AFTER_CRASHES:
+                out[name] = (f"crashed {st.crashes_in_a_row} times in a row, restarting "
+                             f"({st.reason})")
             elif st.state in ("starting", "running") and now - st.last_progress_mono > st.deadline:
                 since = round(now - st.last_progress_mono)
                 why = f"no progress for {since}s (deadline {st.deadline:g}s)"
                 out[name] = f"{why}: {st.reason}" if st.reason else why
         return out
+
+    def degraded(self) -> dict[str, tuple[str, str]]:
+        """Components alive but down, with (reason code, reason); none of `problems()`."""
+        dead = self.problems()
+        return {name: (st.code or OTHER, st.reason or "down")
+                for name, st in sorted(self._states.items())
+                if name not in dead and not st.up and st.state in ("running", "restarting")}
 
     # -- running ------------------------------------------------------------------------
 
@@ -268,7 +309,7 @@ class Supervisor:
             except asyncio.CancelledError as cancelled:
                 if _being_cancelled():
                     state.state = "stopped"
-                    progress.down("stopped")
+                    progress.down("stopped", "stopped")
                     raise
                 # Nobody cancelled us: a cancellation leaked out of the component's own
                 # awaits. It is as dead as after a crash.
@@ -293,9 +334,9 @@ class Supervisor:
             failures = 1 if self.clock() - started >= HEALTHY_RUN else failures + 1
             delay = round(self._backoff.delay(failures), 3)
             state.restarts += 1
+            state.crashes_in_a_row = failures
             state.state = "restarting"
-            progress.down(why)
-            state.reason = why
+            progress.down(why, "crashed")
             self.metrics.component_restarts.labels(name).inc()
             log.error("component_crashed", component=name, error=why, restart_in=delay,
                       restarts=state.restarts, exc_info=crash or False)

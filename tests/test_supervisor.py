@@ -69,7 +69,9 @@ async def test_crash_is_logged_once_counted_and_restarted_with_backoff(
         sup.start(worker)
         await clock.settle()
         assert worker.starts == 1
-        assert sup.problems() == {"worker": "crashed, restarting (RuntimeError: boom 1)"}
+        # Its own restart may mend it: degraded, not dead.
+        assert sup.problems() == {}
+        assert sup.degraded() == {"worker": ("crashed", "RuntimeError: boom 1")}
         assert sample(metrics, "selfcheckd_component_up", "worker") == 0
         await clock.advance(1.0)
         assert worker.starts == 2
@@ -108,8 +110,7 @@ async def test_a_crash_inside_a_task_group_is_named_by_its_cause(
 
     sup.start(Grouped("grouped"))
     await clock.settle()
-    assert sup.problems() == {
-        "grouped": "crashed, restarting (OverflowError: backoff too large)"}
+    assert sup.degraded() == {"grouped": ("crashed", "OverflowError: backoff too large")}
 
 
 async def test_returning_without_being_stopped_is_a_death(
@@ -121,7 +122,7 @@ async def test_returning_without_being_stopped_is_a_death(
     sup.start(dead)
     sup.start(done)
     await clock.settle()
-    assert "dead" in sup.problems()
+    assert "dead" in sup.degraded()
     assert sup.states()["done"]["state"] == "finished"
     await clock.advance(1.0)
     assert dead.starts == 2 and done.starts == 1
@@ -158,12 +159,52 @@ async def test_down_is_exported_and_named_with_its_reason(
     sup.start(worker)
     await clock.settle()
     assert worker.progress is not None
-    worker.progress.down("file_missing: /var/log/maillog")
+    worker.progress.down("file_missing: /var/log/maillog", "file_missing")
     assert sample(metrics, "selfcheckd_component_up", "worker") == 0
     assert sup.states()["worker"]["reason"] == "file_missing: /var/log/maillog"
     await clock.advance(11.0)
     assert sup.problems() == {
         "worker": "no progress for 11s (deadline 10s): file_missing: /var/log/maillog"}
+
+
+async def test_a_loop_that_keeps_retrying_is_degraded_not_dead(
+    running: tuple[Supervisor, FakeClock, Metrics],
+) -> None:
+    """retrying(reason) past the deadline: 200-worthy (no problem), degraded with its code."""
+    sup, clock, metrics = running
+    worker = Worker(deadline=10.0)
+    sup.start(worker)
+    await clock.settle()
+    assert worker.progress is not None
+    for _ in range(6):  # an hour's worth of deadlines would do the same
+        worker.progress.retrying("file_missing: /var/log/maillog", "file_missing")
+        await clock.advance(5.0)
+    assert sup.problems() == {}
+    assert sup.degraded() == {"worker": ("file_missing", "file_missing: /var/log/maillog")}
+    assert metrics.registry.get_sample_value(
+        "selfcheckd_component_degraded", {"component": "worker", "reason": "file_missing"}) == 1
+    assert sample(metrics, "selfcheckd_component_up", "worker") == 0
+    # It stops retrying and reports nothing more: wedged, whatever it said before.
+    await clock.advance(11.0)
+    assert "worker" in sup.problems() and sup.degraded() == {}
+    assert metrics.registry.get_sample_value(
+        "selfcheckd_component_degraded", {"component": "worker", "reason": "file_missing"}) is None
+
+
+async def test_crashing_again_and_again_is_dead(
+    running: tuple[Supervisor, FakeClock, Metrics],
+) -> None:
+    """A component whose own restarts did not mend it (3 crashes in a row) fails liveness."""
+    sup, clock, _ = running
+    worker = Worker(crashes=10)
+    sup.start(worker)
+    await clock.settle()
+    await clock.advance(1.0)  # second crash
+    assert sup.problems() == {} and "worker" in sup.degraded()
+    await clock.advance(2.0)  # third crash
+    assert sup.problems() == {
+        "worker": "crashed 3 times in a row, restarting (RuntimeError: boom 3)"}
+    assert sup.degraded() == {}
 
 
 async def test_remove_cancels_and_forgets_the_component(
@@ -218,8 +259,8 @@ async def test_a_stray_cancellation_is_a_death_not_a_stop(
     worker = Leaky()
     sup.start(worker)
     await clock.settle()
-    assert sup.problems() == {
-        "worker": "crashed, restarting (CancelledError escaped the component)"}
+    assert sup.degraded() == {
+        "worker": ("crashed", "CancelledError escaped the component")}
     await clock.advance(1.0)
     assert worker.starts == 2
     assert sample(metrics, "selfcheckd_component_restarts_total", "worker") == 1

@@ -434,7 +434,7 @@ class Heartbeats:
         if ok:
             self._progress.up()
         else:
-            self._progress.down(f"heartbeat {target.name}: {error}")
+            self._progress.down(f"heartbeat {target.name}: {error}", "heartbeat")
 
     async def _deliver(
         self, session: aiohttp.ClientSession, key: tuple[str, str], delivery: _Delivery,

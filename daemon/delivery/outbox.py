@@ -345,7 +345,7 @@ class Outbox:
                         result=result, error=error, retry_in=round(delay, 3),
                         summary=alert.summary)
             if self._progress is not None:
-                self._progress.down(f"webhook: {error}")
+                self._progress.down(f"webhook: {error}", "webhook")
         self._settled.set()
         self._waker.poke()
         await self._save()

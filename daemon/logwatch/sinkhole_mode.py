@@ -147,7 +147,7 @@ class SinkholeModeWatcher:
                 reason = ("ssm_bad_answer" if isinstance(exc, BadAnswerError)
                           else f"ssm_{error_reason(exc)}")
                 self.metrics.leakwatch_errors.labels(reason=reason).inc()
-                progress.down(f"{reason}: {type(exc).__name__}")
+                progress.retrying(f"{reason}: {type(exc).__name__}", reason)
                 delay = round(self._backoff.delay(failures), 3)
                 log.warning("sinkhole_mode_read_failed", reason=reason,
                             parameter=self.cfg.parameter, error=type(exc).__name__,

@@ -210,7 +210,9 @@ class SourceLoop:
         """Count every failure, log the first of an episode, report down, back off."""
         delay = round(self._backoff.delay(failures), 3)
         self.watch.count_error(exc.reason)
-        progress.down(f"{exc.reason}: {exc}")
+        # Alive and saying why (a file that is missing, CloudWatch unreachable): degraded,
+        # not dead. A restart would not bring the file back and would stop the round trip.
+        progress.retrying(f"{exc.reason}: {exc}", exc.reason)
         if failures == 1:
             log.warning("leakwatch_poll_failed", source=self.source.kind, reason=exc.reason,
                         error=str(exc), retry_in=delay)
