@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import os
 import signal
 import sys
@@ -42,7 +43,8 @@ from daemon.checks.runner import Runner
 from daemon.checks.scheduler import IDLE_TICK, Job, Scheduler
 from daemon.config import Config, ConfigError, LoadedConfig, load_config
 from daemon.delivery.heartbeats import Heartbeats
-from daemon.http import HttpServer, make_app
+from daemon.http import HttpServer, ProbeAnswer
+from daemon.http_limits import connection_cap
 from daemon.logs import configure_logging, install_exception_hooks, redact_secrets
 from daemon.metrics import Metrics
 from daemon.roundtrip.check import RoundTrip
@@ -121,6 +123,8 @@ class Daemon:
         # The result of each scheduled run's task, while someone may still ask (/probe).
         self._run_results: weakref.WeakKeyDictionary[asyncio.Task[None], CheckResult] = (
             weakref.WeakKeyDictionary())
+        # When each route's latest run (scheduled or on demand) started: /probe's spacing.
+        self._run_started: dict[str, float] = {}
         self.checks = self._checks(self.config)
         self.scheduler = Scheduler(
             self._jobs(self.config, self.checks), clock=clock, sleep=sleep,
@@ -151,7 +155,10 @@ class Daemon:
         return [
             Job(name=name, run=self._make_run(name), interval=sc.interval, jitter=sc.jitter,
                 # A backstop: the runner enforces the check's own deadline first.
-                deadline=check.deadline + check.cleanup_timeout + 5)
+                deadline=check.deadline + check.cleanup_timeout + 5,
+                # A /probe run this close before a due time does that run's work.
+                on_demand_window=min(config.server.probe_min_interval, sc.interval)
+                if config.server.probe else 0.0)
             for name, check in checks.items()
         ]
 
@@ -161,6 +168,7 @@ class Daemon:
             if check is None:
                 return
             run_id = new_run_id()
+            self._run_started[name] = self._clock()
             self.heartbeats.run_started(name, run_id)
             try:
                 result = await self.runner.execute(check, run_id)
@@ -183,8 +191,11 @@ class Daemon:
                          stdin=stdin)
 
     def _http(self, config: Config) -> HttpServer:
-        return HttpServer(make_app(self, self.metrics.registry), config.server.host,
-                          config.server.port, sleep=self._sleep)
+        server = config.server
+        return HttpServer(self, self.metrics, server.host, server.port,
+                          max_connections=server.max_connections,
+                          header_timeout=server.header_timeout,
+                          clock=self._clock, sleep=self._sleep)
 
     def _on_result(self, result: CheckResult) -> None:
         if result.route not in self.checks:
@@ -206,6 +217,16 @@ class Daemon:
 
     def problems(self) -> dict[str, str]:
         return self.supervisor.problems()
+
+    def degraded(self) -> dict[str, str]:
+        """Components alive but unable to work, with why (a restart would not help)."""
+        return {name: why for name, (_code, why) in self.supervisor.degraded().items()}
+
+    def routes_failing(self) -> dict[str, str]:
+        """Routes whose latest run failed, with its reason (the monitor's verdict on mail)."""
+        return {name: result.reason.value if result.reason else "failure"
+                for name, result in self.results.items()
+                if not result.success and name in self.checks}
 
     def is_ready(self) -> bool:
         return self.ready and not self.stopping
@@ -247,32 +268,69 @@ class Daemon:
                 "logging": cfg.logging.model_dump(),
             },
             "problems": self.problems(),
+            "degraded": self.degraded(),
             "components": self.supervisor.states(),
             "routes": routes,
             "leakwatch": leak,
         }
 
-    async def probe(self, route: str) -> tuple[int, dict[str, Any]]:
-        """GET /probe?route=NAME: run the route now (or join its run in flight)."""
-        if not self.config.server.probe:
-            return 404, {"error": "on-demand probes are off (they send mail); "
-                                  "set [server] probe = true to allow them"}
+    def probe_enabled(self) -> bool:
+        return self.config.server.probe
+
+    def probe_token(self) -> str | None:
+        token = self.config.server.probe_token
+        return None if token is None else token.get_secret_value()
+
+    def probe_refused(self, outcome: str) -> None:
+        self.metrics.probe_requests.labels(outcome).inc()
+
+    async def probe(self, route: str) -> ProbeAnswer:
+        """GET /probe?route=NAME: join the run in flight, answer the latest result if the
+        route's last run started within `probe_min_interval`, else run the route now."""
         if route not in self.checks:
-            return 404, {"error": f"no such route: {route}", "routes": list(self.checks)}
-        task = None if self.stopping else self.scheduler.fire_now(route)
+            self.probe_refused("refused")
+            return ProbeAnswer(404, {"error": f"no such route: {route}",
+                                     "routes": list(self.checks)})
+        if self.stopping:
+            self.probe_refused("refused")
+            return ProbeAnswer(503, {"error": "selfcheckd is stopping"})
+        spacing = self.config.server.probe_min_interval
+        in_flight = route in self.scheduler.running
+        since = self._clock() - self._run_started.get(route, -math.inf)
+        if not in_flight and since < spacing:
+            # A scrape that fails (429) loses the series and fires up == 0 alerts, and
+            # Prometheus ignores Retry-After: the latest verdict, marked cached, is
+            # what it can use.
+            wait = math.ceil(spacing - since)
+            result = self.results.get(route)
+            if result is None:  # that run ended without a verdict (cancelled)
+                self.probe_refused("refused")
+                return ProbeAnswer(429, {"error": f"a run of {route} started {since:.0f}s "
+                                                  f"ago without a verdict; try again later"},
+                                   headers={"Retry-After": str(wait)})
+            self.metrics.probe_requests.labels("cached").inc()
+            return ProbeAnswer(200, {**self._result_body(result), "cached": True,
+                                     "next_run_in": wait}, result=result, cached=True)
+        task = self.scheduler.fire_now(route)
         if task is None:
-            why = "stopping" if self.stopping else "not scheduling yet (starting up)"
-            return 503, {"error": f"selfcheckd is {why}"}
-        log.info("selfcheck_probe_requested", route=route)
+            self.probe_refused("refused")
+            return ProbeAnswer(503, {"error": "selfcheckd is not scheduling yet (starting up)"})
+        self.metrics.probe_requests.labels("joined" if in_flight else "ran").inc()
+        log.info("selfcheck_probe_requested", route=route, joined=in_flight)
         # asyncio.wait never cancels what it waits for: a client that hangs up
         # does not cancel a run the scheduler owns.
         await asyncio.wait({task})
         result = self._run_results.get(task)
         if result is None:
             why = "selfcheckd is stopping" if self.stopping else "it was cancelled"
-            return 503, {"error": f"the run ended without a verdict: {why}"}
-        return 200, {**result.as_dict(verbose=True), "started_at": result.started_at,
-                     "finished_at": result.finished_at}
+            return ProbeAnswer(503, {"error": f"the run ended without a verdict: {why}"})
+        return ProbeAnswer(200, {**self._result_body(result), "cached": False},
+                           result=result)
+
+    @staticmethod
+    def _result_body(result: CheckResult) -> dict[str, Any]:
+        return {**result.as_dict(verbose=True), "started_at": result.started_at,
+                "finished_at": result.finished_at}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -404,6 +462,8 @@ class Daemon:
             old_http, self.http = self.http, http
             await self.supervisor.replace(http, timeout=SWAP_TIMEOUT)
             await old_http.close()
+        else:
+            self.http.guard.set_cap(connection_cap(new.server.max_connections))
         self.metrics.config_reload_ok.set(1)
         # Said before logging changes, so it is seen whatever the new level is.
         log.info("config_reloaded", changed=",".join(changed) or "nothing",
@@ -425,6 +485,11 @@ class Daemon:
         if old_src != new_src and "stdin" in (old_src, new_src):
             return ["leakwatch.source: cannot change to or from stdin while running "
                     "(standard input is read once; restart selfcheckd)"]
+        old_server, new_server = self.config.server, new.server
+        if new_server.header_timeout != old_server.header_timeout \
+                and new_server.listen == old_server.listen:
+            return ["server.header_timeout: cannot change while listening on the same address "
+                    "(the listener keeps its timeout); restart selfcheckd"]
         return []
 
     async def _swap_heartbeats(self, new: Config) -> None:

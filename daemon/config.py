@@ -8,6 +8,7 @@ is reported as one line `key.path: rule`, all of them at once.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -248,10 +249,36 @@ class HeartbeatTarget(SecretsModel):
         return super().check_table(table, info, problems)
 
 
-class ServerConfig(StrictModel):
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable only from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost may resolve anywhere
+        return False
+
+
+class ServerConfig(SecretsModel):
     listen: NonBlankStr = "0.0.0.0:9787"
     # GET /probe?route=NAME runs a round trip on demand. It sends mail, so it is off.
     probe: bool = False
+    # The bearer token /probe requires (Prometheus' `authorization` block sends it);
+    # required when probe = true on an address that is not loopback.
+    probe_token: SecretStr | None = None
+    probe_token_file: Path | None = None
+    probe_token_env: str | None = None
+    # A new run for a route starts at most this often through /probe; requests in
+    # between get the latest result, marked as cached.
+    probe_min_interval: NonNegativeFloat = 60.0
+    # Connections held at once (more are shed, oldest idle first); also capped at a
+    # quarter of RLIMIT_NOFILE so the round trip and the leak watcher keep their fds.
+    max_connections: int = Field(default=100, ge=1, le=100_000)
+    # Seconds a connection may take to send its request line and headers, and may
+    # stay idle between keep-alive requests, before it is closed.
+    header_timeout: PositiveFloat = 10.0
+
+    secret_fields = ("probe_token",)
 
     @field_validator("listen")
     @classmethod
@@ -261,13 +288,38 @@ class ServerConfig(StrictModel):
             raise ValueError("must be HOST:PORT with PORT 0-65535")
         return value
 
+    @field_validator("probe_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @classmethod
+    def check_table(cls, table: dict[str, Any], info: ValidationInfo,
+                    problems: list[Problem]) -> dict[str, Any]:
+        given = any(table.get(k) is not None
+                    for k in ("probe_token", "probe_token_file", "probe_token_env"))
+        listen = table.get("listen", "0.0.0.0:9787")
+        if table.get("probe") is True and not given and isinstance(listen, str) \
+                and not is_loopback(_listen_host(listen)):
+            # /probe sends mail: anyone who can reach the port could make it send.
+            problems.append((("probe_token",), f"required when probe = true and listen "
+                             f"({listen}) is not a loopback address: set probe_token_file "
+                             "or probe_token_env, or listen on 127.0.0.1"))
+        return super().check_table(table, info, problems)
+
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+        return _listen_host(self.listen)
 
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+def _listen_host(listen: str) -> str:
+    return listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
 
 
 def with_scheme(url: str) -> str:
@@ -339,7 +391,7 @@ class Config(StrictModel):
     def secret_values(self) -> set[str]:
         """Every configured secret, and the token-bearing pieces of secret URLs (for redaction)."""
         values: set[str] = set()
-        found: list[SecretStr | None] = [self.selfcheck.secret]
+        found: list[SecretStr | None] = [self.selfcheck.secret, self.server.probe_token]
         for route in self.selfcheck.routes:
             found += [route.smtp.password, route.imap.password]
         if self.pushgateway is not None:

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -82,8 +83,10 @@ async def hanging_receiver() -> AsyncIterator[tuple[str, list[str]]]:
 # -- health ------------------------------------------------------------------------------
 
 
-async def test_healthz_names_a_stalled_source_and_status_shows_why(tmp_path: Path) -> None:
-    """A missing log file: component down at once, /healthz 503 naming it after its deadline."""
+async def test_a_missing_log_file_is_degraded_and_a_wedged_loop_is_dead(
+    tmp_path: Path,
+) -> None:
+    """A log file missing for 60 s keeps /healthz 200 naming it degraded; a wedged loop is 503."""
     clock = FakeClock()
     config_path = tmp_path / "c.toml"
     config_path.write_text(
@@ -93,22 +96,53 @@ async def test_healthz_names_a_stalled_source_and_status_shows_why(tmp_path: Pat
     await daemon.start()
     try:
         port = daemon.listen_port
+        loop = daemon.leakwatch.source_loop  # type: ignore[union-attr]
+        assert loop.progress_deadline < 60  # the old rule would have said 503 by now
         await until(lambda: daemon.metrics.registry.get_sample_value(
             "leakwatch_errors_total", {"reason": "file_missing"}))
-        assert (await get(port, "/healthz"))[0] == 200  # down, but not yet past its deadline
+
+        async def reads_done() -> None:
+            """Fake time moves only while no read is in its (real) thread."""
+            await until(lambda: not any(t.name == "leakwatch-file"
+                                        for t in threading.enumerate()))
+            await clock.settle()
+
+        for second in range(1, 61):  # 60 fake seconds, sampled as a health check would
+            await reads_done()
+            await clock.advance(1.0)
+            await reads_done()
+            if second % 5:
+                continue
+            code, body = await get(port, "/healthz")
+            health = json.loads(body)
+            assert code == 200, body
+            assert health["problems"] == {}
+            assert list(health["degraded"]) == ["leakwatch-source"]
+            assert health["degraded"]["leakwatch-source"].startswith("file_missing: ")
         m = samples((await get(port, "/metrics"))[1])
         assert m[("selfcheckd_component_up", (("component", "leakwatch-source"),))] == 0
+        assert m[("selfcheckd_component_degraded",
+                  (("component", "leakwatch-source"), ("reason", "file_missing")))] == 1
         assert m[("selfcheckd_component_up", (("component", "http"),))] == 1
-        await clock.advance(daemon.leakwatch.source_loop.progress_deadline + 1)  # type: ignore[union-attr]
+        status = json.loads((await get(port, "/status"))[1])
+        assert list(status["degraded"]) == ["leakwatch-source"]
+        source = status["components"]["leakwatch-source"]
+        assert source["up"] is False and source["reason_code"] == "file_missing"
+        (tmp_path / "absent").write_text("")
+        await advance_until(clock, lambda: daemon.degraded() == {}, limit=30)
+        assert json.loads((await get(port, "/healthz"))[1])["degraded"] == {}
+
+        # Now the loop wedges: a read that never returns, nothing reported. A restart
+        # mends that, so liveness fails.
+        async def wedged() -> list[str]:
+            await asyncio.Event().wait()
+            return []
+
+        daemon.leakwatch.source.read = wedged  # type: ignore[method-assign,union-attr]
+        await clock.advance(loop.progress_deadline + 5)
         code, body = await get(port, "/healthz")
         assert code == 503
         assert list(json.loads(body)["problems"]) == ["leakwatch-source"]
-        status = json.loads((await get(port, "/status"))[1])
-        source = status["components"]["leakwatch-source"]
-        assert source["up"] is False and "file_missing" in source["reason"]
-        (tmp_path / "absent").write_text("")
-        await advance_until(clock, lambda: daemon.problems() == {}, limit=30)
-        assert (await get(port, "/healthz"))[0] == 200
     finally:
         await daemon.shutdown()
 
@@ -393,11 +427,11 @@ def test_a_huge_field_is_cut_but_a_traceback_is_kept_whole() -> None:
 # -- /probe ------------------------------------------------------------------------------------
 
 
-def probe_config(stack: EmbeddedMailStack, probe: bool) -> LoadedConfig:
+def probe_config(stack: EmbeddedMailStack, probe: bool, **server: Any) -> LoadedConfig:
     return LoadedConfig(Config.model_validate({
         "selfcheck": {"interval": 600, "timeout": 5, "secret": "x",
                       "routes": [stack.route_table()]},
-        "server": {"listen": "127.0.0.1:0", "probe": probe},
+        "server": {"listen": "127.0.0.1:0", "probe": probe, **server},
     }), None)
 
 
@@ -419,7 +453,7 @@ async def test_probe_runs_the_route_now_and_answers_its_result(
     mail_stack: EmbeddedMailStack,
 ) -> None:
     """GET /probe?route=NAME runs a round trip on demand: result JSON with step timings."""
-    daemon = Daemon(probe_config(mail_stack, probe=True))
+    daemon = Daemon(probe_config(mail_stack, probe=True, probe_min_interval=0))
     await daemon.start()
     try:
         # The start-up run, cleanup included, is over: the probe starts a run of its own.

@@ -514,3 +514,25 @@ async def test_fire_now_starts_a_run_or_hands_back_the_one_in_flight() -> None:
     assert counts.skips == []  # nothing was missed
     assert sched.fire_now("a") is None  # stopped
     await assert_clean_shutdown(sched)
+
+
+async def test_an_on_demand_run_just_before_a_due_time_serves_it() -> None:
+    """A fire_now run that ended within on_demand_window of a due time is not run again
+    at it (no double run); the cadence stays where it was (no delay)."""
+    fake = FakeTime()
+    body = Body(fake, duration=1)
+    counts = Counts(fake)
+    sched = scheduler(fake, [Job("a", body, interval=10, on_demand_window=4)], counts)
+
+    async def scenario() -> None:
+        await fake.reached(7).wait()
+        assert sched.fire_now("a") is not None  # 7 to 8; due 10 is within 4 s: served
+        await fake.reached(13).wait()
+        assert sched.fire_now("a") is not None  # 13 to 14; due 20 is 7 s later: runs
+
+    task = asyncio.create_task(scenario())
+    await run_until(fake, sched, 25)
+    await task
+    assert body.starts == [0, 7, 13, 20]
+    assert counts.skips == []
+    await assert_clean_shutdown(sched)

@@ -9,6 +9,10 @@ Rules, in the order a reader will ask about them:
   from the injected rng; offsets never accumulate. `jitter < interval`.
 * **No overlap**: a due run that finds the previous run of its job still
   going is not started; it is counted with `on_skip(name, 1)`.
+* **On demand** (`fire_now`, /probe): a due time that finds an on-demand run
+  going, or one that started less than the job's `on_demand_window` ago, is
+  served by it (not started again, not counted as skipped); the cadence is
+  untouched either way, so /probe never delays or doubles a scheduled run.
 * **Missed due times** (process suspended, event loop blocked, clock jump):
   the job fires once when the loop wakes and each further due time that
   passed meanwhile is counted with one `on_skip(name, missed)` call. They are
@@ -61,6 +65,8 @@ class Job:
     interval: float
     jitter: float = 0.0
     deadline: float | None = None
+    # An on-demand run started at most this long before a due time serves it.
+    on_demand_window: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -70,6 +76,9 @@ class Job:
         if not (0 <= self.jitter < self.interval):
             raise ValueError(f"job {self.name!r}: jitter must be >= 0 and < interval "
                              f"({self.interval:g}s), got {self.jitter!r}")
+        if not (math.isfinite(self.on_demand_window) and self.on_demand_window >= 0):
+            raise ValueError(f"job {self.name!r}: on_demand_window must be >= 0, "
+                             f"got {self.on_demand_window!r}")
         if self.deadline is not None and not self.deadline > 0:
             raise ValueError(f"job {self.name!r}: deadline must be > 0, got {self.deadline!r}")
 
@@ -142,6 +151,7 @@ class Scheduler:
         self._jobs_changed = True  # the first tick plans every job
         self._cadences: dict[str, _Cadence] = {}
         self._runs: dict[str, _Run] = {}
+        self._on_demand_at: dict[str, float] = {}  # the latest fire_now start per job
         self._stopping = False
         self._active = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -216,7 +226,9 @@ class Scheduler:
         job = next((j for j in self._jobs if j.name == name), None)
         if job is None or self._stopping or self._loop is None:
             return None
-        self._start(job, self._clock(), on_demand=True)
+        now = self._clock()
+        self._start(job, now, on_demand=True)
+        self._on_demand_at[name] = now
         self._poke()  # the loop plans its next wake-up with this run's deadline
         return self._runs[name].task
 
@@ -285,8 +297,11 @@ class Scheduler:
         for name, cadence in self._cadences.items():
             if cadence.fire_at > now:
                 continue
-            if name in self._runs and self._runs[name].on_demand:
-                # An on-demand run is doing this due run's work: nothing is missed.
+            if (name in self._runs and self._runs[name].on_demand) or (
+                    name not in self._runs
+                    and now - self._on_demand_at.get(name, -math.inf)
+                    < cadence.job.on_demand_window):
+                # An on-demand run is doing (or just did) this due run's work.
                 log.debug("scheduled_run_served_on_demand", job=name)
             elif name in self._runs:
                 log.warning("scheduled_run_skipped", job=name, reason="previous_run_still_going")
