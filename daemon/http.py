@@ -39,7 +39,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from daemon.checks.result import CheckResult
-from daemon.http_limits import ConnectionGuard, connection_cap
+from daemon.config import is_loopback
+from daemon.http_limits import LOOPBACK_RESERVE, ConnectionGuard, accept_backlog, connection_cap
 from daemon.metrics import Metrics
 from daemon.probe_metrics import render, wants_metrics
 from daemon.supervisor import Progress
@@ -176,7 +177,9 @@ class HttpServer:
         self.port = port
         self._sleep = sleep
         self.header_timeout = header_timeout
-        self.guard = ConnectionGuard(connection_cap(max_connections), metrics, clock)
+        # On loopback every peer is local: a reserve for local peers would just raise the cap.
+        self.guard = ConnectionGuard(connection_cap(max_connections), metrics, clock,
+                                     0 if is_loopback(host) else LOOPBACK_RESERVE)
         self._app = make_app(source, metrics.registry, middlewares=[self.guard.middleware])
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
@@ -201,7 +204,7 @@ class HttpServer:
             # the guard before aiohttp builds anything for it.
             self._server = await asyncio.get_running_loop().create_server(
                 self.guard.protocol_factory(handler), self.host, self.port,
-                reuse_address=True)
+                reuse_address=True, backlog=accept_backlog())
         except OSError:
             await runner.cleanup()
             raise

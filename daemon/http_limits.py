@@ -8,14 +8,20 @@ listener. `ConnectionGuard` wraps each accepted connection before aiohttp sees
 it and keeps at most `cap` of them:
 
 * a new connection past the cap closes the oldest *idle* one (no request
-  being handled: a slowloris, a keep-alive connection between scrapes), so a
-  fresh client (the ECS health check, a Prometheus scrape) always gets in and
-  the attacker's own sockets make room for it; if every held connection is
-  busy, the new one is refused. Either way the socket is aborted at once,
-  before aiohttp allocates anything for it;
-* `cap` is `min([server] max_connections, RLIMIT_NOFILE // 4)`: at least
-  three quarters of the fds stay for the components (SMTP and IMAP
-  connections, the log file, CloudWatch and webhook sessions, state saves);
+  being handled: a slowloris, a keep-alive connection between scrapes) that
+  has been held at least `EVICT_GRACE`, so a fresh client (a Prometheus
+  scrape) gets in and the attacker's own sockets make room for it, and once in
+  it has time to send its request before a burst of newer ones could push it
+  out; if no held connection qualifies, the new one is refused. Either way the
+  socket is aborted before aiohttp allocates anything for it;
+* when the listener is not on loopback, `LOOPBACK_RESERVE` more connections
+  are kept for loopback peers: the ECS health check runs inside the task, so a
+  flood from the network cannot make it fail and get the task replaced;
+* the listener's fds are bounded by `RLIMIT_NOFILE // 4`: `cap` (at most
+  `[server] max_connections`) plus the accept backlog (asyncio accepts up to
+  `backlog` sockets in one go and closes the shed ones a loop turn later) plus
+  the loopback reserve; the other three quarters stay for the components (SMTP
+  and IMAP connections, the log file, CloudWatch and webhook sessions, saves);
 * the guard counts what it sheds; the `http` component's loop calls `report()`
   and a flood is logged once per `FLOOD_LOG_INTERVAL` with the counts, never
   a line per connection.
@@ -24,6 +30,7 @@ it and keeps at most `cap` of them:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import resource
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -40,15 +47,32 @@ log = structlog.get_logger("daemon.http")
 FLOOD_LOG_INTERVAL = 60.0
 # The listener may use this share of RLIMIT_NOFILE; the rest is the components'.
 FD_SHARE = 4
+# The most sockets accepted in one go (asyncio's accept loop takes up to `backlog`).
+MAX_BACKLOG = 128
+# Connections kept for loopback peers (the health check) past the cap.
+LOOPBACK_RESERVE = 8
+# A connection younger than this is not shed for a newer one (loop seconds).
+EVICT_GRACE = 0.25
+
+
+def _nofile() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def accept_backlog(nofile: int | None = None) -> int:
+    """The listen backlog, which is also how many sockets one accept burst may hold."""
+    share = (nofile or _nofile()) // FD_SHARE
+    return max(1, min(MAX_BACKLOG, (share - LOOPBACK_RESERVE) // 2))
 
 
 def connection_cap(max_connections: int, nofile: int | None = None) -> int:
-    """How many connections the listener holds: the configured number, and at most
-    a quarter of the soft fd limit (never fewer than one)."""
-    if nofile is None:
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        nofile = soft if soft != resource.RLIM_INFINITY else 1 << 20
-    return max(1, min(max_connections, nofile // FD_SHARE))
+    """How many connections the listener holds: the configured number, and at most what
+    is left of a quarter of the soft fd limit after the backlog and the loopback
+    reserve (never fewer than one)."""
+    nofile = nofile or _nofile()
+    share = nofile // FD_SHARE - accept_backlog(nofile) - LOOPBACK_RESERVE
+    return max(1, min(max_connections, share))
 
 
 class _Connection(asyncio.Protocol):
@@ -60,10 +84,13 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.admitted = False
         self.busy = 0  # requests being handled
+        self.since = 0.0  # loop time of the accept
+        self.reserved = False  # held in the loopback reserve
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.since = asyncio.get_running_loop().time()
         if self._guard.admit(self):
             self.admitted = True
             self._inner.connection_made(transport)
@@ -99,10 +126,13 @@ class _Connection(asyncio.Protocol):
 class ConnectionGuard:
     """Admits connections up to `cap`, shedding the oldest idle one past it."""
 
-    def __init__(self, cap: int, metrics: Metrics, clock: Callable[[], float]) -> None:
+    def __init__(self, cap: int, metrics: Metrics, clock: Callable[[], float],
+                 loopback_reserve: int = 0) -> None:
         self.cap = cap
         self._metrics = metrics
         self._clock = clock
+        self._reserve = loopback_reserve
+        self._reserved: set[_Connection] = set()
         self._open: OrderedDict[_Connection, None] = OrderedDict()  # oldest first
         self._by_transport: dict[Any, _Connection] = {}
         self._evicted = 0  # since the last report
@@ -124,8 +154,15 @@ class ConnectionGuard:
         return lambda: _Connection(self, make_handler())
 
     def admit(self, conn: _Connection) -> bool:
+        if len(self._open) >= self.cap and len(self._reserved) < self._reserve \
+                and _from_loopback(conn.transport):
+            conn.reserved = True
+            self._reserved.add(conn)
+            self._by_transport[conn.transport] = conn
+            return True
         while len(self._open) >= self.cap:
-            idle = next((c for c in self._open if not c.busy), None)
+            old = conn.since - EVICT_GRACE
+            idle = next((c for c in self._open if not c.busy and c.since <= old), None)
             if idle is None:
                 self._refused += 1
                 self._metrics.http_connections_shed.labels("refused").inc()
@@ -142,7 +179,10 @@ class ConnectionGuard:
         return True
 
     def forget(self, conn: _Connection) -> None:
-        if conn in self._open:
+        if conn.reserved:
+            self._reserved.discard(conn)
+            self._by_transport.pop(conn.transport, None)
+        elif conn in self._open:
             del self._open[conn]
             self._by_transport.pop(conn.transport, None)
             self._metrics.http_connections.set(len(self._open))
@@ -175,3 +215,13 @@ class ConnectionGuard:
                         "the fd limit); idle ones are closed first")
         self._evicted = self._refused = 0
         self._reported_at = now
+
+
+def _from_loopback(transport: asyncio.Transport | None) -> bool:
+    peer = None if transport is None else transport.get_extra_info("peername")
+    if not peer:
+        return False
+    try:
+        return ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:
+        return False
