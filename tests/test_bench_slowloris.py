@@ -1,4 +1,4 @@
-"""The slowloris attack of issue 17 against a real `selfcheckd run` under `prlimit --nofile=1024`."""
+"""Issue 17's slowloris attack on a real `selfcheckd run` under `prlimit --nofile=1024`."""
 
 from __future__ import annotations
 

@@ -152,12 +152,27 @@ def test_rule_unit_tests_pass() -> None:
     assert "FAILED" not in result.stdout
 
 
+def probe_job_text(scrape_config: str) -> str:
+    """The commented-out /probe scrape job of scrape-config.yml, uncommented."""
+    block = scrape_config.split("# BEGIN probe job\n", 1)[1].split("  # END probe job", 1)[0]
+    return "\n".join(line.removeprefix("  # ") for line in block.splitlines())
+
+
 @pytest.mark.integration
 def test_scrape_config_and_rules_load_as_a_prometheus_config(tmp_path: Path) -> None:
     """The scrape job plus alerts.yml form a config promtool accepts, with job `selfcheckd`."""
-    scrape = yaml.safe_load((PROM_DIR / "scrape-config.yml").read_text(encoding="utf-8"))
+    text = (PROM_DIR / "scrape-config.yml").read_text(encoding="utf-8")
+    scrape = yaml.safe_load(text)
     (job,) = scrape["scrape_configs"]
     assert job["job_name"] == "selfcheckd"  # SelfcheckAbsent matches on it
+    # The optional /probe job, commented out in the file, is checked as it would be used.
+    (probe,) = yaml.safe_load(probe_job_text(text))
+    assert probe["metrics_path"] == "/probe"
+    assert probe["authorization"]["type"] == "Bearer"
+    token = tmp_path / "selfcheckd_probe_token"  # promtool checks that the file is there
+    token.write_text("t0ken\n")
+    probe["authorization"]["credentials_file"] = str(token)
+    scrape["scrape_configs"].append(probe)
     assert job["dns_sd_configs"][0]["port"] == 9787
     config = {
         "global": {"scrape_interval": "30s", "evaluation_interval": "30s"},
