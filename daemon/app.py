@@ -259,6 +259,11 @@ class Daemon:
             "stopping": self.stopping,
             "config": {
                 "listen": self.http.listen,
+                "http": {"max_connections": self.http.guard.cap,
+                         "header_timeout": cfg.server.header_timeout,
+                         "probe": cfg.server.probe,
+                         "probe_token_set": cfg.server.probe_token is not None,
+                         "probe_min_interval": cfg.server.probe_min_interval},
                 "interval": cfg.selfcheck.interval,
                 "timeout": cfg.selfcheck.timeout,
                 "shutdown_grace": cfg.shutdown_grace,
