@@ -7,6 +7,7 @@ import contextlib
 import errno
 import io
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -117,15 +118,21 @@ async def test_state_file_of_the_wrong_shape_never_kills_the_watcher(
 
 
 @pytest.mark.parametrize("make_unreadable", ["missing", "directory"])
-async def test_unreadable_file_source_is_down_and_unhealthy(
+async def test_unreadable_file_source_is_down_and_degraded_not_dead(
     tmp_path: Path, make_unreadable: str,
 ) -> None:
-    """A missing log file (or a directory) is down, never a successful poll, and stalls /healthz."""
+    """A missing log file (or a directory) is down, never a successful poll, and degraded
+    with its reason past the deadline: alive (it keeps retrying), not a /healthz problem."""
     log = tmp_path / "maillog"
     if make_unreadable == "directory":
         log.mkdir()
     clock = FakeClock()
     reason = "file_missing" if make_unreadable == "missing" else "not_a_file"
+
+    async def reads_done() -> None:  # fake time moves only while no read is in its thread
+        await until(lambda: not any(t.name == "leakwatch-file" for t in threading.enumerate()))
+        await clock.settle()
+
     with capture_logs() as logs:
         async with watching(file_config(log), health_clock=clock, sleep=clock.sleep) as w:
             await until(lambda: w.value("leakwatch_errors_total", reason=reason) == 1)
@@ -133,15 +140,21 @@ async def test_unreadable_file_source_is_down_and_unhealthy(
                 clock, lambda: w.value("leakwatch_errors_total", reason=reason) == 3, limit=10)
             assert w.up("leakwatch-source") == 0
             assert w.value("leakwatch_last_poll_success_timestamp_seconds") == 0
-            await clock.advance(w.watch.source_loop.progress_deadline)
+            for _ in range(int(2 * w.watch.source_loop.progress_deadline)):
+                await reads_done()
+                await clock.advance(1.0)
+            await reads_done()
             problems = w.supervisor.problems()
+            degraded = w.supervisor.degraded()
             if make_unreadable == "directory":
                 log.rmdir()
             log.write_text(leak_line("6ANJVrcF011285"))
             await advance_until(clock, lambda: w.up("leakwatch-source") == 1, limit=60)
-            assert w.supervisor.problems() == {}
-    assert list(problems) == ["leakwatch-source"]
-    assert str(log) in problems["leakwatch-source"]
+            assert w.supervisor.problems() == w.supervisor.degraded() == {}
+    assert problems == {}
+    assert list(degraded) == ["leakwatch-source"]
+    code, why = degraded["leakwatch-source"]
+    assert code == reason and str(log) in why
     assert len([e for e in logs if e["event"] == "leakwatch_poll_failed"
                 and e["log_level"] == "warning"]) == 1
 
