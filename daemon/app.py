@@ -126,12 +126,14 @@ class Daemon:
         # When each route's latest run (scheduled or on demand) started: /probe's spacing.
         self._run_started: dict[str, float] = {}
         self.checks = self._checks(self.config)
+        jobs = self._jobs(self.config, self.checks)
         self.scheduler = Scheduler(
-            self._jobs(self.config, self.checks), clock=clock, sleep=sleep,
+            jobs, clock=clock, sleep=sleep,
             on_skip=self._on_skip,
             on_deadline=lambda name: log.error("selfcheck_deadline_cancelled", route=name),
             on_crash=lambda _name: self.metrics.internal_errors.labels(
                 kind="scheduled_job").inc())
+        self._export_schedule(jobs)
         self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics, sleep=sleep,
                                      routes=list(self.checks))
         self.leakwatch = self._leakwatch(self.config)
@@ -161,6 +163,11 @@ class Daemon:
                 if config.server.probe else 0.0)
             for name, check in checks.items()
         ]
+
+    def _export_schedule(self, jobs: list[Job]) -> None:
+        """Each route's interval, which the alert rules are relative to."""
+        for job in jobs:
+            self.metrics.schedule_route(job.name, job.interval)
 
     def _make_run(self, name: str) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
@@ -454,6 +461,7 @@ class Daemon:
         removed = set(self.checks) - {r.name for r in new.selfcheck.routes}
         self.checks = checks
         self.scheduler.replace_jobs(jobs)
+        self._export_schedule(jobs)
         for name in removed:
             self.results.pop(name, None)
             self.metrics.forget_route(name)

@@ -60,6 +60,19 @@ class Metrics:
             "Unix time the last successful selfcheck run ended.",
             ["route"], registry=r,
         )
+        # The alert rules are written relative to these two (deploy/prometheus/alerts.yml),
+        # so they hold at any interval, not only the default 600 s.
+        self.interval = Gauge(
+            "selfcheck_interval_seconds",
+            "Seconds between the scheduled selfchecks of the route (from the config in force).",
+            ["route"], registry=r,
+        )
+        self.consecutive_failures = Gauge(
+            "selfcheck_consecutive_failures",
+            "Selfcheck runs of the route that failed in a row, up to the last one (0 after a "
+            "success).",
+            ["route"], registry=r,
+        )
         self.send_duration = Histogram(
             "selfcheck_send_duration_seconds", "Duration of the SMTP transaction of a probe.",
             ["route"], buckets=DURATION_BUCKETS, registry=r,
@@ -282,7 +295,8 @@ class Metrics:
 
     def forget_route(self, route: str) -> None:
         """Drop every series of a route a reload removed, so no stale value lingers."""
-        per_route = (self.success, self.last_run, self.last_success, self.send_duration,
+        per_route = (self.success, self.last_run, self.last_success, self.interval,
+                     self.consecutive_failures, self.send_duration,
                      self.reception_duration, self.late_arrivals, self.cleanup_failures,
                      self.skipped_runs, self.auth_unparsed)
         labelled: list[tuple[Any, tuple[str, ...]]] = [(m, (route,)) for m in per_route]
@@ -293,6 +307,13 @@ class Metrics:
                 metric.remove(*labels)
         for quality in (self.auth_result, self.tls_cert_expiry, self.tls_version):
             quality.remove_by_labels({"route": route})
+
+    def schedule_route(self, route: str, interval: float) -> None:
+        """A route is scheduled (start-up, reload): export its interval and its run count.
+
+        The failure streak starts at 0 for a new route and carries over a reload."""
+        self.interval.labels(route).set(interval)
+        self.consecutive_failures.labels(route)
 
     def forget_heartbeat_target(self, target: str) -> None:
         for result in ("success", "failure", "skipped"):

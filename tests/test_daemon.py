@@ -191,6 +191,32 @@ async def test_a_reload_that_fails_while_applying_changes_nothing(
         await daemon.shutdown()
 
 
+async def test_each_route_exports_its_interval_from_the_start_and_after_a_reload(
+    mail_stack: EmbeddedMailStack, tmp_path: Path,
+) -> None:
+    """selfcheck_interval_seconds follows the config in force; the failure streak starts at
+    0 before any run and survives a reload (the alert rules divide by one, read the other)."""
+    path = tmp_path / "c.toml"
+    write_config(path, mail_stack)
+    daemon = Daemon(load_config(path, {}), path)
+    value = daemon.metrics.registry.get_sample_value
+    assert value("selfcheck_interval_seconds", {"route": "default"}) == 600
+    assert value("selfcheck_consecutive_failures", {"route": "default"}) == 0
+    await daemon.start()
+    try:
+        await until(lambda: "default" in daemon.results)
+        daemon.metrics.consecutive_failures.labels("default").set(2)
+        path.write_text(path.read_text().replace("interval = 600", "interval = 60"))
+        assert await daemon.reload() is True
+        assert value("selfcheck_interval_seconds", {"route": "default"}) == 60
+        assert value("selfcheck_consecutive_failures", {"route": "default"}) == 2
+        path.write_text(path.read_text().replace("interval = 60", "interval = 3600"))
+        assert await daemon.reload() is True
+        assert value("selfcheck_interval_seconds", {"route": "default"}) == 3600
+    finally:
+        await daemon.shutdown()
+
+
 def write_config(path: Path, stack: EmbeddedMailStack, **imap: Any) -> None:
     r = stack.route_table()
     extra = "".join(f", {k} = {json.dumps(v)}" for k, v in imap.items())

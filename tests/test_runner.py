@@ -175,3 +175,23 @@ def test_a_long_error_is_cut_to_what_a_log_line_carries() -> None:
     result.fail(FailureReason.SEND, "Malformed SMTP response line: " + "\x01" * 1400)
     assert result.error is not None
     assert len(result.error) == MAX_ERROR and result.error.endswith("…")
+
+
+async def test_the_failure_streak_counts_failed_runs_in_a_row_and_a_success_ends_it() -> None:
+    """selfcheck_consecutive_failures (what SelfcheckFailing reads) counts runs, not time."""
+    outcomes = iter([False, False, False, True, False])
+
+    async def scripted(result: CheckResult) -> None:
+        if next(outcomes):
+            result.success = True
+        else:
+            result.fail(FailureReason.RECEIVE_TIMEOUT, "not found")
+
+    metrics = Metrics()
+    runner, check = Runner(metrics), Scripted(run_phase=scripted)
+    streak = []
+    for _ in range(5):
+        await runner.execute(check)
+        streak.append(metrics.registry.get_sample_value(
+            "selfcheck_consecutive_failures", {"route": "scripted"}))
+    assert streak == [1, 2, 3, 0, 1]

@@ -173,8 +173,11 @@ def record_metrics(metrics: Metrics, result: CheckResult) -> None:
     metrics.last_run.labels(route).set(ended)
     if result.success:
         metrics.last_success.labels(route).set(ended)
-    elif result.reason is not None:
-        metrics.failures.labels(route, result.reason.value).inc()
+        metrics.consecutive_failures.labels(route).set(0)
+    else:
+        metrics.consecutive_failures.labels(route).inc()
+        if result.reason is not None:
+            metrics.failures.labels(route, result.reason.value).inc()
     if result.send_time is not None:
         metrics.send_duration.labels(route).observe(result.send_time)
     if result.reception_time is not None:
