@@ -29,6 +29,8 @@ EXPECTED_ALERTS = {
     "SelfcheckdComponentDown", "SelfcheckdComponentStalled", "SelfcheckdComponentRestarted",
     "SelfcheckdComponentMissing", "SelfcheckdStateSaveFailing", "SelfcheckdInternalErrors",
     "SelfcheckdAlertDeliveryFailing", "SelfcheckdAlertExpired",
+    # a configuration reload that was refused (the old one still in force).
+    "SelfcheckdConfigReloadRejected",
     # queue health from the mail log: stuck deferred mail, bounces.
     "MtaMessageDeferredTooLong", "MtaBounceRatioHigh",
 }
