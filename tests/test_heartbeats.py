@@ -487,6 +487,56 @@ async def test_a_target_answering_garbage_is_quoted_briefly(
     assert len(supervisor.states()["heartbeats"]["reason"]) <= MAX_REASON
 
 
+@pytest.mark.parametrize(("status", "absolute"), [(302, True), (307, True), (301, False)])
+async def test_a_redirect_is_a_failed_ping_naming_where_it_pointed(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics, supervisor: Supervisor,
+    status: int, absolute: bool,
+) -> None:
+    """A pulse endpoint answering 3xx (moved, or hijacked towards an inside address) gets
+    no request sent on: the ping fails, not retried, its reason naming scheme://host of the
+    Location and none of its path (it followed 10 redirects and counted a success)."""
+    moved_token = "moved-token-9876543210"
+
+    async def moved(request: web.Request) -> web.Response:
+        location = (receiver.url(f"/landing/{moved_token}?k={moved_token}") if absolute
+                    else f"../landing/{moved_token}")
+        return web.Response(status=status, headers={"Location": location})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", moved)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    pulse = f"http://127.0.0.1:{runner.addresses[0][1]}/{TOKEN}/key"
+    try:
+        hb = await make_heartbeats({"url": pulse, "retries": 3, "backoff": 0.01})
+        with capture_logs() as logs:
+            hb.run_finished(succeeded())
+            assert await hb.drain(5.0)
+    finally:
+        await runner.cleanup()
+    assert receiver.requests == []  # nothing followed the redirect
+    assert (count(metrics, "default", "success"), count(metrics, "default", "failure")) == (0, 1)
+    [line] = [e for e in logs if e["event"] == "heartbeat_failed"]
+    where = f"127.0.0.1:{receiver.port}" if absolute else pulse.split("/")[2]
+    assert line["error"] == f"HTTP {status} redirect to http://{where}/… (not followed)"
+    assert line["retry_in"] is None
+    assert supervisor.states()["heartbeats"]["reason"] == f"heartbeat default: {line['error']}"
+    assert TOKEN not in repr(logs) and moved_token not in repr(logs)
+
+
+@pytest.mark.parametrize(("location", "shown"), [
+    (None, "nowhere (no Location header)"),
+    ("http://[bad", "<invalid url>"),
+    ("https://u:pw@10.0.0.7:8443/x?token=t", "https://10.0.0.7:8443/…"),
+])
+def test_redirect_target_shows_only_scheme_and_host(location: str | None, shown: str) -> None:
+    """A Location is named by scheme://host[:port] only, relative ones resolved."""
+    from daemon.delivery.heartbeats import redirect_target
+
+    assert redirect_target("https://pulse.updown.io/tok/key", location) == shown
+
+
 # -- secrets -----------------------------------------------------------------------------
 
 

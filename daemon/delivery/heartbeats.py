@@ -23,6 +23,11 @@ in flight; a newer ping drops an older one that is still retrying, so a dead
 receiver costs a bounded number of sockets, and a late `/start` never lands
 after its `/fail`. Heartbeats are not persisted: a pulse is about now.
 Pulse URLs embed tokens, so logs only ever show `redact_url(url)`.
+
+Redirects are not followed, as by the alert outbox: a ping counts as delivered
+only when its own URL answers 2xx. A moved or hijacked endpoint answering 3xx
+is a failed ping whose reason names where it pointed (scheme://host only), and
+never gets a request sent on from inside the network.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from urllib.parse import quote, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
+from yarl import URL
 
 from daemon.checks.result import CheckResult
 from daemon.config import HeartbeatKind, HeartbeatTarget
@@ -494,10 +500,12 @@ class Heartbeats:
             async with asyncio.timeout(target.timeout + _DEADLINE_SLACK):
                 async with session.request(
                     ping.method, ping.url, data=ping.body, headers=headers,
+                    allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=target.timeout),
                 ) as response:
                     await response.content.read(_RESPONSE_READ_LIMIT)
                     status = response.status
+                    location = response.headers.get("Location")
         except TimeoutError:  # also aiohttp's ServerTimeoutError
             return f"no response within {target.timeout:g}s", True
         except aiohttp.ClientError as exc:
@@ -505,5 +513,21 @@ class Heartbeats:
             return shorten(scrub(f"{type(exc).__name__}: {exc}", ping.url), MAX_REASON), True
         if 200 <= status < 300:
             return None, True
+        if 300 <= status < 400:
+            # The monitor did not get the ping; whoever answered may be anyone. A retry
+            # gets the same answer.
+            return f"HTTP {status} redirect to {redirect_target(ping.url, location)} " \
+                   "(not followed)", False
         # 4xx (bad token, deleted check) will not heal on retry; 5xx, 408, 429 may.
         return f"HTTP {status}", status >= 500 or status in (408, 429)
+
+
+def redirect_target(url: str, location: str | None) -> str:
+    """Where a 3xx answer to `url` pointed, as scheme://host/… (the rest may carry tokens)."""
+    if not location:
+        return "nowhere (no Location header)"
+    try:
+        target = URL(url).join(URL(location.strip()))
+    except (ValueError, TypeError):
+        return "<invalid url>"
+    return redact_url(str(target))
