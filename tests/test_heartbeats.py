@@ -287,6 +287,48 @@ async def test_healthchecks_fail_carries_reason_and_truncated_error(
     assert text.startswith(f"route={ROUTE} run_id={RUN_ID} reason=receive_timeout\néé")
 
 
+@pytest.mark.parametrize("in_flight", [False, True])
+async def test_a_start_overtaken_by_its_runs_fail_is_skipped_not_failed(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics, in_flight: bool,
+) -> None:
+    """A run that fails at once replaces its /start (queued, or on the wire to a slow
+    monitor) with its /fail: the start counts as skipped; failure is for a monitor that
+    did not take a ping, and this one took the /fail."""
+    if in_flight:
+        receiver.stall = 30.0
+    hb = await make_heartbeats({"kind": "healthchecks", "send_start": True,
+                                "url": receiver.url(f"/{TOKEN}")})
+    with capture_logs() as logs:
+        hb.run_started(ROUTE, RUN_ID)
+        if in_flight:
+            await until(lambda: len(receiver.requests) == 1)
+        hb.run_finished(failed())
+        receiver.release.set()
+        assert await hb.drain(5.0)
+    assert [r.path for r in receiver.requests][-1] == f"/{TOKEN}/fail"
+    assert count(metrics, "default", "skipped") == 1
+    assert count(metrics, "default", "failure") == 0
+    assert count(metrics, "default", "success") == 1
+    [dropped] = [e for e in logs if e["event"] == "heartbeat_dropped"]
+    assert (dropped["signal"], dropped["reason"]) == ("start", "superseded by a newer fail ping")
+
+
+async def test_a_ping_replaced_after_its_attempts_failed_counts_as_a_failure(
+    receiver: Receiver, make_heartbeats: Factory, metrics: Metrics,
+) -> None:
+    """A pulse that met a 500 and waits for its retry when the next run's pulse replaces
+    it: the monitor did not take it, so it is a failure, not skipped."""
+    receiver.statuses = [500]
+    hb = await make_heartbeats({"url": receiver.url(f"/{TOKEN}"), "retries": 5,
+                                "backoff": 30})
+    hb.run_finished(succeeded())
+    await until(lambda: len(receiver.requests) == 1)
+    hb.run_finished(succeeded())
+    assert await hb.drain(5.0)
+    assert (count(metrics, "default", "failure"), count(metrics, "default", "skipped"),
+            count(metrics, "default", "success")) == (1, 0, 1)
+
+
 async def test_healthchecks_without_send_start_sends_no_start(
     receiver: Receiver, make_heartbeats: Factory,
 ) -> None:
@@ -403,7 +445,9 @@ async def test_down_receiver_never_blocks_and_counts_failures(
         t2 = time.perf_counter()
         assert await hb.drain(10.0)
     assert max(t1 - t0, t2 - t1) < IMMEDIATE
-    assert count(metrics, "default", "failure") == 2
+    # The first was replaced before any attempt: it says nothing about the receiver.
+    assert count(metrics, "default", "failure") == 1
+    assert count(metrics, "default", "skipped") == 1
     [dropped] = [e for e in logs if e["event"] == "heartbeat_dropped"]
     assert dropped["reason"].startswith("superseded")
     assert any("Cannot connect" in e.get("error", "") for e in logs)

@@ -248,6 +248,18 @@ class _Delivery:
     task: asyncio.Task[None] | None = None
     drop_reason: str = "cancelled"
     withdrawn: bool = False  # a success no longer true: skipped, not a failed delivery
+    superseded: bool = False  # a newer ping of the same (target, route) replaced it
+    failed_attempt: bool = False  # an attempt of it failed: the monitor did not take it
+
+    @property
+    def dropped_result(self) -> str:
+        """How a drop counts: `failure` only if the monitor failed to take it.
+
+        A ping replaced before any attempt of it failed (a healthchecks /start overtaken
+        by its run's /fail) says nothing about the monitor: skipped."""
+        if self.withdrawn or (self.superseded and not self.failed_attempt):
+            return "skipped"
+        return "failure"
 
 
 class Heartbeats:
@@ -401,6 +413,7 @@ class Heartbeats:
         for older in (self._queued.pop(key, None), self._active.get(key)):
             if older is not None:
                 older.drop_reason = f"superseded by a newer {ping.signal} ping"
+                older.superseded = True
                 self._drop(older)
         self._queued[key] = _Delivery(target, route, ping)
         self._idle.clear()
@@ -418,11 +431,11 @@ class Heartbeats:
         self._update_idle()
 
     def _drop(self, delivery: _Delivery) -> None:
-        """Give up on a delivery (counted as a failure); its task, if any, is cancelled."""
+        """Give up on a delivery (counted by `dropped_result`); its task, if any, is cancelled."""
         if delivery.task is not None:
             delivery.task.cancel()  # _deliver counts and logs it
             return
-        self._count(delivery.target, "skipped" if delivery.withdrawn else "failure")
+        self._count(delivery.target, delivery.dropped_result)
         log.warning("heartbeat_dropped", target=delivery.target.name,
                     url=redact_url(delivery.ping.url), signal=delivery.ping.signal,
                     reason=delivery.drop_reason)
@@ -448,9 +461,9 @@ class Heartbeats:
         """One ping with bounded retries; counts and logs its outcome, even when dropped."""
         target, ping = delivery.target, delivery.ping
         try:
-            await self._attempts(session, target, ping)
+            await self._attempts(session, delivery)
         except asyncio.CancelledError:
-            self._count(target, "skipped" if delivery.withdrawn else "failure")
+            self._count(target, delivery.dropped_result)
             log.warning("heartbeat_dropped", target=target.name, url=redact_url(ping.url),
                         signal=ping.signal, reason=delivery.drop_reason)
             # Dropped on purpose (superseded, shutdown): this task ends here.
@@ -464,9 +477,8 @@ class Heartbeats:
                 del self._active[key]
             self._update_idle()
 
-    async def _attempts(
-        self, session: aiohttp.ClientSession, target: HeartbeatTarget, ping: Ping,
-    ) -> None:
+    async def _attempts(self, session: aiohttp.ClientSession, delivery: _Delivery) -> None:
+        target, ping = delivery.target, delivery.ping
         context = {"target": target.name, "url": redact_url(ping.url), "signal": ping.signal}
         attempts = target.retries + 1
         policy = Backoff(initial=target.backoff, maximum=MAX_BACKOFF)
@@ -480,6 +492,7 @@ class Heartbeats:
                         self._report(True, target)
                         log.debug("heartbeat_sent", **context, attempt=attempt.num)
                         return
+                    delivery.failed_attempt = True
                     again = retryable and attempt.num < attempts
                     log.warning("heartbeat_failed", **context, attempt=attempt.num,
                                 attempts=attempts, error=error,
