@@ -15,7 +15,7 @@ from pathlib import Path
 
 from daemon import __version__
 from daemon.config import Config, ConfigError, LoadedConfig, load_config
-from daemon.logs import configure_logging, install_exception_hooks, redact_secrets
+from daemon.logs import configure_logging, redact_secrets
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
 
@@ -73,10 +73,7 @@ def _example_domain(domain: str) -> bool:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from daemon.checks.result import CheckResult
-    from daemon.checks.runner import Runner
-    from daemon.roundtrip.check import RoundTrip
-    from daemon.roundtrip.probe import probe_secret
+    from daemon.check_command import check_routes
 
     loaded = _load(args)
     if loaded is None:
@@ -91,32 +88,32 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"selfcheckd check: --route: no such route: {', '.join(map(_shown, unknown))} "
               f"(routes: {', '.join(names)})", file=sys.stderr)
         return EXIT_CONFIG
+    if args.heartbeat and not cfg.heartbeat:
+        print("selfcheckd check: --heartbeat: no [[heartbeat]] target is configured "
+              "(nor MESSAGES_SELFCHECK_WEBHOOK_URL)", file=sys.stderr)
+        return EXIT_CONFIG
+    if not args.heartbeat_timeout > 0:  # also NaN
+        print("selfcheckd check: --heartbeat-timeout: must be greater than 0",
+              file=sys.stderr)
+        return EXIT_CONFIG
     routes = [r for r in cfg.selfcheck.routes if not args.route or r.name in args.route]
     configure_logging(cfg.logging.format, "debug" if args.verbose else cfg.logging.level)
-    secret = probe_secret(cfg.selfcheck)
 
-    async def all_routes() -> list[CheckResult]:
-        undo = install_exception_hooks(asyncio.get_running_loop())
-        try:
-            runner = Runner()
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(runner.execute(RoundTrip(r, cfg.selfcheck, secret)))
-                         for r in routes]
-        finally:
-            undo()
-        return [task.result() for task in tasks]
-
-    results = asyncio.run(all_routes())
-    for result in results:
+    outcome = asyncio.run(check_routes(cfg, routes, heartbeat=args.heartbeat,
+                                       heartbeat_timeout=args.heartbeat_timeout))
+    for result in outcome.results:
         data = result.as_dict(verbose=args.verbose)
         print(json.dumps(data) if args.json else json.dumps(data, indent=2))
+    for line in outcome.heartbeats:
+        print(line, file=sys.stderr)
     if cfg.pushgateway is not None:
         from daemon.pushgateway import push_results
 
         # One group per route whenever the config has several, even with --route,
         # so a partial check never lands in (and lingers as) the ungrouped group.
-        push_results(cfg.pushgateway, results, grouped=len(cfg.selfcheck.routes) > 1)
-    return EXIT_OK if all(r.success for r in results) else EXIT_FAILED
+        push_results(cfg.pushgateway, outcome.results,
+                     grouped=len(cfg.selfcheck.routes) > 1)
+    return EXIT_OK if all(r.success for r in outcome.results) else EXIT_FAILED
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -204,14 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(command(
         "check", "one round trip of every route (or of --route), then exit",
         "Send a probe by SMTP on each route, wait for it over IMAP, verify and delete it,\n"
-        "print the result JSON per route; with [pushgateway], push it (cron jobs).",
+        "print the result JSON per route on stdout; with [pushgateway], push it (cron\n"
+        "jobs). With --heartbeat, ping the [[heartbeat]] targets as `run` does: a target\n"
+        "pulses success only if every route it covers succeeded in this invocation, a\n"
+        "failed covered route sends its failure, and a covered route not checked here\n"
+        "(--route) withholds the success. One line per target goes to stderr\n"
+        "(`heartbeat NAME: success 1`, or why nothing was sent).",
         "exit codes: 0 every checked route succeeded, 1 a route failed,\n"
-        "            2 bad configuration or unknown --route\n"
-        "example:    selfcheckd check --config selfcheckd.toml --route default --verbose"))
+        "            2 bad configuration, unknown --route, or --heartbeat without a\n"
+        "            [[heartbeat]] target; a failed ping or push changes none of these\n"
+        "example:    selfcheckd check --config selfcheckd.toml --route default --verbose\n"
+        "            selfcheckd check --config selfcheckd.toml --json --heartbeat"))
     p.add_argument("--verbose", action="store_true", help="log each step with its timing")
     p.add_argument("--json", action="store_true", help="one compact JSON object per route")
     p.add_argument("--route", action="append", metavar="NAME",
                    help="check only this route (repeatable; default: every route)")
+    p.add_argument("--heartbeat", action="store_true",
+                   help="ping the [[heartbeat]] targets with the results (as `run` does)")
+    p.add_argument("--heartbeat-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="after the last round trip, the pings get this long in all, "
+                        "retries included; undelivered ones then count as failures "
+                        "(default: 30)")
     p.set_defaults(func=_cmd_check)
 
     p = with_config(command(
