@@ -482,7 +482,8 @@ class Daemon:
         log.info("config_reloaded", changed=",".join(changed) or "nothing",
                  routes=len(self.checks))
         if new.logging != old.logging:
-            configure_logging(new.logging.format, new.logging.level)
+            configure_logging(new.logging.format, new.logging.level,
+                              timestamps=new.logging.timestamps)
         return True
 
     def _refuse(self, problems: list[str]) -> bool:

@@ -47,7 +47,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         return EXIT_OK
     from daemon.connect_check import check_connections
 
-    configure_logging(cfg.logging.format, "warning")
+    configure_logging(cfg.logging.format, "warning", timestamps=cfg.logging.timestamps)
     ok = asyncio.run(check_connections(cfg, sys.stdout))
     return EXIT_OK if ok else EXIT_FAILED
 
@@ -97,7 +97,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     routes = [r for r in cfg.selfcheck.routes if not args.route or r.name in args.route]
-    configure_logging(cfg.logging.format, "debug" if args.verbose else cfg.logging.level)
+    configure_logging(cfg.logging.format, "debug" if args.verbose else cfg.logging.level,
+                      timestamps=cfg.logging.timestamps)
 
     outcome = asyncio.run(check_routes(cfg, routes, heartbeat=args.heartbeat,
                                        heartbeat_timeout=args.heartbeat_timeout))
@@ -125,7 +126,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if loaded is None:
         return EXIT_CONFIG
-    configure_logging(loaded.config.logging.format, loaded.config.logging.level)
+    log_cfg = loaded.config.logging
+    configure_logging(log_cfg.format, log_cfg.level, timestamps=log_cfg.timestamps)
     return serve(loaded, config_path=args.config)
 
 
@@ -139,7 +141,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         if loaded is None:
             return EXIT_CONFIG
         leakwatch = loaded.config.leakwatch
-        configure_logging(loaded.config.logging.format, loaded.config.logging.level)
+        log_cfg = loaded.config.logging
+        configure_logging(log_cfg.format, log_cfg.level, timestamps=log_cfg.timestamps)
     else:
         configure_logging()
     return run_scan(args, leakwatch if leakwatch is not None else LeakWatchConfig())

@@ -376,6 +376,9 @@ class PushgatewayConfig(SecretsModel):
 class LoggingConfig(StrictModel):
     format: Literal["kv", "json"] = "kv"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # kv lines start with the UTC time and the level. Off by default: journald and
+    # awslogs stamp each line themselves. JSON lines always carry both.
+    timestamps: bool = False
 
 
 class Config(StrictModel):
@@ -455,6 +458,7 @@ ENV_OVERRIDES: dict[str, tuple[str | int, ...]] = {
     "SELFCHECKD_LISTEN": ("server", "listen"),
     "SELFCHECKD_LOG_FORMAT": ("logging", "format"),
     "SELFCHECKD_LOG_LEVEL": ("logging", "level"),
+    "SELFCHECKD_LOG_TIMESTAMPS": ("logging", "timestamps"),
     "SELFCHECKD_SHUTDOWN_GRACE": ("shutdown_grace",),
     **{
         f"SELFCHECK_{proto.upper()}_{key.upper()}": ("selfcheck", "routes", 0, proto, key)

@@ -4,7 +4,9 @@ The key=value format prints the event first, then `key=value` pairs with
 lowercase booleans and floats to 3 decimals, so a result renders exactly as
 `selfcheck_completed success=true send_time=0.150 reception_time=2.340`.
 Timestamps and levels are left to the log shipper (awslogs, journald) in that
-format; the JSON format carries both. Every record is one line, tracebacks
+format unless `timestamps` is on: then each line starts with the UTC time and
+the level, `2026-11-23T19:30:26.073041Z info `, and the seed's part follows
+unchanged. The JSON format always carries both. Every record is one line, tracebacks
 included (quoted, newlines escaped): one line is one CloudWatch event.
 `install_exception_hooks` routes what would otherwise reach stderr raw (the
 event loop's exception handler, `sys.unraisablehook`) through the same path.
@@ -98,9 +100,21 @@ def render_kv(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) ->
     return " ".join(parts)
 
 
-def configure_logging(fmt: str = "kv", level: str = "info", stream: TextIO | None = None) -> None:
-    """Route structlog and stdlib logging (aiohttp, aiobotocore) through one renderer."""
-    renderer: Any = render_kv if fmt == "kv" else structlog.processors.JSONRenderer()
+def render_kv_stamped(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> str:
+    """`<UTC ISO-8601 time> <level> ` before the `event k=v ...` line, which stays as is."""
+    stamp, level = event_dict.get("timestamp", "-"), event_dict.get("level", "-")
+    return f"{stamp} {level} {render_kv(logger, name, event_dict)}"
+
+
+def configure_logging(
+    fmt: str = "kv", level: str = "info", stream: TextIO | None = None, *,
+    timestamps: bool = False,
+) -> None:
+    """Route structlog and stdlib logging (aiohttp, aiobotocore) through one renderer.
+
+    `timestamps`: kv lines start with the time and the level (JSON always has both)."""
+    kv = render_kv_stamped if timestamps else render_kv
+    renderer: Any = kv if fmt == "kv" else structlog.processors.JSONRenderer()
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,

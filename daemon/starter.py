@@ -51,6 +51,12 @@ security = "starttls"                      # starttls (port 143) | tls (993) | n
 username = "selfcheck-receiver@example.com"       # REPLACE: the IMAP login of that mailbox
 password_file = "/etc/selfcheckd/imap.password"   # REPLACE: a file holding only that password
 
+# Log lines go to stderr as `event key=value ...`. journald, docker logs and awslogs (ECS)
+# add the time and level themselves; if they go to a plain file or a terminal instead,
+# uncomment this so each line starts with its UTC time and level.
+# [logging]
+# timestamps = true
+
 # A success pulse after each good run (updown, healthchecks, Uptime Kuma): uncomment.
 # The URL carries a token, so it is read from a variable (or use url_file).
 # [[heartbeat]]

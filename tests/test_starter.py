@@ -83,7 +83,17 @@ def test_starter_optional_sections_load_once_uncommented(tmp_path: Path) -> None
     assert [h.kind for h in config.heartbeat] == ["updown"]
     assert config.leakwatch is not None and config.leakwatch.source == "file"
     assert config.leakwatch.alert is not None
+    assert config.logging.timestamps is True
     assert_placeholders_all_replaced(config)
+
+
+def test_starter_says_when_to_turn_on_timestamps(tmp_path: Path) -> None:
+    """The starter leaves log timestamps to journald/awslogs and says when to turn them on."""
+    path = tmp_path / "selfcheckd.toml"
+    assert init(path) == 0
+    text = path.read_text(encoding="utf-8")
+    assert "# timestamps = true" in text
+    assert "plain file or a terminal" in text and "journald" in text
 
 
 def test_init_refuses_to_overwrite_without_force(
