@@ -1,7 +1,8 @@
 """`selfcheckd run | check | scan | config-check | demo`.
 
 Exit codes: 0 success, 1 a check failed or a leak was found, 2 bad configuration
-or input, 3 the daemon could not start (e.g. its port is in use).
+or input, 3 the daemon could not start (e.g. its port is in use), or, for `scan`, the
+log is blind (no delivery line: nothing could be judged) or --queue-id found nothing.
 """
 
 from __future__ import annotations
@@ -260,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         "exit codes: 0 no leak (--queue: nothing deferred; --queue-id: not deferred),\n"
         "            1 leaks found (messages deferred; the message is deferred),\n"
         "            2 bad input (unreadable file, not a mail log, bad --since,\n"
-        "            CloudWatch unreachable) or configuration, 3 --queue-id: no such id\n"
+        "            CloudWatch unreachable) or configuration, 3 the log is blind:\n"
+        "            mail log lines but no delivery (to=) line, so nothing could be\n"
+        "            judged (sendmail LogLevel below 8); --queue-id: no such id\n"
         "example:    selfcheckd scan --file /var/log/maillog --json\n"
         "            selfcheckd scan --cloudwatch --since 6h --queue-id 6ANJUQna010773"))
     try:

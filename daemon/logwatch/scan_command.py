@@ -9,12 +9,15 @@ stdout carries only leaks: with --json one JSON object per line
 otherwise one `LEAK ...` line each. The summary always goes to stderr (a JSON
 object with --json). Exit status: 1 if any leak was found, 0 if none, 2 on bad
 input or config (unreadable file, bad --since, CloudWatch unreachable, or
-lines of which none is a sendmail/Postfix line: the wrong file).
+lines of which none is a sendmail/Postfix line: the wrong file), 3 if the log
+is blind: sendmail/Postfix lines but not one delivery (to=) line, so a leak
+could not have been seen (sendmail's LogLevel below 8). A cron job must not
+read that as clean.
 
 `--queue` prints, instead of leaks, every message still deferred at the end of
-the input (exit 1 if any, 0 if none); `--queue-id ID` prints every line of one
-message in order (exit 1 while it is deferred, 0 when it is not, 3 when no line
-has that queue id). See docs/queue-health.md.
+the input (exit 1 if any, 0 if none, 3 blind as above); `--queue-id ID` prints
+every line of one message in order (exit 1 while it is deferred, 0 when it is
+not, 3 when no line has that queue id). See docs/queue-health.md.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
 
 EXIT_CLEAN, EXIT_LEAKS, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_DEFERRED, EXIT_NOT_FOUND = 1, 3  # --queue / --queue-id
+# Mail log lines, not one delivery line: nothing could be judged (a leak, a deferral).
+EXIT_BLIND = 3
 _QUEUE_ID = re.compile(r"[0-9A-Za-z]{5,24}")
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
@@ -220,7 +225,7 @@ def _stdin() -> TextIO:
 
 def run(args: argparse.Namespace, config: LeakWatchConfig,
         out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Scan once; return the exit status (0 clean, 1 leaks, 2 bad input/config)."""
+    """Scan once; return the exit status (0 clean, 1 leaks, 2 bad input/config, 3 blind)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     if getattr(args, "queue", False) or getattr(args, "queue_id", None) is not None:
@@ -279,7 +284,17 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
         err.write(_not_a_mail_log(summary["lines"], source, args.file))
         return EXIT_BAD_INPUT
     _print_summary(summary, bool(args.json), err)
-    return EXIT_LEAKS if report.leaks else EXIT_CLEAN
+    if report.leaks:
+        return EXIT_LEAKS
+    return EXIT_BLIND if _blind(summary) else EXIT_CLEAN
+
+
+def _blind(summary: dict[str, Any]) -> bool:
+    """Mail log lines but no delivery line: LogLevel too low, "no leak" means nothing.
+
+    An empty input is not blind in this sense (no mail, no leak; a CloudWatch filter
+    pattern that matched nothing); its summary still warns."""
+    return bool(summary["blind"] and summary["mta_lines"])
 
 
 # -- --queue and --queue-id (docs/queue-health.md) -------------------------------------------
@@ -450,7 +465,9 @@ def _finish_queue(scan: QueueScan, source: str, seconds: float, err: TextIO,
     if not scan.as_json:
         counts = ",".join(f"{r}:{n}" for r, n in summary["deliveries"].items())
         err.write(f"queue_summary deferred_messages={len(deferred)} deliveries={counts}\n")
-    return EXIT_DEFERRED if deferred else EXIT_CLEAN
+    if deferred:
+        return EXIT_DEFERRED
+    return EXIT_BLIND if _blind(summary) else EXIT_CLEAN
 
 
 def _finish_history(scan: QueueScan, queue_id: str, source: str, seconds: float,

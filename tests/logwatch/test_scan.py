@@ -96,14 +96,28 @@ def test_clean_log_exits_zero(tmp_path: Path) -> None:
     assert run_scan(["--file", str(log), "--json"])[:2] == (0, "")
 
 
-def test_blind_log_warns_about_loglevel(tmp_path: Path) -> None:
-    """sendmail lines without any to= line: exit 0 but the summary says blind and why."""
+@pytest.mark.parametrize("mode", [[], ["--counts"], ["--queue"]],
+                         ids=["fast", "counts", "queue"])
+def test_a_blind_log_exits_3_and_says_why(tmp_path: Path, mode: list[str]) -> None:
+    """The real sendmail lines without their to= lines (LogLevel below 8): no leak could be
+    seen, so exit 3, not the clean 0 a cron job would take for "no leak"; the summary says
+    blind and how to fix it."""
+    lines = (FIXTURES / "sendmail_real.log").read_text().splitlines(keepends=True)
     log = tmp_path / "maillog"
-    log.write_text("2026-11-23T19:30:26Z h sendmail[1]: STARTTLS=client, relay=x\n" * 3)
-    code, out, err = run_scan(["--file", str(log), "--json"])
-    assert (code, out) == (0, "")
+    log.write_text("".join(line for line in lines if ": to=" not in line))
+    code, out, err = run_scan(["--file", str(log), "--json", *mode])
+    assert (code, out) == (3, "")
     assert json.loads(err.splitlines()[0])["blind"] is True
     assert "LogLevel 9" in err
+
+
+def test_a_log_with_deliveries_but_no_leak_stays_clean(tmp_path: Path) -> None:
+    """Delivery lines and no sinkhole recipient: not blind, exit 0."""
+    log = tmp_path / "maillog"
+    log.write_text("2026-11-23T19:30:26Z h sendmail[1]: 6ANJUQna010773: to=<a@example.org>, "
+                   "delay=00:00:00, mailer=smtp, stat=Sent\n")
+    code, _out, err = run_scan(["--file", str(log)])
+    assert code == 0 and "blind=false" in err
 
 
 @pytest.mark.parametrize("text", [
@@ -132,7 +146,8 @@ def test_a_compressed_log_is_named_as_such(tmp_path: Path, queue: bool) -> None:
 
 
 def test_an_empty_file_is_a_blind_scan_not_an_error(tmp_path: Path) -> None:
-    """Nothing to read (a fresh log after rotation) stays exit 0 with the blind warning."""
+    """Nothing to read (a fresh log after rotation: no mail, no leak) stays exit 0, not the
+    blind 3, with the warning that nothing was judged."""
     log = tmp_path / "maillog"
     log.write_text("")
     code, _out, err = run_scan(["--file", str(log)])
