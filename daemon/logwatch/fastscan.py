@@ -41,15 +41,18 @@ blind. Counting them exactly needs every line parsed (that is the reference's co
 `FastScan.counts` is None then, unless `exact_counts=True` (which runs the reference).
 `lines` and `blind` are always exact.
 
-The file is streamed: memory holds one read, the lines of a single long line, and the findings.
-It must be seekable (the sender lookups read it again); standard input from a pipe is not.
+The file is streamed: memory holds one read, at most `max_line` bytes of an unfinished line,
+and the findings. A line longer than `max_line` (4 MiB, the live follower's cap; a stretch of
+NUL bytes left by an unclean shutdown is one such "line" of hundreds of MiB) is counted in
+`too_long` and skipped by every path, the reference (`LineReader`) included, so findings stay
+identical; it is never held whole. It must be seekable (the sender lookups read it again);
+standard input from a pipe is not.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import io
 import json
 import os
 import signal
@@ -71,6 +74,9 @@ log = structlog.get_logger("daemon.scan")
 
 # Reads of 1 MiB stay in the CPU's cache between lower() and find(); bigger is no faster.
 DEFAULT_CHUNK = 1 << 20
+# A line longer than this (without its newline) is counted and skipped, never held: the live
+# file follower's cap (sources/file.py, max_batch_bytes). No mail log line comes near it.
+MAX_LINE_BYTES = 4 << 20
 # How far back from a delivery line its from= line is looked for before the ids still
 # unresolved get a search without limit (see FORWARD_COST).
 DEFAULT_WINDOW = 4 << 20
@@ -108,6 +114,7 @@ class FastScan:
     # deliveries scanned without exact_counts).
     counts: LineCounts | None
     fast: bool  # False: the reference path produced this (see scan_file)
+    too_long: int = 0  # lines longer than max_line, counted in `lines`, skipped unread
 
     @property
     def leaks(self) -> int:
@@ -119,14 +126,16 @@ class FastScan:
 
 
 def scan_file(path: Path, config: LeakWatchConfig, *, exact_counts: bool = False,
-              chunk_size: int = DEFAULT_CHUNK, window: int = DEFAULT_WINDOW) -> FastScan:
+              chunk_size: int = DEFAULT_CHUNK, window: int = DEFAULT_WINDOW,
+              max_line: int = MAX_LINE_BYTES) -> FastScan:
     """Scan a mail log file for sinkhole leaks, as `scan --file` reports them.
 
     OSError (missing, unreadable, a directory) propagates as from `open`.
     """
     scanner = FastScanner(config.domains, config.allowed_senders,
                           config.max_tracked_queue_ids, chunk_size=chunk_size, window=window,
-                          max_senders=scan_senders(config.max_tracked_queue_ids))
+                          max_senders=scan_senders(config.max_tracked_queue_ids),
+                          max_line=max_line)
     with Path(path).open("rb", buffering=0) as fh:
         return scanner.scan(fh, exact_counts=exact_counts)
 
@@ -155,14 +164,19 @@ class FastScanner:
                  max_tracked: int = 100_000, *, chunk_size: int = DEFAULT_CHUNK,
                  window: int = DEFAULT_WINDOW,
                  far_lookup: Literal["auto", "backward", "forward"] = "auto",
-                 max_senders: int | None = None) -> None:
+                 max_senders: int | None = None, max_line: int = MAX_LINE_BYTES) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
+        if max_line < 1:
+            raise ValueError(f"max_line must be at least 1, not {max_line}")
         self.domains = list(domains)
         self.allowed_senders = list(allowed_senders)
         self.max_tracked = max_tracked
         self.max_senders = max_tracked if max_senders is None else max_senders
-        self.chunk_size = chunk_size
+        self.max_line = max_line
+        # No read is longer than a line may be: a line wholly inside one read is then never
+        # too long, and only the lines that span reads need their length checked.
+        self.chunk_size = min(chunk_size, max_line)
         self.window = max(0, window)
         # How senders beyond the window are found: one search back per queue id, one forward
         # pass for all, or whichever reads less ("auto"). A test seam: results never differ.
@@ -191,7 +205,8 @@ class FastScanner:
             # Nothing can be a leak; the reference gives the counts that explain the blindness.
             return self.reference(fh)
         findings = self._resolve(fd, state)
-        return FastScan(tuple(findings), state.lines, blind=False, counts=None, fast=True)
+        return FastScan(tuple(findings), state.lines, blind=False, counts=None, fast=True,
+                        too_long=state.too_long)
 
     def reference(self, fh: BinaryIO) -> FastScan:
         """The per-line reference path (what `scan_command.scan_lines` does), from the start."""
@@ -200,18 +215,14 @@ class FastScanner:
         processor = LineProcessor(self._detector())
         findings: list[Finding] = []
         feed = processor.feed
-        # Decoded as scan_command opens the file; detached afterwards, so `fh` stays open.
-        text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="\n")
-        try:
-            for line in text:
-                found = feed(line.rstrip("\r\n"))
-                if found:
-                    findings.extend(found)
-        finally:
-            text.detach()
+        reader = LineReader(fh, self.max_line, self.chunk_size)
+        for line in reader.text():
+            found = feed(line.rstrip("\r"))
+            if found:
+                findings.extend(found)
         c = processor.counts
-        return FastScan(tuple(findings), c.from_ + c.to + c.other + c.unparsed,
-                        blind=c.to == 0, counts=c, fast=False)
+        return FastScan(tuple(findings), c.from_ + c.to + c.other + c.unparsed + reader.too_long,
+                        blind=c.to == 0, counts=c, fast=False, too_long=reader.too_long)
 
     # -- senders ---------------------------------------------------------------------
     def _resolve(self, fd: int, state: _Pass) -> list[Finding]:
@@ -287,7 +298,7 @@ class FastScanner:
     def _search_back(self, fd: int, qid: str, at: int, floor: int) -> _Hit | None:
         """The latest queue-add of `qid` in a line wholly within [floor, at); `at` starts a line."""
         needle = qid.encode("ascii") + _FROM
-        for base, data, begin in _blocks_backward(fd, floor, at):
+        for base, data, begin in _blocks_backward(fd, floor, at, self.max_line):
             end = len(data)
             while True:
                 i = data.rfind(needle, begin, end)
@@ -295,6 +306,9 @@ class FastScanner:
                     break
                 start = max(data.rfind(b"\n", begin, i) + 1, begin)
                 newline = data.find(b"\n", i)
+                if newline - start > self.max_line:  # skipped by every path
+                    end = start
+                    continue
                 record = parse_line(_text(data[start:newline]))
                 if isinstance(record, QueueAdd) and record.queue_id == qid:
                     return _Hit(base + start, base + newline, record.sender)
@@ -309,18 +323,19 @@ class FastScanner:
         child cannot run or fails, this process reads that half itself.
         """
         middle = _line_start_after(fd, until // 2) if until >= self.parallel_from else until
+        size, cap = self.chunk_size, self.max_line
         if middle >= until or not hasattr(os, "fork"):
-            return _queue_adds(fd, qids, 0, until, self.chunk_size)
-        child = _fork_reader(fd, qids, middle, until, self.chunk_size)
+            return _queue_adds(fd, qids, 0, until, size, cap)
+        child = _fork_reader(fd, qids, middle, until, size, cap)
         try:
-            hits = _queue_adds(fd, qids, 0, middle, self.chunk_size)
+            hits = _queue_adds(fd, qids, 0, middle, size, cap)
         except BaseException:
             if child is not None:
                 _abandon(child)
             raise
         rest = _collect(child) if child is not None else None
         if rest is None:
-            rest = _queue_adds(fd, qids, middle, until, self.chunk_size)
+            rest = _queue_adds(fd, qids, middle, until, size, cap)
         for qid, found in rest.items():
             hits.setdefault(qid, []).extend(found)
         return hits
@@ -341,7 +356,7 @@ class FastScanner:
         if state.lines_before(fd, at) - state.lines_before(fd, after) < limit:
             return hit.sender
         occurrences = 0
-        for _, data in _blocks_forward(fd, after, at, self.chunk_size):
+        for _, data in _blocks_forward(fd, after, at, self.chunk_size, self.max_line):
             occurrences += data.count(_FROM)
             if occurrences >= limit:
                 break
@@ -349,13 +364,13 @@ class FastScanner:
             return hit.sender
         # An upper bound on the ids: the word before each ": from=", whatever the line.
         loose: set[bytes] = set()
-        for _, data in _blocks_forward(fd, after, at, self.chunk_size):
+        for _, data in _blocks_forward(fd, after, at, self.chunk_size, self.max_line):
             loose.update(_from_tokens(data))
         loose.discard(qid.encode("ascii"))
         if len(loose) < limit:
             return hit.sender
         others: set[str] = set()
-        for _, data in _blocks_forward(fd, after, at, self.chunk_size):
+        for _, data in _blocks_forward(fd, after, at, self.chunk_size, self.max_line):
             i = data.find(_FROM)
             while i >= 0:
                 start = data.rfind(b"\n", 0, i) + 1
@@ -376,8 +391,10 @@ class _Pass:
         self.needles = scanner._needles
         self.kelvin = scanner._kelvin
         self.chunk_size = scanner.chunk_size
+        self.max_line = scanner.max_line
         self.detector = scanner._detector()  # its sender map stays empty: resolved later
         self.lines = 0
+        self.too_long = 0  # lines longer than max_line: counted, never parsed
         self.delivery_seen = False
         self.pending: list[_Pending] = []
         # (offset of a read, newlines before it): lines between two offsets without a pass.
@@ -398,6 +415,7 @@ class _Pass:
         at = 0  # file offset of `chunk`
         carry: list[bytes] = []  # the unfinished line before `chunk`
         carry_len = 0
+        skipping = False  # inside a line longer than max_line: nothing of it is kept
         while True:
             chunk = os.read(fd, size)
             if not chunk:
@@ -407,12 +425,21 @@ class _Pass:
             self.lines += chunk.count(b"\n")
             first = chunk.find(b"\n")
             if first < 0:
-                carry.append(chunk)
-                carry_len += len(chunk)
+                if not skipping:
+                    carry.append(chunk)
+                    carry_len += len(chunk)
+                    if carry_len > self.max_line:
+                        carry.clear()
+                        skipping = True
                 at += len(chunk)
                 continue
             body = 0
-            if carry:
+            if skipping or carry_len + first > self.max_line:
+                self.too_long += 1
+                carry.clear()
+                skipping = False
+                body = first + 1
+            elif carry:
                 carry.append(chunk[:first + 1])
                 line = b"".join(carry)
                 self._block(line, 0, len(line), at - carry_len)
@@ -425,7 +452,10 @@ class _Pass:
                 carry.append(chunk[last:])
             carry_len = len(chunk) - last
             at += len(chunk)
-        if carry:
+        if skipping:
+            self.lines += 1
+            self.too_long += 1
+        elif carry:
             self.lines += 1
             line = b"".join(carry)
             self._block(line + b"\n", 0, len(line) + 1, at - carry_len)
@@ -473,12 +503,12 @@ def _mark_lines(haystack: bytes, needle: bytes, data: bytes, begin: int, end: in
         i = haystack.find(needle, newline + 1, end)
 
 
-def _queue_adds(fd: int, qids: set[str], start: int, end: int,
-                size: int) -> dict[str, list[_Hit]]:
+def _queue_adds(fd: int, qids: set[str], start: int, end: int, size: int,
+                max_line: int = MAX_LINE_BYTES) -> dict[str, list[_Hit]]:
     """The queue-adds of `qids` in [start, end) (both line starts), in file order."""
     wanted = {q.encode("ascii") for q in qids}
     hits: dict[str, list[_Hit]] = {}
-    for base, data in _blocks_forward(fd, start, end, size):
+    for base, data in _blocks_forward(fd, start, end, size, max_line):
         for token in sorted(wanted.intersection(_from_tokens(data))):
             qid = token.decode("ascii")
             needle = token + _FROM
@@ -516,7 +546,8 @@ class _Child:
     reader: int  # our end of the pipe it writes its hits to
 
 
-def _fork_reader(fd: int, qids: set[str], start: int, end: int, size: int) -> _Child | None:
+def _fork_reader(fd: int, qids: set[str], start: int, end: int, size: int,
+                 max_line: int = MAX_LINE_BYTES) -> _Child | None:
     """A forked child that reads [start, end) and writes its hits as JSON to a pipe."""
     try:
         reader, writer = os.pipe()
@@ -534,7 +565,7 @@ def _fork_reader(fd: int, qids: set[str], start: int, end: int, size: int) -> _C
         status = 1
         try:
             os.close(reader)
-            hits = _queue_adds(fd, qids, start, end, size)
+            hits = _queue_adds(fd, qids, start, end, size, max_line)
             payload = json.dumps({q: [[h.start, h.newline, h.sender] for h in found]
                                   for q, found in hits.items()}).encode()
             with os.fdopen(writer, "wb") as out:
@@ -610,18 +641,32 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
-def _blocks_forward(fd: int, start: int, end: int, size: int) -> Iterator[tuple[int, bytes]]:
+def _blocks_forward(fd: int, start: int, end: int, size: int,
+                    max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
     """(offset, data): the lines in [start, end) in reads of about `size`; both ends start lines.
 
-    Every `data` holds whole lines, each ending in a newline.
+    Every `data` holds whole lines, each ending in a newline. Lines longer than `max_line`
+    are left out (never held whole); with `size` <= `max_line` only a line spanning reads
+    can be one.
     """
     carry = b""
+    skipping = False  # inside a line longer than max_line
     at = start
     while at < end:
         chunk = os.pread(fd, min(size, end - at), at)
         if not chunk:
             break
         at += len(chunk)
+        if skipping or carry:
+            first = chunk.find(b"\n")
+            if first < 0:
+                if not skipping and len(carry) + len(chunk) <= max_line:
+                    carry += chunk
+                else:
+                    carry, skipping = b"", True
+                continue
+            if skipping or len(carry) + first > max_line:
+                chunk, carry, skipping = chunk[first + 1:], b"", False
         data = carry + chunk if carry else chunk
         last = data.rfind(b"\n") + 1
         if last == 0:
@@ -629,31 +674,106 @@ def _blocks_forward(fd: int, start: int, end: int, size: int) -> Iterator[tuple[
             continue
         yield at - len(data), data[:last] if last < len(data) else data
         carry = data[last:]
-    if carry:  # `end` was no line start (the file shrank): the rest as one line
+    if carry and len(carry) <= max_line:  # `end` was no line start (the file shrank)
         yield at - len(carry), carry + b"\n"
 
 
-def _blocks_backward(fd: int, floor: int, end: int) -> Iterator[tuple[int, bytes, int]]:
+def _blocks_backward(fd: int, floor: int, end: int,
+                     max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes, int]]:
     """(offset, data, begin): reads going back from `end` (a line start) towards `floor`.
 
     data[begin:] holds whole lines; the partial line before `begin` is read again as the end
     of the next read. A line reaching below `floor` is never yielded whole (only when floor is
-    0 is the first line of the file).
+    0 is the first line of the file). A partial line grown past `max_line` is dropped and the
+    rest of that line left out of later reads, so memory stays near `max_line` plus a read; a
+    whole line longer than `max_line` may still be yielded (the caller skips it).
     """
     top = end  # the next read ends here: `hi` plus the partial line above it
     hi = end
     step = _BACK_FIRST_READ
+    inside = False  # `top` is inside a line longer than max_line: cut its start off reads
     while hi > floor:
         lo = max(floor, hi - step)
         data = os.pread(fd, top - lo, lo)
         step = min(step * 2, _BACK_MAX_READ)
+        if inside:
+            last = data.rfind(b"\n") + 1
+            if last == 0:  # all of this read is that line
+                top = hi = lo
+                continue
+            data, inside = data[:last], False
         if lo == 0:
             yield lo, data, 0
             return
         cut = data.find(b"\n") + 1
-        if cut == 0:
-            hi = lo  # no line ends in this read: all of it is the partial line
-            continue
-        yield lo, data, cut
-        top = lo + cut
+        if cut:
+            yield lo, data, cut
         hi = lo
+        # data[:cut] (all of it without a newline) is the end of a line that starts lower:
+        # read again with the next read, unless it is already too long.
+        if (cut - 1 if cut else len(data)) > max_line:
+            top, inside = lo, True
+        elif cut:
+            top = lo + cut
+
+
+class LineReader:
+    """The lines of a binary stream, split at b"\\n" only (a `\\r` before it is kept), as
+    `for line in TextIOWrapper(...)` gives them without their newline; except that a line
+    longer than `max_line` bytes is counted in `too_long` and skipped, never held whole:
+    memory stays below `max_line` plus one read whatever the input.
+    """
+
+    def __init__(self, fh: BinaryIO, max_line: int = MAX_LINE_BYTES,
+                 chunk_size: int = DEFAULT_CHUNK) -> None:
+        self._read = fh.read
+        self.max_line = max_line
+        self.chunk_size = max(1, min(chunk_size, max_line))  # a read's inner lines fit
+        self.too_long = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for run in self._runs():
+            yield from run.split(b"\n")
+
+    def text(self) -> Iterator[str]:
+        """The lines decoded as the reference reads a log: UTF-8, bad bytes replaced. A
+        newline is never part of a UTF-8 sequence, so each read's whole lines are decoded
+        at once, as TextIOWrapper does, with the same result as line by line."""
+        for run in self._runs():
+            yield from run.decode("utf-8", errors="replace").split("\n")
+
+    def _runs(self) -> Iterator[bytes]:
+        """Complete lines joined by b"\\n" (no final one): one read's, or one spanning reads."""
+        carry: list[bytes] = []  # the unfinished line, while it is short enough to keep
+        carry_len = 0
+        skipping = False  # inside a line longer than max_line
+        while chunk := self._read(self.chunk_size):
+            first = chunk.find(b"\n")
+            if first < 0:  # the line goes on
+                if not skipping:
+                    carry.append(chunk)
+                    carry_len += len(chunk)
+                    if carry_len > self.max_line:
+                        carry.clear()
+                        skipping = True
+                continue
+            if skipping or carry_len + first > self.max_line:
+                self.too_long += 1
+            elif carry:
+                carry.append(chunk[:first])
+                yield b"".join(carry)
+            else:
+                yield chunk[:first]
+            carry.clear()
+            skipping = False
+            last = chunk.rfind(b"\n")
+            if last > first:  # shorter than a read, so never too long
+                yield chunk[first + 1:last]
+            rest = chunk[last + 1:]
+            if rest:
+                carry.append(rest)
+            carry_len = len(rest)
+        if skipping:
+            self.too_long += 1
+        elif carry:
+            yield b"".join(carry)

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from daemon.logwatch.config import LeakWatchConfig
 from daemon.logwatch.detector import (
@@ -40,12 +40,10 @@ from daemon.logwatch.detector import (
     format_sender,
     scan_senders,
 )
+from daemon.logwatch.fastscan import MAX_LINE_BYTES, FastScan, LineReader
 from daemon.logwatch.parser import line_queue_header
 from daemon.logwatch.pipeline import LineProcessor
 from daemon.logwatch.queue import Message, QueueTracker, Result, iso
-
-if TYPE_CHECKING:
-    from daemon.logwatch.fastscan import FastScan
 
 # The CloudWatch source (aiobotocore, botocore) is imported only by --cloudwatch:
 # loading it costs a `scan --file` a quarter of a second.
@@ -126,9 +124,9 @@ def scan_lines(lines: Iterable[str], processor: LineProcessor, report: ScanRepor
 
 
 def _summary(processor: LineProcessor, report: ScanReport, source: str,
-             seconds: float) -> dict[str, Any]:
+             seconds: float, too_long: int = 0) -> dict[str, Any]:
     counts = processor.counts
-    total = counts.from_ + counts.to + counts.other + counts.unparsed
+    total = counts.from_ + counts.to + counts.other + counts.unparsed + too_long
     return {
         "type": "summary",
         "source": source,
@@ -139,6 +137,9 @@ def _summary(processor: LineProcessor, report: ScanReport, source: str,
         "test_recipients": report.test_recipients,
         # No delivery line at all: nothing was seen, so "no leak" means nothing.
         "blind": counts.to == 0,
+        # Longer than MAX_LINE_BYTES (garbage after an unclean shutdown): counted in
+        # `lines`, skipped unread.
+        "too_long_lines": too_long,
         "seconds": round(seconds, 3),
     }
 
@@ -156,11 +157,13 @@ def _fast_summary(fast: FastScan, report: ScanReport, source: str,
         "leaks": report.leaks,
         "test_recipients": report.test_recipients,
         "blind": fast.blind,
+        "too_long_lines": fast.too_long,
         "seconds": round(seconds, 3),
     }
 
 
-def _print_summary(summary: dict[str, Any], as_json: bool, err: TextIO) -> None:
+def _print_summary(summary: dict[str, Any], as_json: bool, err: TextIO,
+                   max_line: int = MAX_LINE_BYTES) -> None:
     if as_json:
         err.write(json.dumps(summary) + "\n")
     else:
@@ -168,8 +171,15 @@ def _print_summary(summary: dict[str, Any], as_json: bool, err: TextIO) -> None:
         err.write(
             f"scan_summary source={summary['source']} lines={summary['lines']}{kinds} "
             f"leaks={summary['leaks']} test_recipients={summary['test_recipients']} "
-            f"blind={'true' if summary['blind'] else 'false'}\n"
+            f"blind={'true' if summary['blind'] else 'false'}"
+            + (f" too_long_lines={summary['too_long_lines']}"
+               if summary.get("too_long_lines") else "") + "\n"
         )
+    if summary.get("too_long_lines"):
+        cap = f"{max_line >> 20} MiB" if max_line % (1 << 20) == 0 else f"{max_line} bytes"
+        err.write(f"warning: {summary['too_long_lines']} line(s) longer than {cap} skipped "
+                  "unread (garbage, e.g. NUL bytes left by an unclean shutdown; no mail log "
+                  "line is that long)\n")
     if summary["blind"]:
         if summary["mta_lines"]:
             err.write(f"warning: no to= delivery lines among {summary['mta_lines']} sendmail "
@@ -217,19 +227,27 @@ def _cloudwatch_failure(exc: BaseException) -> str:
             f"{type(exc).__name__}: {exc}\n")
 
 
-def _stdin() -> TextIO:
-    """Standard input decoded as a file is (undecodable bytes replaced); left open after."""
-    return open(sys.stdin.fileno(), encoding="utf-8", errors="replace",
-                newline="\n", closefd=False)
+def _stdin() -> BinaryIO:
+    """Standard input as bytes, each read returning what is there; left open after."""
+    return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+
+
+def _lines(fh: BinaryIO, max_line: int) -> LineReader:
+    """The lines of a file or of standard input, a line longer than `max_line` skipped and
+    counted (`too_long`), never held whole."""
+    return LineReader(fh, max_line)
 
 
 def run(args: argparse.Namespace, config: LeakWatchConfig,
-        out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Scan once; return the exit status (0 clean, 1 leaks, 2 bad input/config, 3 blind)."""
+        out: TextIO | None = None, err: TextIO | None = None, *,
+        max_line: int = MAX_LINE_BYTES) -> int:
+    """Scan once; return the exit status (0 clean, 1 leaks, 2 bad input/config, 3 blind).
+
+    `max_line`: longer lines are counted and skipped (a test seam; the cap of every path)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     if getattr(args, "queue", False) or getattr(args, "queue_id", None) is not None:
-        return run_queue(args, config, out, err)
+        return run_queue(args, config, out, err, max_line=max_line)
     detector = LeakDetector(config.domains, config.allowed_senders,
                             config.max_tracked_queue_ids,
                             scan_senders(config.max_tracked_queue_ids))
@@ -237,6 +255,7 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
     report = ScanReport(out, bool(args.json))
     started = time.monotonic()
     fast: FastScan | None = None
+    reader: LineReader | None = None
     if (problem := _source_problem(args)) is not None:
         err.write(f"scan: {problem}\n")
         return EXIT_BAD_INPUT
@@ -256,16 +275,18 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
             # per-kind counts only when they come for free (or with --counts).
             from daemon.logwatch.fastscan import scan_file
 
-            fast = scan_file(Path(args.file), config)
+            fast = scan_file(Path(args.file), config, max_line=max_line)
             report.emit(fast.findings)
             source = str(args.file)
         elif args.file is not None:
-            with Path(args.file).open(encoding="utf-8", errors="replace", newline="\n") as fh:
-                scan_lines(fh, processor, report)
+            with Path(args.file).open("rb") as fh:
+                reader = _lines(fh, max_line)
+                scan_lines(reader.text(), processor, report)
             source = str(args.file)
         else:
             with _stdin() as stdin:
-                scan_lines(stdin, processor, report)
+                reader = _lines(stdin, max_line)
+                scan_lines(reader.text(), processor, report)
             source = "stdin"
     except ValueError as exc:
         err.write(f"scan: {exc}\n")
@@ -278,12 +299,13 @@ def run(args: argparse.Namespace, config: LeakWatchConfig,
     if fast is not None:
         summary = _fast_summary(fast, report, source, time.monotonic() - started)
     else:
-        summary = _summary(processor, report, source, time.monotonic() - started)
+        summary = _summary(processor, report, source, time.monotonic() - started,
+                           reader.too_long if reader is not None else 0)
     if summary["lines"] and summary["mta_lines"] == 0:
         # Not a mail log at all: "no leak" would pass the wrong file as clean.
         err.write(_not_a_mail_log(summary["lines"], source, args.file))
         return EXIT_BAD_INPUT
-    _print_summary(summary, bool(args.json), err)
+    _print_summary(summary, bool(args.json), err, max_line)
     if report.leaks:
         return EXIT_LEAKS
     return EXIT_BLIND if _blind(summary) else EXIT_CLEAN
@@ -320,6 +342,8 @@ class QueueScan:
         self.queue_id = queue_id
         self.lines = 0  # --queue-id: lines read (the processor counts the others)
         self.matched = 0
+        self.too_long = 0  # lines longer than max_line, skipped unread
+        self.max_line = MAX_LINE_BYTES
 
     def feed(self, line: str, stream: str | None = None) -> None:
         line = line.rstrip("\r\n")
@@ -378,7 +402,7 @@ async def _fetch_cloudwatch(config: LeakWatchConfig, since: float, clock: float,
 
 
 def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
-              err: TextIO) -> int:
+              err: TextIO, *, max_line: int = MAX_LINE_BYTES) -> int:
     """`scan --queue` / `scan --queue-id ID`; the exit status."""
     as_json = bool(args.json)
     queue_id: str | None = args.queue_id
@@ -390,6 +414,7 @@ def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
         return EXIT_BAD_INPUT
     scan = QueueScan(config, out, as_json, queue_id)
     started = time.monotonic()
+    reader: LineReader | None = None
     try:
         if args.cloudwatch:
             since = parse_duration(args.since)
@@ -405,13 +430,15 @@ def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
                 scan.feed(line, stream)
             source = "cloudwatch"
         elif args.file is not None:
-            with Path(args.file).open(encoding="utf-8", errors="replace", newline="\n") as fh:
-                for line in fh:
+            with Path(args.file).open("rb") as fh:
+                reader = _lines(fh, max_line)
+                for line in reader.text():
                     scan.feed(line)
             source = str(args.file)
         else:
             with _stdin() as stdin:
-                for line in stdin:
+                reader = _lines(stdin, max_line)
+                for line in reader.text():
                     scan.feed(line)
             source = "stdin"
     except ValueError as exc:
@@ -422,6 +449,8 @@ def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
         err.write(f"scan: cannot read {name}: {exc.strerror or exc}\n")
         return EXIT_BAD_INPUT
     seconds = time.monotonic() - started
+    scan.too_long = reader.too_long if reader is not None else 0
+    scan.max_line = max_line
     if queue_id is not None:
         return _finish_history(scan, queue_id, source, seconds, err)
     return _finish_queue(scan, source, seconds, err, args.file)
@@ -446,7 +475,7 @@ def _is_gzip(path: Path) -> bool:
 
 def _finish_queue(scan: QueueScan, source: str, seconds: float, err: TextIO,
                   file: str | None) -> int:
-    summary = _summary(scan.processor, scan.report, source, seconds)
+    summary = _summary(scan.processor, scan.report, source, seconds, scan.too_long)
     if summary["lines"] and not summary["mta_lines"]:
         err.write(_not_a_mail_log(summary["lines"], source, file))
         return EXIT_BAD_INPUT
@@ -461,7 +490,7 @@ def _finish_queue(scan: QueueScan, source: str, seconds: float, err: TextIO,
     scan.out.flush()
     summary["deliveries"] = {r.value: queue.counts[r] for r in Result}
     summary["deferred_messages"] = len(deferred)
-    _print_summary(summary, scan.as_json, err)
+    _print_summary(summary, scan.as_json, err, scan.max_line)
     if not scan.as_json:
         counts = ",".join(f"{r}:{n}" for r, n in summary["deliveries"].items())
         err.write(f"queue_summary deferred_messages={len(deferred)} deliveries={counts}\n")

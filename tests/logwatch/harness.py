@@ -84,10 +84,12 @@ async def watching(
         await watch.close()
 
 
-def run_scan(argv: list[str], config: LeakWatchConfig | None = None) -> tuple[int, str, str]:
+def run_scan(argv: list[str], config: LeakWatchConfig | None = None,
+             **kwargs: Any) -> tuple[int, str, str]:
     """`selfcheckd scan ARGV` in-process: (exit status, stdout, stderr)."""
     parser = argparse.ArgumentParser()
     scan_command.add_arguments(parser)
     out, err = io.StringIO(), io.StringIO()
-    code = scan_command.run(parser.parse_args(argv), config or LeakWatchConfig(), out, err)
+    code = scan_command.run(parser.parse_args(argv), config or LeakWatchConfig(), out, err,
+                            **kwargs)
     return code, out.getvalue(), err.getvalue()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.logwatch import scan_command
 from daemon.logwatch.config import LeakWatchConfig
 from daemon.logwatch.scan_command import parse_duration
 from tests.logwatch.harness import run_scan
@@ -228,3 +229,45 @@ def test_a_sender_further_back_than_the_watchers_memory_is_still_found(
                          LeakWatchConfig(max_tracked_queue_ids=100))
     assert code == 1
     assert [json.loads(x)["sender"] for x in out.splitlines()] == ["app@example.com"]
+
+
+def _log_with_garbage(region: bytes) -> str:
+    """Leaks before, after and across a newline-free region (the from= line before it)."""
+    def line(qid: str, body: str) -> str:
+        return f"2026-11-23T19:30:26Z vm sendmail[1]: {qid}: {body}\n"
+    head = (line("6ANJUQaa010001", "from=<before@example.com>, size=1")
+            + line("6ANJUQaa010001", "to=<nobody-1@sinkhole.test>, stat=Deferred: 421")
+            + line("6ANJUQcc010003", "from=<across@example.com>, size=1"))
+    tail = (line("6ANJUQcc010003", "to=<nobody-3@sinkhole.test>, stat=Deferred: 421")
+            + line("6ANJUQbb010002", "from=<after@example.com>, size=1")
+            + line("6ANJUQbb010002", "to=<nobody-2@sinkhole.test>, stat=Deferred: 421"))
+    return head + region.decode("latin-1") + "\n" + tail
+
+
+@pytest.mark.parametrize("mode", [["--file"], ["--file", "--counts"], ["--file", "--queue"],
+                                  ["stdin"], ["stdin", "--queue"]])
+def test_a_line_past_the_cap_is_counted_and_skipped_on_every_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: list[str],
+) -> None:
+    """A 100 KiB newline-free region with a 4 KiB cap (4 MiB in use): every way of reading
+    the log skips it, says so in the summary, and finds every leak and sender around it."""
+    log = tmp_path / "maillog"
+    log.write_bytes(_log_with_garbage(b"\0\xff" * (50 << 10)).encode("latin-1"))
+    argv = [a for a in mode if a != "stdin"]
+    if "stdin" in mode:
+        monkeypatch.setattr(scan_command, "_stdin", lambda: log.open("rb", buffering=0))
+    else:
+        argv.append(str(log))
+        argv.insert(1, argv.pop())  # --file PATH, then the rest
+    code, out, err = run_scan([*argv, "--json"], max_line=4096)
+    summary = json.loads(err.splitlines()[0])
+    assert code == 1
+    assert (summary["too_long_lines"], summary["lines"]) == (1, 7)
+    assert "warning: 1 line(s) longer than 4096 bytes skipped unread" in err
+    if "--queue" in mode:
+        assert summary["deferred_messages"] == 3
+    else:
+        assert [(x["recipient"], x["sender"]) for x in map(json.loads, out.splitlines())] == [
+            ("nobody-1@sinkhole.test", "before@example.com"),
+            ("nobody-3@sinkhole.test", "across@example.com"),
+            ("nobody-2@sinkhole.test", "after@example.com")]
