@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         "alert receiver, and selfcheckd against them, all on 127.0.0.1; a leak is\n"
         "appended to the demo's maillog after 5 s.",
         "exit codes: 0 stopped (Ctrl-C or --duration), 2 bad arguments, 3 could not\n"
-        "            listen\n"
+        "            listen, or another demo runs in --workdir (its files are left alone)\n"
         "example:    selfcheckd demo --duration 30")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between selfchecks")
     p.add_argument("--listen", default="127.0.0.1:9787", help="HOST:PORT for /metrics")

@@ -4,6 +4,11 @@ A real SMTP server (aiosmtpd) delivers into a real IMAP server (pymap); the
 SMTP server writes sendmail-shaped lines to a maillog that the leak watcher
 follows; a local HTTP receiver prints heartbeats and leak alerts. Nothing
 outside 127.0.0.1 is touched.
+
+The work directory (`--workdir`, default .demo) belongs to one demo at a time: a
+demo takes an exclusive lock on it before it writes anything there, so a second
+demo started by mistake exits (3) without truncating the running one's maillog
+or replacing its check.toml.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -95,6 +101,18 @@ def demo_config(route: dict[str, Any], receiver_port: int, maillog: Path,
 
 
 async def _demo(args: argparse.Namespace) -> int:
+    # Before anything is written in the work directory: it may be a running demo's.
+    lock = _lock_workdir(args.workdir)
+    if isinstance(lock, str):
+        print(f"selfcheckd demo: {lock}", file=sys.stderr)
+        return 3
+    try:
+        return await _demo_locked(args)
+    finally:
+        os.close(lock)  # the lock goes with it
+
+
+async def _demo_locked(args: argparse.Namespace) -> int:
     from daemon.app import Daemon
     from daemon.embedded.smtp_server import auth_results_value
     from daemon.embedded.stack import EmbeddedMailStack, StackOptions
@@ -179,8 +197,35 @@ def _write_check_config(workdir: Path, config: Config) -> Path:
     return path
 
 
+LOCK_NAME = "demo.lock"
+
+
+def _lock_workdir(workdir: Path) -> int | str:
+    """An fd holding the exclusive lock on `workdir`, or why it cannot be had.
+
+    flock: released by the kernel when this process ends however it ends, so a demo
+    that was killed leaves nothing to clean up. Only the lock file is opened before
+    the lock is held, and never truncated then."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        return f"cannot use --workdir {workdir}: {exc.strerror}"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+        os.close(fd)
+        who = f"another demo (pid {holder})" if holder.isdigit() else "another demo"
+        return (f"{who} is running with --workdir {workdir}; its maillog and check.toml "
+                "are left alone. Stop it first, or give this one its own --workdir "
+                "(and --listen)")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def _fresh_maillog(workdir: Path) -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
     maillog = workdir / "maillog"
     maillog.write_text("", encoding="utf-8")
     return maillog

@@ -62,3 +62,48 @@ async def test_the_banner_prints_commands_that_work_as_shown_from_anywhere(
     maillog = (workdir / ".demo" / "maillog").read_text()
     assert maillog.count("@sinkhole.test") == 1  # the line the banner's command appended
     assert (workdir / ".demo" / "check.toml").stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_second_demo_leaves_the_running_ones_files_alone(tmp_path: Path) -> None:
+    """A second demo in the same work directory (on the first one's port, or on a free one)
+    exits 3 naming the running demo, before it truncates the maillog or rewrites check.toml;
+    once the first has stopped, a demo starts there again."""
+    workdir = tmp_path / "demo"
+    common = ["demo", "--workdir", str(workdir), "--no-inject-leak", "--interval", "600"]
+    first = await asyncio.create_subprocess_exec(
+        SELFCHECKD, *common, "--listen", "127.0.0.1:0", "--duration", "60",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert first.stderr is not None
+    banner = ""
+    while "Ctrl-C" not in banner:
+        line = await asyncio.wait_for(first.stderr.readline(), timeout=60)
+        assert line, banner
+        banner += line.decode()
+    try:
+        [port] = re.findall(r"metrics: +http://127\.0\.0\.1:(\d+)/metrics", banner)
+        maillog, check = workdir / "maillog", workdir / "check.toml"
+        with maillog.open("a") as fh:
+            fh.write("the running demo's line\n")
+        before_log, before_check = maillog.read_text(), check.read_text()
+        for listen in (f"127.0.0.1:{port}", "127.0.0.1:0"):
+            second = await asyncio.create_subprocess_exec(
+                SELFCHECKD, *common, "--listen", listen, "--duration", "5",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, err = await asyncio.wait_for(second.communicate(), timeout=60)
+            assert second.returncode == 3, err.decode()
+            assert err.decode().startswith(
+                f"selfcheckd demo: another demo (pid {first.pid}) is running with "
+                f"--workdir {workdir}; its maillog and check.toml are left alone."), err
+            # The running demo goes on appending; nothing before was lost.
+            assert maillog.read_text().startswith(before_log)
+            assert check.read_text() == before_check
+    finally:
+        first.send_signal(signal.SIGINT)
+        await asyncio.wait_for(first.communicate(), timeout=60)
+    assert first.returncode == 0
+    again = await asyncio.create_subprocess_exec(
+        SELFCHECKD, *common, "--listen", "127.0.0.1:0", "--duration", "1",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = await asyncio.wait_for(again.communicate(), timeout=60)
+    assert again.returncode == 0, err.decode()
+    assert "the running demo's line" not in (workdir / "maillog").read_text()
