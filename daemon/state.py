@@ -15,7 +15,14 @@ fsynced and renamed over the old one, so a task killed mid-write leaves the
 previous state intact; the temporary file's name is unique, so two writers (two
 tasks overlapping on a shared volume) never mix their bytes: the last rename
 wins. Writes run in a daemon thread and a caller may bound them: a write hung
-on a stalled NFS mount costs that caller its timeout, never the process's exit.
+on a stalled NFS mount costs that caller its timeout, never the process's exit. A
+write that outlived its caller's timeout still counts as running: the next save
+waits for it (within its own timeout) and never starts a second writer beside it.
+
+The writer's bound (`MAX_WRITE_BYTES`) is half the reader's (`MAX_STATE_BYTES`): a
+document that encodes bigger is not written at all (a failed save), so no file we
+write is one we would refuse to read. Callers that can shed encode the document
+themselves (daemon/logwatch/saving.py) and hand over the bytes.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ VERSION = 2  # 1: CloudWatch cursor and detector only (still read)
 # Far more than the bounded sections ever take (20 000 queue messages: about 7.4 MB); a
 # bigger file is not ours, and reading it whole would cost that much memory.
 MAX_STATE_BYTES = 64 << 20
+# The writer's bound: half the reader's, so a file we write is always one we read back.
+MAX_WRITE_BYTES = MAX_STATE_BYTES // 2
 # Our own clock wrote the cursor and the alerts' creation times: later than this past the
 # clock now, the clock was wrong then (a cursor in the future would read nothing for ever,
 # an alert from the future would never expire), and `repair` mends them.
@@ -174,6 +183,22 @@ def trim(entries: list[Any]) -> list[Any]:
     return entries[-MAX_PERSISTED_ENTRIES:]
 
 
+class StateTooLargeError(ValueError):
+    """The document encodes to more than the writer's bound."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{size} bytes, more than the {limit} a state file may be written with")
+        self.size = size
+
+
+def encode(document: dict[str, Any], limit: int | None = MAX_WRITE_BYTES) -> bytes:
+    """The file's bytes for `document` (the version added); StateTooLargeError past `limit`."""
+    payload = json.dumps({"version": VERSION, **document}, separators=(",", ":")).encode()
+    if limit is not None and len(payload) > limit:
+        raise StateTooLargeError(len(payload), limit)
+    return payload
+
+
 class StateFile:
     """Load (with quarantine) and save (atomic, serialised) one state file."""
 
@@ -184,6 +209,8 @@ class StateFile:
         self.metrics = metrics
         self._wall = wall
         self._lock = asyncio.Lock()
+        # The write in progress, kept past its caller's timeout until the thread ends.
+        self._writing: asyncio.Future[None] | None = None
         self.last_error: str | None = None
         self.last_saved_at: float | None = None
 
@@ -247,21 +274,35 @@ class StateFile:
                     moved_to=str(target), consequence="starting afresh")
         return target
 
-    async def save(self, document: dict[str, Any], timeout: float | None = None) -> bool:
-        """Write `document` (plus the version) atomically within `timeout` s; False if not.
+    async def save(self, document: dict[str, Any] | bytes,
+                   timeout: float | None = None) -> bool:
+        """Write `document` (plus the version; or bytes from `encode`) atomically within
+        `timeout` s; False if not.
 
         A failure is counted and logged once per episode.
         """
         if self.path is None:
             return True
-        # `document` is a snapshot of fresh containers (taken on the event loop), so
-        # it is serialised in the writer thread: a large queue costs the loop nothing.
-        document = {"version": VERSION, **document}
+        if isinstance(document, bytes) and len(document) > MAX_WRITE_BYTES:
+            return self._failed(str(StateTooLargeError(len(document), MAX_WRITE_BYTES)))
         try:
             async with asyncio.timeout(timeout), self._lock:
-                await in_daemon_thread(_write_atomically, self.path, document, name="state-write")
+                if self._writing is not None and not self._writing.done():
+                    # An earlier write outlived its caller's timeout: two writers at once
+                    # would each hold a copy of the state (and a thread) for nothing.
+                    await asyncio.wait({self._writing})
+                # `document` is a snapshot of fresh containers (taken on the event loop),
+                # so it is serialised in the writer thread.
+                self._writing = in_daemon_thread(_write_atomically, self.path, document,
+                                                 name="state-write")
+                self._writing.add_done_callback(_retrieve)
+                await asyncio.shield(self._writing)
         except TimeoutError:
+            if self._writing is not None and not self._writing.done():
+                return self._failed(f"not written within {timeout:g}s (still writing)")
             return self._failed(f"not written within {timeout:g}s")
+        except StateTooLargeError as exc:
+            return self._failed(str(exc))
         except OSError as exc:
             return self._failed(exc.strerror or str(exc))
         if self.last_error is not None:
@@ -296,14 +337,20 @@ def _read_regular_file(path: Path) -> bytes:
         return fh.read(MAX_STATE_BYTES + 1)
 
 
-def _write_atomically(path: Path, document: dict[str, Any]) -> None:
-    payload = json.dumps(document, separators=(",", ":"))
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """A write nobody waits for any more still has its error read (its save counted it)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _write_atomically(path: Path, document: dict[str, Any] | bytes) -> None:
+    payload = document if isinstance(document, bytes) else encode(document)
     # A fresh volume or host may not have the directory yet (/var/lib/selfcheckd).
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())

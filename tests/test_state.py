@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
+from daemon import state as state_module
 from daemon.metrics import Metrics
 from daemon.state import MAX_STATE_BYTES, StateFile, parse_state
 
@@ -173,3 +175,54 @@ def test_undecodable_or_absurdly_nested_file_is_quarantined(tmp_path: Path, cont
     path.write_bytes(content)
     assert state_file(path).load() is None
     assert (tmp_path / "leakwatch.json.corrupt-20261123T193153Z").read_bytes() == content
+
+
+async def test_a_write_outliving_its_timeout_never_has_a_second_writer_beside_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save stuck past its timeout (a slow volume) keeps counting as running: the next
+    save waits for it and fails, counted, rather than start a second writer with a second
+    copy of the state; once it ends, saves write again."""
+    gate, running, peak = threading.Event(), [0], [0]
+    write = state_module._write_atomically
+
+    def stuck(path: Path, document: dict[str, object] | bytes) -> None:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        try:
+            gate.wait(10)
+            write(path, document)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(state_module, "_write_atomically", stuck)
+    metrics = Metrics()
+    store = StateFile(tmp_path / "state.json", metrics, wall=lambda: WALL)
+    assert not await store.save({"detector": {"reported": ["a"]}}, timeout=0.05)
+    assert not await store.save({"detector": {"reported": ["b"]}}, timeout=0.05)
+    assert peak[0] == 1
+    assert metrics.registry.get_sample_value("selfcheckd_state_saves_total",
+                                             {"result": "failed"}) == 2
+    gate.set()
+    assert await store.save({"detector": {"reported": ["c"]}}, timeout=5)
+    assert peak[0] == 1
+    assert json.loads((tmp_path / "state.json").read_text())["detector"]["reported"] == ["c"]
+
+
+async def test_a_document_the_reader_would_refuse_is_never_written(tmp_path: Path) -> None:
+    """A document encoding past the reader's 64 MiB is not written (a failed save, counted);
+    the previous file stays and still loads."""
+    path = tmp_path / "state.json"
+    metrics = Metrics()
+    store = StateFile(path, metrics, wall=lambda: WALL)
+    assert await store.save({"detector": {"reported": ["Q1 a@sinkhole.test"]}})
+    big = "x" * 4096
+    with capture_logs() as logs:
+        assert not await store.save(
+            {"detector": {"senders": [[f"Q{i}", big] for i in range(17_000)]}})
+    assert path.stat().st_size < 1000
+    assert [e["event"] for e in logs] == ["state_file_write_failed"]
+    assert metrics.registry.get_sample_value("selfcheckd_state_saves_total",
+                                             {"result": "failed"}) == 1
+    loaded = state_file(path).load()
+    assert loaded is not None and loaded.detector is not None
+    assert loaded.detector.reported == ["Q1 a@sinkhole.test"]
