@@ -256,8 +256,8 @@ class Daemon:
                                "last_error": lw.state.last_error},
                 "pending_alerts": [] if lw.outbox is None else [
                     {"id": a.id, "summary": a.summary, "severity": a.severity,
-                     "attempts": a.attempts, "last_error": a.last_error,
-                     "age": round(time.time() - a.created_at, 3)}
+                     "alerts": a.count, "attempts": a.attempts, "last_error": a.last_error,
+                     "age": round(lw.outbox.age(a), 3)}
                     for a in lw.outbox.pending()],
             }
         return {

@@ -107,6 +107,9 @@ class AlertState(_Section):
     last_error: str | None = None
     admitted: bool = False
     folded: list[str] = Field(default_factory=list)
+    # A digest: how many alerts it stands for, and the summaries it lists while open.
+    count: int = Field(default=1, ge=1)
+    examples: list[str] = Field(default_factory=list)
 
 
 class QueueRecipientState(_Section):

@@ -7,10 +7,12 @@ arrive with bounded polls on the receiver's record.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from daemon.delivery.outbox import Alert, Outbox, alert_id
@@ -52,7 +54,9 @@ class Harness:
 
 
 @asynccontextmanager
-async def running(sink: Sink, **cfg: Any) -> AsyncIterator[Harness]:
+async def running(sink: Sink, wall: Callable[[], float] | None = None,
+                  **cfg: Any) -> AsyncIterator[Harness]:
+    """An outbox under a supervisor; `wall` replaces the wall clock (else the fake clock)."""
     clock = FakeClock()
     metrics = Metrics()
     config = AlertWebhook.model_validate({"url": sink.url, "secret": SECRET, "timeout": 2,
@@ -65,7 +69,7 @@ async def running(sink: Sink, **cfg: Any) -> AsyncIterator[Harness]:
 
     outbox = Outbox(config, metrics, on_change=on_change,
                     on_expired=lambda key: harness.expired.append(key) if harness else None,
-                    clock=clock, wall=clock, sleep=clock.sleep)
+                    clock=clock, wall=wall or clock, sleep=clock.sleep)
     harness = Harness(outbox, clock, metrics)
     sup = Supervisor(metrics, clock=clock, wall=clock, sleep=clock.sleep)
     sup.start(outbox)
@@ -253,3 +257,111 @@ async def test_flush_tries_every_pending_alert_now() -> None:
         sink.statuses.clear()
         assert await h.outbox.flush(5.0)
     assert len(sink.accepted) == 1
+
+
+def accounted(sink: Sink) -> int:
+    """Alerts the receiver accepted, a digest counting what its summary says (by id)."""
+    counts: dict[str, int] = {}
+    for body in sink.accepted:
+        m = re.match(r"([\d,]+) further alerts", body["summary"])
+        counts[body["id"]] = int(m.group(1).replace(",", "")) if m else 1
+    return sum(counts.values())
+
+
+async def test_a_flood_is_held_within_max_pending_and_counted_in_full_after_the_heal() -> None:
+    """5,000 alerts while the webhook is down: at most max_pending are held, the rest are
+    counted in digests; after the heal the accepted alerts account for all 5,000."""
+    async with alert_sink(default=503) as sink, running(sink, max_pending=50) as h:
+        for i in range(5000):
+            assert h.outbox.submit(f"leak {i}", key=f"leak Q{i} a@sinkhole.test")
+        assert len(h.outbox.pending()) <= 50 and len(h.outbox.snapshot()) <= 50
+        assert sum(a.count for a in h.outbox.pending()) == 5000
+        await h.advance_until(lambda: h.clock.now - 1000 >= 900, limit=1000, step=30)
+        assert len(h.outbox.pending()) <= 50
+        assert sum(a.count for a in h.outbox.pending()) == 5000
+        sink.default = 200
+        await h.advance_until(lambda: accounted(sink) >= 5000, limit=900, step=30)
+        await h.quiet()
+    assert accounted(sink) == 5000
+    digests = [b["summary"] for b in sink.accepted if "further alerts" in b["summary"]]
+    # The first alert not sent on its own leads the first digest (leak 0-9 went alone).
+    assert any(d.startswith("4,990 further alerts") and ": leak 10; leak 11;" in d
+               for d in digests), digests
+    summaries: dict[str, set[str]] = {}
+    for body, _ in sink.requests:  # every attempt of one id carried the same text
+        summaries.setdefault(body["id"], set()).add(body["summary"])
+    assert all(len(texts) == 1 for texts in summaries.values())
+
+
+async def test_a_failed_attempt_does_not_save_the_outbox() -> None:
+    """Retries against a failing webhook change nothing at-least-once needs: no save each."""
+    async with alert_sink(default=503) as sink, running(sink) as h:
+        h.outbox.submit("leak", key="k")
+        await h.advance_until(lambda: len(sink.requests) >= 6, limit=600)
+        await h.quiet()
+        assert h.saves == 1  # when it was admitted
+        sink.default = 200
+        await h.advance_until(lambda: len(sink.accepted) == 1, limit=600)
+        await h.quiet()
+    assert h.saves == 2  # and when it was delivered
+
+
+async def test_a_wall_clock_step_past_max_age_expires_nothing() -> None:
+    """A forward step of the wall clock (NTP, a resumed VM) ages no pending alert; max_age
+    is counted on the monotonic clock while the process runs."""
+    wall = [1_800_000_000.0]
+    async with alert_sink(default=503) as sink, running(sink, wall=lambda: wall[0],
+                                                       max_age=3600) as h:
+        h.outbox.submit("leak", key="k")
+        await until(lambda: len(sink.requests) == 1)
+        wall[0] += 2 * 86400
+        await h.advance_until(lambda: h.clock.now - 1000 >= 600, limit=700, step=60)
+        assert len(h.outbox.pending()) == 1 and deliveries(h.metrics, "expired") == 0
+        assert h.metrics.registry.get_sample_value(
+            "selfcheckd_alerts_oldest_pending_age_seconds") == pytest.approx(600, abs=61)
+        await h.advance_until(lambda: not h.outbox.pending(), limit=3200, step=60)
+        assert h.clock.now - 1000 >= 3600
+        assert deliveries(h.metrics, "expired") == 1
+
+
+async def test_a_saved_alert_keeps_its_monotonic_age_across_a_restart() -> None:
+    """After a wall step while running, the saved creation time is the wall time matching
+    the alert's real age, so the next process neither expires it nor restarts its clock."""
+    wall = [1_800_000_000.0]
+    async with alert_sink(default=503) as sink, running(sink, wall=lambda: wall[0],
+                                                       max_age=7200) as h:
+        h.outbox.submit("leak", key="k")
+        await until(lambda: len(sink.requests) == 1)
+        wall[0] += 2 * 86400
+        await h.advance_until(lambda: h.clock.now - 1000 >= 3600, limit=3700, step=60)
+        saved = h.outbox.snapshot()
+    assert wall[0] - saved[0]["created_at"] == pytest.approx(3600, abs=61)
+    wall[0] += 600  # down for ten minutes
+    async with alert_sink(default=503) as sink2, running(sink2, wall=lambda: wall[0],
+                                                         max_age=7200) as h2:
+        h2.outbox.restore([Alert(**a) for a in saved])
+        [alert] = h2.outbox.pending()
+        assert h2.outbox.age(alert) == pytest.approx(4200, abs=61)
+        await h2.advance_until(lambda: not h2.outbox.pending(), limit=3100, step=60)
+        assert h2.clock.now - 1000 == pytest.approx(3000, abs=61)
+
+
+async def test_restoring_a_flooded_outbox_folds_it_within_max_pending() -> None:
+    """A state file from before the cap (20,000 alerts and a digest listing 5,000 keys) is
+    taken over within max_pending, every alert still counted, the old digest's id kept."""
+    old_digest = {"id": alert_id(SOURCE, "digest old"), "key": "digest old",
+                  "summary": "5000 further alerts were held back by the rate limit: ...",
+                  "severity": "critical", "created_at": 1000.0, "attempts": 3,
+                  "last_error": "HTTP 503", "admitted": True,
+                  "folded": [f"leak R{i} a@sinkhole.test" for i in range(5000)]}
+    saved = [old_digest] + [
+        {"id": alert_id(SOURCE, f"leak Q{i}"), "key": f"leak Q{i}", "summary": f"leak {i}",
+         "severity": "critical", "created_at": 1000.0, "admitted": i < 10}
+        for i in range(20_000)]
+    async with alert_sink(default=503) as sink, running(sink, max_pending=100) as h:
+        h.outbox.restore([Alert(**a) for a in saved])
+        pending = h.outbox.pending()
+        assert len(pending) <= 100 and len(h.outbox.snapshot()) <= 100
+        assert sum(a.count for a in pending) == 25_000
+        assert pending[0].id == old_digest["id"] and pending[0].count == 5000
+        assert len(pending[0].folded) <= 10

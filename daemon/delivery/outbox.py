@@ -15,6 +15,24 @@ rare duplicate that at-least-once delivery brings.
 Rate limit: at most `rate_limit` alerts start their first delivery per
 `rate_period`. Alerts beyond that wait; when the window frees up and more are
 waiting than it has room for, they are folded into one digest alert.
+
+Flood: at most `max_pending` alerts are held (a leak flood while the webhook is
+down would otherwise hold hundreds of thousands, and the state file with them).
+The alerts beyond are folded as they arrive into one open digest, which counts
+them and lists the first `DIGEST_SUMMARIES`; it is sealed (its text fixed, then
+sent like any alert, under its own stable id) when the rate window lets it out
+and the outbox has room for the next digest. So every alert is either its own
+delivery or counted in a delivered digest, and memory stays bounded.
+
+Age: an alert ages on the monotonic clock while the process runs (a step of the
+wall clock expires nothing); its saved `created_at` is the wall time that age
+corresponds to at the save, so across a restart it ages on from there.
+
+What a save must hold for at-least-once delivery is the set of pending alerts;
+their attempt counts are for the operator. So the outbox asks for a save when
+that set changes (an alert admitted, a digest sealed, an alert sent or expired;
+the leak watcher saves after the read that queued one), never after a failed
+attempt.
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ import aiohttp
 import structlog
 
 from daemon.delivery import SessionFactory, default_session
+from daemon.logs import shorten
 from daemon.logwatch.config import AlertWebhook
 from daemon.metrics import Metrics
 from daemon.retry import Backoff
@@ -43,9 +62,13 @@ log = structlog.get_logger("daemon.alerts")
 TICK = 10.0
 # Keys of delivered alerts remembered in memory, so a re-submission is a duplicate.
 MAX_REMEMBERED_KEYS = 10_000
-# A digest lists this many of the summaries it stands for, then counts the rest.
+# A digest lists this many of the summaries it stands for (and remembers their keys),
+# then counts the rest.
 DIGEST_SUMMARIES = 10
 DIGEST_CHARS = 4000
+# An alert's summary is cut here: a leak's comes from a log line, which may be 4 MiB.
+SUMMARY_CHARS = 1000
+DIGEST_PREFIX = "digest "
 _RESPONSE_READ_LIMIT = 4096
 _RETRY_STATUSES = frozenset({408, 425, 429})
 _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
@@ -58,25 +81,83 @@ def alert_id(source: str, key: str) -> str:
 
 @dataclass
 class Alert:
-    """One pending alert. `folded` lists the keys a digest stands for."""
+    """One pending alert, or a digest standing for `count` of them."""
 
     id: str
     key: str
     summary: str
     severity: str
-    created_at: float  # wall clock: max_age counts across restarts
+    created_at: float  # wall clock, as saved: the age carried across a restart
     attempts: int = 0
     last_error: str | None = None
     admitted: bool = False  # counted against the rate limit; may be delivered
-    folded: list[str] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)  # a digest: keys of the alerts it lists
+    count: int = 1  # a digest: the alerts it stands for
+    examples: list[str] = field(default_factory=list)  # an open digest: the summaries it lists
+    born: float = 0.0  # monotonic: the age while this process runs; not persisted
     next_at: float = 0.0  # monotonic; not persisted (a restart retries at once)
     held: bool = False  # found the rate window full; not persisted
 
+    @property
+    def is_digest(self) -> bool:
+        return self.key.startswith(DIGEST_PREFIX)
+
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "key": self.key, "summary": self.summary,
-                "severity": self.severity, "created_at": self.created_at,
-                "attempts": self.attempts, "last_error": self.last_error,
-                "admitted": self.admitted, "folded": self.folded}
+        out = {"id": self.id, "key": self.key, "summary": self.summary,
+               "severity": self.severity, "created_at": self.created_at,
+               "attempts": self.attempts, "last_error": self.last_error,
+               "admitted": self.admitted, "folded": list(self.folded)}
+        if self.is_digest:  # a plain alert is saved as earlier releases saved it
+            out["count"] = self.count
+            out["examples"] = list(self.examples)
+        return out
+
+
+def new_digest(source: str, first: Alert) -> Alert:
+    """An empty open digest; its id is random once, then saved with it (stable)."""
+    key = f"{DIGEST_PREFIX}{uuid.uuid4()}"
+    return Alert(id=alert_id(source, key), key=key, summary="", severity=first.severity,
+                 created_at=first.created_at, born=first.born, count=0)
+
+
+def fold_into(digest: Alert, alert: Alert) -> None:
+    """Count `alert` (a plain alert or a digest) in the open `digest`."""
+    digest.count += alert.count
+    digest.severity = max(digest.severity, alert.severity,
+                          key=lambda s: _SEVERITY_RANK.get(s, 0))
+    digest.created_at = min(digest.created_at, alert.created_at)
+    digest.born = min(digest.born, alert.born)
+    if alert.is_digest:  # an open one lists its examples; a sealed one is its summary
+        examples = alert.examples or [shorten(alert.summary, SUMMARY_CHARS)]
+        keys = alert.folded
+    else:
+        examples, keys = [alert.summary], [alert.key]
+    digest.examples += examples[:DIGEST_SUMMARIES - len(digest.examples)]
+    digest.folded += keys[:DIGEST_SUMMARIES - len(digest.folded)]
+
+
+def render_digest(digest: Alert, why: str) -> str:
+    """The digest's summary: how many, why, the first few."""
+    shown = "; ".join(digest.examples)
+    more = digest.count - len(digest.examples)
+    summary = (f"{digest.count:,} further alerts were held back by {why}: {shown}"
+               + (f"; and {more:,} more (see the daemon's log)" if more > 0 else ""))
+    return shorten(summary, DIGEST_CHARS)
+
+
+def fold_saved(alerts: list[dict[str, Any]], keep: int, source: str,
+               why: str) -> list[dict[str, Any]]:
+    """Saved alerts with all but the first `keep` folded into one open digest (counts kept).
+
+    For a state document that must shrink: the live outbox is not touched."""
+    if len(alerts) <= keep + 1:
+        return alerts
+    rest = [Alert(**a) for a in alerts[keep:]]
+    digest = new_digest(source, rest[0])
+    for alert in rest:
+        fold_into(digest, alert)
+    digest.summary = render_digest(digest, why)
+    return [*alerts[:keep], digest.as_dict()]
 
 
 class Outbox:
@@ -105,7 +186,8 @@ class Outbox:
         self._wall = wall
         self._session_factory = session_factory
         self._backoff = Backoff(initial=cfg.backoff, maximum=cfg.max_backoff)
-        self._pending: dict[str, Alert] = {}  # by id, oldest first
+        self._pending: dict[str, Alert] = {}  # by id, oldest first; at most max_pending
+        self._open: Alert | None = None  # the digest a flood folds into (never in flight)
         self._keys: dict[str, str] = {}  # key -> id of the pending alert
         self._sent: OrderedDict[str, None] = OrderedDict()
         self._admissions: deque[float] = deque()
@@ -113,35 +195,74 @@ class Outbox:
         self._waker = Waker(sleep)
         self._settled = asyncio.Event()  # set whenever a delivery attempt ends
         self._progress: Progress | None = None
+        self.why_folded = (f"the rate limit ({cfg.rate_limit} per {cfg.rate_period:g}s) or "
+                           f"the cap of {cfg.max_pending:,} pending alerts")
 
     # -- what the leak watcher sees --------------------------------------------------------
 
     def submit(self, summary: str, severity: str | None = None, key: str | None = None) -> bool:
-        """Queue an alert unless one with the same key is pending or was delivered."""
+        """Queue an alert unless one with the same key is pending or was delivered.
+
+        Past `max_pending` it is counted in the open digest instead (still True)."""
         key = summary if key is None else key
         if key in self._keys or key in self._sent:
             self.metrics.alerts_suppressed.labels(reason="duplicate").inc()
             return False
-        alert = Alert(id=alert_id(self.cfg.source, key), key=key, summary=summary,
-                      severity=severity or self.cfg.severity, created_at=self._wall())
-        self._add(alert)
+        alert = Alert(id=alert_id(self.cfg.source, key), key=key,
+                      summary=shorten(summary, SUMMARY_CHARS),
+                      severity=severity or self.cfg.severity, created_at=self._wall(),
+                      born=self._clock())
+        if not self._hold(alert):
+            self.metrics.alerts_suppressed.labels(reason="folded").inc()
         self._waker.poke()
         return True
 
     def pending(self) -> list[Alert]:
+        self._render_open()
         return list(self._pending.values())
 
+    def age(self, alert: Alert) -> float:
+        """Seconds since `alert` was raised (on the monotonic clock; see the module doc)."""
+        return max(0.0, self._clock() - alert.born)
+
     def snapshot(self) -> list[dict[str, Any]]:
-        return [a.as_dict() for a in self._pending.values()]
+        """The pending alerts as the state file keeps them, `created_at` set from their age."""
+        self._render_open()
+        wall = self._wall()
+        saved = []
+        for alert in self._pending.values():
+            entry = alert.as_dict()
+            entry["created_at"] = wall - self.age(alert)
+            saved.append(entry)
+        return saved
 
     def restore(self, alerts: Iterable[Alert]) -> None:
-        """Take over alerts left pending by an earlier process (or before a reload)."""
+        """Take over alerts left pending by an earlier process (or before a reload).
+
+        They age from their saved wall time; beyond `max_pending` they are folded."""
+        now, wall = self._clock(), self._wall()
         for alert in alerts:
-            if alert.id not in self._pending and alert.key not in self._keys:
-                alert.next_at = 0.0
-                self._add(alert)
+            if alert.id in self._pending or alert.key in self._keys:
+                continue
+            alert.next_at = 0.0
+            alert.born = now - max(0.0, wall - alert.created_at)
+            alert.summary = shorten(alert.summary, DIGEST_CHARS if alert.is_digest
+                                    else SUMMARY_CHARS)
+            if alert.is_digest:  # earlier releases listed every folded key, and no count
+                alert.count = max(alert.count, len(alert.folded), 1)
+                alert.folded = alert.folded[:DIGEST_SUMMARIES]
+                alert.examples = alert.examples[:DIGEST_SUMMARIES]
+                if not alert.admitted:  # an open digest: ours, or folded into ours
+                    if self._open is None and len(self._pending) < self.cfg.max_pending:
+                        self._open = alert
+                        self._add(alert)
+                    else:
+                        self._fold([alert])
+                    continue
+            self._hold(alert)
         if self._pending:
-            log.info("alerts_restored", pending=len(self._pending))
+            log.info("alerts_restored", pending=len(self._pending),
+                     alerts=sum(a.count for a in self._pending.values()))
             self._waker.poke()
 
     async def flush(self, timeout: float) -> bool:
@@ -189,6 +310,43 @@ class Outbox:
 
     # -- bookkeeping ----------------------------------------------------------------------
 
+    def _hold(self, alert: Alert) -> bool:
+        """Keep `alert` pending if the outbox has room beside a digest; else fold it.
+
+        True if it is held on its own."""
+        if len(self._pending) < self.cfg.max_pending - 1:
+            self._add(alert)
+            return True
+        if self._open is None:
+            log.warning("alerts_folded", max_pending=self.cfg.max_pending,
+                        consequence="further alerts are counted in one digest until the "
+                                    "webhook accepts the pending ones")
+        self._fold([alert])
+        return False
+
+    def _fold(self, alerts: list[Alert]) -> Alert:
+        """Count `alerts`, in order, in the open digest (opened now if there is none)."""
+        digest = self._open
+        if digest is None:
+            digest = self._open = new_digest(self.cfg.source, alerts[0])
+        for alert in alerts:
+            if alert.id in self._pending:
+                self._remove(alert)
+            fold_into(digest, alert)
+        self._add(digest)  # (again): its folded keys are its own now
+        return digest
+
+    def _render_open(self) -> None:
+        if self._open is not None:
+            self._open.summary = render_digest(self._open, self.why_folded)
+
+    def _seal(self, digest: Alert) -> None:
+        """The open digest goes out as it is now; later alerts fold into a new one."""
+        self._render_open()
+        digest.examples = []  # its summary lists them now
+        self._open = None
+        log.info("alert_digest_sealed", alert_id=digest.id, alerts=digest.count)
+
     def _add(self, alert: Alert) -> None:
         self._pending[alert.id] = alert
         for key in (alert.key, *alert.folded):  # a digest stands for its folded alerts
@@ -197,6 +355,8 @@ class Outbox:
 
     def _remove(self, alert: Alert) -> None:
         self._pending.pop(alert.id, None)
+        if alert is self._open:
+            self._open = None
         for key in (alert.key, *alert.folded):
             if self._keys.get(key) == alert.id:
                 del self._keys[key]
@@ -216,23 +376,24 @@ class Outbox:
         self.metrics.alerts_oldest_pending_age.set_function(lambda: 0.0)
 
     def _oldest_age(self) -> float:
-        oldest = min((a.created_at for a in self._pending.values()), default=None)
-        return 0.0 if oldest is None else max(0.0, self._wall() - oldest)
+        oldest = min((a.born for a in self._pending.values()), default=None)
+        return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
 
     async def _save(self) -> None:
         if self._on_change is not None:
             await self._on_change()
 
     def _expire(self) -> bool:
-        now = self._wall()
+        now = self._clock()
         expired = [a for a in self._pending.values()
-                   if a.id not in self._in_flight and now - a.created_at >= self.cfg.max_age]
+                   if a.id not in self._in_flight and now - a.born >= self.cfg.max_age]
+        self._render_open()
         for alert in expired:
             self._remove(alert)
             self.metrics.alert_deliveries.labels(result="expired").inc()
             log.error("alert_expired", alert_id=alert.id, summary=alert.summary,
-                      attempts=alert.attempts, last_error=alert.last_error,
-                      max_age=self.cfg.max_age)
+                      alerts=alert.count, attempts=alert.attempts,
+                      last_error=alert.last_error, max_age=self.cfg.max_age)
             if self._on_expired is not None:
                 for key in (alert.key, *alert.folded):
                     self._on_expired(key)
@@ -248,7 +409,8 @@ class Outbox:
         """Let waiting alerts through the rate limit, in order.
 
         Alerts that found the window full are held; when it frees up and more are
-        waiting than it has room for, they all go out folded into one digest.
+        waiting than it has room for, they all go out folded into one digest. The open
+        digest is sealed when admitted, if the outbox has room for the next one.
         """
         waiting = [a for a in self._pending.values() if not a.admitted]
         if not waiting:
@@ -259,38 +421,29 @@ class Outbox:
                 alert.held = True
             return False
         if len(waiting) > free and any(a.held for a in waiting):
-            for alert in waiting:
-                self._remove(alert)
-            self.metrics.alerts_suppressed.labels(reason="folded").inc(len(waiting))
-            digest = self._digest(waiting)
-            self._add(digest)
-            waiting = [digest]
+            self.metrics.alerts_suppressed.labels(reason="folded").inc(
+                sum(1 for a in waiting if a is not self._open))
+            # One digest of them all, in their order (the open one included: never sent,
+            # so it may take a new id), so it lists the first ones.
+            self._open = None
+            waiting = [self._fold(waiting)]
+        admitted = False
         for alert in waiting[:free]:
+            if alert is self._open:
+                if len(self._pending) >= self.cfg.max_pending:
+                    alert.held = True  # no room for the next digest: it keeps counting
+                    continue
+                self._seal(alert)
             alert.admitted = True
+            admitted = True
             self._admissions.append(self._clock())
         for alert in waiting[free:]:
             alert.held = True
-        return True
-
-    def _digest(self, alerts: list[Alert]) -> Alert:
-        shown = "; ".join(a.summary for a in alerts[:DIGEST_SUMMARIES])
-        more = len(alerts) - DIGEST_SUMMARIES
-        summary = (f"{len(alerts)} further alerts were held back by the rate limit "
-                   f"({self.cfg.rate_limit} per {self.cfg.rate_period:g}s): {shown}"
-                   + (f"; and {more} more (see the daemon's log)" if more > 0 else ""))
-        if len(summary) > DIGEST_CHARS:
-            summary = summary[: DIGEST_CHARS - 1] + "…"
-        key = f"digest {uuid.uuid4()}"
-        return Alert(
-            id=alert_id(self.cfg.source, key), key=key, summary=summary,
-            severity=max((a.severity for a in alerts), key=lambda s: _SEVERITY_RANK.get(s, 0)),
-            created_at=min(a.created_at for a in alerts),
-            folded=[k for a in alerts for k in (a.key, *a.folded)],
-        )
+        return admitted
 
     def _next_wake(self) -> float:
         """Seconds until something is due: a retry, a free rate window, an expiry."""
-        now, wall = self._clock(), self._wall()
+        now = self._clock()
         idle = [a for a in self._pending.values() if a.id not in self._in_flight]
         wake = TICK
         if len(self._in_flight) < self.cfg.max_concurrent:  # else a finishing one pokes us
@@ -300,7 +453,7 @@ class Outbox:
         if any(not a.admitted for a in idle) and self._admissions:
             wake = min(wake, self._admissions[0] + self.cfg.rate_period - now)
         for alert in idle:
-            wake = min(wake, alert.created_at + self.cfg.max_age - wall)
+            wake = min(wake, alert.born + self.cfg.max_age - now)
         return max(0.0, wake)
 
     # -- delivery -------------------------------------------------------------------------
@@ -331,7 +484,7 @@ class Outbox:
             while len(self._sent) > MAX_REMEMBERED_KEYS:
                 self._sent.popitem(last=False)
             log.info("alert_delivered", alert_id=alert.id, attempts=alert.attempts,
-                     severity=alert.severity)
+                     severity=alert.severity, alerts=alert.count)
             if self._progress is not None and not self._failing():
                 self._progress.up()
         else:
@@ -348,7 +501,11 @@ class Outbox:
                 self._progress.down(f"webhook: {error}", "webhook")
         self._settled.set()
         self._waker.poke()
-        await self._save()
+        if result == "sent":
+            # The pending set changed. A failed attempt changed only its attempt count,
+            # which at-least-once does not need: saving the outbox for it made a flood
+            # rewrite the whole file on every retry.
+            await self._save()
 
     async def _post(
         self, session: aiohttp.ClientSession, alert: Alert,

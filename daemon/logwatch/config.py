@@ -89,6 +89,9 @@ class AlertWebhook(SecretsModel):
     # folded into one digest alert.
     rate_limit: int = Field(default=10, ge=1)
     rate_period: PositiveFloat = 60.0
+    # Alerts held pending at most (a digest included); a flood beyond it is folded into
+    # one digest that counts it, so the outbox and the state file stay small.
+    max_pending: int = Field(default=1000, ge=10, le=10_000)
     # Also send blindness and sinkhole-mode warnings (severity "warning").
     send_warnings: bool = True
 
