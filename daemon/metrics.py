@@ -203,13 +203,19 @@ class Metrics:
         )
         self.alerts_suppressed = Counter(
             "selfcheckd_alerts_suppressed",
-            "Alerts not queued: duplicate (already pending or sent) or folded into a "
-            "rate-limit digest.",
+            "Alerts not queued on their own: duplicate (already pending or sent) or folded "
+            "into a digest (rate limit or the cap on pending alerts).",
             ["reason"], registry=r,
         )
         self.state_saves = Counter(
             "selfcheckd_state_saves",
             "Writes of the state file by result (ok, failed).", ["result"], registry=r,
+        )
+        self.state_shed = Counter(
+            "selfcheckd_state_shed",
+            "Entries left out of state file saves to keep the file within its size bound, "
+            "by section (pending alerts are folded into a digest, never dropped).",
+            ["section"], registry=r,
         )
 
         # -- the leak watcher ------------------------------------------------------------

@@ -30,6 +30,7 @@ from daemon.logwatch.detector import LOGLEVEL_HINT, Finding, LeakDetector, forma
 from daemon.logwatch.parser import line_timestamp, timestamp_to_epoch
 from daemon.logwatch.pipeline import LineCounts, LineProcessor
 from daemon.logwatch.queue import Message, QueueTracker, Result
+from daemon.logwatch.saving import SAVE_TIMEOUT, Saver
 from daemon.logwatch.sinkhole_mode import SinkholeModeWatcher
 from daemon.logwatch.sources import EndOfInput, LineSource, SourceError
 from daemon.logwatch.sources.cloudwatch import CloudWatchPoller, call_deadline
@@ -48,8 +49,6 @@ Sleep = Callable[[float], Awaitable[None]]
 MIN_RETRY = 1.0
 # No successful read for this long (at least) and the source counts as stalled.
 MIN_DEADLINE = 15.0
-# A save while running may take this long; a hung volume costs this, not the loop.
-SAVE_TIMEOUT = 10.0
 # Reads that only moved the position are saved at most this often (a restart then
 # re-reads at most this much, which found nothing); findings are saved at once.
 POSITION_SAVE_INTERVAL = 5.0
@@ -253,6 +252,10 @@ class LeakWatch:
         self.state = StateFile(config.state_path, metrics, wall)
         # The source's position as the state file holds it (None: not written yet).
         self.saved_source: dict[str, Any] | None = None
+        self.saver = Saver(
+            self.state, self.snapshot, metrics,
+            source=config.alert.source if config.alert else "selfcheckd-leakwatch",
+            on_saved=self._saved, on_failed=lambda: self.count_error("state_write"))
         self.outbox: Outbox | None = None
         if config.alert is not None:
             self.outbox = Outbox(config.alert, metrics, on_change=self.save,
@@ -379,17 +382,19 @@ class LeakWatch:
         return document
 
     async def save(self, timeout: float | None = SAVE_TIMEOUT) -> bool:
-        document = self.snapshot()
-        ok = await self.state.save(document, timeout)
-        if not ok:
-            self.count_error("state_write")
-        else:
-            self.saved_source = document.get(self.source.kind)
-        return ok
+        """Have the state as it is now written (saving.py: one write at a time, coalesced)."""
+        return await self.saver.save(timeout)
+
+    def _saved(self, document: dict[str, Any]) -> None:
+        self.saved_source = document.get(self.source.kind)
 
     async def close(self, timeout: float | None = SAVE_TIMEOUT) -> None:
         """The final save, after the source stopped and the outbox was flushed."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         await self.save(timeout)
+        await self.saver.close(None if timeout is None
+                               else max(0.0, timeout - (loop.time() - started)))
         # A reload may drop [leakwatch]: no deferred message and no pending alert may stay
         # on /metrics, ageing, for a watcher that is gone (a new one binds its own). The
         # alerts themselves stay in the state file.

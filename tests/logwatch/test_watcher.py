@@ -7,6 +7,7 @@ import contextlib
 import errno
 import io
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -19,16 +20,20 @@ from aiobotocore.session import get_session
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from daemon import state as state_module
+from daemon.delivery.outbox import Alert
 from daemon.logwatch.config import LeakWatchConfig, SinkholeModeWatch
+from daemon.logwatch.saving import fit
 from daemon.logwatch.sinkhole_mode import SinkholeModeWatcher
 from daemon.logwatch.sources.stdin import StdinReader
 from daemon.logwatch.watcher import LeakWatch, SourceLoop
 from daemon.metrics import Metrics
+from daemon.state import MAX_WRITE_BYTES, StateFile
 from daemon.supervisor import Supervisor
 from tests.fake_time import FakeClock
 from tests.logwatch.aws_fakes import AWS_ENV
 from tests.logwatch.harness import advance_until, until, watching
-from tests.logwatch.receiver import alert_sink
+from tests.logwatch.receiver import Sink, alert_sink
 
 REAL = (Path(__file__).parent / "fixtures" / "sendmail_real.log").read_text()
 LEAK = ("2026-11-23T19:31:53.567357+00:00 vm sendmail[11287]: {qid}: to=<{rcpt}>, "
@@ -569,3 +574,119 @@ async def test_a_positionless_source_still_saves_what_it_learns(tmp_path: Path) 
         await SourceLoop(watch, sleep, lambda: now[0]).run(_Progress())  # type: ignore[arg-type]
     assert len(saves) >= 10, saves  # the first batch at once, then every 5 s
     assert saves[0] == 0
+
+
+def accounted(sink: Sink) -> int:
+    """Leaks the receiver accepted, a digest counting what its summary says (by id)."""
+    counts: dict[str, int] = {}
+    for body in sink.accepted:
+        m = re.match(r"([\d,]+) further alerts", body["summary"])
+        counts[body["id"]] = int(m.group(1).replace(",", "")) if m else 1
+    return sum(counts.values())
+
+
+async def test_a_leak_flood_while_the_webhook_is_down_is_counted_in_full_after_a_restart(
+        tmp_path: Path) -> None:
+    """3,000 leaks while alert_sink answers 503: the state file holds at most max_pending
+    alerts, which count all 3,000; the next process, the webhook healed, delivers them."""
+    log, state = tmp_path / "maillog", tmp_path / "leakwatch.json"
+    log.write_text("")
+    alert = {"max_pending": 20, "backoff": 0.05, "max_backoff": 0.2, "rate_period": 1}
+    async with alert_sink(default=503) as down:
+        config = file_config(log, state_file=str(state), alert={"url": down.url, **alert})
+        async with watching(config) as w:
+            await until(lambda: w.value("leakwatch_last_poll_success_timestamp_seconds"))
+            append(log, "".join(leak_line(f"6BF{i:011d}") for i in range(3000)))
+            await until(lambda: w.value("sinkhole_leaked_recipients_total") == 3000, 30)
+            await until(lambda: len(down.requests) >= 20)
+            assert w.watch.outbox is not None and len(w.watch.outbox.pending()) <= 20
+    saved = json.loads(state.read_text())["outbox"]
+    assert len(saved) <= 20 and sum(a.get("count", 1) for a in saved) == 3000
+    assert down.accepted == []
+    async with alert_sink() as up:
+        config = file_config(log, state_file=str(state), alert={"url": up.url, **alert})
+        async with watching(config):
+            await until(lambda: accounted(up) >= 3000, 30)
+    assert accounted(up) == 3000
+    assert json.loads(state.read_text())["outbox"] == []
+
+
+def stuck_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[int]]:
+    """State writes wait for the returned gate (a slow volume); the list counts them."""
+    gate, writes = threading.Event(), [0]
+    write = state_module._write_atomically
+
+    def stuck(path: Path, document: dict[str, object] | bytes) -> None:
+        writes[0] += 1
+        gate.wait(10)
+        write(path, document)
+
+    monkeypatch.setattr(state_module, "_write_atomically", stuck)
+    return gate, writes
+
+
+async def test_saves_asked_for_during_a_write_share_one_more_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twenty saves asked for while one is written cost one more write, not twenty, and it
+    holds the state as it was when it started."""
+    gate, writes = stuck_writes(monkeypatch)
+    state = tmp_path / "leakwatch.json"
+    watch = LeakWatch(LeakWatchConfig.model_validate(
+        file_config(tmp_path / "maillog", state_file=str(state))), Metrics())
+    watch.open()
+    first = asyncio.create_task(watch.save())
+    await until(lambda: writes[0] == 1)
+    later = [asyncio.create_task(watch.save()) for _ in range(20)]
+    watch.detector.reported.put("6BF1 late@sinkhole.test", "")
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert all(await asyncio.gather(first, *later))
+    assert writes[0] == 2
+    assert "6BF1 late@sinkhole.test" in json.loads(state.read_text())["detector"]["reported"]
+    await watch.close()
+
+
+async def test_a_state_over_the_writers_bound_is_shed_counted_and_read_back(
+        tmp_path: Path) -> None:
+    """Detector memory that would encode past the reader's 64 MiB is shed, oldest first,
+    counted and logged: the file stays within the writer's bound and loads again, pending
+    alerts and the newest entries in it."""
+    state = tmp_path / "leakwatch.json"
+    config = file_config(tmp_path / "maillog", state_file=str(state),
+                         alert={"url": "http://127.0.0.1:9/alert"})
+    metrics = Metrics()
+    watch = LeakWatch(LeakWatchConfig.model_validate(config), metrics)
+    watch.open()
+    big = "sender-" + "x" * 4000 + "@example.com"
+    for i in range(17_000):
+        watch.detector.senders.put(f"6BF{i:011d}", big)
+    assert watch.outbox is not None
+    watch.outbox.submit("sinkhole leak: one", key="leak 6BF1 a@sinkhole.test")
+    with capture_logs() as logs:
+        assert await watch.save()
+    assert state.stat().st_size <= MAX_WRITE_BYTES
+    loaded = StateFile(state, Metrics()).load()
+    assert loaded is not None and loaded.detector is not None
+    assert loaded.detector.senders[-1] == ("6BF00000016999", big)
+    assert [a.summary for a in loaded.outbox] == ["sinkhole leak: one"]
+    shed = metrics.registry.get_sample_value("selfcheckd_state_shed_total",
+                                             {"section": "detector.senders"})
+    assert shed is not None and 17_000 - len(loaded.detector.senders) == shed > 0
+    [line] = [e for e in logs if e["event"] == "state_file_shed"]
+    assert line["log_level"] == "warning" and line["section"] == "detector.senders"
+    await watch.close()
+
+
+def test_pending_alerts_shed_to_fit_the_bound_are_folded_keeping_their_count() -> None:
+    """When even the shed document is too big, pending alerts become one digest counting
+    them all (never dropped), and the encoding fits the bound."""
+    alerts = [Alert(id=f"id{i}", key=f"leak Q{i} a@sinkhole.test", summary="s" * 900,
+                    severity="critical", created_at=1000.0 + i).as_dict() for i in range(2000)]
+    document: dict[str, Any] = {"outbox": alerts, "detector": {"senders": [["Q", "a@b"]]}}
+    payload, sheds = fit(document, "selfcheckd-leakwatch", limit=200_000)
+    assert len(payload) <= 200_000
+    saved = json.loads(payload)["outbox"]
+    assert len(saved) == 101 and sum(a.get("count", 1) for a in saved) == 2000
+    assert saved[-1]["created_at"] == 1100.0 and saved[-1]["admitted"] is False
+    assert [(s.section, s.entries) for s in sheds] == [("detector.senders", 1),
+                                                        ("outbox", 1900)]
