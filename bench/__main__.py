@@ -17,6 +17,9 @@ table compares two numbers measured in this run on this machine:
 - routes: `selfcheckd check` with 50 routes: CPU per round trip and peak RSS.
 - idle / dovecot: how long after delivery IDLE (and polling) notices the probe.
 - cloudwatch: FilterLogEvents calls per idle poll and put-to-alert latency against moto.
+- flood: `selfcheckd run` under a leak flood with the alert webhook down, then healed
+  (bench/flood.py): peak RSS against the 256 MB goal, kills past 512 MiB, the state file's
+  size, and how many leaks the accepted alerts account for.
 
 Exit status 0 when every section ran (whatever its numbers: there are no thresholds), 1 when a
 section failed (its row says why).
@@ -38,7 +41,8 @@ from pathlib import Path
 
 from bench.maillog import MailLogFacts, write_maillog
 
-SECTIONS = ("scan", "scan-hard", "live", "soak", "routes", "idle", "dovecot", "cloudwatch")
+SECTIONS = ("scan", "scan-hard", "live", "soak", "routes", "idle", "dovecot", "cloudwatch",
+            "flood")
 Row = tuple[str, str, str, str]
 
 
@@ -223,6 +227,27 @@ def cloudwatch_rows(small: bool) -> list[Row]:
     ]
 
 
+def flood_rows(workdir: Path, small: bool) -> list[Row]:
+    from bench.flood import run_flood
+
+    leaks, down = (20_000, 10.0) if small else (200_000, 120.0)
+    (workdir / "flood").mkdir(exist_ok=True)
+    r = run_flood(workdir / "flood", leaks=leaks, down=down, heal_timeout=600.0)
+    accounted = r.events["accounted_leaks"]
+    healed = ("not all within 600 s of the heal" if r.accounted_at is None
+              else f"all {r.accounted_at:.0f} s after the heal")
+    return [
+        (f"flood: `run` RSS, {leaks:,} leaks, webhook down {down:g} s after the last, then "
+         "healed", f"peak {r.peak_rss_mib:.1f} MiB (VmHWM); killed past {r.limit_mib:.0f} MiB "
+         f"{r.kills} times; biggest state file {r.biggest_state_mib:.1f} MiB, "
+         f"{len(r.quarantined)} quarantined", ratio(r.peak_rss_mib, 256), "256 MB goal"),
+        ("flood: leaks accounted for by accepted alerts",
+         f"{accounted:,} of {leaks:,} ({r.events['accepted_leak_alerts']} single alerts, "
+         f"{r.events['accepted_digests']} digests), {healed}",
+         ratio(accounted, leaks), "leaks written"),
+    ]
+
+
 # -- main -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
@@ -268,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             ("routes", lambda: routes_rows(workdir, routes)),
             ("idle", lambda: detection_rows(workdir, samples, "dovecot" not in skip)),
             ("cloudwatch", lambda: cloudwatch_rows(small)),
+            ("flood", lambda: flood_rows(workdir, small)),
         ]
         for name, section in sections:
             if name in skip:

@@ -2,7 +2,8 @@
 many of the leaks reach the operator.
 
     .venv/bin/python -m bench.flood [--leaks 200000] [--limit-mib 512] [--down 120]
-                                    [--heal-timeout 900] [--code DIR] [--workdir DIR]
+                                    [--heal-timeout 900] [--kill-after S] [--code DIR]
+                                    [--workdir DIR]
 
 `selfcheckd run` (the real CLI, a child process) follows a mail log with its leak watcher and
 alerts a real aiohttp receiver in this process. The receiver answers 503 (alert_sink down
@@ -134,6 +135,7 @@ class Flood:
     phase_peaks: dict[str, float] = field(default_factory=dict)  # highest VmRSS sampled
     final_rss_mib: float = 0.0
     kills: int = 0  # killed past the limit (an OOM kill on ECS)
+    sigkills: int = 0  # killed on purpose (--kill-after)
     crashes: int = 0  # exited on its own
     lives: int = 0
     biggest_state_mib: float = 0.0
@@ -179,6 +181,12 @@ class Daemon:
             self.proc.send_signal(signal.SIGKILL)
             self._killed = True
             self.result.kills += 1
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self._killed = True
+        self.result.sigkills += 1
 
     async def supervise(self) -> None:
         while True:
@@ -276,7 +284,12 @@ async def flood(args: argparse.Namespace, workdir: Path, code: Path | None) -> F
         print(f"flood: {written:,} leaks written in {result.written_at:.0f} s; webhook down "
               f"{args.down:g} s more", file=sys.stderr)
         result.phase = "down"
-        await asyncio.sleep(args.down)
+        if args.kill_after is not None and args.kill_after < args.down:
+            await asyncio.sleep(args.kill_after)
+            daemon.kill()  # a host lost or a kill past stopTimeout: no final save
+            await asyncio.sleep(args.down - args.kill_after)
+        else:
+            await asyncio.sleep(args.down)
         result.phase = "healed"
         receiver.up = True
         healed = time.monotonic()
@@ -306,7 +319,19 @@ async def flood(args: argparse.Namespace, workdir: Path, code: Path | None) -> F
     return result
 
 
-def main() -> int:
+def run_flood(workdir: Path, **settings: Any) -> Flood:
+    """One flood in `workdir` (the command-line defaults, `settings` overriding them)."""
+    args = _parser().parse_args([])
+    for name, value in settings.items():
+        setattr(args, name, value)
+    code = Path(args.code).resolve() if args.code else None
+    r = asyncio.run(flood(args, workdir, code))
+    r.quarantined = sorted(p.name for p in workdir.glob("leakwatch-state.json.corrupt-*"))
+    r.events = {**_count_events(workdir / "daemon.log"), **r.events}
+    return r
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--leaks", type=int, default=200_000)
     parser.add_argument("--rate", type=float, default=10_000.0, help="leaks written per second")
@@ -317,9 +342,16 @@ def main() -> int:
     parser.add_argument("--max-backoff", type=float, default=60.0,
                         help="[leakwatch.alert] max_backoff (the default 300 only lengthens "
                              "the heal)")
+    parser.add_argument("--kill-after", type=float,
+                        help="SIGKILL the daemon this many seconds into the down phase (it "
+                             "is started again at once): at-least-once across a kill")
     parser.add_argument("--code", help="run the daemon from this checkout instead")
     parser.add_argument("--workdir", help="keep the log, state and daemon log here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = _parser().parse_args()
     with contextlib.ExitStack() as stack:
         if args.workdir:
             workdir = Path(args.workdir)
@@ -329,17 +361,15 @@ def main() -> int:
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flood-")))
         try:
-            code = Path(args.code).resolve() if args.code else None
-            r = asyncio.run(flood(args, workdir, code))
+            r = run_flood(workdir, **{k: v for k, v in vars(args).items() if k != "workdir"})
         except Exception as exc:  # the bench's own failure: say so, exit 1
             print(f"flood: could not run: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
-        r.quarantined = sorted(p.name for p in workdir.glob("leakwatch-state.json.corrupt-*"))
-        r.events = {**_count_events(workdir / "daemon.log"), **r.events}
     print(json.dumps({"leaks": r.leaks, "limit_mib": r.limit_mib,
                       "peak_rss_mib": round(r.peak_rss_mib, 1),
                       "rss_peaks_by_phase_mib": {k: round(v, 1) for k, v in r.phase_peaks.items()},
                       "rss_at_end_mib": round(r.final_rss_mib, 1), "kills": r.kills,
+                      "sigkills": r.sigkills,
                       "crashes": r.crashes, "lives": r.lives,
                       "biggest_state_mib": round(r.biggest_state_mib, 2),
                       "quarantined": r.quarantined, "written_at_s": round(r.written_at, 1),

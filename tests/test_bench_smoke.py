@@ -26,5 +26,6 @@ def test_small_benchmark_prints_its_table() -> None:
                     "scan, hard shapes: findings", "live watcher:", "run: RSS after start-up",
                     "check, 10 routes",
                     "pymap (embedded), IDLE", "polling every 2 s",
-                    "FilterLogEvents calls per idle poll", "put-to-alert latency"):
+                    "FilterLogEvents calls per idle poll", "put-to-alert latency",
+                    "flood: `run` RSS", "flood: leaks accounted for"):
         assert measure in out, measure
