@@ -249,7 +249,8 @@ class Outbox:
             alert.summary = shorten(alert.summary, DIGEST_CHARS if alert.is_digest
                                     else SUMMARY_CHARS)
             if alert.is_digest:  # earlier releases listed every folded key, and no count
-                alert.count = max(alert.count, len(alert.folded), 1)
+                alert.count = max(alert.count, sum(
+                    1 for key in alert.folded if not key.startswith(DIGEST_PREFIX)))
                 alert.folded = alert.folded[:DIGEST_SUMMARIES]
                 alert.examples = alert.examples[:DIGEST_SUMMARIES]
                 if not alert.admitted:  # an open digest: ours, or folded into ours
@@ -387,7 +388,8 @@ class Outbox:
         now = self._clock()
         expired = [a for a in self._pending.values()
                    if a.id not in self._in_flight and now - a.born >= self.cfg.max_age]
-        self._render_open()
+        if expired:
+            self._render_open()
         for alert in expired:
             self._remove(alert)
             self.metrics.alert_deliveries.labels(result="expired").inc()

@@ -13,9 +13,10 @@ failed write is counted by the state file). The snapshot is taken on the event
 loop; encoding and writing run in threads.
 
 `fit` keeps the document within the writer's bound (daemon.state.MAX_WRITE_BYTES,
-half the reader's). The bounded sections never come near it (about 10 MB at the
-defaults: 20 000 queue messages, 20 000 senders and reported pairs, at most
-`max_pending` alerts of at most 4 000 characters); should something still exceed
+half the reader's). The bounded sections stay below it (at the defaults about
+10 MB: 20 000 queue messages, 20 000 senders and reported pairs, at most
+`max_pending` alerts of at most 4 000 characters; plus up to 15 MB of CloudWatch
+event ids, `max_seen_events`); should something still exceed
 it, the least needed entries are shed first, each counted in
 `selfcheckd_state_shed_total{section}` and logged, and pending alerts are never
 dropped: they are folded into a digest that keeps their count.
@@ -158,7 +159,6 @@ class Saver:
         self._finished = asyncio.Event()  # replaced after each write, once set
         self._writer: asyncio.Task[None] | None = None
         self._shedding = False  # the first save of an episode logs at warning
-        self.writes = 0  # writes started (a measure of coalescing)
 
     @property
     def writing(self) -> bool:
@@ -210,7 +210,6 @@ class Saver:
             finished.set()
 
     async def _write_latest(self) -> bool:
-        self.writes += 1
         document = self._snapshot()
         payload, sheds = await in_daemon_thread(fit, document, self._source,
                                                 name="state-encode")

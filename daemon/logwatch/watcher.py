@@ -5,8 +5,10 @@ components: `leakwatch-source` (the read loop, with the blindness check),
 `leakwatch-alerts` (the outbox, when `[leakwatch.alert]` is set) and
 `sinkhole-mode` (when enabled). It owns the state file: restored once at
 start (or handed over from the watcher a reload replaces), saved after every
-read that moved the position or found something, after every outbox change,
-and once more, completely, at shutdown. The parsed lines also feed the queue
+read that found something, every few seconds while the position moves, after
+every change of the outbox's pending set, and once more, completely, at
+shutdown; saves run one at a time, coalesced, within the writer's bound
+(saving.py). The parsed lines also feed the queue
 tracker (queue.py: the mta_* metrics); its messages are saved in the same
 document as the position, so a restart neither recounts a line nor forgets a
 deferred message.
