@@ -1,4 +1,4 @@
-"""An SMTP sinkhole on 127.0.0.2:25 whose answer for the sinkhole domain a test switches.
+"""An SMTP sinkhole (default 127.0.0.2:25) whose answer for the sinkhole domain a test switches.
 
 Modes: "defer" (421 to RCPT), "accept" (250, message discarded) and "bounce" (550 5.1.1 to
 RCPT). Recipients outside the sinkhole domain (the DSNs sendmail sends back to senders) are
@@ -16,7 +16,7 @@ from aiosmtpd.controller import Controller
 Mode = Literal["defer", "accept", "bounce"]
 
 SINKHOLE_HOST = "127.0.0.2"
-SINKHOLE_PORT = 25  # sendmail's smtp mailer always dials 25; a mailertable cannot name a port
+SINKHOLE_PORT = 25  # the leak lab's sendmail dials 25 (the cluster's tasks dial any port)
 DEFER_REPLY = "421 4.3.2 Service temporarily unavailable"
 BOUNCE_REPLY = "550 5.1.1 User unknown"
 ACCEPT_REPLY = "250 2.0.0 Message accepted for discard"
@@ -61,12 +61,14 @@ class SinkholeHandler:
 class Sinkhole:
     """The sinkhole server, running in aiosmtpd's own thread and event loop."""
 
-    def __init__(self, domain: str) -> None:
+    def __init__(self, domain: str, host: str = SINKHOLE_HOST, port: int = SINKHOLE_PORT) -> None:
         self.handler = SinkholeHandler(domain=domain.lower())
+        self.host = host
+        self.port = port
         self._controller = Controller(
             self.handler,
-            hostname=SINKHOLE_HOST,
-            port=SINKHOLE_PORT,
+            hostname=host,
+            port=port,
             server_hostname="sinkhole.lab.test",
             ready_timeout=10,
         )
