@@ -89,18 +89,18 @@ def tail(path: Path, lines: int = 20) -> str:
         return f"(no log: {exc})"
 
 
-def start_daemon(args: Sequence[str], log_path: Path, *,
-                 new_session: bool = False) -> subprocess.Popen[bytes]:
+def start_daemon(args: Sequence[str], log_path: Path, *, new_session: bool = False,
+                 death_signal: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
     """Start a daemon in the foreground, its output in `log_path`.
 
-    The kernel sends it SIGTERM if its parent dies, so a killed test run or demo
-    never leaves a private rsyslogd or sendmail behind. `new_session`: in a process
-    group of its own (stopped as a whole, as ECS stops a task).
+    The kernel sends it `death_signal` if the thread that started it ends, so a killed
+    test run or demo never leaves a private rsyslogd or sendmail behind. `new_session`:
+    in a process group of its own (stopped as a whole, as ECS stops a task).
     """
     with log_path.open("wb") as output:
         return subprocess.Popen(
             list(args), stdout=output, stderr=output, stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent, start_new_session=new_session,
+            preexec_fn=lambda: die_with_parent(death_signal), start_new_session=new_session,
         )
 
 
@@ -116,7 +116,8 @@ def stop_daemon(process: subprocess.Popen[bytes] | None, *, timeout: float = 10)
         process.wait(timeout=5)
 
 
-def die_with_parent() -> None:
-    """In a child before exec: SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG)."""
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """In a child before exec: `signum` when the thread that forked it ends (Linux
+    PR_SET_PDEATHSIG)."""
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from daemon.embedded.processes import (
     binary,
+    run,
     start_daemon,
     stop_daemon,
     tail,
@@ -50,6 +51,7 @@ from daemon.embedded.sendmail_task import (
     parse_hostport,
     task_argv,
     valid_task_name,
+    without_dac_override,
 )
 
 COLLECTOR_RSYSLOG_CONF = """\
@@ -158,7 +160,12 @@ class SendmailCluster:
 
     def __init__(self, directory: Path, sinkhole: tuple[str, int], *, shared_queue: bool = True,
                  interval: str = "15m", min_queue_age: str = "5m", log_level: int = 9,
-                 defines: dict[str, str] | None = None, name_prefix: str = "smtp-out") -> None:
+                 defines: dict[str, str] | None = None, name_prefix: str = "smtp-out",
+                 dac_override: bool = True, queue_size: str | None = None) -> None:
+        """`dac_override=False`: sendmail (daemons and `sendmail()` runs) as root without the
+        capabilities that override file permissions, so a queue directory with the wrong
+        owner or mode refuses it, as NFS/EFS root squashing would. `queue_size` (e.g.
+        "2m"): the shared queue directory is a tmpfs of that size (a queue that can fill)."""
         self.directory = directory
         self.sinkhole = sinkhole
         self.shared_queue = shared_queue
@@ -167,6 +174,9 @@ class SendmailCluster:
         self.log_level = log_level
         self.defines = dict(defines or {})
         self.name_prefix = name_prefix
+        self.dac_override = dac_override
+        self.queue_size = queue_size
+        self._queue_mounted = False
         self.queue_dir = directory / "mqueue"  # the shared spool (the EFS mount)
         self.collector = Collector(directory / "collector")
         self.tasks: list[Task] = []  # every task started, stopped ones included
@@ -178,6 +188,10 @@ class SendmailCluster:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.shared_queue:
             self.queue_dir.mkdir(mode=0o700, exist_ok=True)
+            if self.queue_size is not None:
+                run([binary("mount"), "-t", "tmpfs", "-o", f"size={self.queue_size},mode=0700",
+                     "selfcheckd-mqueue", str(self.queue_dir)])
+                self._queue_mounted = True
         self.collector.start()
         try:
             for _ in range(replicas):
@@ -192,6 +206,10 @@ class SendmailCluster:
         for task in self.running():
             self.stop_task(task)
         self.collector.stop()
+        if self._queue_mounted:
+            # Lazily: a process that outlived its task may still hold a file open there.
+            run([binary("umount"), "--lazy", str(self.queue_dir)])
+            self._queue_mounted = False
 
     def __enter__(self) -> SendmailCluster:
         return self
@@ -209,7 +227,7 @@ class SendmailCluster:
                          f"{self.sinkhole[0]}:{self.sinkhole[1]}",
                          collector=self.collector.address, interval=self.interval,
                          min_queue_age=self.min_queue_age, log_level=self.log_level,
-                         defines=self.defines)
+                         defines=self.defines, dac_override=self.dac_override)
 
     def start_task(self, name: str | None = None) -> Task:
         """Start a new task (a fresh name unless given) and wait until it accepts SMTP."""
@@ -220,8 +238,10 @@ class SendmailCluster:
         directory.mkdir(parents=True)
         queue_dir = self.queue_dir if self.shared_queue else directory / "mqueue"
         log = directory / "task.log"
+        # SIGKILL if we die: its unshare ignores SIGTERM (it waits for the task's init,
+        # which it then stops with SIGTERM).
         process = start_daemon(self.task_argv(name, str(directory), str(queue_dir)), log,
-                               new_session=True)
+                               new_session=True, death_signal=signal.SIGKILL)
         task = Task(name, directory, queue_dir, process)
         self.tasks.append(task)
         listen = directory / "listen"
@@ -276,8 +296,10 @@ class SendmailCluster:
     def sendmail(self, task: Task, *options: str, check: bool = True,
                  timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """`sendmail -C <task's cf> OPTIONS...` inside the task."""
-        return self.exec(task, [binary("sendmail"), "-C", str(task.cf), *options],
-                         check=check, timeout=timeout)
+        command = [binary("sendmail"), "-C", str(task.cf), *options]
+        if not self.dac_override:
+            command = without_dac_override(command)
+        return self.exec(task, command, check=check, timeout=timeout)
 
     def queue_run(self, task: Task, *options: str, check: bool = True) -> str:
         """A queue run now in that task, ignoring MinQueueAge, in the foreground (-v keeps it

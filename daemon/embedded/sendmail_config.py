@@ -123,6 +123,7 @@ def write_config(config: SendmailConfig) -> Path:
     (d / "service.switch").write_text("hosts files\naliases files\n")
     (d / "aliases").write_text("postmaster: root\nMAILER-DAEMON: postmaster\n")
     (d / "helpfile").write_text("")
+    (d / "statistics").touch()  # sendmail keeps its delivery statistics only if it exists
     (d / "mailertable").write_text(
         "".join(f"{domain}\t{route}\n" for domain, route in config.mailertable.items()))
     (d / "sendmail.mc").write_text(config.mc())
@@ -158,7 +159,8 @@ class SubmitRefused(Exception):  # noqa: N818 - what happened, as sendmail said 
 
 def _expect(reply: tuple[int, bytes], code: int, what: str) -> None:
     if reply[0] != code:
-        raise SubmitRefused(f"sendmail answered {what} with {reply[0]} {reply[1]!r}")
+        text = reply[1].decode(errors="replace")
+        raise SubmitRefused(f"sendmail answered {what} with {reply[0]} {text}")
 
 
 def queue_ids(queue_dir: Path) -> list[str]:

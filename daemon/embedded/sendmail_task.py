@@ -55,6 +55,9 @@ _INIT_ENV = "SELFCHECKD_SENDMAIL_TASK_INIT"
 # Device nodes a private /dev gets from the machine's (those that exist there).
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# Without these, root is bound by the queue directory's owner and mode as any user is (as
+# NFS/EFS root squashing binds it): what provokes the "perms desynced" errors.
+DAC_CAPABILITIES = "-dac_override,-dac_read_search,-fowner"
 SYSLOG_WAIT = 10.0
 RSYSLOG_STOP_WAIT = 5.0
 
@@ -106,13 +109,16 @@ def task_config(directory: Path, queue_dir: Path, listen: tuple[str, int],
 
 def task_argv(name: str, directory: str, queue_dir: str, sinkhole: str, *,
               collector: str | None = None, interval: str = "15m", min_queue_age: str = "5m",
-              log_level: int = 9, defines: dict[str, str] | None = None) -> list[str]:
+              log_level: int = 9, defines: dict[str, str] | None = None,
+              dac_override: bool = True) -> list[str]:
     """The command line that runs one task (placeholders such as `{task}` pass through)."""
     argv = [sys.executable, "-m", MODULE, "task", "--name", name, "--dir", directory,
             "--queue", queue_dir, "--sinkhole", sinkhole, "--interval", interval,
             "--min-queue-age", min_queue_age, "--log-level", str(log_level)]
     if collector is not None:
         argv += ["--collector", collector]
+    if not dac_override:
+        argv.append("--no-dac-override")
     for key, value in (defines or {}).items():
         argv += ["--define", f"{key}={value}"]
     return argv
@@ -121,6 +127,11 @@ def task_argv(name: str, directory: str, queue_dir: str, sinkhole: str, *,
 def exec_argv(directory: str, command: Sequence[str]) -> list[str]:
     """The command line that runs `command` inside the task whose directory is given."""
     return [sys.executable, "-m", MODULE, "exec", "--dir", directory, "--", *command]
+
+
+def without_dac_override(command: Sequence[str]) -> list[str]:
+    """`command` as root without the capabilities that override file permissions."""
+    return [binary("setpriv"), "--bounding-set", DAC_CAPABILITIES, "--", *command]
 
 
 # -- inside the task ---------------------------------------------------------------------------
@@ -194,8 +205,10 @@ def run_task(args: argparse.Namespace, argv: Sequence[str]) -> int:
         # Again, as PID 1 of new mount and PID namespaces.
         os.environ[_INIT_ENV] = str(directory)
         unshare = binary("unshare")
+        # unshare waits out SIGTERM for its child; when it is killed, --kill-child stops
+        # the init as a SIGTERM would.
         os.execv(unshare, [unshare, "--mount", "--pid", "--fork", "--propagation", "private",
-                           "--", sys.executable, "-m", MODULE, *argv])
+                           "--kill-child=SIGTERM", "--", sys.executable, "-m", MODULE, *argv])
     valid_task_name(args.name)
     directory.mkdir(parents=True, exist_ok=True)
     listen = parse_hostport(args.listen) if args.listen else ("127.0.0.1", free_port())
@@ -216,9 +229,9 @@ def run_task(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     # `-bD`: in the foreground, so this init sees it exit; a full path, so sendmail does
     # not log "daemon invoked without full pathname".
-    sendmail = subprocess.Popen(
-        [binary("sendmail"), "-bD", f"-q{args.interval}", "-C", str(config.cf)],
-        stdin=subprocess.DEVNULL)
+    command = [binary("sendmail"), "-bD", f"-q{args.interval}", "-C", str(config.cf)]
+    sendmail = subprocess.Popen(command if args.dac_override else without_dac_override(command),
+                                stdin=subprocess.DEVNULL)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     _write_atomically(directory / "task.pid", f"{_host_pid()}\n")
@@ -296,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     task.add_argument("--interval", default="15m", help="queue run interval (sendmail -q)")
     task.add_argument("--min-queue-age", default="5m", help="confMIN_QUEUE_AGE")
     task.add_argument("--log-level", type=int, default=9, help="confLOG_LEVEL")
+    task.add_argument("--no-dac-override", dest="dac_override", action="store_false",
+                      help="run sendmail without CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and "
+                           "CAP_FOWNER: the queue directory's owner and mode bind it")
     task.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
                       help="another m4 define for the .mc (repeatable)")
     ex = sub.add_parser("exec", help="run a command inside a running task")

@@ -7,11 +7,14 @@ host name, and the cluster's collector writes its own mail log.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from daemon.embedded.processes import free_port, wait_until
 from daemon.embedded.sendmail_cluster import SendmailCluster, Task
@@ -66,6 +69,31 @@ class ClusterLab:
             self.cluster.log_marker(task, marker)
             self.wait_for_line(re.escape(marker), since=since)
 
+    def settled(self, qid: str) -> None:
+        """Wait until no process works on a queued message: its deferral is logged before
+        the runner rewrites the qf file (through a tf temp file) and lets go of its lock."""
+        queue = self.cluster.queue_dir if self.cluster.shared_queue else None
+        dirs = [queue] if queue is not None else [t.queue_dir for t in self.cluster.tasks]
+
+        def idle() -> bool | None:
+            for directory in dirs:
+                if (directory / f"tf{qid}").exists():
+                    return None
+                qf = directory / f"qf{qid}"
+                try:
+                    fd = os.open(qf, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return None
+                finally:
+                    os.close(fd)  # releases the lock, if we got it
+            return True
+
+        wait_until(idle, timeout=LOG_WAIT, what=f"the runner of {qid} to let go of it")
+
     def attempts(self, qid: str, since: int = 0) -> list[tuple[str, str]]:
         """(host, stat) of every delivery line of a queue id, in log order."""
         out = []
@@ -77,19 +105,17 @@ class ClusterLab:
 
 
 @contextmanager
-def cluster_lab(directory: Path, *, replicas: int = 2, shared_queue: bool = True,
-                interval: str = "15m", min_queue_age: str = "5m",
-                defines: dict[str, str] | None = None,
-                mode: Mode = "defer") -> Iterator[ClusterLab]:
-    """A sinkhole on a free 127.0.0.1 port (in `mode`) and a started cluster over it."""
+def cluster_lab(directory: Path, *, replicas: int = 2, mode: Mode = "defer",
+                **options: Any) -> Iterator[ClusterLab]:
+    """A sinkhole on a free 127.0.0.1 port (in `mode`) and a started cluster over it;
+    `options` go to SendmailCluster (shared_queue, interval, min_queue_age, log_level,
+    defines, dac_override, queue_size)."""
     port = free_port()
     sinkhole = Sinkhole("sinkhole.test", "127.0.0.1", port)
     sinkhole.set_mode(mode)
     sinkhole.start()
     try:
-        cluster = SendmailCluster(directory, ("127.0.0.1", port), shared_queue=shared_queue,
-                                  interval=interval, min_queue_age=min_queue_age,
-                                  defines=defines)
+        cluster = SendmailCluster(directory, ("127.0.0.1", port), **options)
         with cluster.start(replicas):
             yield ClusterLab(cluster, sinkhole)
     finally:
