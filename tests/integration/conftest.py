@@ -6,14 +6,18 @@ under CI=true, where it fails: there scripts/install-system-deps must have run.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from .cluster_lab import CLUSTER_BINARIES, ClusterLab, cluster_lab
 from .dovecot_lab import DovecotLab
 from .leak_lab import SendmailLab
 from .maillog import MailLog
@@ -76,3 +80,18 @@ def sendmail_lab(_sendmail_lab_session: SendmailLab) -> SendmailLab:
     `maillog_text()` starting now."""
     _sendmail_lab_session.reset()
     return _sendmail_lab_session
+
+
+@pytest.fixture
+def cluster_lab_factory(tmp_path: Path) -> Iterator[Callable[..., ClusterLab]]:
+    """Start shared-queue labs (`cluster_lab(...)` arguments); all stopped at teardown."""
+    require_binaries(*CLUSTER_BINARIES)
+    require_root("run sendmail tasks in their own namespaces")
+    with ExitStack() as stack:
+        numbers = itertools.count(1)
+
+        def start(**options: Any) -> ClusterLab:
+            return stack.enter_context(cluster_lab(tmp_path / f"cluster-{next(numbers)}",
+                                                   **options))
+
+        yield start
