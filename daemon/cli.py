@@ -167,6 +167,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_sinkhole(args: argparse.Namespace) -> int:
+    from daemon.sinkhole import run_command
+
+    configure_logging("kv", "info")
+    return run_command(args)
+
+
 def _shown(name: str) -> str:
     """A route name as typed, quoted when it would not read as one (empty, spaces)."""
     return name if name and name.isprintable() and not any(c.isspace() for c in name) \
@@ -293,7 +300,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-leak-line", action="store_true",
                    help="print a leaked-recipient maillog line (to append to the demo log)")
     p.set_defaults(func=_cmd_demo)
+
+    p = command(
+        "sinkhole", "the sinkhole test harness's SMTP listener (modes from SSM or a file)",
+        "An SMTP listener that answers every recipient per a mode, re-read on each new\n"
+        "connection (cached --mode-cache s): defer (421 4.3.2), bounce (550 5.1.1),\n"
+        "accept, accept-log (envelope and headers as one JSON line on stdout, never\n"
+        "the body), greylist (421 on an IP's first try, 250 for 30 min). An unknown or\n"
+        "unreadable mode is defer. Logs go to stderr (docs/drill.md).",
+        "exit codes: 0 stopped (SIGTERM, Ctrl-C), 2 bad arguments, 3 could not listen\n"
+        "example:    selfcheckd sinkhole --listen 127.0.0.2:25 --mode-file /run/sinkhole_mode\n"
+        "            selfcheckd sinkhole --listen 0.0.0.0:25 --mode-parameter /cabal/sinkhole_mode")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="where to listen")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mode-parameter", metavar="NAME",
+                        help="SSM parameter holding the mode (e.g. /cabal/sinkhole_mode)")
+    source.add_argument("--mode-file", type=Path, metavar="PATH",
+                        help="file whose first word is the mode")
+    p.add_argument("--endpoint-url", metavar="URL", help="SSM endpoint (tests, VPC endpoints)")
+    p.add_argument("--region", metavar="REGION", help="SSM region (default: the SDK's)")
+    p.add_argument("--mode-cache", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="how long a mode reading is reused (default: 30)")
+    p.add_argument("--max-message-size", type=int, default=10 * 1024 * 1024, metavar="BYTES",
+                   help="larger messages are refused with 552 (default: 10 MiB)")
+    p.set_defaults(func=_cmd_sinkhole)
     return parser
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {value!r}")
+    return number
 
 
 def main(argv: list[str] | None = None) -> int:
