@@ -8,6 +8,7 @@ is reported as one line `key.path: rule`, all of them at once.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -43,6 +44,7 @@ from daemon.config_base import (
     url_problem,
     url_secret_pieces,
 )
+from daemon.drill.config import DrillConfig
 from daemon.logwatch.config import LeakWatchConfig
 
 # A Prometheus metric name (and so a valid prefix of one).
@@ -388,6 +390,7 @@ class Config(StrictModel):
     heartbeat: list[HeartbeatTarget] = Field(default_factory=list)
     leakwatch: LeakWatchConfig | None = None
     pushgateway: PushgatewayConfig | None = None
+    drill: DrillConfig | None = None
     # Below ECS's default 30 s stopTimeout, so cleanup finishes before SIGKILL.
     shutdown_grace: PositiveFloat = 20.0
 
@@ -414,6 +417,7 @@ class Config(StrictModel):
     @classmethod
     def check_table(cls, table: dict[str, Any], info: ValidationInfo,
                     problems: list[Problem]) -> dict[str, Any]:
+        _check_drill(table, problems)
         targets = table.get("heartbeat", [])
         if not isinstance(targets, list):
             return super().check_table(table, info, problems)
@@ -436,6 +440,35 @@ class Config(StrictModel):
                                  f"no such route: {', '.join(unknown)} "
                                  f"(routes: {', '.join(dict.fromkeys(known)) or 'none'})"))
         return super().check_table(table, info, problems)
+
+
+def _check_drill(table: dict[str, Any], problems: list[Problem]) -> None:
+    """[drill] route names a route; [drill] sender is one the leak watcher allows."""
+    drill = table.get("drill")
+    if not isinstance(drill, dict):
+        return
+    route = drill.get("route", "default")
+    known = route_names(table.get("selfcheck", {}))
+    if isinstance(route, str) and known is not None and all(isinstance(n, str) for n in known) \
+            and route not in known:
+        problems.append((("drill", "route"),
+                         f"no such route: {route} (routes: {', '.join(known) or 'none'}); "
+                         "the drill sends its message with that route's SMTP settings"))
+    sender = drill.get("sender")
+    leakwatch = table.get("leakwatch")
+    if isinstance(sender, str) and isinstance(leakwatch, dict):
+        allowed = leakwatch.get("allowed_senders", ["qp-test-*@*"])
+        if isinstance(allowed, list) and not sender_allowed(sender, allowed):
+            problems.append((("drill", "sender"),
+                             f"{sender} is not in leakwatch.allowed_senders "
+                             f"({', '.join(map(str, allowed))}): the leak watcher would "
+                             "alert on the drill's own message"))
+
+
+def sender_allowed(sender: str, patterns: list[Any]) -> bool:
+    """As the leak watcher matches senders: case-insensitive glob patterns."""
+    return any(isinstance(p, str) and fnmatch.fnmatchcase(sender.lower(), p.lower())
+               for p in patterns)
 
 
 class ConfigError(Exception):

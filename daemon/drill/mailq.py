@@ -1,0 +1,77 @@
+"""Read sendmail's `mailq` output: per message the queue id, status and recipients.
+
+    /var/spool/mqueue (1 request)
+    -----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------
+    6ANJUQna010773      237 Mon Nov 23 19:30 <qp-test@sub.example.com>
+                     (Deferred: 421 4.3.2 Service temporarily unavailable)
+                                             <nobody-1@sinkhole.test>
+                    Total requests: 1
+
+A queue id may carry a mark (`*` being delivered now, `X` load too high, `-`
+too young to run). Debian's `mailq` prints the MSP queue and the MTA queue one
+after the other; both are read. An empty queue says `... is empty`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_ENTRY = re.compile(
+    r"^(?P<qid>[0-9A-Za-z]{8}\d{3,})(?P<mark>[*X-]?)\s+(?P<size>\d+)\s+(?P<rest>.*)$")
+_STATUS = re.compile(r"^\s+\((?P<status>.*)\)\s*$")
+_SMTP_4XX = re.compile(r"\b4\d\d\b")
+
+
+@dataclass
+class QueueEntry:
+    qid: str
+    sender: str
+    status: str | None = None
+    recipients: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def deferred_4xx(self) -> bool:
+        """Its last attempt got a temporary (4xx) answer."""
+        return self.status is not None and bool(_SMTP_4XX.search(self.status))
+
+    def has_recipient(self, address: str) -> bool:
+        want = address.strip("<>").lower()
+        return any(r.strip("<>").lower() == want for r in self.recipients)
+
+
+def parse_mailq(text: str) -> list[QueueEntry]:
+    """Every message listed in `text` (MSP and MTA queues alike)."""
+    entries: list[QueueEntry] = []
+    current: QueueEntry | None = None
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        match = _ENTRY.match(line)
+        if match is not None:
+            rest = match.group("rest").split()
+            # Q-Time is 4 words ("Mon Nov 23 19:30"); the sender follows.
+            sender = rest[4] if len(rest) > 4 else (rest[-1] if rest else "")
+            current = QueueEntry(qid=match.group("qid"), sender=sender, lines=[line])
+            entries.append(current)
+            continue
+        if current is None or not line.strip():
+            current = None if not line.strip() else current
+            continue
+        stripped = line.strip()
+        if stripped.startswith(("Total requests", "-----Q-ID")) or (
+                "request" in stripped and stripped.startswith("/")):
+            current = None
+            continue
+        status = _STATUS.match(line)
+        if status is not None and not current.recipients and current.status is None:
+            current.status = status.group("status")
+        else:
+            current.recipients.append(stripped)
+        current.lines.append(line)
+    return entries
+
+
+def entries_for(text: str, recipient: str) -> list[QueueEntry]:
+    """The listed messages addressed to `recipient` (case-insensitive)."""
+    return [e for e in parse_mailq(text) if e.has_recipient(recipient)]

@@ -1,0 +1,327 @@
+"""The drill engine against the in-memory cluster: verdicts, evidence, cleanup, signals."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.drill.journal import Journal
+from daemon.drill.steps import Drill
+from tests.drill.fakes import SMTP, FakeCluster, FakeLogs, FakeModes, ManualClock, drill_config
+
+
+def make(tmp_path: Path, *, modes: FakeModes | None = None, cluster: FakeCluster | None = None,
+         logs: bool = False, keep_going: bool = False, **cfg: Any) -> tuple[Drill, FakeCluster,
+                                                                          FakeModes, io.StringIO]:
+    modes = modes or FakeModes()
+    cluster = cluster or FakeCluster(modes)
+    clock = ManualClock()
+    lines = io.StringIO()
+    cfg.setdefault("lock_file", str(tmp_path / "drill.lock"))
+    drill = Drill(drill_config(**cfg), SMTP, cluster, modes,
+                  FakeLogs(cluster) if logs else None, keep_going=keep_going, lines=lines,
+                  clock=clock, wall=clock.wall, sleep=clock.sleep, send=cluster.send,
+                  drill_id="t1", hard_exit=lambda: hard_exits.append(1))
+    return drill, cluster, modes, lines
+
+
+hard_exits: list[int] = []
+
+
+def step(journal: Journal, number: int) -> dict[str, Any]:
+    return next(s for s in journal.as_dict()["steps"] if s["step"] == number)
+
+
+async def test_shared_queue_passes_with_the_same_queue_id_before_and_after(
+        tmp_path: Path) -> None:
+    """On a shared queue the drill passes: one queue id on every task in steps 3 and 5
+    (the replacement included), gone in step 8, exit 0, the sinkhole parked in defer."""
+    drill, cluster, modes, lines = make(tmp_path)
+    journal = await drill.run()
+    assert journal.result == "passed", journal.error
+    assert journal.exit_code == 0
+    qid = journal.queue_id
+    assert qid is not None
+    before = step(journal, 3)["evidence"]["tasks"]
+    after = step(journal, 5)["evidence"]["tasks"]
+    assert {t: e["listed"] for t, e in before.items()} == {"task-1": [qid], "task-2": [qid]}
+    replacement = step(journal, 4)["evidence"]["replacement"]
+    assert replacement == ["task-3"]
+    assert all(e["listed"] == [qid] for e in after.values()) and "task-3" in after
+    assert any("Deferred: 421 4.3.2" in line for line in after["task-3"]["lines"])
+    assert [m.qid for m in cluster.delivered] == [qid]
+    assert modes.mode == "defer" and journal.cleanup["ok"] is True
+    assert len([ln for ln in lines.getvalue().splitlines() if ln.startswith("drill step")]) == 9
+
+
+async def test_unshared_queues_fail_at_step_3_naming_the_task(tmp_path: Path) -> None:
+    """Tasks that do not share the queue: step 3 fails with exit 1 naming the task that
+    does not list the message; the sinkhole still ends in defer."""
+    modes = FakeModes()
+    drill, _cluster, _, lines = make(tmp_path, modes=modes,
+                                    cluster=FakeCluster(modes, shared=False))
+    journal = await drill.run()
+    assert (journal.result, journal.exit_code, journal.failed_step) == ("failed", 1, "3 queued")
+    assert "not listed by task(s) task-2" in (journal.error or "")
+    assert modes.mode == "defer" and journal.cleanup["ok"] is True
+    assert "step 3 queued: FAILED" in lines.getvalue()
+
+
+async def test_queue_lost_at_replacement_fails_at_step_5(tmp_path: Path) -> None:
+    """A replacement that starts with an empty queue fails step 5 (exit 1), naming it."""
+    modes = FakeModes()
+    drill, _, _, _ = make(tmp_path, modes=modes,
+                          cluster=FakeCluster(modes, lose_queue_on_replacement=True))
+    journal = await drill.run()
+    assert (journal.exit_code, journal.failed_step) == (1, "5 survived")
+    assert "not listed by task(s) task-3" in (journal.error or "")
+    assert modes.mode == "defer"
+
+
+async def test_failed_drill_drains_the_message_in_cleanup(tmp_path: Path) -> None:
+    """When a step fails with the message still queued, the cleanup delivers it (accept,
+    queue run) and parks in defer again."""
+    modes = FakeModes()
+    drill, cluster, _, _ = make(tmp_path, modes=modes,
+                                cluster=FakeCluster(modes, lose_queue_on_replacement=True))
+    journal = await drill.run()
+    assert [m.recipient for m in cluster.delivered] == [drill.recipient]
+    assert any(a.startswith("drained") for a in journal.cleanup["actions"])
+    assert modes.writes[-2:] == ["accept", "defer"] and modes.mode == "defer"
+    assert journal.cleanup["left"] == []
+
+
+async def test_production_is_refused_before_anything_is_touched(tmp_path: Path) -> None:
+    """environment = prod: exit 2, no mode read or written, no task touched."""
+    drill, cluster, modes, _ = make(tmp_path, environment="prod")
+    journal = await drill.run()
+    assert (journal.result, journal.exit_code) == ("refused", 2)
+    assert modes.writes == [] and cluster.calls == [] and journal.cleanup["ok"] is None
+
+
+async def test_missing_harness_is_refused(tmp_path: Path) -> None:
+    """No mode parameter means no sinkhole: exit 2 and the parameter is not created."""
+    drill, _, modes, _ = make(tmp_path, modes=FakeModes(mode=None))
+    journal = await drill.run()
+    assert (journal.result, journal.exit_code) == ("refused", 2)
+    assert "does not exist" in (journal.error or "") and modes.writes == []
+
+
+async def test_unknown_mode_is_refused(tmp_path: Path) -> None:
+    """A mode value the sinkhole does not know is refused (exit 2), nothing written."""
+    drill, _, modes, _ = make(tmp_path, modes=FakeModes(mode="acept"))
+    journal = await drill.run()
+    assert journal.exit_code == 2 and modes.writes == []
+
+
+async def test_sigterm_during_step_5_aborts_and_parks_in_defer(tmp_path: Path) -> None:
+    """A signal during step 5: the steps stop, the cleanup parks in defer, exit 3,
+    result aborted, the journal says which signal."""
+    drill, cluster, modes, _ = make(tmp_path)
+    # Step 3 reads mailq on two tasks; the third mailq call is step 5's first.
+    cluster.hooks["mailq:3"] = lambda: drill.interrupt("SIGTERM")
+    journal = await drill.run()
+    assert (journal.result, journal.exit_code) == ("aborted", 3)
+    assert journal.failed_step == "5 survived" and journal.interrupted_by == "SIGTERM"
+    assert step(journal, 5)["ok"] is False
+    assert modes.mode == "defer" and journal.cleanup["ok"] is True
+    assert journal.cleanup["left"]  # no drain after a signal: it says what was left
+    assert cluster.closed
+
+
+async def test_second_signal_during_cleanup_still_parks(tmp_path: Path) -> None:
+    """A second signal while the cleanup drains cancels the drain, never the parking."""
+    modes = FakeModes()
+    drill, _, _, lines = make(tmp_path, modes=modes,
+                              cluster=FakeCluster(modes, lose_queue_on_replacement=True))
+
+    def on_write(mode: str) -> None:
+        if mode == "accept" and drill._phase == "cleanup":
+            drill.interrupt("SIGINT")
+            drill.interrupt("SIGINT")
+
+    modes.on_write = on_write
+    hard_exits.clear()
+    journal = await drill.run()
+    assert modes.mode == "defer" and journal.cleanup["ok"] is True
+    assert "drain skipped: interrupted" in journal.cleanup["actions"]
+    assert hard_exits == []
+    assert "the cleanup still parks the sinkhole in defer" in lines.getvalue()
+
+
+async def test_third_signal_exits_at_once(tmp_path: Path) -> None:
+    """A third signal during the cleanup calls the hard exit."""
+    modes = FakeModes()
+    drill, _, _, lines = make(tmp_path, modes=modes,
+                              cluster=FakeCluster(modes, lose_queue_on_replacement=True))
+
+    def on_write(mode: str) -> None:
+        if mode == "accept" and drill._phase == "cleanup":
+            for _ in range(3):
+                drill.interrupt("SIGTERM")
+
+    modes.on_write = on_write
+    hard_exits.clear()
+    await drill.run()
+    assert hard_exits == [1]
+    assert "exiting NOW" in lines.getvalue()
+
+
+async def test_ssm_failing_at_step_6_aborts_and_cleanup_retries_until_defer(
+        tmp_path: Path) -> None:
+    """SSM failing from step 6 on: exit 3; the cleanup retries until defer reads back."""
+    modes = FakeModes()
+    modes.fail_writes_after = 1  # step 1's defer succeeds, step 6's accept fails
+    modes.failures_left = 4
+    drill, _, _, _ = make(tmp_path, modes=modes)
+    journal = await drill.run()
+    assert (journal.result, journal.exit_code, journal.failed_step) == ("aborted", 3, "6 flip")
+    assert journal.cleanup["ok"] is True and modes.mode == "defer"
+    attempts = [a for a in journal.cleanup["actions"] if a.startswith("parked in defer")]
+    assert attempts and "attempt 1)" not in attempts[0]
+
+
+async def test_ssm_down_for_good_exits_4_loudly(tmp_path: Path) -> None:
+    """SSM never answering again: the cleanup gives up at cleanup_timeout, exit 4, said
+    loudly on stderr and in the journal."""
+    modes = FakeModes()
+    modes.fail_writes_after = 1
+    drill, _, _, lines = make(tmp_path, modes=modes, cleanup_timeout=60)
+    journal = await drill.run()
+    assert journal.exit_code == 4 and journal.cleanup["ok"] is False
+    assert journal.metric_result == "cleanup_failed"
+    assert "DRILL CLEANUP FAILED" in lines.getvalue()
+    assert "aws ssm put-parameter --name /cabal/sinkhole_mode --value defer" in lines.getvalue()
+
+
+async def test_keep_going_checks_every_step_after_a_failure(tmp_path: Path) -> None:
+    """--keep-going: a failed step 3 is recorded and steps 4-8 still run; exit 1."""
+    modes = FakeModes()
+    drill, _, _, _ = make(tmp_path, modes=modes, keep_going=True,
+                          cluster=FakeCluster(modes, shared=False))
+    journal = await drill.run()
+    assert journal.exit_code == 1 and journal.failed_step == "3 queued"
+    assert [s["step"] for s in journal.as_dict()["steps"]] == list(range(9))
+
+
+async def test_without_exec_the_log_streams_are_the_evidence(tmp_path: Path) -> None:
+    """Tasks without ECS Exec: steps 3, 5 and 8 read each task's log stream, the journal
+    says so, and the queue run falls back to sendmail's own retry."""
+    modes = FakeModes()
+    cluster = FakeCluster(modes, exec_enabled=False)
+
+    def retry_everywhere() -> None:  # sendmail's own queue runners, on every task
+        for task in list(cluster.queues):
+            for msg in list(cluster.queues[task].values()):
+                cluster._attempt(task, msg)
+
+    # Every task's runner retries once after the send and once after the replacement.
+    cluster.hooks["wait_steady"] = retry_everywhere
+    modes.on_write = lambda mode: retry_everywhere() if mode == "accept" else None
+    original_send = cluster.send
+
+    async def send(*args: Any) -> str:
+        reply = await original_send(*args)
+        retry_everywhere()
+        return reply
+
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster, logs=True)
+    drill.send = send
+    journal = await drill.run()
+    assert journal.result == "passed", journal.error
+    assert step(journal, 3)["evidence"]["tasks"]["task-1"]["source"] == "log"
+    assert step(journal, 7)["evidence"]["trigger"] == "wait"
+    assert step(journal, 8)["evidence"]["log"]["sent"]
+
+
+async def test_no_exec_and_no_log_source_aborts_at_preflight(tmp_path: Path) -> None:
+    """Without ECS Exec and without a log source there is no evidence: exit 3 at step 0."""
+    modes = FakeModes()
+    drill, _, _, _ = make(tmp_path, modes=modes,
+                          cluster=FakeCluster(modes, exec_enabled=False))
+    journal = await drill.run()
+    assert (journal.exit_code, journal.failed_step) == (3, "0 preflight")
+
+
+async def test_a_second_delivered_copy_fails_step_8(tmp_path: Path) -> None:
+    """Two stat=Sent lines for the drill's recipient (two copies delivered): exit 1."""
+    modes = FakeModes()
+    cluster = FakeCluster(modes)
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster, logs=True)
+
+    def duplicate() -> None:
+        cluster.log.append(cluster.log[-1].__class__(
+            f"sendmail[2]: 6ANJUQna999999: to=<{drill.recipient}>, stat=Sent (ok)", "task-2"))
+
+    cluster.hooks["run_queue"] = duplicate
+    journal = await drill.run()
+    assert (journal.exit_code, journal.failed_step) == (1, "8 drained")
+    assert "delivered more than once" in (journal.error or "")
+
+
+async def test_not_delivered_after_the_flip_fails_step_8(tmp_path: Path) -> None:
+    """A queue run that leaves the message queued after the flip: step 8 fails, exit 1."""
+    modes = FakeModes()
+    cluster = FakeCluster(modes)
+
+    async def no_delivery(task: str) -> str:
+        return "nothing\n"
+
+    cluster.run_queue = no_delivery  # type: ignore[method-assign]
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster)
+    journal = await drill.run()
+    assert (journal.exit_code, journal.failed_step) == (1, "8 drained")
+    assert "still queued after the flip" in (journal.error or "")
+
+
+async def test_another_drill_holding_the_lock_is_refused(tmp_path: Path) -> None:
+    """Two drills never overlap: the second is refused (exit 2) while the first runs."""
+    first, cluster, _modes, _ = make(tmp_path)
+    second_journal: list[Journal] = []
+
+    async def start_second() -> None:
+        second, _, _, _ = make(tmp_path)
+        second_journal.append(await second.run())
+
+    import asyncio
+
+    task: list[asyncio.Task[None]] = []
+    cluster.hooks["stop_task"] = lambda: task.append(asyncio.create_task(start_second()))
+    journal = await first.run()
+    await task[0]
+    assert journal.exit_code == 0
+    assert second_journal[0].exit_code == 2
+    assert "another drill is running" in (second_journal[0].error or "")
+
+
+async def test_journal_is_json_with_every_step_and_no_secret(tmp_path: Path) -> None:
+    """The journal serialises to JSON: id, config summary, each step's times/ok/evidence/
+    error, result and cleanup; the SMTP password never appears."""
+    drill, _, _, _ = make(tmp_path)
+    journal = await drill.run()
+    out = io.StringIO()
+    journal.dump(out)
+    data = json.loads(out.getvalue())
+    assert data["id"] == "t1" and data["result"] == "passed"
+    assert set(data["steps"][0]) >= {"name", "started", "ended", "ok", "evidence", "error"}
+    assert data["cleanup"]["ok"] is True and data["exit_code"] == 0
+    assert data["config"]["environment"] == "stage"
+    assert any(c["call"] == "ssm:PutParameter" for c in data["steps"][1]["evidence"]["calls"])
+
+
+async def test_each_flip_waits_out_the_mode_cache(tmp_path: Path) -> None:
+    """Steps 1 and 6 wait mode_cache + 1 s after the mode reads back."""
+    drill, _, _, _ = make(tmp_path, mode_cache=30)
+    journal = await drill.run()
+    assert step(journal, 1)["evidence"]["waited_for_mode_cache"] == 31
+    assert step(journal, 6)["evidence"]["waited_for_mode_cache"] == 31
+
+
+@pytest.mark.parametrize("env", ["prod", "Production", " PROD "])
+def test_prod_spellings_are_refused(env: str) -> None:
+    """Every spelling of production is refused."""
+    assert drill_config(environment=env).refused
