@@ -1,4 +1,4 @@
-"""`selfcheckd run | check | scan | config-check | demo`.
+"""`selfcheckd run | check | scan | config-check | demo | drill | sinkhole`.
 
 Exit codes: 0 success, 1 a check failed or a leak was found, 2 bad configuration
 or input, 3 the daemon could not start (e.g. its port is in use), or, for `scan`, the
@@ -167,6 +167,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_drill(args: argparse.Namespace) -> int:
+    from daemon.drill.command import run as run_drill
+
+    loaded = _load(args)
+    if loaded is None:
+        return EXIT_CONFIG
+    configure_logging(loaded.config.logging.format, "warning")
+    return run_drill(loaded.config, args)
+
+
 def _cmd_sinkhole(args: argparse.Namespace) -> int:
     from daemon.sinkhole import run_command
 
@@ -300,6 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-leak-line", action="store_true",
                    help="print a leaked-recipient maillog line (to append to the demo log)")
     p.set_defaults(func=_cmd_demo)
+
+    p = with_config(command(
+        "drill", "run the queue-persistence drill (the runbook's 8 steps and its cleanup)",
+        "queue-persistence: park the sinkhole in defer, send one message to it, check\n"
+        "that every smtp-out task lists it deferred, replace one task, check again (the\n"
+        "replacement included), flip the sinkhole to accept, run the queue, check it\n"
+        "drained; whatever happens, park the sinkhole in defer again. One line per step\n"
+        "on stderr; the journal with --json / --journal (docs/drill.md).",
+        "exit codes: 0 passed, 1 the queue did not behave, 2 usage, config or refused\n"
+        "            (prod, no harness, another drill running), 3 aborted by the\n"
+        "            environment or a signal (cleanup done), 4 the cleanup failed: the\n"
+        "            sinkhole may be left in accept\n"
+        "example:    selfcheckd drill queue-persistence --config stage.toml --journal j.json"))
+    p.add_argument("drill_name", choices=["queue-persistence"], metavar="queue-persistence",
+                   help="the drill to run")
+    p.add_argument("--json", action="store_true", help="print the journal on stdout")
+    p.add_argument("--journal", type=Path, metavar="PATH", help="also write the journal here")
+    p.add_argument("--keep-going", action="store_true",
+                   help="after a failed check in step 3 or 5, run the remaining steps too")
+    p.set_defaults(func=_cmd_drill)
 
     p = command(
         "sinkhole", "the sinkhole test harness's SMTP listener (modes from SSM or a file)",

@@ -67,8 +67,6 @@ class LocalDriver(StrictModel):
     """A cluster of processes on this machine, each task a set of command lines."""
 
     replicas: int = Field(default=2, ge=1, le=16)
-    # Run once per task before `start`, in its task_dir (writes its config); optional.
-    prepare: list[NonBlankStr] | None = Field(default=None, min_length=1)
     start: list[NonBlankStr] = Field(min_length=1)
     mailq: list[NonBlankStr] = Field(min_length=1)
     run_queue: list[NonBlankStr] = Field(min_length=1)

@@ -48,8 +48,9 @@ class Cluster(Protocol):
     async def open(self, record: Recorder) -> None:
         """Connect (ECS) or start the tasks (local); before any other call."""
 
-    async def close(self) -> None:
-        """Release what `open` took (local: stop the tasks it started)."""
+    async def close(self, interrupted: bool = False) -> None:
+        """Release what `open` took (local: stop the tasks it started; quickly when
+        `interrupted`)."""
 
     async def tasks(self) -> list[str]:
         """The ids of the running tasks."""

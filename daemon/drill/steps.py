@@ -239,8 +239,11 @@ class Drill:
         self._lock_fd = fd
 
     async def _close(self) -> None:
-        for what, closer in (("cluster", self.cluster.close), ("mode store", self.modes.close),
-                             ("log source", self.logs.close if self.logs else None)):
+        interrupted = self._interrupted_at is not None
+        for what, closer in (
+                ("cluster", lambda: self.cluster.close(interrupted)),
+                ("mode store", self.modes.close),
+                ("log source", self.logs.close if self.logs else None)):
             if closer is None:
                 continue
             try:

@@ -158,7 +158,7 @@ class FakeCluster:
     async def open(self, record: Recorder) -> None:
         self.record = record
 
-    async def close(self) -> None:
+    async def close(self, interrupted: bool = False) -> None:
         self.closed = True
 
     async def tasks(self) -> list[str]:
@@ -173,19 +173,7 @@ class FakeCluster:
         await asyncio.sleep(0)
         if not self.exec_enabled:
             raise ExecUnavailableError(task)
-        queue = self.queues[task]
-        if not queue:
-            return "/var/spool/mqueue is empty\n\t\tTotal requests: 0\n"
-        lines = [f"\t\t/var/spool/mqueue ({len(queue)} request)",
-                 "-----Q-ID----- --Size-- -----Q-Time----- "
-                 "------------Sender/Recipient-----------"]
-        for msg in queue.values():
-            lines.append(f"{msg.qid}      237 Mon Nov 23 19:30 <{msg.sender}>")
-            if msg.status:
-                lines.append(f"                 ({msg.status})")
-            lines.append(f"\t\t\t\t\t <{msg.recipient}>")
-        lines.append(f"\t\tTotal requests: {len(queue)}")
-        return "\n".join(lines) + "\n"
+        return format_mailq(self.queues[task])
 
     async def run_queue(self, task: str) -> str:
         self.calls.append(("run_queue", task))
@@ -205,6 +193,22 @@ class FakeCluster:
         await asyncio.sleep(0)
         tasks = sorted(self.queues)
         return Steady(tasks=tasks, desired=self.replicas, running=len(tasks))
+
+
+def format_mailq(queue: dict[str, Message]) -> str:
+    """`mailq` as sendmail 8.17 prints it."""
+    if not queue:
+        return "/var/spool/mqueue is empty\n\t\tTotal requests: 0\n"
+    lines = [f"\t\t/var/spool/mqueue ({len(queue)} request)",
+             "-----Q-ID----- --Size-- -----Q-Time----- "
+             "------------Sender/Recipient-----------"]
+    for msg in queue.values():
+        lines.append(f"{msg.qid}      237 Mon Nov 23 19:30 <{msg.sender}>")
+        if msg.status:
+            lines.append(f"                 ({msg.status})")
+        lines.append(f"\t\t\t\t\t <{msg.recipient}>")
+    lines.append(f"\t\tTotal requests: {len(queue)}")
+    return "\n".join(lines) + "\n"
 
 
 class FakeLogs:
