@@ -162,6 +162,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.drill:
+        from daemon.drill.lab import run_demo as run_drill_demo
+
+        configure_logging("kv", "warning")
+        return run_drill_demo(args.workdir)
     from daemon.demo import run_demo
 
     return run_demo(args)
@@ -307,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many seconds (0: until Ctrl-C)")
     p.add_argument("--no-inject-leak", dest="inject_leak", action="store_false",
                    help="do not append a leaked-recipient line 5 s after start")
+    p.add_argument("--drill", action="store_true",
+                   help="instead: the queue-persistence drill against two real sendmail "
+                        "daemons over one queue directory (needs sendmail and root)")
     p.add_argument("--print-leak-line", action="store_true",
                    help="print a leaked-recipient maillog line (to append to the demo log)")
     p.set_defaults(func=_cmd_demo)

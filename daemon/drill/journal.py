@@ -17,6 +17,7 @@ from typing import Any, TextIO
 RESULTS = ("passed", "failed", "aborted", "refused")
 EXIT_CODES = {"passed": 0, "failed": 1, "refused": 2, "aborted": 3}
 EXIT_CLEANUP_FAILED = 4
+MAX_CALLS = 100  # distinct calls recorded per step
 
 
 def iso(ts: float | None) -> str | None:
@@ -38,8 +39,14 @@ class StepRecord:
     duration: float | None = None
 
     def call(self, call: dict[str, Any]) -> None:
-        """One API call or command the step made."""
-        self.evidence.setdefault("calls", []).append(call)
+        """One API call or command the step made; a repeated one (a poll) is counted."""
+        calls: list[dict[str, Any]] = self.evidence.setdefault("calls", [])
+        for seen in calls:
+            if {k: v for k, v in seen.items() if k != "count"} == call:
+                seen["count"] = seen.get("count", 1) + 1
+                return
+        if len(calls) < MAX_CALLS:
+            calls.append(dict(call))
 
     def as_dict(self) -> dict[str, Any]:
         return {"step": self.number, "name": self.name, "started": iso(self.started),

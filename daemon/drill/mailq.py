@@ -7,6 +7,7 @@
                                              <nobody-1@sinkhole.test>
                     Total requests: 1
 
+Long addresses are cut to the column (`<nobody-20261207171328-75e96c@sinkhole`).
 A queue id may carry a mark (`*` being delivered now, `X` load too high, `-`
 too young to run). Debian's `mailq` prints the MSP queue and the MTA queue one
 after the other; both are read. An empty queue says `... is empty`.
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 
 _ENTRY = re.compile(
     r"^(?P<qid>[0-9A-Za-z]{8}\d{3,})(?P<mark>[*X-]?)\s+(?P<size>\d+)\s+(?P<rest>.*)$")
-_STATUS = re.compile(r"^\s+\((?P<status>.*)\)\s*$")
+# The last status, after the body type when sendmail knows it (`      7BIT   (Deferred: ...)`).
+_STATUS = re.compile(r"^\s+(?:[0-9A-Z]+\s+)?\((?P<status>.*)\)\s*$")
 _SMTP_4XX = re.compile(r"\b4\d\d\b")
 
 
@@ -37,8 +39,15 @@ class QueueEntry:
         return self.status is not None and bool(_SMTP_4XX.search(self.status))
 
     def has_recipient(self, address: str) -> bool:
-        want = address.strip("<>").lower()
-        return any(r.strip("<>").lower() == want for r in self.recipients)
+        """`address` is listed; mailq cuts long addresses to its column (`<a@sinkhole`), so a
+        listed prefix that holds the whole local part and the `@` counts too."""
+        want = "<" + address.strip("<>").lower() + ">"
+        for listed in self.recipients:
+            shown = listed.lower()
+            shown = shown if shown.startswith("<") else "<" + shown
+            if shown == want or (want.startswith(shown) and "@" in shown):
+                return True
+        return False
 
 
 def parse_mailq(text: str) -> list[QueueEntry]:
@@ -64,8 +73,10 @@ def parse_mailq(text: str) -> list[QueueEntry]:
             current = None
             continue
         status = _STATUS.match(line)
-        if status is not None and not current.recipients and current.status is None:
-            current.status = status.group("status")
+        if status is not None:
+            # The message's status, or (mailq -v) a recipient's own after its address.
+            if current.status is None:
+                current.status = status.group("status")
         else:
             current.recipients.append(stripped)
         current.lines.append(line)
