@@ -87,7 +87,9 @@ class EcsDriver(StrictModel):
     endpoint_url: HttpUrl | None = None
     request_timeout: PositiveFloat = 20.0
     mailq_command: NonBlankStr = "mailq"
-    run_queue_command: NonBlankStr = "sendmail -q -v"
+    # MinQueueAge (5m on smtp-out) would skip a message younger than that: the drill
+    # forces the retry, as the runbook means `sendmail -q -v` to.
+    run_queue_command: NonBlankStr = "sendmail -q -v -OMinQueueAge=0"
     # One ECS Exec command, session included.
     exec_timeout: PositiveFloat = 120.0
     # How ECS Exec's Session Manager stream is spoken (docs/drill.md: why the plugin).
