@@ -52,7 +52,8 @@ from daemon.roundtrip.probe import probe_secret
 from daemon.stopping import StopBudget
 from daemon.supervisor import Progress, Supervisor
 
-if TYPE_CHECKING:  # imported when a [leakwatch] is configured: botocore is heavy
+if TYPE_CHECKING:  # imported when configured: botocore is heavy
+    from daemon.drill.component import ScheduledDrill
     from daemon.logwatch.watcher import LeakWatch
 
 log = structlog.get_logger("daemon.app")
@@ -137,6 +138,7 @@ class Daemon:
         self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics, sleep=sleep,
                                      routes=list(self.checks))
         self.leakwatch = self._leakwatch(self.config)
+        self.drill = self._drill(self.config)
         self.http = self._http(self.config)
         self.started_at = time.time()
         self.ready = False
@@ -196,6 +198,15 @@ class Daemon:
             else None
         return LeakWatch(config.leakwatch, self.metrics, clock=self._clock, sleep=self._sleep,
                          stdin=stdin)
+
+    def _drill(self, config: Config) -> ScheduledDrill | None:
+        if config.drill is None or config.drill.schedule is None:
+            return None
+        from daemon.drill.component import ScheduledDrill
+
+        # A drill interrupted by our SIGTERM parks the sinkhole within the grace.
+        return ScheduledDrill(config, self.metrics, clock=self._clock, sleep=self._sleep,
+                              interrupt_budget=max(1.0, config.shutdown_grace - CLOSE_BUDGET))
 
     def _http(self, config: Config) -> HttpServer:
         server = config.server
@@ -357,6 +368,8 @@ class Daemon:
         self.supervisor.start(self.heartbeats)
         for component in self.leakwatch.components() if self.leakwatch else []:
             self.supervisor.start(component)
+        if self.drill is not None:
+            self.supervisor.start(self.drill)
         self._supervising = asyncio.create_task(self.supervisor.run(), name="supervisor")
         await self.supervisor.started()
         self.ready = True
@@ -375,6 +388,10 @@ class Daemon:
         final = final_reserve(grace)
         cleanup = cleanup_reserve(grace, self.config.selfcheck.cleanup_timeout)
         log.info("selfcheckd_stopping", grace=grace, running=sorted(self.scheduler.running))
+        # A drill in flight starts its cleanup now (parking the sinkhole in defer),
+        # alongside everything else, within the grace.
+        drill_stopped = None if self.drill is None else asyncio.create_task(
+            self.drill.stop(timeout=grace), name="drill-stop")
         self.scheduler.stop()
         if self.leakwatch is not None:  # read nothing new from here on
             await self.supervisor.remove(self.leakwatch.source_loop.name,
@@ -383,6 +400,8 @@ class Daemon:
         if self.leakwatch is not None and self.leakwatch.opened:
             await self._close_leakwatch(self.leakwatch)
         await self.heartbeats.close(grace=min(2.0, self.budget.remaining()))
+        if drill_stopped is not None:
+            await asyncio.wait({drill_stopped}, timeout=self.budget.remaining())
         self.supervisor.stop()
         if self._supervising is not None:
             done, _ = await asyncio.wait({self._supervising},
@@ -471,6 +490,8 @@ class Daemon:
             self.heartbeats.set_routes(self.checks)
         if new.leakwatch != old.leakwatch:
             await self._swap_leakwatch(new)
+        if new.drill != old.drill:
+            await self._swap_drill(new)
         if http is not None:
             old_http, self.http = self.http, http
             await self.supervisor.replace(http, timeout=SWAP_TIMEOUT)
@@ -494,6 +515,10 @@ class Daemon:
 
     def _not_live(self, new: Config) -> list[str]:
         """Keys that cannot change while running (the reload is refused, nothing applied)."""
+        if new.drill != self.config.drill and self.drill is not None \
+                and self.drill.current is not None:
+            return ["drill: cannot change while a drill is running (it would be cut short); "
+                    "reload again once it has ended"]
         old_src = self.config.leakwatch.source if self.config.leakwatch else None
         new_src = new.leakwatch.source if new.leakwatch else None
         if old_src != new_src and "stdin" in (old_src, new_src):
@@ -516,6 +541,13 @@ class Daemon:
         for target in {t.name for t in old.targets} - {t.name for t in new.heartbeat}:
             self.metrics.forget_heartbeat_target(target)
 
+    async def _swap_drill(self, new: Config) -> None:
+        if self.drill is not None:
+            await self.supervisor.remove(self.drill.name, timeout=SWAP_TIMEOUT)
+        self.drill = self._drill(new)
+        if self.drill is not None:
+            self.supervisor.start(self.drill)
+
     async def _swap_leakwatch(self, new: Config) -> None:
         old = self.leakwatch
         handover: dict[str, Any] | None = None
@@ -533,7 +565,8 @@ class Daemon:
 
 
 def _changed_sections(old: Config, new: Config) -> list[str]:
-    names = ["selfcheck", "server", "logging", "heartbeat", "leakwatch", "shutdown_grace"]
+    names = ["selfcheck", "server", "logging", "heartbeat", "leakwatch", "drill",
+             "shutdown_grace"]
     return [n for n in names if getattr(old, n) != getattr(new, n)]
 
 

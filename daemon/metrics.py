@@ -253,6 +253,31 @@ class Metrics:
             ["mode"], registry=r,
         )
 
+        # -- the scheduled queue-persistence drill (docs/drill.md) --------------------------
+        self.drill_runs = Counter(
+            "selfcheck_drill_runs",
+            "Scheduled queue-persistence drills by result: passed, failed, aborted, refused, "
+            "cleanup_failed.", ["result"], registry=r,
+        )
+        self.drill_last_success = Gauge(
+            "selfcheck_drill_last_success_timestamp_seconds",
+            "Unix time the last drill that passed ended (0 until one passed; restored from "
+            "[drill] journal_dir).", registry=r,
+        )
+        self.drill_scheduled_since = Gauge(
+            "selfcheck_drill_scheduled_since_timestamp_seconds",
+            "Unix time this process started scheduling drills.", registry=r,
+        )
+        self.drill_duration = Gauge(
+            "selfcheck_drill_duration_seconds",
+            "How long the last drill took, its cleanup included.", registry=r,
+        )
+        self.drill_last_result = Gauge(
+            "selfcheck_drill_last_result",
+            "1 for the result of the last drill, 0 for the other results.", ["result"],
+            registry=r,
+        )
+
         # -- queue health from the mail log (docs/queue-health.md) -------------------------
         self.mta_deliveries = Counter(
             "mta_deliveries",
