@@ -33,6 +33,8 @@ EXPECTED_ALERTS = {
     "SelfcheckdConfigReloadRejected",
     # queue health from the mail log: stuck deferred mail, bounces.
     "MtaMessageDeferredTooLong", "MtaBounceRatioHigh",
+    # the scheduled queue-persistence drill.
+    "SelfcheckDrillFailed", "SelfcheckDrillNotPassed",
 }
 # The severities alert_sink routes on.
 SEVERITIES = {"critical", "warning", "info"}
