@@ -30,6 +30,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from daemon.drill.config import EcsDriver
 from daemon.drill.driver import DrillAbortedError, ExecUnavailableError, Recorder, Steady
 
+# Every AWS action the ECS driver calls (deploy/ecs/iam-drill-policy.json grants these).
+IAM_ACTIONS = frozenset({"ecs:ListTasks", "ecs:DescribeTasks", "ecs:StopTask",
+                         "ecs:DescribeServices", "ecs:ExecuteCommand"})
+
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 SETTLE_POLL = 10.0  # DescribeServices while waiting for the service to settle
