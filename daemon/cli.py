@@ -44,6 +44,8 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     for key, value in placeholders(cfg):
         print(f"warning: {key} = {value} is an example domain (RFC 2606), "
               "a placeholder to replace")
+    for warning in drill_warnings(cfg):
+        print(f"warning: {warning}")
     if not args.connect:
         return EXIT_OK
     from daemon.connect_check import check_connections
@@ -65,6 +67,30 @@ def placeholders(cfg: Config) -> list[tuple[str, str]]:
             if _example_domain(value.rpartition("@")[2]):
                 found.append((key, value))
     return found
+
+
+def drill_warnings(cfg: Config) -> list[str]:
+    """What config-check says about [drill] beyond its validation."""
+    drill = cfg.drill
+    if drill is None:
+        return []
+    out = []
+    if drill.refused:
+        out.append(f"drill.environment = {drill.environment}: `selfcheckd drill` refuses to "
+                   "run there (it stops a task and flips the sinkhole)")
+    if cfg.leakwatch is None:
+        from daemon.config import sender_allowed
+        from daemon.logwatch.config import LeakWatchConfig
+
+        default = LeakWatchConfig().allowed_senders
+        if not sender_allowed(drill.sender, list(default)):
+            out.append(f"drill.sender = {drill.sender} does not match the leak watcher's "
+                       f"default allowed_senders ({', '.join(default)}): a leak watcher "
+                       "elsewhere would alert on the drill's message")
+    if drill.driver == "ecs" and drill.schedule is not None and drill.journal_dir is None:
+        out.append("drill.schedule without drill.journal_dir: a restart forgets when the "
+                   "last drill ran and passed")
+    return out
 
 
 def _example_domain(domain: str) -> bool:
