@@ -161,3 +161,25 @@ def _iso(ts: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+async def test_the_daemon_supervises_a_scheduled_drill_and_refuses_a_reload_mid_drill(
+        tmp_path: Path) -> None:
+    """With [drill] schedule, `selfcheckd run` builds the `drill` component; a reload that
+    changes [drill] while a drill runs is refused, naming the key."""
+    from daemon.app import Daemon
+    from daemon.config import LoadedConfig
+
+    cfg = config(tmp_path)
+    daemon = Daemon(LoadedConfig(config=cfg, path=None))
+    assert daemon.drill is not None and daemon.drill.name == "drill"
+    changed = config(tmp_path, schedule="daily")
+    assert daemon._not_live(changed) == []
+    world = World()
+    daemon.drill.current = world.build(cfg)  # a drill in flight
+    assert daemon._not_live(changed) == [
+        "drill: cannot change while a drill is running (it would be cut short); reload "
+        "again once it has ended"]
+    unscheduled = Config.model_validate({**cfg.model_dump(by_alias=True, mode="json"),
+                                         "drill": None})
+    assert Daemon(LoadedConfig(config=unscheduled, path=None)).drill is None

@@ -197,7 +197,7 @@ async def test_sigterm_during_step_5_exits_3_with_the_sinkhole_in_defer(
     assert took < 30
     assert journal["result"] == "aborted" and journal["failed_step"] == "5 survived"
     assert journal["interrupted_by"] == "SIGTERM"
-    assert mode(ssm) == "defer"
+    assert journal["cleanup"]["ok"] is True and mode(ssm) == "defer"
 
 
 def _toml(tree: dict[str, Any], prefix: str = "") -> str:
@@ -218,3 +218,21 @@ def _toml(tree: dict[str, Any], prefix: str = "") -> str:
         for item in items:
             out += f"\n[[{prefix}{key}]]\n" + _toml(item, f"{prefix}{key}.")
     return out
+
+
+def test_demo_drill_runs_end_to_end(tmp_path: Path) -> None:
+    """`selfcheckd demo --drill` runs the whole drill over two real sendmail daemons and
+    one queue directory, printing every step, and exits 0."""
+    require_binaries(*LAB_BINARIES)
+    require_root("run sendmail tasks in their own namespaces")
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "demo", "--drill", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    steps = [ln for ln in proc.stderr.splitlines() if ln.startswith("drill step")]
+    assert len(steps) == 9 and all(": ok" in ln for ln in steps), proc.stderr
+    assert "passed (exit 0)" in proc.stderr
+    journal = json.loads((tmp_path / "drill" / "journal.json").read_text())
+    assert journal["result"] == "passed" and journal["cleanup"]["ok"] is True
