@@ -129,6 +129,8 @@ async def test_sigterm_during_step_5_aborts_and_parks_in_defer(tmp_path: Path) -
     assert journal.failed_step == "5 survived" and journal.interrupted_by == "SIGTERM"
     assert step(journal, 5)["ok"] is False
     assert modes.mode == "defer" and journal.cleanup["ok"] is True
+    assert modes.writes == ["defer", "defer"]  # step 1's, then the cleanup's own
+    assert journal.cleanup["actions"][0].startswith("parked in defer")
     assert journal.cleanup["left"]  # no drain after a signal: it says what was left
     assert cluster.closed
 
