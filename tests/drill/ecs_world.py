@@ -159,6 +159,16 @@ async def ecs_proxy(world: World) -> AsyncIterator[str]:
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         target = request.headers.get("X-Amz-Target", "")
+        if target.endswith(".ExecuteCommand"):  # moto has no ECS Exec: answer as ECS does
+            asked = json.loads(body)
+            world.exec_calls.append((task_id(asked["task"]), asked["command"]))
+            return web.json_response({
+                "clusterArn": f"arn:aws:ecs:us-east-1:123456789012:cluster/{CLUSTER}",
+                "containerName": asked["container"], "interactive": True,
+                "taskArn": asked["task"],
+                "session": {"sessionId": "ecs-execute-command-0123", "tokenValue": "tok-SECRET",
+                            "streamUrl": "wss://ssmmessages.us-east-1.amazonaws.com/v1/x"}},
+                content_type="application/x-amz-json-1.1")
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in ("host", "content-length")}
         async with session.request(request.method, world.url + request.path_qs,

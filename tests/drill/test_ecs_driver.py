@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,50 @@ async def test_unreachable_ecs_aborts_and_still_parks(world: World, tmp_path: Pa
     assert (journal.exit_code, journal.failed_step) == (3, "0 preflight")
     assert "ECS ListTasks" in (journal.error or "")
     assert journal.cleanup["ok"] is True and world.mode() == "defer"
+
+
+FAKE_PLUGIN = """#!{python}
+import json, os, sys
+record = {{"argv": sys.argv[1:], "session": os.environ.get(sys.argv[1], "")}}
+with open({record!r}, "a") as fh:
+    fh.write(json.dumps(record) + "\\n")
+print("\\nStarting session with SessionId: ecs-execute-command-0123")
+print("/var/spool/mqueue is empty")
+print("\\t\\tTotal requests: 0")
+print("\\n\\nExiting session with sessionId: ecs-execute-command-0123.\\n")
+"""
+
+
+async def test_ecs_exec_speaks_through_the_session_manager_plugin(world: World,
+                                                                 tmp_path: Path) -> None:
+    """mailq over ECS Exec: ExecuteCommand, then session-manager-plugin run as the AWS CLI
+    runs it (the session in its environment variable, never in argv; the target
+    ecs:<cluster>_<task>_<runtime id>); the plugin's own lines are stripped."""
+    import sys
+
+    record = tmp_path / "plugin.jsonl"
+    plugin = tmp_path / "session-manager-plugin"
+    plugin.write_text(FAKE_PLUGIN.format(python=sys.executable, record=str(record)))
+    plugin.chmod(0o755)
+    async with ecs_proxy(world) as proxy:
+        cfg = config(proxy, tmp_path)
+        assert cfg.drill is not None and cfg.drill.ecs is not None
+        ecs_cfg = cfg.drill.ecs.model_copy(update={"session_manager_plugin": str(plugin)})
+        cluster = EcsCluster(ecs_cfg, ssm_endpoint="https://ssm.us-east-1.amazonaws.com")
+        await cluster.open(lambda _call: None)
+        try:
+            task = (await cluster.tasks())[0]
+            out = await cluster.mailq(task)
+        finally:
+            await cluster.close()
+    assert "Starting session" not in out and "Exiting session" not in out
+    assert "/var/spool/mqueue is empty" in out
+    [call] = [json.loads(line) for line in record.read_text().splitlines()]
+    env_name, region, action, profile, target, endpoint = call["argv"]
+    assert (env_name, region, action, profile) == ("AWS_SSM_START_SESSION_RESPONSE",
+                                                   "us-east-1", "StartSession", "")
+    assert json.loads(target) == {"Target": f"ecs:{CLUSTER}_{task}_{task}-0123"}
+    assert endpoint == "https://ssm.us-east-1.amazonaws.com"
+    assert json.loads(call["session"])["tokenValue"] == "tok-SECRET"
+    assert "tok-SECRET" not in " ".join(call["argv"])
+    assert world.exec_calls == [(task, "mailq")]
