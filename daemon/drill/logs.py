@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ class CloudWatchLogs:
     async def open(self) -> None:
         self._exit = contextlib.AsyncExitStack()
         self._client = await self._exit.enter_async_context(create_logs_client(self.cfg))
-        await self.search("selfcheckd-drill-preflight", 0.0)  # reachable and allowed
+        # Reachable and allowed: one cheap search over the last minute.
+        await self.search("selfcheckd-drill-preflight", time.time() - 60)
 
     async def close(self) -> None:
         if self._exit is not None:

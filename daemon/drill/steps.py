@@ -42,6 +42,7 @@ from daemon.drill.driver import (
     DrillFailedError,
     DrillRefusedError,
     ExecUnavailableError,
+    LogLine,
     LogSource,
     ModeStore,
 )
@@ -435,7 +436,9 @@ class Drill:
 
     # -- evidence ------------------------------------------------------------------------
 
-    async def _observe(self, task: str) -> Observation:
+    async def _observe(self, task: str,
+                       log_lines: list[LogLine] | DrillAbortedError | None = None
+                       ) -> Observation:
         if self.cluster.can_exec(task):
             obs = Observation(task=task, source="mailq")
             try:
@@ -453,18 +456,32 @@ class Drill:
         if self.logs is None:
             obs.error = "no mailq (no ECS Exec) and no log source"
             return obs
-        try:
-            lines = await self.logs.search(self.recipient, self.since)
-            qid_lines = await self.logs.search(self.qid, self.since) if self.qid else []
-        except DrillAbortedError as exc:
-            obs.error = str(exc)
+        if log_lines is None:
+            log_lines = await self._log_lines()
+        if isinstance(log_lines, DrillAbortedError):
+            obs.error = str(log_lines)
             return obs
         obs.answered = True
-        obs.log_lines = _unique([ln.text for ln in [*lines, *qid_lines] if ln.task == task])
+        obs.log_lines = _unique([ln.text for ln in log_lines if ln.task == task])
         return obs
 
+    async def _log_lines(self) -> list[LogLine] | DrillAbortedError:
+        """The log source's lines of our recipient and queue id (one search each, for
+        every task at once: FilterLogEvents has a small per-account rate)."""
+        assert self.logs is not None
+        try:
+            lines = await self.logs.search(self.recipient, self.since)
+            if self.qid:
+                lines += await self.logs.search(self.qid, self.since)
+        except DrillAbortedError as exc:
+            return exc
+        return lines
+
     async def _observe_all(self, tasks: list[str]) -> dict[str, Observation]:
-        return {t: await self._observe(t) for t in tasks}
+        shared: list[LogLine] | DrillAbortedError | None = None
+        if self.logs is not None and any(not self.cluster.can_exec(t) for t in tasks):
+            shared = await self._log_lines()
+        return {t: await self._observe(t, shared) for t in tasks}
 
     async def _poll_listed(self, rec: StepRecord, tasks: list[str], definite: bool) -> str:
         """Steps 3 and 5: every task lists one queue id for our recipient, deferred 4xx."""
