@@ -80,10 +80,11 @@ class SessionManagerPluginExec:
         try:
             async with asyncio.timeout(timeout):
                 assert proc.stdout is not None
-                data = await proc.stdout.read(MAX_OUTPUT)
-                while await proc.stdout.read(65536):
-                    pass
+                kept = bytearray()  # all of it, at most MAX_OUTPUT kept
+                while chunk := await proc.stdout.read(65536):
+                    kept += chunk[: max(0, MAX_OUTPUT - len(kept))]
                 await proc.wait()
+                data = bytes(kept)
         finally:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
