@@ -110,3 +110,36 @@ def test_config_check_warns_about_prod_and_an_unlisted_sender() -> None:
     assert any("does not match the leak watcher's default allowed_senders" in w
                for w in warnings)
     assert cfg.drill is not None and cfg.drill.sinkhole.parameter == "/cabal/sinkhole_mode"
+
+
+def test_drill_command_without_a_drill_section_exits_2(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """`selfcheckd drill` on a config without [drill] says so and exits 2."""
+    from daemon.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(BASE)
+    assert main(["drill", "queue-persistence", "--config", str(path)]) == 2
+    assert "drill: no [drill] section" in capsys.readouterr().err
+
+
+def test_drill_command_refuses_prod_with_exit_2_and_the_journal(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """`selfcheckd drill --json` in prod: exit 2, the journal says refused, nothing ran."""
+    import json
+
+    from daemon.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(BASE + f"""
+[drill]
+driver = "ecs"
+environment = "prod"
+sender = "qp-test-drill@example.net"
+lock_file = "{tmp_path / 'lock'}"
+""")
+    assert main(["drill", "queue-persistence", "--config", str(path), "--json"]) == 2
+    out = capsys.readouterr()
+    journal = json.loads(out.out)
+    assert journal["result"] == "refused" and journal["steps"] == []
+    assert "never runs in production" in out.err
