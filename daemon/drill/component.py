@@ -136,7 +136,8 @@ class ScheduledDrill:
             if journal.metric_result in ("passed", "failed"):
                 progress.up()
             else:
-                progress.down(f"last drill {journal.metric_result}: {journal.error}"[:300])
+                progress.down(f"last drill {journal.metric_result}: {journal.error}"[:300],
+                              code=f"drill_{journal.metric_result}")
             due_in = self.interval
 
     async def run_once(self) -> Journal:
