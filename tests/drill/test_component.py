@@ -54,8 +54,9 @@ def progress(metrics: Metrics) -> Progress:
     return Progress(Supervisor(metrics), ComponentState(name="drill", deadline=1e9))
 
 
-async def run_until(component: ScheduledDrill, metrics: Metrics, runs: int = 1) -> None:
-    task = asyncio.create_task(component.run(progress(metrics)))
+async def run_until(component: ScheduledDrill, metrics: Metrics, runs: int = 1,
+                    handle: Progress | None = None) -> None:
+    task = asyncio.create_task(component.run(handle or progress(metrics)))
     try:
         async with asyncio.timeout(10):
             while sum(sample(metrics, "selfcheck_drill_runs_total", result=r) or 0
@@ -150,8 +151,10 @@ async def test_stop_interrupts_a_drill_in_flight_and_waits_for_its_cleanup(
     stopping: list[asyncio.Task[bool]] = []
     world.hooks["stop_task"] = lambda: stopping.append(
         asyncio.create_task(component.stop(timeout=10)))
-    await run_until(component, metrics)
+    state = ComponentState(name="drill", deadline=1e9)
+    await run_until(component, metrics, handle=Progress(Supervisor(metrics), state))
     assert await stopping[0] is True
+    assert (state.up, state.code) == (False, "drill_aborted")  # degraded, with the reason
     assert sample(metrics, "selfcheck_drill_runs_total", result="aborted") == 1
     assert world.modes.mode == "defer"
     assert component.last is not None and component.last.interrupted_by == "shutdown"
