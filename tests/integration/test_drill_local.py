@@ -162,8 +162,8 @@ async def test_sigterm_during_step_5_exits_3_with_the_sinkhole_in_defer(
     async with drill_lab(tmp_path / "lab", ssm=(PARAMETER, moto_base)) as lab:
         slow = tmp_path / "slow-mailq"
         local = lab.tree["drill"]["local"]
-        # Once the test says so, every mailq takes 20 s: step 5 is surely running then.
-        local["mailq"] = ["sh", "-c", f'[ -e {slow} ] && sleep 20; exec "$@"', "mailq",
+        # Once the test says so, every mailq takes 8 s: step 5 is surely running then.
+        local["mailq"] = ["sh", "-c", f'[ -e {slow} ] && sleep 8; exec "$@"', "mailq",
                           *local["mailq"]]
         config = tmp_path / "drill.toml"
         config.write_text(_toml(lab.tree))
@@ -194,6 +194,7 @@ async def test_sigterm_during_step_5_exits_3_with_the_sinkhole_in_defer(
                 await proc.wait()
     journal = json.loads(stdout)
     assert proc.returncode == 3, stderr.decode()
+    print(f"SIGTERM to exit: {took:.1f} s")
     assert took < 30
     assert journal["result"] == "aborted" and journal["failed_step"] == "5 survived"
     assert journal["interrupted_by"] == "SIGTERM"
