@@ -1,0 +1,90 @@
+"""DMARC: one valid `v=DMARC1` record with a `p=`, at `_dmarc.<domain>` or the organisational
+domain's.
+
+As a receiver looks it up (RFC 7489 6.6.3): the TXT records at
+`_dmarc.<domain>` that start with `v=DMARC1`; none there, then the same at
+the organisational domain (the registrable domain by the Public Suffix List).
+More than one record at the name where the search stops means receivers use
+none. The record's grammar and tags are checkdmarc's to judge (in a thread:
+checking a report address's domain asks DNS, under the run's deadline);
+its warnings become notes. `p=none` is a note, not a problem: it is a valid
+policy that asks receivers for reports and no action.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from daemon.dns.libraries import checkdmarc_dmarc, organizational_domain
+from daemon.dns.resolver import BlockingResolver, Resolver
+from daemon.dns.verdict import ItemResult, notes, ok, problem
+from daemon.threads import in_daemon_thread
+
+ITEM = "dmarc"
+MAX_NOTES = 2
+# RFC 7489 6.4: dmarc-version = "v" *WSP "=" *WSP "DMARC1", the record's first tag.
+_DMARC1 = re.compile(r"v\s*=\s*DMARC1\s*(;|$)")
+
+
+def dmarc_records(texts: list[str]) -> list[str]:
+    return [t for t in texts if _DMARC1.match(t)]
+
+
+async def check(resolver: Resolver, domain: str, *, deadline: float,
+                clock: Callable[[], float] = time.monotonic) -> ItemResult:
+    location = domain
+    records = dmarc_records((await resolver.query(f"_dmarc.{domain}", "TXT")).texts())
+    org = organizational_domain(domain)
+    if not records and org != domain:
+        location = org
+        records = dmarc_records((await resolver.query(f"_dmarc.{org}", "TXT")).texts())
+    if not records:
+        where = f"_dmarc.{domain}" + (f" nor at _dmarc.{org}" if org != domain else "")
+        return problem(ITEM, f"no DMARC record at {where}: receivers apply no policy, and "
+                             "Gmail and Yahoo require one from bulk senders; publish "
+                             f'"v=DMARC1; p=none; rua=mailto:..." to start')
+    if len(records) > 1:
+        return problem(ITEM, f"{len(records)} DMARC records at _dmarc.{location}: receivers "
+                             "ignore them all (RFC 7489 6.6.3); keep one", records=records)
+    blocking = resolver.blocking(deadline, clock)
+    parsed = await in_daemon_thread(_parse, records[0], location, blocking, name="dmarc")
+    return judge(domain, location, records[0], parsed)
+
+
+def _parse(record: str, location: str, resolver: BlockingResolver) -> dict[str, Any] | str:
+    """checkdmarc's parse (tags and warnings), or why the record is invalid."""
+    try:
+        parsed: dict[str, Any] = checkdmarc_dmarc.parse_dmarc_record(
+            record, location, resolver=resolver, timeout=resolver.lifetime, retries=0,
+            ignore_unrelated_records=True)
+    except checkdmarc_dmarc.DMARCError as exc:
+        return str(exc)
+    return parsed
+
+
+def judge(domain: str, location: str, record: str, parsed: dict[str, Any] | str,
+          ) -> ItemResult:
+    """The DMARC item from the record and checkdmarc's parse (pure: unit-tested)."""
+    where = f"_dmarc.{location}"
+    if location != domain:
+        where += f" (the organisational domain of {domain})"
+    if isinstance(parsed, str):
+        return problem(ITEM, f"the DMARC record at {where} is invalid: {parsed}",
+                       record=record)
+    tags = parsed["tags"]
+    if not tags["p"].get("explicit"):
+        return problem(ITEM, f"the DMARC record at {where} has no p= tag: RFC 7489 requires "
+                             "one; receivers treat it as p=none at best", record=record)
+    # For a subdomain found through its organisational domain, sp= applies (else p=).
+    key = "sp" if location != domain and tags["sp"].get("explicit") else "p"
+    policy = str(tags[key]["value"])
+    caveats = []
+    if policy == "none":
+        caveats.append(f"{key}=none: monitoring only, receivers take no action on "
+                       "failing mail")
+    caveats += [w for w in parsed["warnings"] if "p tag value of none" not in w][:MAX_NOTES]
+    return ok(ITEM, notes(f"v=DMARC1 at {where}: {key}={policy}", caveats), record=record,
+              location=location, policy=policy)

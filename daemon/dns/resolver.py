@@ -1,0 +1,214 @@
+"""DNS lookups for the checks, each with a deadline, against the configured nameservers.
+
+Two resolvers over the same nameservers, both dnspython's:
+
+* `Resolver`, asyncio, for every query the checks make themselves. Every
+  query ends within `timeout` seconds (dnspython's lifetime, and an
+  `asyncio.timeout` around it); at most `MAX_IN_FLIGHT` run at once per run of
+  an entry, however many IPs and zones it lists.
+* `BlockingResolver`, for the libraries that resolve on their own (checkdmarc
+  following SPF includes, pyspf evaluating check_host) in a thread: each of
+  their queries is cut to what is left of the run's deadline, so the thread
+  ends by then, and every failed query is recorded, because those libraries
+  fold a timeout into their verdict ("no SPF record") and we must not.
+
+An answer is NXDOMAIN, NODATA or records; anything else (timeout, SERVFAIL,
+REFUSED, no resolver configured) raises `DnsError`: the question is
+undecided, and a check turns that into `error`, never into a verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from daemon.dns.config import Nameserver
+
+# Per run of an entry: 4 zones x 3 IPs plus the rest fits; a long list waits its turn.
+MAX_IN_FLIGHT = 16
+# One attempt at one nameserver; dnspython retries (and moves to the next server)
+# until the query's lifetime (`timeout`) is spent.
+ATTEMPT_TIMEOUT = 2.0
+
+
+class DnsError(Exception):
+    """No answer: the name's state is unknown (a timeout proves nothing)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the DNS said about (name, type): no such name, no such type, or records."""
+
+    name: str
+    rdtype: str
+    exists: bool  # False: NXDOMAIN
+    records: tuple[Any, ...] = ()  # dnspython rdata objects
+
+    def texts(self) -> list[str]:
+        """TXT records, each one's strings joined without separator (RFC 7208 3.3)."""
+        return [txt_text(r.strings) for r in self.records]
+
+    def addresses(self) -> list[str]:
+        return [str(r.address) for r in self.records]
+
+    def names(self) -> list[str]:
+        """PTR/CNAME targets, without the final dot, lowercase."""
+        return [r.target.to_text(omit_final_dot=True).lower() for r in self.records]
+
+
+def txt_text(strings: Sequence[bytes]) -> str:
+    """A TXT record's character-strings joined and decoded (bytes that are not UTF-8
+    are shown as U+FFFD: they are in no valid record of ours)."""
+    return b"".join(strings).decode("utf-8", errors="replace")
+
+
+def describe(exc: dns.exception.DNSException, timeout: float) -> str:
+    """A one-line reason for a failed query, naming what did not answer."""
+    if isinstance(exc, dns.exception.Timeout):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        errors = exc.kwargs.get("errors") or []
+        said = "; ".join(f"{_server(server, port)} {_error_text(error)}"
+                         for server, _tcp, port, error, *_ in errors[:3])
+        return f"no nameserver answered ({said or 'all failed'})"
+    if isinstance(exc, dns.resolver.NoResolverConfiguration):
+        return ("no system resolver configured (/etc/resolv.conf has no nameserver): set "
+                "nameservers")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _server(address: Any, port: Any) -> str:
+    host = str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _error_text(error: Any) -> str:
+    """An rcode (`REFUSED`, `SERVFAIL`) as dnspython records it, or an exception."""
+    if isinstance(error, str):
+        return f"said {error}"
+    return str(error) or type(error).__name__
+
+
+def do53(nameserver: Nameserver) -> dns.nameserver.Nameserver:
+    return dns.nameserver.Do53Nameserver(nameserver.host, nameserver.port)
+
+
+class Resolver:
+    """Asyncio lookups for one run of one entry (a new one per run: resolv.conf re-read)."""
+
+    def __init__(self, nameservers: Sequence[Nameserver] | None, timeout: float,
+                 *, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.nameservers = list(nameservers) if nameservers is not None else None
+        self.timeout = timeout
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._resolver: dns.asyncresolver.Resolver | None = None
+
+    def where(self) -> str:
+        """Who is asked, for reasons: `127.0.0.1:5353` or `the system resolver`."""
+        if self.nameservers is None:
+            return "the system resolver"
+        return ", ".join(str(n) for n in self.nameservers)
+
+    def _get(self) -> dns.asyncresolver.Resolver:
+        if self._resolver is None:
+            try:
+                resolver = dns.asyncresolver.Resolver(configure=self.nameservers is None)
+            except dns.exception.DNSException as exc:  # no /etc/resolv.conf
+                raise DnsError(describe(exc, self.timeout)) from None
+            if self.nameservers is not None:
+                resolver.nameservers = [do53(n) for n in self.nameservers]
+            resolver.timeout = min(ATTEMPT_TIMEOUT, self.timeout)
+            resolver.lifetime = self.timeout
+            resolver.retry_servfail = False
+            self._resolver = resolver
+        return self._resolver
+
+    async def query(self, name: str, rdtype: str) -> Answer:
+        """Ask for (name, rdtype); NXDOMAIN and NODATA are answers, a failure raises."""
+        qname = dns.name.from_text(name)  # absolute: no search list, whatever resolv.conf says
+        resolver = self._get()
+        async with self._slots:
+            try:
+                # The lifetime bounds dnspython's own retries; the timeout bounds us
+                # even if a backend ignored it.
+                async with asyncio.timeout(self.timeout + 1.0):
+                    answer = await resolver.resolve(qname, rdtype, search=False,
+                                                    raise_on_no_answer=False,
+                                                    lifetime=self.timeout)
+            except dns.resolver.NXDOMAIN:
+                return Answer(name, rdtype, exists=False)
+            except TimeoutError:
+                raise DnsError(f"{name} {rdtype}: no answer within {self.timeout:g}s "
+                                 f"from {self.where()}") from None
+            except dns.exception.DNSException as exc:
+                raise DnsError(f"{name} {rdtype}: {describe(exc, self.timeout)} "
+                                 f"from {self.where()}") from None
+        records = tuple(answer.rrset) if answer.rrset is not None else ()
+        return Answer(name, rdtype, exists=True, records=records)
+
+    def blocking(self, deadline: float, clock: Callable[[], float] = time.monotonic,
+                 ) -> BlockingResolver:
+        """A blocking resolver over the same nameservers whose queries end by `deadline`
+        (on `clock`), for a library running in a thread."""
+        return BlockingResolver(self.nameservers, self.timeout, deadline, clock)
+
+
+class BlockingResolver(dns.resolver.Resolver):
+    """dnspython's blocking resolver with the run's deadline on every query.
+
+    Handed to libraries as their `resolver`; `failures` lists the queries that
+    got no answer, so a verdict the library reached through one is not trusted.
+    """
+
+    def __init__(self, nameservers: Sequence[Nameserver] | None, timeout: float,
+                 deadline: float, clock: Callable[[], float] = time.monotonic) -> None:
+        try:
+            super().__init__(configure=nameservers is None)
+        except dns.exception.DNSException as exc:
+            raise DnsError(describe(exc, timeout)) from None
+        if nameservers is not None:
+            self.nameservers = [do53(n) for n in nameservers]
+        self.timeout = min(ATTEMPT_TIMEOUT, timeout)
+        self.lifetime = timeout
+        self.retry_servfail = False
+        self.deadline = deadline
+        self.clock = clock
+        self.failures: list[str] = []
+
+    def resolve(
+        self,
+        qname: dns.name.Name | str,
+        rdtype: dns.rdatatype.RdataType | str = dns.rdatatype.A,
+        rdclass: Any = dns.rdataclass.IN,
+        tcp: bool = False,
+        source: str | None = None,
+        raise_on_no_answer: bool = True,
+        source_port: int = 0,
+        lifetime: float | None = None,
+        search: bool | None = None,
+    ) -> dns.resolver.Answer:
+        what = f"{qname} {dns.rdatatype.to_text(dns.rdatatype.RdataType.make(rdtype))}"
+        left = self.deadline - self.clock()
+        if left <= 0:
+            self.failures.append(f"{what}: not asked, the run's deadline had passed")
+            raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])  # type: ignore[no-untyped-call]
+        # A library may ask for longer (pyspf passes its whole 20 s budget): ours wins.
+        budget = min(self.lifetime, left, self.lifetime if lifetime is None else lifetime)
+        try:
+            return super().resolve(qname, rdtype, rdclass, tcp, source, raise_on_no_answer,
+                                   source_port, budget, False if search is None else search)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            raise
+        except dns.exception.DNSException as exc:
+            self.failures.append(f"{what}: {describe(exc, budget)}")
+            raise

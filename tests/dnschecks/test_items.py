@@ -1,0 +1,271 @@
+"""Every item against a real authoritative server (NSD) serving the test zones."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from daemon.dns import blocklists, dmarc, mta_sts
+from daemon.dns.mta_sts import PolicyFetcher
+from daemon.dns.resolver import Resolver
+from daemon.dns.run import run_entry
+from daemon.dns.verdict import EntryResult, ItemResult, Verdict
+from tests.dnschecks.conftest import EntryFactory
+from tests.dnschecks.nsd import Blackhole, NsdLab
+from tests.dnschecks.world import (
+    GOOD_IP,
+    GOOD_IP6,
+    LISTED_IP,
+    LISTED_REASON,
+    NO_FCRDNS_IP,
+    NO_PTR_IP,
+    SELECTOR,
+)
+
+
+def by_item(result: EntryResult) -> dict[str, ItemResult]:
+    return {i.item: i for i in result.items}
+
+
+def resolver_for(nsd: NsdLab, *more: str) -> Resolver:
+    from daemon.dns.config import Nameserver
+
+    return Resolver([Nameserver.parse(nsd.nameserver), *map(Nameserver.parse, more)], 2.0)
+
+
+async def test_a_domain_where_everything_holds_is_ok_item_by_item(
+        make_entry: EntryFactory, policy_server: PolicyFetcher) -> None:
+    """good.test: MX, SPF (pass for both IPs), DMARC, DKIM, FCrDNS, clean, MTA-STS, TLS-RPT."""
+    entry = make_entry("good.test", dkim_selectors=[SELECTOR], sending_ips=[GOOD_IP, GOOD_IP6],
+                       blocklists=["bl.test"])
+    result = await run_entry(entry, fetcher=policy_server)
+    items = by_item(result)
+    assert {i.item: i.verdict for i in result.items} == {
+        "mx": "ok", "spf": "ok", "dmarc": "ok", f"dkim/{SELECTOR}": "ok",
+        f"ptr/{GOOD_IP}": "ok", f"ptr/{GOOD_IP6}": "ok",
+        f"blocklist/bl.test/{GOOD_IP}": "ok", f"blocklist/bl.test/{GOOD_IP6}": "ok",
+        "mta-sts": "ok", "tls-rpt": "ok"}, [i.reason for i in result.items]
+    assert f"pass for {GOOD_IP}, {GOOD_IP6}" in items["spf"].reason
+    assert "2 of 10 DNS lookups" in items["spf"].reason
+    assert "p=reject" in items["dmarc"].reason
+    assert items[f"dkim/{SELECTOR}"].details["bits"] == 2048
+    assert "covers MX mx.good.test" in items["mta-sts"].reason
+    assert result.verdict is Verdict.OK
+
+
+async def test_two_spf_records_are_a_problem(make_entry: EntryFactory) -> None:
+    """RFC 7208 4.5: two v=spf1 records make every message a permerror."""
+    spf = by_item(await run_entry(make_entry("twospf.test", sending_ips=[GOOD_IP])))["spf"]
+    assert spf.verdict is Verdict.PROBLEM
+    assert "2 SPF records" in spf.reason
+
+
+async def test_a_twelve_lookup_spf_chain_is_a_problem_even_when_the_ip_matches_last(
+        make_entry: EntryFactory) -> None:
+    """The lookup limit is judged on the whole record, not on where one IP matched."""
+    spf = by_item(await run_entry(make_entry("chain.test", sending_ips=[GOOD_IP])))["spf"]
+    assert spf.verdict is Verdict.PROBLEM
+    assert "more than 10 DNS lookups" in spf.reason
+
+
+async def test_an_spf_record_that_does_not_cover_the_sending_ip_is_a_problem(
+        make_entry: EntryFactory) -> None:
+    """check_host() for the IP gives fail (-all matched): not authorised."""
+    spf = by_item(await run_entry(make_entry("uncovered.test", sending_ips=[GOOD_IP])))["spf"]
+    assert spf.verdict is Verdict.PROBLEM
+    assert f"does not authorise {GOOD_IP}: fail" in spf.reason
+    assert spf.details["results"] == {GOOD_IP: "fail"}
+
+
+async def test_an_spf_include_nobody_answers_for_is_an_error_not_a_missing_record(
+        nsd: NsdLab, blackhole: Blackhole, make_entry: EntryFactory) -> None:
+    """The libraries fold a timed-out include into "no SPF record"; we say undecided."""
+    entry = make_entry("deadinclude.test", sending_ips=[GOOD_IP], timeout=0.5, deadline=5,
+                       nameservers=[nsd.nameserver, blackhole.nameserver])
+    spf = by_item(await run_entry(entry))["spf"]
+    assert spf.verdict is Verdict.ERROR, spf.reason
+    assert "_spf.dead.test" in spf.reason
+
+
+async def test_a_revoked_dkim_key_is_a_problem(make_entry: EntryFactory) -> None:
+    """An empty p= is a revoked key (RFC 6376 3.6.1)."""
+    entry = make_entry("revoked.test", dkim_selectors=[SELECTOR])
+    dkim = by_item(await run_entry(entry))[f"dkim/{SELECTOR}"]
+    assert dkim.verdict is Verdict.PROBLEM
+    assert "revoked" in dkim.reason
+
+
+async def test_a_512_bit_dkim_key_is_a_problem(make_entry: EntryFactory) -> None:
+    """RFC 8301: verifiers reject RSA keys under 1024 bits."""
+    entry = make_entry("weak.test", dkim_selectors=[SELECTOR])
+    dkim = by_item(await run_entry(entry))[f"dkim/{SELECTOR}"]
+    assert dkim.verdict is Verdict.PROBLEM
+    assert dkim.details["bits"] == 512
+
+
+async def test_a_missing_dkim_selector_is_a_problem(make_entry: EntryFactory) -> None:
+    """A selector with no key record: every signature with it fails."""
+    entry = make_entry("good.test", dkim_selectors=["nosuch"])
+    dkim = by_item(await run_entry(entry))["dkim/nosuch"]
+    assert dkim.verdict is Verdict.PROBLEM
+    assert "no DKIM key at nosuch._domainkey.good.test" in dkim.reason
+
+
+async def test_no_dmarc_record_is_a_problem(make_entry: EntryFactory) -> None:
+    """Neither _dmarc.<domain> nor the organisational domain has one."""
+    item = by_item(await run_entry(make_entry("nodmarc.test")))["dmarc"]
+    assert item.verdict is Verdict.PROBLEM
+    assert "no DMARC record at _dmarc.nodmarc.test" in item.reason
+
+
+async def test_dmarc_falls_back_to_the_organisational_domain(nsd: NsdLab) -> None:
+    """news.good.test has no _dmarc of its own: good.test's record applies."""
+    item = await dmarc.check(resolver_for(nsd), "news.good.test", deadline=time.monotonic() + 5)
+    assert item.verdict is Verdict.OK, item.reason
+    assert item.details["location"] == "good.test"
+    assert "organisational domain of news.good.test" in item.reason
+
+
+async def test_p_none_is_a_note_not_a_problem(make_entry: EntryFactory) -> None:
+    """p=none is a valid policy: ok, with the note that receivers take no action."""
+    item = by_item(await run_entry(make_entry("uncovered.test")))["dmarc"]
+    assert item.verdict is Verdict.OK
+    assert "p=none: monitoring only" in item.reason
+
+
+async def test_a_ptr_that_does_not_forward_confirm_is_a_problem(
+        make_entry: EntryFactory) -> None:
+    """203.0.113.8's PTR name resolves to another address; 203.0.113.9 has no PTR."""
+    items = by_item(await run_entry(make_entry("good.test",
+                                               sending_ips=[NO_FCRDNS_IP, NO_PTR_IP])))
+    mismatch, missing = items[f"ptr/{NO_FCRDNS_IP}"], items[f"ptr/{NO_PTR_IP}"]
+    assert mismatch.verdict is Verdict.PROBLEM
+    assert "mail.nofcrdns.test -> 203.0.113.99" in mismatch.reason
+    assert missing.verdict is Verdict.PROBLEM
+    assert "has no reverse DNS" in missing.reason
+
+
+async def test_a_null_mx_is_reported_as_such(make_entry: EntryFactory) -> None:
+    """MX 0 . (RFC 7505): a problem for a sending domain, and named a null MX."""
+    item = by_item(await run_entry(make_entry("nullmx.test")))["mx"]
+    assert item.verdict is Verdict.PROBLEM
+    assert item.reason.startswith("null MX (RFC 7505)")
+    assert item.details["null_mx"] is True
+
+
+async def test_a_listed_ip_is_a_problem_with_the_zones_txt_reason(nsd: NsdLab) -> None:
+    """An A answer in 127.0.0.0/8 is a listing; the TXT record says why."""
+    item = await blocklists.check(resolver_for(nsd), "bl.test", LISTED_IP)
+    assert item.verdict is Verdict.PROBLEM
+    assert item.details["listed"] is True
+    assert item.details["codes"] == ["127.0.0.2"]
+    assert LISTED_REASON in item.reason
+
+
+async def test_an_unlisted_ip_is_ok_on_nxdomain(nsd: NsdLab) -> None:
+    """NXDOMAIN is clean."""
+    item = await blocklists.check(resolver_for(nsd), "bl.test", GOOD_IP)
+    assert (item.verdict, item.details["listed"]) == (Verdict.OK, False)
+
+
+async def test_127_255_255_254_is_an_unusable_blocklist_never_a_listing(nsd: NsdLab) -> None:
+    """Spamhaus's answer to a public resolver: error, not listed, not clean."""
+    item = await blocklists.check(resolver_for(nsd), "refused.test", GOOD_IP)
+    assert item.verdict is Verdict.ERROR
+    assert item.reason.startswith("blocklist unusable from this resolver")
+    assert "public or open resolver" in item.reason
+    assert "listed" not in item.details
+
+
+async def test_a_zone_that_lists_everything_is_an_error(nsd: NsdLab) -> None:
+    """It also lists RFC 5782's never-listed 127.0.0.1: its listing means nothing."""
+    item = await blocklists.check(resolver_for(nsd), "everything.test", GOOD_IP)
+    assert item.verdict is Verdict.ERROR
+    assert "lists everything" in item.reason
+
+
+async def test_a_blocklist_that_never_answers_is_an_error_and_the_rest_is_decided(
+        nsd: NsdLab, blackhole: Blackhole, make_entry: EntryFactory) -> None:
+    """dead.test is served by nothing that answers: error for it, verdicts for the rest,
+    and the run ends by the query timeout, not the deadline."""
+    entry = make_entry("good.test", sending_ips=[GOOD_IP], blocklists=["bl.test", "dead.test"],
+                       nameservers=[nsd.nameserver, blackhole.nameserver], timeout=0.5,
+                       deadline=20)
+    before = blackhole.received
+    started = time.monotonic()
+    items = by_item(await run_entry(entry))
+    took = time.monotonic() - started
+    dead = items[f"blocklist/dead.test/{GOOD_IP}"]
+    assert dead.verdict is Verdict.ERROR
+    assert "no answer within 0.5s" in dead.reason
+    assert items[f"blocklist/bl.test/{GOOD_IP}"].verdict is Verdict.OK
+    assert items["spf"].verdict is Verdict.OK
+    assert blackhole.received > before
+    assert took < 10, took  # bounded by the per-query timeout, far below the deadline
+
+
+async def test_a_nameserver_that_never_answers_errors_every_item_by_the_deadline(
+        blackhole: Blackhole, make_entry: EntryFactory) -> None:
+    """Nothing answers: every item is error, none a verdict, within the run's deadline."""
+    entry = make_entry("good.test", sending_ips=[GOOD_IP], dkim_selectors=[SELECTOR],
+                       blocklists=["bl.test"], nameservers=[blackhole.nameserver],
+                       timeout=0.3, deadline=2)
+    started = time.monotonic()
+    result = await run_entry(entry)
+    assert time.monotonic() - started < 2 + 1.5
+    assert {i.verdict for i in result.items} == {Verdict.ERROR}, [i.reason for i in result.items]
+
+
+async def test_mta_sts_whose_policy_does_not_cover_the_mx_is_a_problem(
+        nsd: NsdLab, policy_server: PolicyFetcher) -> None:
+    """The policy's mx: *.elsewhere.test leaves mx.stsbad.test out."""
+    item = await mta_sts.check(resolver_for(nsd), "stsbad.test", policy_server)
+    assert item.verdict is Verdict.PROBLEM
+    assert "do not cover MX host mx.stsbad.test" in item.reason
+
+
+async def test_mta_sts_announced_but_not_served_is_a_problem(
+        nsd: NsdLab, policy_server: PolicyFetcher) -> None:
+    """The TXT record says there is a policy; the HTTPS server answers 404."""
+    item = await mta_sts.check(resolver_for(nsd), "stsmissing.test", policy_server)
+    assert item.verdict is Verdict.PROBLEM
+    assert "HTTP 404" in item.reason
+
+
+async def test_mta_sts_with_a_certificate_for_another_name_is_a_problem(
+        nsd: NsdLab, policy_server: PolicyFetcher) -> None:
+    """Senders verify the policy host's certificate: one not naming it fails the fetch."""
+    item = await mta_sts.check(resolver_for(nsd), "wrongcert.test", policy_server)
+    assert item.verdict is Verdict.PROBLEM
+    assert "certificate of mta-sts.wrongcert.test is not valid" in item.reason
+
+
+async def test_mta_sts_wildcard_pattern_covers_one_label(
+        nsd: NsdLab, policy_server: PolicyFetcher) -> None:
+    """*.wildcard.test covers mx.wildcard.test (testing mode is still checked)."""
+    item = await mta_sts.check(resolver_for(nsd), "wildcard.test", policy_server)
+    assert item.verdict is Verdict.OK, item.reason
+    assert item.details["mode"] == "testing"
+
+
+async def test_mta_sts_not_published_is_ok(nsd: NsdLab) -> None:
+    """No _mta-sts record: no MTA-STS, nothing fetched, nothing wrong."""
+    item = await mta_sts.check(resolver_for(nsd), "plain.test", PolicyFetcher(port=9))
+    assert (item.verdict, item.details["published"]) == (Verdict.OK, False)
+
+
+async def test_two_tls_rpt_records_are_a_problem(make_entry: EntryFactory) -> None:
+    """RFC 8460 3.1: with two records senders send no reports."""
+    item = by_item(await run_entry(make_entry("stsbad.test")))["tls-rpt"]
+    assert item.verdict is Verdict.PROBLEM
+    assert "2 v=TLSRPTv1 records" in item.reason
+
+
+@pytest.mark.parametrize("domain", ["nosuchdomain.test"])
+async def test_a_domain_the_nameserver_refuses_is_an_error_everywhere(
+        make_entry: EntryFactory, domain: str) -> None:
+    """NSD refuses names outside its zones: no nameserver answered, so nothing is decided."""
+    result = await run_entry(make_entry(domain))
+    assert {i.verdict for i in result.items} == {Verdict.ERROR}
+    assert "REFUSED" in by_item(result)["mx"].reason
