@@ -52,7 +52,9 @@ from daemon.roundtrip.probe import probe_secret
 from daemon.stopping import StopBudget
 from daemon.supervisor import Progress, Supervisor
 
-if TYPE_CHECKING:  # imported when configured: botocore is heavy
+if TYPE_CHECKING:  # imported when configured: botocore and the DNS libraries are heavy
+    from daemon.dns.component import DnsChecks
+    from daemon.dns.mta_sts import PolicyFetcher
     from daemon.drill.component import ScheduledDrill
     from daemon.logwatch.watcher import LeakWatch
 
@@ -108,6 +110,7 @@ class Daemon:
         *,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        policy_fetcher: PolicyFetcher | None = None,
     ) -> None:
         self.config = loaded.config
         self.config_path = config_path if config_path is not None else loaded.path
@@ -139,6 +142,10 @@ class Daemon:
                                      routes=list(self.checks))
         self.leakwatch = self._leakwatch(self.config)
         self.drill = self._drill(self.config)
+        # How MTA-STS policies are fetched: port 443 and the system's CAs unless a test
+        # says otherwise (the configuration cannot).
+        self._policy_fetcher = policy_fetcher
+        self.dns = self._dns(self.config)
         self.http = self._http(self.config)
         self.started_at = time.time()
         self.ready = False
@@ -208,6 +215,14 @@ class Daemon:
         return ScheduledDrill(config, self.metrics, clock=self._clock, sleep=self._sleep,
                               interrupt_budget=max(1.0, config.shutdown_grace - CLOSE_BUDGET))
 
+    def _dns(self, config: Config) -> DnsChecks | None:
+        if not config.dns:
+            return None
+        from daemon.dns.component import DnsChecks
+
+        return DnsChecks(config.dns, self.metrics, fetcher=self._policy_fetcher,
+                         clock=self._clock, sleep=self._sleep)
+
     def _http(self, config: Config) -> HttpServer:
         server = config.server
         return HttpServer(self, self.metrics, server.host, server.port,
@@ -220,6 +235,8 @@ class Daemon:
             return  # a reload removed the route while this run was going
         self.results[result.route] = result
         self.heartbeats.run_finished(result)
+        if self.dns is not None:
+            self.dns.route_result(result)  # the sending IP of ips_from_route
 
     def _on_skip(self, name: str, count: int) -> None:
         self.metrics.skipped_runs.labels(name).inc(count)
@@ -288,6 +305,7 @@ class Daemon:
                 "routes": list(self.checks),
                 "heartbeats": [t.name for t in cfg.heartbeat],
                 "leakwatch": None if cfg.leakwatch is None else cfg.leakwatch.source,
+                "dns": [e.name for e in cfg.dns],
                 "logging": cfg.logging.model_dump(),
             },
             "problems": self.problems(),
@@ -295,6 +313,7 @@ class Daemon:
             "components": self.supervisor.states(),
             "routes": routes,
             "leakwatch": leak,
+            "dns": None if self.dns is None else self.dns.status(),
         }
 
     def probe_enabled(self) -> bool:
@@ -370,12 +389,14 @@ class Daemon:
             self.supervisor.start(component)
         if self.drill is not None:
             self.supervisor.start(self.drill)
+        if self.dns is not None:
+            self.supervisor.start(self.dns)
         self._supervising = asyncio.create_task(self.supervisor.run(), name="supervisor")
         await self.supervisor.started()
         self.ready = True
         log.info("selfcheckd_started", version=__version__, listen=self.http.listen,
                  routes=len(self.checks), interval=self.config.selfcheck.interval,
-                 leakwatch=self.config.leakwatch is not None,
+                 leakwatch=self.config.leakwatch is not None, dns=len(self.config.dns),
                  components=",".join(self.supervisor.names()))
 
     async def shutdown(self) -> None:
@@ -393,6 +414,8 @@ class Daemon:
         drill_stopped = None if self.drill is None else asyncio.create_task(
             self.drill.stop(timeout=grace), name="drill-stop")
         self.scheduler.stop()
+        if self.dns is not None:  # a DNS run has nothing to clean up: cancelled at once
+            await self.dns.stop(timeout=min(1.0, self.budget.remaining()))
         if self.leakwatch is not None:  # read nothing new from here on
             await self.supervisor.remove(self.leakwatch.source_loop.name,
                                          timeout=min(1.0, self.budget.remaining()))
@@ -492,6 +515,8 @@ class Daemon:
             await self._swap_leakwatch(new)
         if new.drill != old.drill:
             await self._swap_drill(new)
+        if new.dns != old.dns:
+            await self._swap_dns(new)
         if http is not None:
             old_http, self.http = self.http, http
             await self.supervisor.replace(http, timeout=SWAP_TIMEOUT)
@@ -548,6 +573,22 @@ class Daemon:
         if self.drill is not None:
             self.supervisor.start(self.drill)
 
+    async def _swap_dns(self, new: Config) -> None:
+        """Entries changed: the component takes the new ones (keeping cadences and results
+        of the others), is started for the first entries, or stopped after the last."""
+        if self.dns is not None and new.dns:
+            self.dns.replace(new.dns)
+            return
+        if self.dns is not None:
+            old, self.dns = self.dns, None
+            await old.stop(timeout=SWAP_TIMEOUT)
+            old.replace([])  # drops every entry's series
+            await self.supervisor.remove(old.name, timeout=SWAP_TIMEOUT)
+            return
+        self.dns = self._dns(new)
+        if self.dns is not None:
+            self.supervisor.start(self.dns)
+
     async def _swap_leakwatch(self, new: Config) -> None:
         old = self.leakwatch
         handover: dict[str, Any] | None = None
@@ -565,7 +606,7 @@ class Daemon:
 
 
 def _changed_sections(old: Config, new: Config) -> list[str]:
-    names = ["selfcheck", "server", "logging", "heartbeat", "leakwatch", "drill",
+    names = ["selfcheck", "server", "logging", "heartbeat", "leakwatch", "drill", "dns",
              "shutdown_grace"]
     return [n for n in names if getattr(old, n) != getattr(new, n)]
 

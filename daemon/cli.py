@@ -1,8 +1,9 @@
-"""`selfcheckd run | check | scan | config-check | demo | drill | sinkhole`.
+"""`selfcheckd run | check | dns | scan | config-check | init | demo | drill | sinkhole`.
 
 Exit codes: 0 success, 1 a check failed or a leak was found, 2 bad configuration
 or input, 3 the daemon could not start (e.g. its port is in use), or, for `scan`, the
-log is blind (no delivery line: nothing could be judged) or --queue-id found nothing.
+log is blind (no delivery line: nothing could be judged) or --queue-id found nothing,
+or, for `dns`, some item could not be decided.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     source = str(loaded.path) if loaded.path else "environment"
     print(f"config OK ({source}): {len(cfg.selfcheck.routes)} route(s), "
           f"{len(cfg.heartbeat)} heartbeat target(s), "
-          f"leak watcher {'on' if cfg.leakwatch else 'off'}")
+          f"leak watcher {'on' if cfg.leakwatch else 'off'}, {len(cfg.dns)} dns entr"
+          f"{'y' if len(cfg.dns) == 1 else 'ies'}")
     for key, value in placeholders(cfg):
         print(f"warning: {key} = {value} is an example domain (RFC 2606), "
               "a placeholder to replace")
@@ -144,6 +146,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.success for r in outcome.results) else EXIT_FAILED
 
 
+def _cmd_dns(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
+        return EXIT_CONFIG
+    from daemon.dns.command import run_command
+
+    # The verdicts go to stdout; only what goes wrong in selfcheckd itself is logged.
+    configure_logging(loaded.config.logging.format, "error")
+    return run_command(loaded.config.dns, args.name, as_json=args.json)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     # SIGHUP means "reload" once the daemon runs; until its handler is in place (and
     # after it is gone at the exit) it must not kill the process, as its default does.
@@ -242,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(command(
         "run", "run the daemon: scheduled checks, leak watcher, /metrics",
         "Run selfcheckd as a service: a round trip per route every interval, the leak\n"
-        "watcher, heartbeats, and /metrics /healthz /readyz /status (and /probe with\n"
-        "[server] probe = true). SIGTERM stops it within shutdown_grace (+2 s);\n"
+        "watcher, the [[dns]] checks, heartbeats, and /metrics /healthz /readyz /status\n"
+        "(and /probe with [server] probe = true). SIGTERM stops it within shutdown_grace (+2 s);\n"
         "SIGHUP reloads the config, all of it or none.",
         "exit codes: 0 stopped by a signal, 1 a second signal forced the exit,\n"
         "            2 bad configuration, 3 could not start (port in use)\n"
@@ -275,6 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "retries included; undelivered ones then count as failures "
                         "(default: 30)")
     p.set_defaults(func=_cmd_check)
+
+    p = with_config(command(
+        "dns", "check the [[dns]] entries once: blocklists, PTR, MX, SPF, DKIM, DMARC, MTA-STS",
+        "For every [[dns]] entry (or --name): each sending IP on each blocklist and its\n"
+        "forward-confirmed PTR; the domain's MX, SPF (evaluated for each sending IP),\n"
+        "DKIM keys, DMARC, MTA-STS and TLS-RPT. One line per item: entry, item, verdict\n"
+        "(ok, problem, or error when it could not be decided), reason (docs/dns.md).",
+        "exit codes: 0 every item ok, 1 an item is a problem, 2 bad configuration or\n"
+        "            unknown --name, 3 an item could not be decided and none is a problem\n"
+        "example:    selfcheckd dns --config selfcheckd.toml --name example.com --json"))
+    p.add_argument("--json", action="store_true", help="one JSON object per item")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="check only this entry (repeatable; default: every entry)")
+    p.set_defaults(func=_cmd_dns)
 
     p = with_config(command(
         "config-check", "validate the configuration (and with --connect, reach its servers)",

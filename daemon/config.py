@@ -44,6 +44,7 @@ from daemon.config_base import (
     url_problem,
     url_secret_pieces,
 )
+from daemon.dns.config import DnsEntry
 from daemon.drill.config import DrillConfig
 from daemon.logwatch.config import LeakWatchConfig
 
@@ -391,6 +392,8 @@ class Config(StrictModel):
     leakwatch: LeakWatchConfig | None = None
     pushgateway: PushgatewayConfig | None = None
     drill: DrillConfig | None = None
+    # DNS and sending-reputation checks (docs/dns.md).
+    dns: list[DnsEntry] = Field(default_factory=list)
     # Below ECS's default 30 s stopTimeout, so cleanup finishes before SIGKILL.
     shutdown_grace: PositiveFloat = 20.0
 
@@ -430,6 +433,7 @@ class Config(StrictModel):
         # A route whose name is itself invalid leaves the known names unknown.
         if known is None or not all(isinstance(n, str) for n in known):
             return super().check_table(table, info, problems)
+        _check_dns_entries(table.get("dns", []), known, problems)
         for i, target in enumerate(targets):
             covered = table_value(target, "routes")
             if not isinstance(covered, list):
@@ -469,6 +473,32 @@ def sender_allowed(sender: str, patterns: list[Any]) -> bool:
     """As the leak watcher matches senders: case-insensitive glob patterns."""
     return any(isinstance(p, str) and fnmatch.fnmatchcase(sender.lower(), p.lower())
                for p in patterns)
+
+
+def _check_dns_entries(entries: Any, routes: list[str], problems: list[Problem]) -> None:
+    """[[dns]] names are unique (they label metrics); ips_from_route names a route."""
+    if not isinstance(entries, list):
+        return
+    names = [_dns_name(e) for e in entries]
+    repeated = sorted({n for n in names if n is not None and names.count(n) > 1})
+    if repeated:
+        problems.append((("dns",), "entry names must be unique (repeated: "
+                         f"{', '.join(repeated)}); set name = \"...\" to tell them apart"))
+    for i, entry in enumerate(entries):
+        route = table_value(entry, "ips_from_route")
+        if isinstance(route, str) and route.strip() and route not in routes:
+            problems.append((("dns", i, "ips_from_route"),
+                             f"no such route: {route} "
+                             f"(routes: {', '.join(dict.fromkeys(routes)) or 'none'})"))
+
+
+def _dns_name(entry: Any) -> str | None:
+    """An entry's name as it will be: its `name`, else its domain as normalised."""
+    name = table_value(entry, "name")
+    if isinstance(name, str) and name:
+        return name
+    domain = table_value(entry, "domain")
+    return domain.rstrip(".").lower() if isinstance(domain, str) else None
 
 
 class ConfigError(Exception):
@@ -630,9 +660,11 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     except ValidationError as exc:
         problems = [_problem(e, origin) for e in exc.errors()]
     section = tree.get("selfcheck", {})
-    if isinstance(section, dict) and not section.get("routes") and tree.get("leakwatch") is None:
+    if isinstance(section, dict) and not section.get("routes") and tree.get("leakwatch") is None \
+            and not tree.get("dns"):
         problems.append(
-            "selfcheck.routes: at least one route is required (or a [leakwatch] section); "
+            "selfcheck.routes: at least one route is required (or a [leakwatch] section, or "
+            "[[dns]] entries); "
             "for a single route set MESSAGES_SELFCHECK_FROM/_TO and "
             "SELFCHECK_SMTP_HOST/SELFCHECK_IMAP_HOST")
     if problems:

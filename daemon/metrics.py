@@ -138,6 +138,37 @@ class Metrics:
             ["route", "protocol"], registry=r,
         )
 
+        # -- DNS and sending reputation (docs/dns.md) ------------------------------------
+        self.dns_ok = Gauge(
+            "selfcheck_dns_ok",
+            "1 if the item's latest verdict is ok, 0 if it is a problem (spf, dmarc, mx, "
+            "mta-sts, tls-rpt, dkim/<selector>, ptr/<ip>, blocklist/<zone>/<ip>, route-ip); "
+            "absent while it could not be decided.",
+            ["name", "item"], registry=r,
+        )
+        self.dnsbl_listed = Gauge(
+            "selfcheck_dnsbl_listed",
+            "1 if the IP is listed in the blocklist zone, 0 if not; absent while undecided "
+            "(no answer, the zone refusing our resolver, a zone that lists everything).",
+            ["ip", "zone"], registry=r,
+        )
+        self.dns_check_errors = Counter(
+            "selfcheck_dns_check_errors",
+            "Item checks that could not reach a verdict (timeout, SERVFAIL, REFUSED, a "
+            "blocklist refusing the resolver, the run's deadline).",
+            ["name", "item"], registry=r,
+        )
+        self.dns_error_since = Gauge(
+            "selfcheck_dns_error_since_timestamp_seconds",
+            "Unix time the item's current streak of undecided (error) runs began; absent "
+            "while it has a verdict.",
+            ["name", "item"], registry=r,
+        )
+        self.dns_last_run = Gauge(
+            "selfcheck_dns_last_run_timestamp_seconds",
+            "Unix time the latest run of the [[dns]] entry ended.", ["name"], registry=r,
+        )
+
         # -- supervision: every long-running component -----------------------------------
         self.component_up = Gauge(
             "selfcheckd_component_up",
@@ -345,6 +376,12 @@ class Metrics:
         The failure streak starts at 0 for a new route and carries over a reload."""
         self.interval.labels(route).set(interval)
         self.consecutive_failures.labels(route)
+
+    def forget_dns_entry(self, name: str) -> None:
+        """Drop every series of a [[dns]] entry a reload removed."""
+        for metric in (self.dns_ok, self.dns_check_errors, self.dns_error_since,
+                       self.dns_last_run):
+            metric.remove_by_labels({"name": name})
 
     def forget_heartbeat_target(self, target: str) -> None:
         for result in ("success", "failure", "skipped"):

@@ -174,8 +174,8 @@ def test_no_route_is_reported_with_the_other_problems(tmp_path: Path) -> None:
     """A config without routes or [leakwatch] says so next to its other problems."""
     assert problems(tmp_path, "[logging]\nlevel = 'loud'\n") == [
         "logging.level: must be one of debug, info, warning or error",
-        "selfcheck.routes: at least one route is required (or a [leakwatch] section); "
-        "for a single route set MESSAGES_SELFCHECK_FROM/_TO and "
+        "selfcheck.routes: at least one route is required (or a [leakwatch] section, or "
+        "[[dns]] entries); for a single route set MESSAGES_SELFCHECK_FROM/_TO and "
         "SELFCHECK_SMTP_HOST/SELFCHECK_IMAP_HOST",
     ]
 

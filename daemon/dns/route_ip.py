@@ -40,6 +40,14 @@ class RouteIp:
                 "seen_at": self.seen_at}
 
 
+def canonical(text: str) -> str:
+    """An address as sending_ips holds it (compressed; an IPv4-mapped one as IPv4)."""
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
 def is_external(text: str | None) -> bool:
     if not text:
         return False
