@@ -111,7 +111,7 @@ class DnsChecks:
                                      on_internal=self._internal_error)
             if self.entries.get(name) is not entry:
                 return  # removed or changed by a reload while it ran
-            self._record(result)
+            self.record(result)
         return run
 
     def _internal_error(self) -> None:
@@ -147,7 +147,8 @@ class DnsChecks:
 
     # -- results ---------------------------------------------------------------------------
 
-    def _record(self, result: EntryResult) -> None:
+    def record(self, result: EntryResult) -> None:
+        """A run's verdicts into the metrics, the log (changes) and the health report."""
         name = result.name
         previous = self.results.get(name)
         self.results[name] = result
