@@ -4,7 +4,8 @@ Looked at only when the domain publishes a `_mta-sts` record (without one
 there is no MTA-STS and nothing to get wrong). Then, as a sending MTA does:
 exactly one `v=STSv1` record with an id (checkdmarc's grammar); the policy
 fetched from `https://mta-sts.<domain>/.well-known/mta-sts.txt` with a
-certificate valid for that name, no redirect followed, at most 64 KiB; a
+certificate valid for that name, no redirect followed (RFC 8461 3.3), served
+as text/plain (3.2: senders should ignore anything else), at most 64 KiB; a
 valid policy (checkdmarc's grammar); and, in `enforce` or `testing` mode,
 every MX host matched by one of its `mx:` patterns. A TXT record announcing
 a policy that cannot be fetched, is invalid, or leaves an MX host out is a
@@ -32,7 +33,9 @@ from daemon.dns.verdict import ItemResult, error, notes, ok, problem
 from daemon.logs import shorten
 
 ITEM = "mta-sts"
-MAX_POLICY = 64 * 1024  # RFC 8461 3.3 lets senders refuse anything bigger
+# A policy is a few lines; reading at most this much keeps memory bounded whatever the
+# policy host sends.
+MAX_POLICY = 64 * 1024
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 SHORT_MAX_AGE = 86400  # RFC 8461 3.2 suggests weeks; a day or less defeats the cache
 
@@ -175,8 +178,12 @@ async def _fetch(resolver: Resolver, host: str, fetcher: PolicyFetcher,
         return problem(ITEM, f"{url} answered HTTP {fetched.status}: _mta-sts announces a "
                              "policy that is not served")
     if len(fetched.text.encode("utf-8")) > MAX_POLICY:
-        return problem(ITEM, f"the policy at {url} is larger than 64 KiB: senders may refuse "
-                             "it (RFC 8461 3.3)")
+        return problem(ITEM, f"the policy at {url} is larger than 64 KiB: not read (a policy "
+                             "is a few lines; senders bound what they fetch too)")
+    if fetched.content_type != "text/plain":
+        return problem(ITEM, f"{url} serves the policy as "
+                             f"{fetched.content_type or 'no media type'}: senders that check "
+                             "for text/plain, as RFC 8461 3.2 says they should, ignore it")
     return fetched
 
 
@@ -185,9 +192,6 @@ async def _judge_policy(resolver: Resolver, domain: str, policy_id: str,
     mode, patterns = str(policy["mode"]), [str(p) for p in policy["mx"]]
     facts = {"id": policy_id, "mode": mode, "max_age": policy["max_age"], "mx": patterns}
     caveats = []
-    if fetched.content_type != "text/plain":
-        caveats.append(f"served as {fetched.content_type or 'no media type'}, RFC 8461 3.2 "
-                       "says text/plain and senders may insist")
     if int(policy["max_age"]) <= SHORT_MAX_AGE:
         caveats.append(f"max_age {policy['max_age']}s is short: senders re-fetch constantly "
                        "and an attacker who blocks the fetch wins sooner")

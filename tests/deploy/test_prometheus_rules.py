@@ -35,6 +35,9 @@ EXPECTED_ALERTS = {
     "MtaMessageDeferredTooLong", "MtaBounceRatioHigh",
     # the scheduled queue-persistence drill.
     "SelfcheckDrillFailed", "SelfcheckDrillNotPassed",
+    # DNS and sending reputation: the [[dns]] entries' verdicts.
+    "SendingIpBlocklisted", "MailAuthDnsBroken", "SendingIpReverseDnsBroken",
+    "MtaStsPolicyBroken", "MailMxBroken", "DnsCheckUndecided",
 }
 # The severities alert_sink routes on.
 SEVERITIES = {"critical", "warning", "info"}

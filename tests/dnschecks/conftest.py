@@ -22,7 +22,7 @@ from aiohttp import web
 from daemon.dns.config import DnsEntry
 from daemon.dns.mta_sts import PolicyFetcher
 from tests.dnschecks.nsd import Blackhole, NsdLab
-from tests.dnschecks.world import CERT_HOSTS, POLICIES, zones
+from tests.dnschecks.world import AS_HTML, CERT_HOSTS, POLICIES, REDIRECTING, zones
 from tests.integration.support import require_binaries
 
 
@@ -67,7 +67,12 @@ async def policy_server(test_ca: trustme.CA) -> AsyncIterator[PolicyFetcher]:
     certificate from the tests' CA; the fetcher it returns trusts that CA only."""
 
     async def policy(request: web.Request) -> web.Response:
-        text = POLICIES.get(request.host.partition(":")[0])
+        host = request.host.partition(":")[0]
+        if host == AS_HTML:
+            return web.Response(text=POLICIES["mta-sts.good.test"], content_type="text/html")
+        if host == REDIRECTING:
+            raise web.HTTPMovedPermanently("https://mta-sts.good.test/.well-known/mta-sts.txt")
+        text = POLICIES.get(host)
         if text is None:
             return web.Response(status=404, text="no policy here")
         return web.Response(text=text, content_type="text/plain")

@@ -241,6 +241,18 @@ async def test_mta_sts_with_a_certificate_for_another_name_is_a_problem(
     assert "certificate of mta-sts.wrongcert.test is not valid" in item.reason
 
 
+@pytest.mark.parametrize(("domain", "said"), [
+    ("html.test", "serves the policy as text/html"),
+    ("redirect.test", "answered a redirect (HTTP 301)"),
+])
+async def test_mta_sts_policy_served_wrong_is_a_problem(
+        nsd: NsdLab, policy_server: PolicyFetcher, domain: str, said: str) -> None:
+    """Senders ignore a policy that is not text/plain and follow no redirect (RFC 8461)."""
+    item = await mta_sts.check(resolver_for(nsd), domain, policy_server)
+    assert item.verdict is Verdict.PROBLEM
+    assert said in item.reason
+
+
 async def test_mta_sts_wildcard_pattern_covers_one_label(
         nsd: NsdLab, policy_server: PolicyFetcher) -> None:
     """*.wildcard.test covers mx.wildcard.test (testing mode is still checked)."""

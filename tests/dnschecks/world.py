@@ -32,9 +32,12 @@ POLICIES = {
     "mta-sts.wildcard.test": "version: STSv1\nmode: testing\nmx: *.wildcard.test\n"
                              "max_age: 604800\n",
 }
+# Policy hosts that answer otherwise: as text/html, or with a redirect.
+AS_HTML = "mta-sts.html.test"
+REDIRECTING = "mta-sts.redirect.test"
 # Hosts the tests' certificate names (mta-sts.wrongcert.test is served without one).
 CERT_HOSTS = ["mta-sts.good.test", "mta-sts.stsbad.test", "mta-sts.stsmissing.test",
-              "mta-sts.wildcard.test"]
+              "mta-sts.wildcard.test", AS_HTML, REDIRECTING]
 
 
 def rsa_key(bits: int = 2048) -> str:
@@ -104,6 +107,9 @@ def zones() -> dict[str, str]:
                             f"_mta-sts {txt('v=STSv1; id=1')}", "mta-sts A 127.0.0.1"]
     z["wrongcert.test"] = [*mail_basics("wrongcert.test"),
                            f"_mta-sts {txt('v=STSv1; id=1')}", "mta-sts A 127.0.0.1"]
+    for origin in ("html.test", "redirect.test"):
+        z[origin] = [*mail_basics(origin), f"_mta-sts {txt('v=STSv1; id=1')}",
+                     "mta-sts A 127.0.0.1"]
     z["wildcard.test"] = [*mail_basics("wildcard.test"), f"_mta-sts {txt('v=STSv1; id=1')}",
                           "mta-sts A 127.0.0.1"]
     # Reverse DNS of 203.0.113.0/24 and 2001:db8::/32 (documentation ranges).
