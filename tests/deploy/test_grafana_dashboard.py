@@ -138,6 +138,23 @@ def test_dashboard_shows_the_alert_outbox_and_the_components() -> None:
     assert shown(r"by \(component\) \(increase\(selfcheckd_component_restarts_total")
 
 
+def test_dashboard_shows_the_dns_verdicts_listings_and_undecided_checks() -> None:
+    """The [[dns]] items' verdicts, the blocklist listings, what could not be decided, and the
+    panels come after every earlier one (new panels go at the end)."""
+    exprs = list(expressions().values())
+
+    def shown(pattern: str) -> bool:
+        return any(re.search(pattern, e) for e in exprs)
+
+    assert shown(r"max by \(name, item\) \(selfcheck_dns_ok")
+    assert shown(r"max by \(ip, zone\) \(selfcheck_dnsbl_listed")
+    assert shown(r"selfcheck_dns_error_since_timestamp_seconds")
+    assert shown(r"increase\(selfcheck_dns_check_errors_total")
+    assert shown(r"selfcheck_dns_last_run_timestamp_seconds")
+    titles = [p["title"] for p in load()["panels"]]
+    assert titles.index("DNS verdicts") > titles.index("Tracked queue ids")
+
+
 @pytest.mark.parametrize("where", sorted(expressions()))
 def test_queries_use_only_metrics_selfcheckd_exports(where: str) -> None:
     """A misspelt metric name would leave a panel silently empty."""
