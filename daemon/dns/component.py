@@ -64,8 +64,9 @@ class DnsChecks:
         self._listed: dict[tuple[str, str], dict[str, bool]] = {}
         self.scheduler = Scheduler(
             self._jobs(), clock=clock, sleep=sleep,
-            on_skip=lambda name, count: log.warning("dns_run_skipped", name=name, skipped=count,
-                                                    why="previous run still going"),
+            # Nothing is lost by a skipped run (the next one decides): not a warning.
+            on_skip=lambda name, count: log.info("dns_run_skipped", name=name, skipped=count,
+                                                 why="previous run still going"),
             on_deadline=lambda name: log.error("dns_run_deadline_cancelled", name=name),
             on_crash=lambda _name: metrics.internal_errors.labels(kind="dns_run").inc())
 
@@ -87,13 +88,18 @@ class DnsChecks:
         return await self.scheduler.cancel_running(timeout=max(0.0, timeout))
 
     def replace(self, entries: Sequence[DnsEntry]) -> None:
-        """A reload's entries: changed ones keep or restart their cadence (the scheduler's
-        rules), removed ones lose their results and series."""
-        removed = set(self.entries) - {e.name for e in entries}
+        """A reload's entries: new ones run at once, changed ones run at once too (their
+        cadence follows the scheduler's rules), removed ones lose their results and
+        series."""
+        old = self.entries
+        removed = set(old) - {e.name for e in entries}
         self.entries = {e.name: e for e in entries}
         self.scheduler.replace_jobs(self._jobs())
         for name in removed:
             self._forget(name)
+        for entry in entries:
+            if entry.name in old and old[entry.name] != entry:
+                self.scheduler.fire_now(entry.name)  # its items may differ: report them now
         self._report_health()
 
     def _jobs(self) -> list[Job]:

@@ -183,8 +183,10 @@ async def test_reload_adds_changes_and_removes_dns_entries(
                     + dns_toml(nsd, "nodmarc", "nodmarc.test"))
     assert await daemon.reload() is True
     await until(lambda: "nodmarc" in daemon.dns.results)
-    path.write_text(SERVER + dns_toml(nsd, "nodmarc", "nodmarc.test"))
+    path.write_text(SERVER + dns_toml(nsd, "nodmarc", "nodmarc.test", sending_ips=[GOOD_IP]))
     assert await daemon.reload() is True
+    # Changed: it runs again at once (not an hour later), with its new item.
+    await until(lambda: f"ptr/{GOOD_IP}" in {i.item for i in daemon.dns.results["nodmarc"].items})
     text = (await get(daemon.listen_port, "/metrics"))[1]
     assert 'name="plain"' not in text and 'name="nodmarc"' in text
     path.write_text(SERVER + '[leakwatch]\nsource = "file"\n'
