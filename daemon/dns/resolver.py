@@ -15,6 +15,13 @@ Two resolvers over the same nameservers, both dnspython's:
 An answer is NXDOMAIN, NODATA or records; anything else (timeout, SERVFAIL,
 REFUSED, no resolver configured) raises `DnsError`: the question is
 undecided, and a check turns that into `error`, never into a verdict.
+
+An empty answer from a server that does not recurse (RA not set) is NODATA
+only when that server is authoritative for the name and did not stop at a
+CNAME: a referral (the name is delegated elsewhere) or a CNAME to a name the
+server does not serve says nothing about the name, and a stub resolver does
+not follow either. That happens when `nameservers` points at an authoritative
+server instead of a recursive one; it is undecided, never "no record".
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
 import dns.nameserver
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -43,6 +53,34 @@ ATTEMPT_TIMEOUT = 2.0
 
 class DnsError(Exception):
     """No answer: the name's state is unknown (a timeout proves nothing)."""
+
+
+class NotAnswered(dns.exception.DNSException):
+    """An empty answer that is not NODATA: a referral, or a CNAME left unresolved.
+
+    A DNSException, so the libraries handed a `BlockingResolver` treat it as the
+    failure it is (pyspf: temperror), never as "no such record"."""
+
+
+def unanswered(response: dns.message.Message, qname: dns.name.Name) -> str | None:
+    """Why an empty response says nothing about `qname` (None: it is real NODATA)."""
+    if response.flags & dns.flags.RA:
+        return None  # a recursive resolver did the work: empty is empty
+    chain, target = 0, qname
+    while chain < 16 and (link := response.get_rrset(
+            response.answer, target, dns.rdataclass.IN, dns.rdatatype.CNAME)) is not None:
+        chain, target = chain + 1, link[0].target
+    delegated = [r for r in response.authority if r.rdtype == dns.rdatatype.NS]
+    has_soa = any(r.rdtype == dns.rdatatype.SOA for r in response.authority)
+    if delegated and not has_soa and not response.flags & dns.flags.AA:
+        servers = ", ".join(sorted({str(rd.target).rstrip(".") for r in delegated for rd in r}))
+        return (f"the nameserver does not resolve it: it refers the query to {servers} "
+                "(an authoritative server, not a recursive resolver; set nameservers to "
+                "one that recurses)")
+    if chain and not has_soa:
+        return (f"the nameserver answered only a CNAME to {str(target).rstrip('.')}, which "
+                "it does not resolve (an authoritative server, not a recursive resolver)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -153,8 +191,12 @@ class Resolver:
             except dns.exception.DNSException as exc:
                 raise DnsError(f"{name} {rdtype}: {describe(exc, self.timeout)} "
                                  f"from {self.where()}") from None
-        records = tuple(answer.rrset) if answer.rrset is not None else ()
-        return Answer(name, rdtype, exists=True, records=records)
+        if answer.rrset is None:
+            why = unanswered(answer.response, qname)
+            if why is not None:
+                raise DnsError(f"{name} {rdtype}: {why}")
+            return Answer(name, rdtype, exists=True)
+        return Answer(name, rdtype, exists=True, records=tuple(answer.rrset))
 
     def blocking(self, deadline: float, clock: Callable[[], float] = time.monotonic,
                  ) -> BlockingResolver:
@@ -204,11 +246,21 @@ class BlockingResolver(dns.resolver.Resolver):
             raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])  # type: ignore[no-untyped-call]
         # A library may ask for longer (pyspf passes its whole 20 s budget): ours wins.
         budget = min(self.lifetime, left, self.lifetime if lifetime is None else lifetime)
+        name = dns.name.from_text(qname) if isinstance(qname, str) else qname
         try:
-            return super().resolve(qname, rdtype, rdclass, tcp, source, raise_on_no_answer,
-                                   source_port, budget, False if search is None else search)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            answer = super().resolve(name, rdtype, rdclass, tcp, source, False, source_port,
+                                     budget, False if search is None else search)
+        except dns.resolver.NXDOMAIN:
             raise
         except dns.exception.DNSException as exc:
             self.failures.append(f"{what}: {describe(exc, budget)}")
             raise
+        if answer.rrset is None:
+            why = unanswered(answer.response, name)
+            if why is not None:
+                self.failures.append(f"{what}: {why}")
+                raise NotAnswered(f"{what}: {why}")  # type: ignore[no-untyped-call]
+            if raise_on_no_answer:
+                raise dns.resolver.NoAnswer(  # type: ignore[no-untyped-call]
+                    response=answer.response)
+        return answer

@@ -88,6 +88,25 @@ async def test_an_spf_include_nobody_answers_for_is_an_error_not_a_missing_recor
     assert "_spf.dead.test" in spf.reason
 
 
+async def test_answers_an_authoritative_server_does_not_give_are_errors_not_absences(
+        make_entry: EntryFactory) -> None:
+    """A referral or a CNAME the server does not resolve says nothing about the name: a
+    recursive resolver would follow it, so it is undecided, never "not listed" or "no key"
+    (a blocklist delegated elsewhere, a DKIM key CNAME'd to a provider, an SPF include
+    into a delegated zone)."""
+    items = by_item(await run_entry(make_entry("good.test", dkim_selectors=["ext"],
+                                               sending_ips=[GOOD_IP],
+                                               blocklists=["dead.bl.test"])))
+    listed = items[f"blocklist/dead.bl.test/{GOOD_IP}"]
+    assert listed.verdict is Verdict.ERROR
+    assert "refers the query to ns.nowhere.test" in listed.reason
+    assert items["dkim/ext"].verdict is Verdict.ERROR
+    assert "only a CNAME to key.provider.example" in items["dkim/ext"].reason
+    spf = by_item(await run_entry(make_entry("deleg.test", sending_ips=[GOOD_IP])))["spf"]
+    assert spf.verdict is Verdict.ERROR, spf.reason
+    assert "_spf.sub.deleg.test" in spf.reason
+
+
 async def test_a_revoked_dkim_key_is_a_problem(make_entry: EntryFactory) -> None:
     """An empty p= is a revoked key (RFC 6376 3.6.1)."""
     entry = make_entry("revoked.test", dkim_selectors=[SELECTOR])

@@ -75,6 +75,8 @@ def zones() -> dict[str, str]:
         "mta-sts A 127.0.0.1",
         f"_smtp._tls {txt('v=TLSRPTv1; rua=mailto:tlsrpt@good.test')}",
         "news A 203.0.113.11",  # a subdomain without a _dmarc of its own
+        # A selector delegated by CNAME to a provider this server does not serve.
+        "ext._domainkey CNAME key.provider.example.",
     ]
     # Like good.test without MTA-STS: what `selfcheckd dns` can check in full (the CLI
     # fetches policies on port 443 only).
@@ -100,6 +102,9 @@ def zones() -> dict[str, str]:
                         "mta-sts A 127.0.0.1",
                         f"_smtp._tls {txt('v=TLSRPTv1; rua=mailto:a@stsbad.test')}",
                         f"_smtp._tls {txt('v=TLSRPTv1; rua=mailto:b@stsbad.test')}"]
+    # An SPF include into a delegated subzone: NSD answers it with a referral.
+    z["deleg.test"] = [*mail_basics("deleg.test", spf="v=spf1 include:_spf.sub.deleg.test -all"),
+                       "sub NS ns.nowhere.test."]
     # An SPF include that nobody answers for (dead.test is in no zone: NSD refuses it).
     z["deadinclude.test"] = mail_basics("deadinclude.test",
                                         spf="v=spf1 include:_spf.dead.test -all")
@@ -120,7 +125,9 @@ def zones() -> dict[str, str]:
     # Blocklists: one listing with a reason (and RFC 5782's 127.0.0.2 test entry), one
     # refusing every query as Spamhaus refuses a public resolver, one listing everything.
     z["bl.test"] = ["66.113.0.203 A 127.0.0.2", f"66.113.0.203 {txt(LISTED_REASON)}",
-                    "2.0.0.127 A 127.0.0.2"]
+                    "2.0.0.127 A 127.0.0.2",
+                    # dead.bl.test is delegated away: NSD answers its names with a referral.
+                    "dead NS ns.nowhere.test."]
     z["refused.test"] = ["* A 127.255.255.254"]
     z["everything.test"] = ["* A 127.0.0.2"]
     return {origin: zone_text(origin, records) for origin, records in z.items()}
