@@ -2,10 +2,11 @@
 
 Each thing the daemon talks to is one target: a route's SMTP and IMAP servers,
 the leak source (a readable file, or CloudWatch Logs and the SSM parameter),
-the heartbeat and alert hosts, the Pushgateway. A target's probe does only its
-protocol work, stopping short of anything with an effect: SMTP ends at AUTH
-(never MAIL FROM), IMAP at SELECT, and HTTP endpoints get a TCP connect and a
-TLS handshake but no request, so no pulse, alert or push is ever sent.
+the heartbeat and alert hosts, the Pushgateway, each [[dns]] entry's nameservers
+(one SOA query). A target's probe does only its protocol work, stopping short of
+anything with an effect: SMTP ends at AUTH (never MAIL FROM), IMAP at SELECT,
+and HTTP endpoints get a TCP connect and a TLS handshake but no request, so no
+pulse, alert or push is ever sent.
 
 The runner owns the verdict (as blackbox_exporter's handler does): every
 target runs at once under its own deadline, and each prints exactly one line,
@@ -49,6 +50,7 @@ from pydantic import SecretStr
 
 from daemon.config import Config, RouteConfig, Security, with_scheme
 from daemon.config_base import scrub, url_origin
+from daemon.dns.config import DnsEntry
 from daemon.logwatch.config import CloudWatchSource, SinkholeModeWatch
 from daemon.logwatch.sources.cloudwatch import BOTO_ATTEMPTS, create_logs_client
 from daemon.roundtrip.imap_client import ImapError, ImapSession
@@ -158,6 +160,7 @@ def build_targets(config: Config) -> list[Target]:
             targets.append(_ssm_target(leak.sinkhole_mode))
     if config.pushgateway is not None:
         targets.append(_pushgateway_target(config.pushgateway.url, config.pushgateway.timeout))
+    targets += [_dns_target(entry) for entry in config.dns]
     return targets
 
 
@@ -464,6 +467,27 @@ def _pushgateway_target(url: str, timeout: float) -> Target:
         return _url_target("pushgateway", "", url, timeout)
     where = f"{_redact_url(url)} via proxy {_redact_url(proxy)}"
     return Target("pushgateway", "", where, timeout, lambda t: _check_tcp_tls(proxy, t))
+
+
+def _dns_target(entry: DnsEntry) -> Target:
+    where = ", ".join(entry.nameservers) if entry.nameservers else "system resolver"
+    # The resolver's own bound is `timeout`; one second more for the answer to arrive.
+    return Target("dns", entry.name, where, entry.timeout + 1.0,
+                  lambda t: _check_dns(entry, t))
+
+
+async def _check_dns(entry: DnsEntry, t: Target) -> str:
+    """Ask the entry's nameservers for the domain's SOA: any answer (NXDOMAIN included)
+    shows they answer; what the answer says is `selfcheckd dns`'s business."""
+    from daemon.dns.resolver import DnsError, Resolver  # dnspython only when used
+
+    t.step = f"SOA {entry.domain}"
+    try:
+        answer = await Resolver(entry.servers, entry.timeout).query(entry.domain, "SOA")
+    except DnsError as exc:
+        raise TargetError(str(exc)) from None
+    said = "SOA" if answer.records else ("NXDOMAIN" if not answer.exists else "no SOA")
+    return f"answered {said} for {entry.domain}"
 
 
 def _url_target(kind: str, name: str, url: str | SecretStr | None, timeout: float) -> Target:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from tests.dnschecks.nsd import NsdLab
+from tests.dnschecks.nsd import Blackhole, NsdLab
 from tests.dnschecks.world import GOOD_IP, SELECTOR
 
 
@@ -125,3 +125,20 @@ def test_the_installed_command_runs(nsd: NsdLab, tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert "nodmarc.test  dmarc" in done.stdout
     assert done.stderr == ""
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_config_check_connect_asks_each_entrys_nameservers(
+        nsd: NsdLab, blackhole: Blackhole, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--connect reaches the nameservers (one SOA query), naming the silent ones."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[dns]]\ndomain = "plain.test"\nnameservers = ["{nsd.nameserver}"]\n'
+                    f'[[dns]]\nname = "silent"\ndomain = "plain.test"\ntimeout = 0.3\n'
+                    f'nameservers = ["{blackhole.nameserver}"]\n')
+    assert main(["config-check", "--config", str(path), "--connect"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith(f"ok    dns plain.test  {nsd.nameserver} (answered SOA")
+    assert lines[2].startswith(f"FAIL  dns silent  {blackhole.nameserver}: plain.test SOA: "
+                               "no answer within 0.3s")
+    assert lines[3] == "1 of 2 targets failed: dns silent"
