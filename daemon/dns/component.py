@@ -144,8 +144,9 @@ class DnsChecks:
         self.route_ips[route] = state
         old_ip = old.learned.ip if old is not None and old.learned is not None else None
         new_ip = state.learned.ip if state.learned is not None else None
-        if new_ip == old_ip:
+        if old is not None and new_ip == old_ip:
             return
+        # Changed, or the route's first result: the entries' route-ip says so now.
         log.info("dns_route_ip_changed", route=route, ip=new_ip or "unknown", was=old_ip)
         for entry in self.entries.values():
             if entry.ips_from_route == route:

@@ -16,12 +16,13 @@ An answer is NXDOMAIN, NODATA or records; anything else (timeout, SERVFAIL,
 REFUSED, no resolver configured) raises `DnsError`: the question is
 undecided, and a check turns that into `error`, never into a verdict.
 
-An empty answer from a server that does not recurse (RA not set) is NODATA
-only when that server is authoritative for the name and did not stop at a
-CNAME: a referral (the name is delegated elsewhere) or a CNAME to a name the
-server does not serve says nothing about the name, and a stub resolver does
-not follow either. That happens when `nameservers` points at an authoritative
-server instead of a recursive one; it is undecided, never "no record".
+An empty answer from a server that does not recurse (RA not set) is not
+NODATA when it is a referral (NS records and no SOA in the authority section,
+not authoritative: the name is delegated elsewhere) or stops at a CNAME the
+server does not resolve. Either says nothing about the name, and a stub
+resolver follows neither. That happens when `nameservers` points at an
+authoritative server instead of a recursive one; it is undecided, never "no
+record".
 """
 
 from __future__ import annotations
