@@ -12,9 +12,12 @@ from typing import Any
 import pytest
 
 from daemon.app import Daemon
+from daemon.checks.result import CheckResult, Hop
 from daemon.config import load_config
 from daemon.dns.component import DnsChecks
+from daemon.dns.config import DnsEntry
 from daemon.dns.mta_sts import PolicyFetcher
+from daemon.dns.run import sending_ips
 from daemon.dns.verdict import EntryResult, error, ok, problem
 from daemon.embedded.stack import EmbeddedMailStack
 from daemon.metrics import Metrics
@@ -245,3 +248,18 @@ def test_dnsbl_listed_is_absent_while_undecided_and_gone_with_its_item() -> None
     dns.record(entry_result(ok("spf", "fine")))  # the IP is no longer checked
     assert value(metrics, "selfcheck_dnsbl_listed", ip="192.0.2.1", zone="bl.test") is None
     assert value(metrics, "selfcheck_dns_ok", name="e", item=item) is None
+
+
+def test_a_probe_that_never_left_the_network_says_why_no_ip_is_known() -> None:
+    """Only internal hops: route-ip is an error naming the run, not a stale or made-up IP;
+    a failed run (probe not read) changes nothing."""
+    entry = DnsEntry.model_validate({"domain": "example.test", "ips_from_route": "default"})
+    dns = DnsChecks([entry], Metrics())
+    internal = [Hop(from_host="sc", from_ip=ip, by="mx", with_="ESMTP", timestamp=None,
+                    delay=None) for ip in ("10.0.2.9", "127.0.0.1")]
+    dns.route_result(CheckResult(route="default", run_id="r1", hops=internal))
+    dns.route_result(CheckResult(route="default", run_id="r2", hops=None))
+    ips, item = sending_ips(entry, dns.route_ips["default"])
+    assert ips == []
+    assert item is not None and item.verdict == "error"
+    assert "route default (run r1) came through no external address" in item.reason
