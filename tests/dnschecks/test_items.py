@@ -232,7 +232,7 @@ async def test_a_nameserver_that_never_answers_errors_every_item_by_the_deadline
                        timeout=0.3, deadline=2)
     started = time.monotonic()
     result = await run_entry(entry)
-    assert time.monotonic() - started < 2 + 1.5
+    assert time.monotonic() - started < 2 + 5  # the deadline, with room for a loaded machine
     assert {i.verdict for i in result.items} == {Verdict.ERROR}, [i.reason for i in result.items]
 
 
