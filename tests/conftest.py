@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,6 +17,11 @@ import trustme
 from daemon.config import Config
 from daemon.embedded.stack import EmbeddedMailStack, StackOptions
 from daemon.logs import redact_secrets
+from tests.faketime_site import sitecustomize as faketime_compat
+
+if faketime_compat.PRELOADED:  # mended here; Python children load it as their sitecustomize
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(faketime_compat.__file__).parent), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
