@@ -27,6 +27,7 @@ from daemon.logwatch.queue import (
 from daemon.logwatch.watcher import LeakWatch
 from daemon.metrics import Metrics
 from daemon.state import parse_state
+from tests.dated_logs import TimeShift
 from tests.logwatch.harness import watching
 from tests.waiting import until
 
@@ -362,17 +363,22 @@ async def test_restart_in_the_middle_neither_recounts_nor_forgets_deferred(
     """Stopped after a deferral and restarted from the state file: only new lines count, and
     the message still deferred is remembered while the one delivered meanwhile is not."""
     log, state = tmp_path / "maillog", tmp_path / "state.json"
-    log.write_text(REAL)
+    # The capture as if written half an hour ago (so the delivery appended below, 28 minutes
+    # after its newest line, is in the past too): the watcher ages its queue on the real
+    # clock, and as dated the capture fell out of the 6-day retention six days after it was taken.
+    shift = TimeShift.to_now(REAL, ago=1800)
+    recent = shift.apply(REAL)
+    log.write_text(recent)
     config = file_config(log, state_file=str(state))
     async with watching(config) as w:
         await until(lambda: w.value("mta_deliveries_total", result="queued") == 1)
         assert w.value("mta_deferred_messages") == 2
     saved = json.loads(state.read_text())
     assert DEFERRED_QID in {m["queue_id"] for m in saved["queue"]["messages"]}
-    assert saved["file"]["offset"] == len(REAL.encode())  # saved together with the position
+    assert saved["file"]["offset"] == len(recent.encode())  # saved with the position
 
     # Stopped meanwhile: sendmail's next queue run delivers the first message.
-    append(log, to_line("2026-11-23T20:00:26.000001+00:00", DEFERRED_QID,
+    append(log, to_line(shift.stamp("2026-11-23T20:00:26.000001+00:00"), DEFERRED_QID,
                         "nobody-1@sinkhole.test", "Sent (2.0.0 accepted)", dsn="2.0.0",
                         delay="00:30:00") + "\n")
     async with watching(config) as w:
@@ -426,7 +432,8 @@ async def test_a_reload_hands_the_queue_over_and_a_closed_watcher_reads_zero() -
     config = LeakWatchConfig.model_validate({"source": "stdin"})
     metrics = Metrics()
     old = LeakWatch(config, metrics)
-    await old.handle_batch(REAL.splitlines())
+    # Read minutes after it was written (dated, it aged past the retention on the real clock).
+    await old.handle_batch(TimeShift.to_now(REAL).apply(REAL).splitlines())
     new = LeakWatch(config, metrics)
     new.open(handover=old.snapshot())
     assert [m.queue_id for m in new.queue.deferred_messages()] == [DEFERRED_QID, DEFERRED_QID_2]
