@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import faked_clock
 from .certs import ServerCerts
 from .support import binary, free_port, run, start_daemon, stop_daemon, tail, wait_for_port
 
@@ -112,6 +113,7 @@ class Dovecot:
                 lmtp_port=self.ports.lmtp,
                 domain=domain,
             )
+            + faked_clock.dovecot_settings()
         )
 
     def start(self) -> None:
