@@ -14,7 +14,7 @@ import shutil
 import ssl
 import subprocess
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, message_from_string
 from email.message import Message
 from pathlib import Path
@@ -46,8 +46,10 @@ from tests.waiting import until
 
 SECRET = b"test-secret-value"
 ALL_PASS = {"spf": "pass", "dkim": "pass", "dmarc": "pass"}
-# The certificate the TLS tests' servers present ends at this (whole) second.
-NOT_AFTER = datetime(2031, 7, 1, 12, 30, 15, tzinfo=UTC)
+# The certificate the TLS tests' servers present ends at this (whole) second: about three
+# years from the run (a fixed date would expire one day, and with it every TLS test).
+NOT_AFTER = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1000)
+NOT_AFTER_SHOWN = f"{NOT_AFTER:%Y-%m-%dT%H:%M:%SZ}"
 
 
 def roundtrip(route: dict[str, Any], *, junk_first_look: float = 0.2,
@@ -665,7 +667,7 @@ async def test_tls_version_and_certificate_expiry_of_both_connections(
         facts = result.tls[protocol]
         assert facts.not_after == NOT_AFTER.timestamp()
         assert facts.version in ("TLSv1.2", "TLSv1.3")
-        assert shown[protocol]["not_after"] == "2031-07-01T12:30:15Z"
+        assert shown[protocol]["not_after"] == NOT_AFTER_SHOWN
         assert shown[protocol]["version"] == facts.version
         assert sample(metrics, "selfcheck_tls_cert_expiry_timestamp_seconds", route="default",
                       protocol=protocol) == NOT_AFTER.timestamp()
@@ -721,7 +723,7 @@ async def test_check_verbose_prints_the_tls_facts(
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     shown = json.loads(line)["tls"]
     assert {p: shown[p]["not_after"] for p in shown} == {
-        "smtp": "2031-07-01T12:30:15Z", "imap": "2031-07-01T12:30:15Z"}
+        "smtp": NOT_AFTER_SHOWN, "imap": NOT_AFTER_SHOWN}
 
 
 @pytest.mark.parametrize("key_type", [trustme.KeyType.ECDSA, trustme.KeyType.RSA])
@@ -775,7 +777,7 @@ async def test_status_and_metrics_of_the_daemon_show_delivery_quality(
     assert state["auth"] == ALL_PASS and state["authserv_id"] == AUTHSERV_ID
     assert state["found_in"] == "INBOX" and state["hops"][0]["by"] == "smtp.selfcheckd.test"
     assert state["tls"]["imap"]["not_after"] == state["tls"]["smtp"]["not_after"] == (
-        "2031-07-01T12:30:15Z")
+        NOT_AFTER_SHOWN)
     exported = {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
     assert exported[("selfcheck_auth_result",

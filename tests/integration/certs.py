@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import trustme
 
-# Whole seconds: X.509 times have no fractions.
-SERVER_NOT_AFTER = datetime(2034, 11, 30, 23, 45, 10, tzinfo=UTC)
+# Whole seconds: X.509 times have no fractions. About eight years from the run, never a fixed
+# date, which would one day expire and fail every TLS connection to the lab.
+SERVER_NOT_AFTER = datetime.now(UTC).replace(microsecond=0) + timedelta(days=3000)
 
 
 @dataclass(frozen=True)
