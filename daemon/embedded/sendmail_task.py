@@ -61,10 +61,14 @@ DAC_CAPABILITIES = "-dac_override,-dac_read_search,-fowner"
 SYSLOG_WAIT = 10.0
 RSYSLOG_STOP_WAIT = 5.0
 
+# UseSysTimeStamp off: a line is stamped by rsyslogd's own clock, not by the kernel's receive
+# time of the datagram (microseconds apart), which libfaketime cannot move: the suite runs
+# with the wall clock a year ahead (scripts/test --future), the task's log too.
 TASK_RSYSLOG_CONF = """\
 global(workDirectory="{workdir}" maxMessageSize="64k")
 module(load="imuxsock" SysSock.Use="off")
-input(type="imuxsock" Socket="{socket}" HostName="{name}" RateLimit.Interval="0")
+input(type="imuxsock" Socket="{socket}" HostName="{name}" RateLimit.Interval="0"
+      UseSysTimeStamp="off")
 mail.* action(type="omfile" file="{maillog}" template="RSYSLOG_FileFormat")
 {forward}"""
 # RFC 3164 framing with an RFC 3339 timestamp: the collector keeps the task's host name,
@@ -138,8 +142,10 @@ def without_dac_override(command: Sequence[str]) -> list[str]:
 
 
 def _private_dev(dev: Path) -> None:
-    """Make DIR/dev this namespace's /dev: the machine's device nodes bound into it, and
-    the task's syslog socket (created there by its rsyslogd) as /dev/log."""
+    """Make DIR/dev this namespace's /dev: the machine's device nodes bound into it, its
+    /dev/shm (a container has one; the machine's, where libfaketime's wrapper keeps the
+    semaphore its preloaded children open, or they exit), and the task's syslog socket
+    (created there by its rsyslogd) as /dev/log."""
     dev.mkdir(exist_ok=True)
     mount = binary("mount")
     for name in _DEVICES:
@@ -149,6 +155,10 @@ def _private_dev(dev: Path) -> None:
         target = dev / name
         target.touch(exist_ok=True)
         run([mount, "--bind", str(source), str(target)])
+    shm = Path("/dev") / "shm"
+    if shm.is_dir():
+        (dev / "shm").mkdir(exist_ok=True)
+        run([mount, "--bind", str(shm), str(dev / "shm")])
     for name, points_to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         link = dev / name

@@ -16,6 +16,10 @@ of libfaketime 0.9.10 that have nothing to do with our code:
   With the monotonic clock not faked the deadline needs no fixing:
   FAKETIME_FORCE_MONOTONIC_FIX=0 (read by libfaketime at every wait) passes it through.
 
+* A daemon that replaces its own environment (sendmail) would lose the fake offset at
+  libfaketime's next re-read of FAKETIME (every 10 s) and fall back to the real clock; the
+  offset never changes during a run, so FAKETIME_CACHE_DURATION makes it read once.
+
 tests/conftest.py loads this into the test process and, when libfaketime is there, puts this
 directory first on PYTHONPATH so every Python child a test starts (the CLI, the benchmark)
 loads it as its `sitecustomize`; the environment variable reaches every child, Python or not
@@ -50,6 +54,8 @@ def relative_sleep(seconds: float) -> None:
 
 if PRELOADED and os.environ.get("FAKETIME_DONT_FAKE_MONOTONIC", "") not in ("", "0"):
     os.environ.setdefault("FAKETIME_FORCE_MONOTONIC_FIX", "0")
+if PRELOADED:
+    os.environ.setdefault("FAKETIME_CACHE_DURATION", str(10**9))  # seconds: read FAKETIME once
 SLEEP_PATCHED = sleep_is_broken()
 if SLEEP_PATCHED:
     time.sleep = relative_sleep

@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 
+from . import faked_clock
 from .cluster_lab import CLUSTER_BINARIES, ClusterLab, cluster_lab
 from .dovecot_lab import DovecotLab
 from .leak_lab import SendmailLab
 from .maillog import MailLog
-from .support import require_binaries, require_root
+from .support import find_binary, require_binaries, require_root
 
 SENDMAIL_BINARIES = ("sendmail", "makemap", "m4")
 
@@ -32,6 +33,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sendmail_on_the_faked_clock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under libfaketime, a sendmail without the setgid bit first on PATH (see faked_clock)."""
+    installed = find_binary("sendmail")
+    copy_dir = None if installed is None else faked_clock.unprivileged_sendmail(
+        installed, tmp_path_factory.mktemp("faked-clock-bin"))
+    if copy_dir is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", f"{copy_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+        yield
 
 
 @pytest.fixture(scope="session")

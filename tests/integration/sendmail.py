@@ -19,7 +19,6 @@ from daemon.embedded.sendmail_config import (
     write_config,
 )
 
-from . import faked_clock
 from .support import binary, free_port, run, start_daemon, stop_daemon, tail, wait_for_port
 
 __all__ = ["LMTP_TCP_MAILER", "Sendmail"]
@@ -46,12 +45,10 @@ class Sendmail:
             domain_name=hostname, label="selfcheckd integration lab",
         )
         self.cf = write_config(self.config)
-        faked_clock.keep_sendmail_environment(self.cf)
-        self._binary = faked_clock.sendmail_binary(binary("sendmail"), directory)
         self._process: subprocess.Popen[bytes] | None = None
 
     def _cmd(self) -> list[str]:
-        return [self._binary, "-C", str(self.cf)]
+        return [binary("sendmail"), "-C", str(self.cf)]
 
     def start(self) -> None:
         """Run the daemon in the foreground (-bD) so we own its process; wait for the port."""
