@@ -16,13 +16,18 @@ An answer is NXDOMAIN, NODATA or records; anything else (timeout, SERVFAIL,
 REFUSED, no resolver configured) raises `DnsError`: the question is
 undecided, and a check turns that into `error`, never into a verdict.
 
+An authoritative server (Knot, BIND with recursion off) answers a name that
+is a CNAME into another zone with the CNAME alone, even when it serves that
+zone too: providers' DKIM keys and DMARC records, RFC 2317 classless PTRs.
+Both resolvers then ask for the target themselves, as a recursive resolver
+would, at most `MAX_CHASE` links, each query with its own deadline.
+
 An empty answer from a server that does not recurse (RA not set) is not
 NODATA when it is a referral (NS records and no SOA in the authority section,
-not authoritative: the name is delegated elsewhere) or stops at a CNAME the
-server does not resolve. Either says nothing about the name, and a stub
-resolver follows neither. That happens when `nameservers` points at an
-authoritative server instead of a recursive one; it is undecided, never "no
-record".
+not authoritative: the name is delegated elsewhere). It says nothing about
+the name, and a stub resolver does not follow it. That happens when
+`nameservers` points at an authoritative server instead of a recursive one;
+it is undecided, never "no record".
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ MAX_IN_FLIGHT = 16
 # One attempt at one nameserver; dnspython retries (and moves to the next server)
 # until the query's lifetime (`timeout`) is spent.
 ATTEMPT_TIMEOUT = 2.0
+# CNAME links followed by asking for the target again (an answer's own chain is
+# followed by dnspython); a longer chain is a loop or a mistake.
+MAX_CHASE = 8
 
 
 class DnsError(Exception):
@@ -63,14 +71,25 @@ class NotAnswered(dns.exception.DNSException):
     failure it is (pyspf: temperror), never as "no such record"."""
 
 
-def unanswered(response: dns.message.Message, qname: dns.name.Name) -> str | None:
-    """Why an empty response says nothing about `qname` (None: it is real NODATA)."""
+def dangling_cname(response: dns.message.Message, qname: dns.name.Name,
+                   ) -> dns.name.Name | None:
+    """The target to ask for when an empty response stops at a CNAME chain from `qname`
+    that the server did not resolve (None: it did not stop at one)."""
     if response.flags & dns.flags.RA:
         return None  # a recursive resolver did the work: empty is empty
     chain, target = 0, qname
     while chain < 16 and (link := response.get_rrset(
             response.answer, target, dns.rdataclass.IN, dns.rdatatype.CNAME)) is not None:
         chain, target = chain + 1, link[0].target
+    if not chain or any(r.rdtype == dns.rdatatype.SOA for r in response.authority):
+        return None  # no CNAME, or the server is authoritative for the target: NODATA
+    return target
+
+
+def unanswered(response: dns.message.Message, qname: dns.name.Name) -> str | None:
+    """Why an empty response says nothing about `qname` (None: it is real NODATA)."""
+    if response.flags & dns.flags.RA:
+        return None  # a recursive resolver did the work: empty is empty
     delegated = [r for r in response.authority if r.rdtype == dns.rdatatype.NS]
     has_soa = any(r.rdtype == dns.rdatatype.SOA for r in response.authority)
     if delegated and not has_soa and not response.flags & dns.flags.AA:
@@ -78,10 +97,15 @@ def unanswered(response: dns.message.Message, qname: dns.name.Name) -> str | Non
         return (f"the nameserver does not resolve it: it refers the query to {servers} "
                 "(an authoritative server, not a recursive resolver; set nameservers to "
                 "one that recurses)")
-    if chain and not has_soa:
-        return (f"the nameserver answered only a CNAME to {str(target).rstrip('.')}, which "
-                "it does not resolve (an authoritative server, not a recursive resolver)")
     return None
+
+
+def _text(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True)
+
+
+def _too_long(name: str) -> str:
+    return f"more than {MAX_CHASE} CNAMEs from {name} (a loop?)"
 
 
 @dataclass(frozen=True)
@@ -173,31 +197,46 @@ class Resolver:
         return self._resolver
 
     async def query(self, name: str, rdtype: str) -> Answer:
-        """Ask for (name, rdtype); NXDOMAIN and NODATA are answers, a failure raises."""
+        """Ask for (name, rdtype); NXDOMAIN and NODATA are answers, a failure raises.
+        A CNAME the server leaves unresolved is followed (module docstring)."""
         qname = dns.name.from_text(name)  # absolute: no search list, whatever resolv.conf says
         resolver = self._get()
+        via = ""  # "CNAME to <target>; " once a link was followed, for reasons
         async with self._slots:
-            try:
-                # The lifetime bounds dnspython's own retries; the timeout bounds us
-                # even if a backend ignored it.
-                async with asyncio.timeout(self.timeout + 1.0):
-                    answer = await resolver.resolve(qname, rdtype, search=False,
-                                                    raise_on_no_answer=False,
-                                                    lifetime=self.timeout)
-            except dns.resolver.NXDOMAIN:
-                return Answer(name, rdtype, exists=False)
-            except TimeoutError:
-                raise DnsError(f"{name} {rdtype}: no answer within {self.timeout:g}s "
-                                 f"from {self.where()}") from None
-            except dns.exception.DNSException as exc:
-                raise DnsError(f"{name} {rdtype}: {describe(exc, self.timeout)} "
-                                 f"from {self.where()}") from None
-        if answer.rrset is None:
-            why = unanswered(answer.response, qname)
-            if why is not None:
-                raise DnsError(f"{name} {rdtype}: {why}")
-            return Answer(name, rdtype, exists=True)
-        return Answer(name, rdtype, exists=True, records=tuple(answer.rrset))
+            for _link in range(MAX_CHASE + 1):
+                answer = await self._resolve(resolver, name, qname, rdtype, via)
+                if answer is None:
+                    return Answer(name, rdtype, exists=False)
+                if answer.rrset is not None:
+                    return Answer(name, rdtype, exists=True, records=tuple(answer.rrset))
+                target = dangling_cname(answer.response, qname)
+                if target is None:
+                    why = unanswered(answer.response, qname)
+                    if why is not None:
+                        raise DnsError(f"{name} {rdtype}: {via}{why}")
+                    return Answer(name, rdtype, exists=True)
+                qname, via = target, f"CNAME to {_text(target)}; "
+        raise DnsError(f"{name} {rdtype}: {_too_long(name)}")
+
+    async def _resolve(self, resolver: dns.asyncresolver.Resolver, name: str,
+                       qname: dns.name.Name, rdtype: str, via: str,
+                       ) -> dns.resolver.Answer | None:
+        """One query (None: NXDOMAIN); a failure raises DnsError naming `name`."""
+        asked = f"{name} {rdtype}: {via}" + (f"{_text(qname)}: " if via else "")
+        try:
+            # The lifetime bounds dnspython's own retries; the timeout bounds us
+            # even if a backend ignored it.
+            async with asyncio.timeout(self.timeout + 1.0):
+                return await resolver.resolve(qname, rdtype, search=False,
+                                              raise_on_no_answer=False, lifetime=self.timeout)
+        except dns.resolver.NXDOMAIN:
+            return None
+        except TimeoutError:
+            raise DnsError(f"{asked}no answer within {self.timeout:g}s "
+                             f"from {self.where()}") from None
+        except dns.exception.DNSException as exc:
+            raise DnsError(f"{asked}{describe(exc, self.timeout)} "
+                             f"from {self.where()}") from None
 
     def blocking(self, deadline: float, clock: Callable[[], float] = time.monotonic,
                  ) -> BlockingResolver:
@@ -241,27 +280,37 @@ class BlockingResolver(dns.resolver.Resolver):
         search: bool | None = None,
     ) -> dns.resolver.Answer:
         what = f"{qname} {dns.rdatatype.to_text(dns.rdatatype.RdataType.make(rdtype))}"
-        left = self.deadline - self.clock()
-        if left <= 0:
-            self.failures.append(f"{what}: not asked, the run's deadline had passed")
-            raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])  # type: ignore[no-untyped-call]
-        # A library may ask for longer (pyspf passes its whole 20 s budget): ours wins.
-        budget = min(self.lifetime, left, self.lifetime if lifetime is None else lifetime)
         name = dns.name.from_text(qname) if isinstance(qname, str) else qname
-        try:
-            answer = super().resolve(name, rdtype, rdclass, tcp, source, False, source_port,
-                                     budget, False if search is None else search)
-        except dns.resolver.NXDOMAIN:
-            raise
-        except dns.exception.DNSException as exc:
-            self.failures.append(f"{what}: {describe(exc, budget)}")
-            raise
-        if answer.rrset is None:
-            why = unanswered(answer.response, name)
-            if why is not None:
-                self.failures.append(f"{what}: {why}")
-                raise NotAnswered(f"{what}: {why}")  # type: ignore[no-untyped-call]
-            if raise_on_no_answer:
-                raise dns.resolver.NoAnswer(  # type: ignore[no-untyped-call]
-                    response=answer.response)
+        for _link in range(MAX_CHASE + 1):
+            left = self.deadline - self.clock()
+            if left <= 0:
+                self.failures.append(f"{what}: not asked, the run's deadline had passed")
+                raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])  # type: ignore[no-untyped-call]
+            # A library may ask for longer (pyspf passes its whole 20 s budget): ours wins.
+            budget = min(self.lifetime, left, self.lifetime if lifetime is None else lifetime)
+            try:
+                answer = super().resolve(name, rdtype, rdclass, tcp, source, False,
+                                         source_port, budget,
+                                         False if search is None else search)
+            except dns.resolver.NXDOMAIN:
+                raise
+            except dns.exception.DNSException as exc:
+                self.failures.append(f"{what}: {describe(exc, budget)}")
+                raise
+            if answer.rrset is not None:
+                return answer
+            target = dangling_cname(answer.response, name)
+            if target is None:
+                break
+            name, what = target, f"{what}: CNAME to {_text(target)}"
+        else:
+            self.failures.append(f"{what}: {_too_long(str(qname))}")
+            raise NotAnswered(f"{what}: {_too_long(str(qname))}")  # type: ignore[no-untyped-call]
+        why = unanswered(answer.response, name)
+        if why is not None:
+            self.failures.append(f"{what}: {why}")
+            raise NotAnswered(f"{what}: {why}")  # type: ignore[no-untyped-call]
+        if raise_on_no_answer:
+            raise dns.resolver.NoAnswer(  # type: ignore[no-untyped-call]
+                response=answer.response)
         return answer

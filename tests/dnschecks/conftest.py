@@ -1,8 +1,9 @@
-"""DNS tier fixtures: a real NSD serving the test zones, a blackhole, an MTA-STS HTTPS server.
+"""DNS tier fixtures: a real NSD (and Knot) serving the test zones, a blackhole, an MTA-STS
+HTTPS server.
 
-NSD comes from Debian (scripts/install-system-deps). Without it these tests
-skip, except under CI=true, where they fail: there the package must be
-installed.
+NSD and Knot come from Debian (scripts/install-system-deps). Without them
+these tests skip, except under CI=true, where they fail: there the packages
+must be installed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from aiohttp import web
 
 from daemon.dns.config import DnsEntry
 from daemon.dns.mta_sts import PolicyFetcher
+from tests.dnschecks.knot import KnotLab
 from tests.dnschecks.nsd import Blackhole, NsdLab
 from tests.dnschecks.world import AS_HTML, CERT_HOSTS, POLICIES, REDIRECTING, zones
 from tests.integration.support import require_binaries
@@ -32,6 +34,19 @@ def nsd() -> Iterator[NsdLab]:
     require_binaries("nsd")
     directory = Path(tempfile.mkdtemp(prefix="selfcheckd-nsd-"))
     lab = NsdLab.start(directory, zones())
+    yield lab
+    lab.stop()
+    if os.environ.get("SELFCHECKD_KEEP_LABS") != "1":
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def knot() -> Iterator[KnotLab]:
+    """Knot DNS on a loopback port, serving the same zones as `nsd` (it answers a CNAME
+    into another zone with the CNAME alone, as BIND does)."""
+    require_binaries("knotd")
+    directory = Path(tempfile.mkdtemp(prefix="selfcheckd-knot-"))
+    lab = KnotLab.start(directory, zones())
     yield lab
     lab.stop()
     if os.environ.get("SELFCHECKD_KEEP_LABS") != "1":

@@ -79,8 +79,9 @@ class NsdLab:
             "    control-enable: no",
         ]
         for origin, text in zones.items():
-            (directory / f"{origin}.zone").write_text(text)
-            conf += ["zone:", f"    name: {origin}", f'    zonefile: "{origin}.zone"']
+            file = origin.replace("/", "-") + ".zone"  # RFC 2317 zone names have a '/'
+            (directory / file).write_text(text)
+            conf += ["zone:", f"    name: {origin}", f'    zonefile: "{file}"']
         (directory / "nsd.conf").write_text("\n".join(conf) + "\n")
         lab.process = start_daemon([binary("nsd"), "-d", "-c", str(directory / "nsd.conf")],
                                    directory / "nsd.out")

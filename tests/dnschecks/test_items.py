@@ -14,6 +14,7 @@ from daemon.dns.verdict import EntryResult, ItemResult, Verdict
 from tests.dnschecks.conftest import EntryFactory
 from tests.dnschecks.nsd import Blackhole, NsdLab
 from tests.dnschecks.world import (
+    CLASSLESS_IP,
     GOOD_IP,
     GOOD_IP6,
     LISTED_IP,
@@ -90,10 +91,10 @@ async def test_an_spf_include_nobody_answers_for_is_an_error_not_a_missing_recor
 
 async def test_answers_an_authoritative_server_does_not_give_are_errors_not_absences(
         make_entry: EntryFactory) -> None:
-    """A referral or a CNAME the server does not resolve says nothing about the name: a
-    recursive resolver would follow it, so it is undecided, never "not listed" or "no key"
-    (a blocklist delegated elsewhere, a DKIM key CNAME'd to a provider, an SPF include
-    into a delegated zone)."""
+    """A referral, or a CNAME to a name the nameservers refuse, says nothing about the
+    name: it is undecided, never "not listed" or "no key" (a blocklist delegated
+    elsewhere, a DKIM key CNAME'd to a provider nobody here serves, an SPF include into a
+    delegated zone)."""
     items = by_item(await run_entry(make_entry("good.test", dkim_selectors=["ext"],
                                                sending_ips=[GOOD_IP],
                                                blocklists=["dead.bl.test"])))
@@ -101,10 +102,33 @@ async def test_answers_an_authoritative_server_does_not_give_are_errors_not_abse
     assert listed.verdict is Verdict.ERROR
     assert "refers the query to ns.nowhere.test" in listed.reason
     assert items["dkim/ext"].verdict is Verdict.ERROR
-    assert "only a CNAME to key.provider.example" in items["dkim/ext"].reason
+    assert "CNAME to key.provider.example" in items["dkim/ext"].reason
+    assert "REFUSED" in items["dkim/ext"].reason
     spf = by_item(await run_entry(make_entry("deleg.test", sending_ips=[GOOD_IP])))["spf"]
     assert spf.verdict is Verdict.ERROR, spf.reason
     assert "_spf.sub.deleg.test" in spf.reason
+
+
+@pytest.mark.parametrize("server", ["knot", "nsd"])
+async def test_a_cname_into_another_zone_is_followed_to_its_records(
+        make_entry: EntryFactory, server: str, request: pytest.FixtureRequest) -> None:
+    """Knot (and BIND) answer a CNAME into another zone with the CNAME alone; the check
+    asks for the target as a resolver would: a DKIM key, a DMARC record and an SPF include
+    kept at a provider, and an RFC 2317 classless PTR, all get their verdict."""
+    lab: NsdLab = request.getfixturevalue(server)
+    items = by_item(await run_entry(make_entry("cnamed.test", dkim_selectors=[SELECTOR],
+                                               sending_ips=[GOOD_IP],
+                                               nameservers=[lab.nameserver])))
+    assert items[f"dkim/{SELECTOR}"].verdict is Verdict.OK, items[f"dkim/{SELECTOR}"].reason
+    assert items[f"dkim/{SELECTOR}"].details["bits"] == 2048
+    assert items["dmarc"].verdict is Verdict.OK, items["dmarc"].reason
+    assert "p=quarantine" in items["dmarc"].reason
+    assert items["spf"].verdict is Verdict.OK, items["spf"].reason
+    assert f"pass for {GOOD_IP}" in items["spf"].reason
+    ptr = by_item(await run_entry(make_entry("good.test", sending_ips=[CLASSLESS_IP],
+                                             nameservers=[lab.nameserver])))
+    assert ptr[f"ptr/{CLASSLESS_IP}"].verdict is Verdict.OK, ptr[f"ptr/{CLASSLESS_IP}"].reason
+    assert "mail2317.good.test" in ptr[f"ptr/{CLASSLESS_IP}"].reason
 
 
 async def test_a_revoked_dkim_key_is_a_problem(make_entry: EntryFactory) -> None:

@@ -17,6 +17,7 @@ GOOD_IP = "203.0.113.7"  # mail.good.test, forward-confirmed, listed nowhere
 GOOD_IP6 = "2001:db8::7"
 NO_FCRDNS_IP = "203.0.113.8"  # PTR mail.nofcrdns.test, which resolves to .99
 NO_PTR_IP = "203.0.113.9"
+CLASSLESS_IP = "203.0.113.20"  # its PTR is CNAME'd into an RFC 2317 child zone
 LISTED_IP = "203.0.113.66"  # listed in bl.test with a TXT reason
 LISTED_REASON = "Listed for spam traps hits, see https://bl.test/lookup?ip=203.0.113.66"
 SELECTOR = "cabal"
@@ -75,6 +76,7 @@ def zones() -> dict[str, str]:
         "mta-sts A 127.0.0.1",
         f"_smtp._tls {txt('v=TLSRPTv1; rua=mailto:tlsrpt@good.test')}",
         "news A 203.0.113.11",  # a subdomain without a _dmarc of its own
+        f"mail2317 A {CLASSLESS_IP}",
         # A selector delegated by CNAME to a provider this server does not serve.
         "ext._domainkey CNAME key.provider.example.",
     ]
@@ -82,6 +84,15 @@ def zones() -> dict[str, str]:
     # fetches policies on port 443 only).
     z["plain.test"] = [*mail_basics("plain.test"),
                        f"{SELECTOR}._domainkey {txt(f'v=DKIM1; p={rsa_key()}')}"]
+    # Records kept at a provider by CNAME, into another zone this server serves (it
+    # answers the CNAME alone, as an authoritative server does): an SPF include, the
+    # DMARC record, a DKIM key.
+    z["provider.test"] = [f"_spf {txt('v=spf1 ip4:203.0.113.0/28 -all')}",
+                          f"dmarc {txt('v=DMARC1; p=quarantine')}"]
+    z["cnamed.test"] = [*mail_basics("cnamed.test", spf="v=spf1 include:spf.cnamed.test -all",
+                                     dmarc=None),
+                        "spf CNAME _spf.provider.test.", "_dmarc CNAME dmarc.provider.test.",
+                        f"{SELECTOR}._domainkey CNAME {SELECTOR}._domainkey.plain.test."]
     z["twospf.test"] = [*mail_basics("twospf.test"),
                         f"@ {txt('v=spf1 ip4:203.0.113.7 -all')}"]
     chain = [f"l{i} {txt(f'v=spf1 include:l{i + 1}.chain.test -all')}"
@@ -119,7 +130,12 @@ def zones() -> dict[str, str]:
                           "mta-sts A 127.0.0.1"]
     # Reverse DNS of 203.0.113.0/24 and 2001:db8::/32 (documentation ranges).
     z["113.0.203.in-addr.arpa"] = ["7 PTR mail.good.test.", "8 PTR mail.nofcrdns.test.",
-                                   "66 PTR mail.good.test."]
+                                   "66 PTR mail.good.test.",
+                                   # RFC 2317 classless delegation of .16-.31 to a zone
+                                   # of its own (which this server also serves).
+                                   "20 CNAME 20.16/28.113.0.203.in-addr.arpa.",
+                                   "16/28 NS ns.16/28.113.0.203.in-addr.arpa."]
+    z["16/28.113.0.203.in-addr.arpa"] = ["20 PTR mail2317.good.test."]
     z["8.b.d.0.1.0.0.2.ip6.arpa"] = [
         f"{'.'.join(reversed('0' * 23 + '7'))} PTR mail.good.test."]
     # Blocklists: one listing with a reason (and RFC 5782's 127.0.0.2 test entry), one
