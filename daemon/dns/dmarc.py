@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from daemon.dns.libraries import checkdmarc_dmarc, organizational_domain
+from daemon.dns.libraries import checkdmarc_dmarc, evaluating_with, organizational_domain
 from daemon.dns.resolver import BlockingResolver, Resolver
 from daemon.dns.verdict import ItemResult, notes, ok, problem
 from daemon.threads import in_daemon_thread
@@ -57,9 +57,10 @@ async def check(resolver: Resolver, domain: str, *, deadline: float,
 def _parse(record: str, location: str, resolver: BlockingResolver) -> dict[str, Any] | str:
     """checkdmarc's parse (tags and warnings), or why the record is invalid."""
     try:
-        parsed: dict[str, Any] = checkdmarc_dmarc.parse_dmarc_record(
-            record, location, resolver=resolver, timeout=resolver.lifetime, retries=0,
-            ignore_unrelated_records=True)
+        with evaluating_with(resolver):
+            parsed: dict[str, Any] = checkdmarc_dmarc.parse_dmarc_record(
+                record, location, resolver=resolver, timeout=resolver.lifetime, retries=0,
+                ignore_unrelated_records=True)
     except checkdmarc_dmarc.DMARCError as exc:
         return str(exc)
     return parsed

@@ -3,7 +3,12 @@
 * **checkdmarc** (record grammars of SPF, DMARC, MTA-STS, TLS-RPT, and SPF's
   lookup count) keeps a module-wide cache of DNS answers for 30 minutes, up
   to 200,000 of them. A monitor must see DNS as it is now, and memory stays
-  bounded: the cache is turned off.
+  bounded: the cache is turned off. Where checkdmarc is not handed our
+  resolver (it looks up an SPF `exp=` record without passing it on) it would
+  build its own from /etc/resolv.conf: every lookup it makes goes through
+  `_resolve_with_failover`, which is replaced to use the resolver of the
+  evaluation running in this thread (`evaluating_with`) and to refuse to ask
+  anyone else.
 * Importing checkdmarc imports dnspython's DNSSEC module, which touches
   cryptography's deprecated DSA class and warns once at import. We use no
   DNSSEC and no DSA: that one warning is silenced, nothing else.
@@ -53,15 +58,21 @@ class _NoCache(ExpiringDict):  # type: ignore[misc]  # untyped library
 
 checkdmarc_utils.DNS_CACHE = _NoCache()
 
-__all__ = ["checkdmarc_dmarc", "checkdmarc_mta_sts", "checkdmarc_spf", "checkdmarc_tlsrpt",
-           "evaluating_with", "organizational_domain", "spf"]
+__all__ = ["NoResolver", "checkdmarc_dmarc", "checkdmarc_mta_sts", "checkdmarc_spf",
+           "checkdmarc_tlsrpt", "checkdmarc_utils", "evaluating_with", "organizational_domain",
+           "spf"]
 
-_current: ContextVar[BlockingResolver | None] = ContextVar("spf_resolver", default=None)
+_current: ContextVar[BlockingResolver | None] = ContextVar("dns_resolver", default=None)
+
+
+class NoResolver(dns.exception.DNSException):
+    """A library lookup outside `evaluating_with`: a bug, and never sent to the system's
+    resolver (a DNSException, so the library treats it as a failed lookup)."""
 
 
 @contextlib.contextmanager
 def evaluating_with(resolver: BlockingResolver) -> Iterator[None]:
-    """pyspf's lookups in this context (thread) go to `resolver`."""
+    """pyspf's and checkdmarc's lookups in this context (thread) go to `resolver`."""
     token = _current.set(resolver)
     try:
         yield
@@ -98,6 +109,24 @@ def _pyspf_lookup(name: str, qtype: str, strict: Any = True,
 
 
 spf.DNSLookup = _pyspf_lookup
+
+_checkdmarc_resolve = checkdmarc_utils._resolve_with_failover
+
+
+def _resolve_with_ours(domain: str, record_type: str, *, nameservers: Any, resolver: Any,
+                       timeout: float, retries: int) -> Any:
+    """checkdmarc's only way to DNS, given the evaluation's resolver when it was not
+    handed one (its `nameservers` are never ours: we pass a resolver)."""
+    if resolver is None:
+        resolver = _current.get()
+    if resolver is None:
+        raise NoResolver(f"{domain} {record_type}: no resolver for this lookup (made "  # type: ignore[no-untyped-call]
+                         "outside an evaluation); the system's is never asked")
+    return _checkdmarc_resolve(domain, record_type, nameservers=None, resolver=resolver,
+                               timeout=timeout, retries=retries)
+
+
+checkdmarc_utils._resolve_with_failover = _resolve_with_ours
 
 
 def organizational_domain(domain: str) -> str:

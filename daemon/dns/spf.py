@@ -54,6 +54,12 @@ class Evaluation:
 def evaluate(record: str, domain: str, ips: list[str], resolver: BlockingResolver,
              ) -> Evaluation:
     """Parse and count with checkdmarc, then check_host() per IP with pyspf (blocking)."""
+    with evaluating_with(resolver):
+        return _evaluate(record, domain, ips, resolver)
+
+
+def _evaluate(record: str, domain: str, ips: list[str], resolver: BlockingResolver,
+              ) -> Evaluation:
     found = Evaluation()
     try:
         parsed = checkdmarc_spf.parse_spf_record(record, domain, resolver=resolver,
@@ -75,8 +81,7 @@ def evaluate(record: str, domain: str, ips: list[str], resolver: BlockingResolve
     for ip in ips:
         left = max(0.001, resolver.deadline - resolver.clock())
         query = spf.query(i=ip, s=f"postmaster@{domain}", h=domain, querytime=left)
-        with evaluating_with(resolver):
-            result, _code, explanation = query.check()
+        result, _code, explanation = query.check()
         found.results[ip] = (str(result), str(explanation), query.mechanism)
     return found
 

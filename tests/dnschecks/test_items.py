@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import dns.exception
 import pytest
 
 from daemon.dns import blocklists, dmarc, mta_sts
+from daemon.dns.libraries import checkdmarc_utils
 from daemon.dns.mta_sts import PolicyFetcher
 from daemon.dns.resolver import Resolver
 from daemon.dns.run import run_entry
@@ -77,6 +79,22 @@ async def test_an_spf_record_that_does_not_cover_the_sending_ip_is_a_problem(
     assert spf.verdict is Verdict.PROBLEM
     assert f"does not authorise {GOOD_IP}: fail" in spf.reason
     assert spf.details["results"] == {GOOD_IP: "fail"}
+
+
+async def test_every_lookup_of_the_libraries_goes_to_the_configured_nameservers(
+        make_entry: EntryFactory) -> None:
+    """checkdmarc looks up an SPF exp= record with a resolver of its own (the system's)
+    unless given one: ours is given, so the TXT record only our nameserver has is found."""
+    spf = by_item(await run_entry(make_entry("exp.test", sending_ips=[GOOD_IP])))["spf"]
+    assert spf.verdict is Verdict.OK, spf.reason
+    assert "exp value" not in spf.reason
+
+
+def test_the_libraries_cannot_ask_the_system_resolver() -> None:
+    """A checkdmarc lookup outside an evaluation fails instead of asking /etc/resolv.conf's
+    nameservers."""
+    with pytest.raises(dns.exception.DNSException, match="no resolver"):
+        checkdmarc_utils.query_dns("plain.test", "TXT", timeout=0.5)
 
 
 async def test_an_spf_include_nobody_answers_for_is_an_error_not_a_missing_record(

@@ -93,6 +93,10 @@ def zones() -> dict[str, str]:
                                      dmarc=None),
                         "spf CNAME _spf.provider.test.", "_dmarc CNAME dmarc.provider.test.",
                         f"{SELECTOR}._domainkey CNAME {SELECTOR}._domainkey.plain.test."]
+    # An explanation (exp=) whose TXT record only this server has.
+    z["exp.test"] = [*mail_basics("exp.test",
+                                  spf="v=spf1 ip4:203.0.113.0/28 -all exp=why.exp.test"),
+                     f"why {txt('%{i} is not one of %{d} senders')}"]
     z["twospf.test"] = [*mail_basics("twospf.test"),
                         f"@ {txt('v=spf1 ip4:203.0.113.7 -all')}"]
     chain = [f"l{i} {txt(f'v=spf1 include:l{i + 1}.chain.test -all')}"
