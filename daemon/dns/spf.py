@@ -10,7 +10,10 @@ message). Then, in one thread with the run's deadline on every query:
   static count: a record that needs 12 lookups is broken for any sender even
   if a given IP matches before the eleventh;
 * pyspf evaluates `check_host()` for each sending IP exactly as a receiver
-  does (mail from postmaster@<domain>, HELO <domain>): only `pass` counts.
+  does (mail from postmaster@<domain>, HELO <domain>): only `pass` counts;
+  and once for an address nobody sends from (`NOBODY`): a record that passes
+  it (`+all`, here or in an include) lets anyone pass SPF, and DMARC through
+  SPF, as the domain.
 
 A DNS failure on the way is `error`, never a verdict: both libraries would
 otherwise turn a timed-out include into "no SPF record" or a permerror.
@@ -29,6 +32,9 @@ from daemon.threads import in_daemon_thread
 
 ITEM = "spf"
 MAX_LOOKUPS = 10
+# In 240.0.0.0/4, reserved (RFC 1112 4, RFC 6890): no record has reason to authorise
+# it, so one that does authorises every address.
+NOBODY = "240.0.0.1"
 MAX_NOTES = 3
 
 
@@ -49,6 +55,8 @@ class Evaluation:
     parse_failures: list[str] = field(default_factory=list)  # DNS failures while parsing
     # ip -> (result, explanation, matching mechanism)
     results: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)
+    # The mechanism passing NOBODY, when the record passes any address.
+    passes_anyone: str | None = None
 
 
 def evaluate(record: str, domain: str, ips: list[str], resolver: BlockingResolver,
@@ -79,11 +87,21 @@ def _evaluate(record: str, domain: str, ips: list[str], resolver: BlockingResolv
         found.warnings = list(parsed["warnings"])
     found.parse_failures = list(resolver.failures)
     for ip in ips:
-        left = max(0.001, resolver.deadline - resolver.clock())
-        query = spf.query(i=ip, s=f"postmaster@{domain}", h=domain, querytime=left)
-        result, _code, explanation = query.check()
-        found.results[ip] = (str(result), str(explanation), query.mechanism)
+        found.results[ip] = _check_host(ip, domain, resolver)
+    if found.broken is None:
+        result, _explanation, mechanism = _check_host(NOBODY, domain, resolver)
+        if result == "pass":
+            found.passes_anyone = mechanism or "?"
     return found
+
+
+def _check_host(ip: str, domain: str, resolver: BlockingResolver,
+                ) -> tuple[str, str, str | None]:
+    """pyspf's check_host() for `ip`: (result, explanation, matching mechanism)."""
+    left = max(0.001, resolver.deadline - resolver.clock())
+    query = spf.query(i=ip, s=f"postmaster@{domain}", h=domain, querytime=left)
+    result, _code, explanation = query.check()
+    return str(result), str(explanation), query.mechanism
 
 
 async def check(resolver: Resolver, domain: str, ips: list[str], *, deadline: float,
@@ -126,6 +144,11 @@ def verdict(domain: str, record: str, found: Evaluation,
                                  "nothing (RFC 7208 4.6.4): receivers return permerror; remove "
                                  "the terms naming missing domains", **facts)
         return problem(ITEM, f"{domain}'s SPF record is invalid: {found.broken}", **facts)
+    if found.passes_anyone is not None:
+        return problem(ITEM, f"{domain}'s SPF record authorises any IP (it passes {NOBODY}, "
+                             f"an address nobody sends from, matching {found.passes_anyone}): "
+                             f"anyone passes SPF, and DMARC through it, as {domain}; end it "
+                             "with -all or ~all and list the senders", **facts)
     refused = {ip: r for ip, r in found.results.items() if r[0] not in ("pass", "temperror")}
     undecided = {ip: r for ip, r in found.results.items() if r[0] == "temperror"}
     counted = f"{found.lookups} of {MAX_LOOKUPS} DNS lookups"

@@ -81,6 +81,18 @@ async def test_an_spf_record_that_does_not_cover_the_sending_ip_is_a_problem(
     assert spf.details["results"] == {GOOD_IP: "fail"}
 
 
+@pytest.mark.parametrize("domain", ["plusall.test", "openinclude.test"])
+async def test_an_spf_record_that_passes_any_ip_is_a_problem(
+        make_entry: EntryFactory, domain: str) -> None:
+    """+all (here or in an include) passes the sending IP and every spammer's: SPF and
+    DMARC then pass for anyone sending as the domain. check_host() passes an address
+    nobody sends from (240.0.0.1, reserved)."""
+    spf = by_item(await run_entry(make_entry(domain, sending_ips=[GOOD_IP])))["spf"]
+    assert spf.verdict is Verdict.PROBLEM, spf.reason
+    assert "authorises any IP" in spf.reason
+    assert spf.details["results"] == {GOOD_IP: "pass"}
+
+
 async def test_every_lookup_of_the_libraries_goes_to_the_configured_nameservers(
         make_entry: EntryFactory) -> None:
     """checkdmarc looks up an SPF exp= record with a resolver of its own (the system's)

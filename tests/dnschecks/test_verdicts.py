@@ -92,6 +92,9 @@ def evaluation(**kwargs: Any) -> spf.Evaluation:
      "could not evaluate"),
     (evaluation(warnings=["The ptr mechanism should not be used"]), "ok",
      "no sending IP to evaluate; The ptr mechanism should not be used"),
+    # Passing an address nobody sends from: anyone passes.
+    (evaluation(results={"192.0.2.1": ("pass", "ok", "+all")}, passes_anyone="+all"),
+     "problem", "authorises any IP"),
 ])
 def test_spf_verdict_from_what_the_libraries_found(found: spf.Evaluation, verdict: str,
                                                    said: str) -> None:

@@ -97,6 +97,11 @@ def zones() -> dict[str, str]:
     z["exp.test"] = [*mail_basics("exp.test",
                                   spf="v=spf1 ip4:203.0.113.0/28 -all exp=why.exp.test"),
                      f"why {txt('%{i} is not one of %{d} senders')}"]
+    # SPF that passes any IP: +all, and an include of a record ending in +all.
+    z["plusall.test"] = mail_basics("plusall.test", spf="v=spf1 ip4:203.0.113.0/28 +all")
+    z["openinclude.test"] = [*mail_basics("openinclude.test",
+                                          spf="v=spf1 include:_open.openinclude.test -all"),
+                             f"_open {txt('v=spf1 +all')}"]
     z["twospf.test"] = [*mail_basics("twospf.test"),
                         f"@ {txt('v=spf1 ip4:203.0.113.7 -all')}"]
     chain = [f"l{i} {txt(f'v=spf1 include:l{i + 1}.chain.test -all')}"
