@@ -33,6 +33,7 @@ it is undecided, never "no record".
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,8 +142,8 @@ def describe(exc: dns.exception.DNSException, timeout: float) -> str:
         return f"no answer within {timeout:g}s"
     if isinstance(exc, dns.resolver.NoNameservers):
         errors = exc.kwargs.get("errors") or []
-        said = "; ".join(f"{_server(server, port)} {_error_text(error)}"
-                         for server, _tcp, port, error, *_ in errors[:3])
+        said = "; ".join(dict.fromkeys(f"{_server(server, port)} {_error_text(error)}"
+                                       for server, _tcp, port, error, *_ in errors[:3]))
         return f"no nameserver answered ({said or 'all failed'})"
     if isinstance(exc, dns.resolver.NoResolverConfiguration):
         return ("no system resolver configured (/etc/resolv.conf has no nameserver): set "
@@ -150,8 +151,15 @@ def describe(exc: dns.exception.DNSException, timeout: float) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+# How dnspython names a nameserver in its errors: `Do53:127.0.0.1@5353`.
+_NAMED = re.compile(r"(?:Do53|DoT|DoQ|DoH3?):(?P<host>.+)@\d+")
+
+
 def _server(address: Any, port: Any) -> str:
+    """`127.0.0.1:5353` / `[2001:db8::1]:53`, as the configuration writes it."""
     host = str(address)
+    if named := _NAMED.fullmatch(host):
+        host = named["host"]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -354,3 +354,12 @@ async def test_a_domain_the_nameserver_refuses_is_an_error_everywhere(
     result = await run_entry(make_entry(domain))
     assert {i.verdict for i in result.items} == {Verdict.ERROR}
     assert "REFUSED" in by_item(result)["mx"].reason
+
+
+async def test_a_nameserver_refusing_is_named_as_configured(
+        make_entry: EntryFactory, nsd: NsdLab) -> None:
+    """The reason names the server as the config does (`127.0.0.1:5353 said REFUSED`),
+    not dnspython's `[Do53:127.0.0.1@5353]:5353`."""
+    mx = by_item(await run_entry(make_entry("nosuchdomain.test")))["mx"]
+    assert f"({nsd.nameserver} said REFUSED)" in mx.reason, mx.reason
+    assert "Do53" not in mx.reason
