@@ -27,22 +27,37 @@ ITEM = "dmarc"
 MAX_NOTES = 2
 # RFC 7489 6.4: dmarc-version = "v" *WSP "=" *WSP "DMARC1", the record's first tag.
 _DMARC1 = re.compile(r"v\s*=\s*DMARC1\s*(;|$)")
+# What was meant to be one: receivers discard it all the same (RFC 7489 6.6.3).
+_MEANT = re.compile(r"\s*v\s*=\s*dmarc", re.IGNORECASE)
 
 
 def dmarc_records(texts: list[str]) -> list[str]:
     return [t for t in texts if _DMARC1.match(t)]
 
 
+def discarded(texts: list[str]) -> list[str]:
+    """TXT records meant as DMARC records that are not (`v=DMARC1 p=reject`)."""
+    return [t for t in texts if _MEANT.match(t) and not _DMARC1.match(t)]
+
+
 async def check(resolver: Resolver, domain: str, *, deadline: float,
                 clock: Callable[[], float] = time.monotonic) -> ItemResult:
     location = domain
-    records = dmarc_records((await resolver.query(f"_dmarc.{domain}", "TXT")).texts())
+    texts = (await resolver.query(f"_dmarc.{domain}", "TXT")).texts()
+    records, ignored = dmarc_records(texts), discarded(texts)
     org = organizational_domain(domain)
     if not records and org != domain:
         location = org
-        records = dmarc_records((await resolver.query(f"_dmarc.{org}", "TXT")).texts())
+        texts = (await resolver.query(f"_dmarc.{org}", "TXT")).texts()
+        records, ignored = dmarc_records(texts), ignored + discarded(texts)
     if not records:
         where = f"_dmarc.{domain}" + (f" nor at _dmarc.{org}" if org != domain else "")
+        if ignored:
+            return problem(ITEM, f"no valid DMARC record at {where}: "
+                                 f"{', '.join(map(_quoted, ignored))} is not a valid DMARC "
+                                 'record (it must start with "v=DMARC1;" and separate its '
+                                 'tags with ";"), so receivers discard it and apply no '
+                                 "policy (RFC 7489 6.6.3)", records=ignored)
         return problem(ITEM, f"no DMARC record at {where}: receivers apply no policy, and "
                              "Gmail and Yahoo require one from bulk senders; publish "
                              f'"v=DMARC1; p=none; rua=mailto:..." to start')
@@ -51,7 +66,11 @@ async def check(resolver: Resolver, domain: str, *, deadline: float,
                              "ignore them all (RFC 7489 6.6.3); keep one", records=records)
     blocking = resolver.blocking(deadline, clock)
     parsed = await in_daemon_thread(_parse, records[0], location, blocking, name="dmarc")
-    return judge(domain, location, records[0], parsed)
+    return judge(domain, location, records[0], parsed, ignored)
+
+
+def _quoted(record: str) -> str:
+    return f'"{record}"'
 
 
 def _parse(record: str, location: str, resolver: BlockingResolver) -> dict[str, Any] | str:
@@ -67,8 +86,9 @@ def _parse(record: str, location: str, resolver: BlockingResolver) -> dict[str, 
 
 
 def judge(domain: str, location: str, record: str, parsed: dict[str, Any] | str,
-          ) -> ItemResult:
-    """The DMARC item from the record and checkdmarc's parse (pure: unit-tested)."""
+          ignored: list[str] | None = None) -> ItemResult:
+    """The DMARC item from the record and checkdmarc's parse (pure: unit-tested);
+    `ignored`: records at the domain receivers discarded before falling back."""
     where = f"_dmarc.{location}"
     if location != domain:
         where += f" (the organisational domain of {domain})"
@@ -82,7 +102,8 @@ def judge(domain: str, location: str, record: str, parsed: dict[str, Any] | str,
     # For a subdomain found through its organisational domain, sp= applies (else p=).
     key = "sp" if location != domain and tags["sp"].get("explicit") else "p"
     policy = str(tags[key]["value"])
-    caveats = []
+    caveats = [f"_dmarc.{domain} has {', '.join(map(_quoted, ignored))}, not a valid DMARC "
+               "record, so receivers use this one"] if ignored else []
     if policy == "none":
         caveats.append(f"{key}=none: monitoring only, receivers take no action on "
                        "failing mail")

@@ -192,6 +192,16 @@ async def test_no_dmarc_record_is_a_problem(make_entry: EntryFactory) -> None:
     assert "no DMARC record at _dmarc.nodmarc.test" in item.reason
 
 
+async def test_a_dmarc_record_receivers_discard_is_named_not_called_missing(
+        make_entry: EntryFactory) -> None:
+    """"v=DMARC1 p=reject" (no ';') is no DMARC record to receivers (RFC 7489 6.6.3): a
+    problem, whose reason shows the record instead of saying there is none."""
+    item = by_item(await run_entry(make_entry("nosemicolon.test")))["dmarc"]
+    assert item.verdict is Verdict.PROBLEM
+    assert "no DMARC record" not in item.reason
+    assert '"v=DMARC1 p=reject" is not a valid DMARC record' in item.reason, item.reason
+
+
 async def test_dmarc_falls_back_to_the_organisational_domain(nsd: NsdLab) -> None:
     """news.good.test has no _dmarc of its own: good.test's record applies."""
     item = await dmarc.check(resolver_for(nsd), "news.good.test", deadline=time.monotonic() + 5)

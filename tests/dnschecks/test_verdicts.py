@@ -132,6 +132,18 @@ def test_dmarc_verdict(domain: str, location: str, parsed: dict[str, Any] | str,
     assert (item.verdict, said in item.reason) == (verdict, True), item.reason
 
 
+def test_a_discarded_subdomain_record_is_noted_beside_the_one_used() -> None:
+    """A subdomain's record receivers discard sends them to the organisational domain's:
+    ok from that one, with a note naming the discarded record."""
+    item = dmarc.judge("m.a.test", "a.test", "v=DMARC1; p=reject", parsed_dmarc(),
+                       ignored=["v=DMARC1 p=none"])
+    assert item.verdict is Verdict.OK
+    assert '_dmarc.m.a.test has "v=DMARC1 p=none", not a valid DMARC record' in item.reason
+    assert dmarc.discarded(["v=DMARC1 p=none", "V=dmarc1;p=none", "v=DMARC1; p=none",
+                            "google-site-verification=x"]) == ["v=DMARC1 p=none",
+                                                               "V=dmarc1;p=none"]
+
+
 def test_dmarc_record_selection() -> None:
     """Records must start with v=DMARC1 (whitespace around = allowed, case kept)."""
     assert dmarc.dmarc_records(["v=DMARC1; p=none", "v = DMARC1;p=reject", "v=dmarc1; p=x",

@@ -115,6 +115,8 @@ def zones() -> dict[str, str]:
     z["weak.test"] = [*mail_basics("weak.test"),
                       f"{SELECTOR}._domainkey {txt(f'v=DKIM1; k=rsa; p={KEY_512}')}"]
     z["nodmarc.test"] = mail_basics("nodmarc.test", dmarc=None)
+    # A DMARC record with a space where the ';' belongs: receivers discard it.
+    z["nosemicolon.test"] = mail_basics("nosemicolon.test", dmarc="v=DMARC1 p=reject")
     z["nullmx.test"] = ["@ MX 0 .", f"@ {txt('v=spf1 -all')}",
                         f"_dmarc {txt('v=DMARC1; p=reject')}"]
     z["nofcrdns.test"] = ["mail A 203.0.113.99"]
