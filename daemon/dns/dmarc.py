@@ -25,6 +25,8 @@ from daemon.threads import in_daemon_thread
 
 ITEM = "dmarc"
 MAX_NOTES = 2
+# RFC 7489 6.6.4: mail not selected by pct= gets the next milder policy.
+MILDER = {"reject": "quarantine", "quarantine": "none"}
 # RFC 7489 6.4: dmarc-version = "v" *WSP "=" *WSP "DMARC1", the record's first tag.
 _DMARC1 = re.compile(r"v\s*=\s*DMARC1\s*(;|$)")
 # What was meant to be one: receivers discard it all the same (RFC 7489 6.6.3).
@@ -69,6 +71,16 @@ async def check(resolver: Resolver, domain: str, *, deadline: float,
     return judge(domain, location, records[0], parsed, ignored)
 
 
+def _pct(record: str) -> int | None:
+    """The record's pct= (0-100), None when absent or not a number (checkdmarc, which
+    judged the record valid, does not return it)."""
+    for tag in record.split(";"):
+        name, _, value = tag.partition("=")
+        if name.strip().lower() == "pct" and value.strip().isdigit():
+            return min(100, int(value.strip()))
+    return None
+
+
 def _quoted(record: str) -> str:
     return f'"{record}"'
 
@@ -107,6 +119,14 @@ def judge(domain: str, location: str, record: str, parsed: dict[str, Any] | str,
     if policy == "none":
         caveats.append(f"{key}=none: monitoring only, receivers take no action on "
                        "failing mail")
-    caveats += [w for w in parsed["warnings"] if "p tag value of none" not in w][:MAX_NOTES]
+    elif (pct := _pct(record)) is not None and pct < 100:
+        milder = MILDER[policy]
+        caveats.append(f"pct=0: receivers apply {key}={policy} to none of the failing mail, "
+                       f"in effect {key}={milder}" if pct == 0 else
+                       f"pct={pct}: receivers apply {key}={policy} to {pct}% of failing mail "
+                       f"and {key}={milder} to the rest (RFC 7489 6.6.4)")
+    # checkdmarc says pct is gone from DMARCbis; receivers on RFC 7489 still apply it.
+    caveats += [w for w in parsed["warnings"]
+                if "p tag value of none" not in w and "pct tag" not in w][:MAX_NOTES]
     return ok(ITEM, notes(f"v=DMARC1 at {where}: {key}={policy}", caveats), record=record,
               location=location, policy=policy)

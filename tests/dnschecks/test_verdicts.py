@@ -132,6 +132,23 @@ def test_dmarc_verdict(domain: str, location: str, parsed: dict[str, Any] | str,
     assert (item.verdict, said in item.reason) == (verdict, True), item.reason
 
 
+@pytest.mark.parametrize(("record", "policy", "said"), [
+    ("v=DMARC1; p=reject; pct=50", "reject",
+     "pct=50: receivers apply p=reject to 50% of failing mail and p=quarantine to the rest"),
+    ("v=DMARC1; p=quarantine; pct=0", "quarantine",
+     "pct=0: receivers apply p=quarantine to none of the failing mail, in effect p=none"),
+])
+def test_pct_is_said_as_what_receivers_do(record: str, policy: str, said: str) -> None:
+    """pct below 100 sends the rest of the failing mail to the next milder policy (RFC 7489
+    6.6.4): the note says so, not checkdmarc's "removed in RFC 9989" (receivers apply it)."""
+    parsed = parsed_dmarc(p=(policy, True))
+    parsed["warnings"] = ["Support for the pct tag was removed in RFC 9989"]
+    item = dmarc.judge("a.test", "a.test", record, parsed)
+    assert item.verdict is Verdict.OK
+    assert said in item.reason, item.reason
+    assert "removed in RFC 9989" not in item.reason
+
+
 def test_a_discarded_subdomain_record_is_noted_beside_the_one_used() -> None:
     """A subdomain's record receivers discard sends them to the organisational domain's:
     ok from that one, with a note naming the discarded record."""
