@@ -14,7 +14,7 @@ import asyncio
 import dns.name
 
 from daemon.dns.resolver import Answer, DnsError, Resolver
-from daemon.dns.verdict import ItemResult, error, ok, problem
+from daemon.dns.verdict import ItemResult, error, notes, ok, problem
 
 ITEM = "mx"
 # RFC 7208 and most MTAs look at no more than 10 MX hosts.
@@ -50,7 +50,8 @@ async def check(resolver: Resolver, domain: str) -> ItemResult:
                        hosts=[h for _p, h in hosts])
     names = list(dict.fromkeys(h for _p, h in hosts))[:MAX_HOSTS]
     found = await asyncio.gather(*(_addresses(resolver, n) for n in names))
-    addresses = dict(zip(names, found, strict=True))
+    addresses = {n: a for n, (a, _alias) in zip(names, found, strict=True)}
+    aliases = {n: alias for n, (_a, alias) in zip(names, found, strict=True) if alias}
     missing = [n for n, a in addresses.items() if a == []]
     failed = [n for n, a in addresses.items() if a is None]
     listed = ", ".join(f"{p} {h}" for p, h in hosts)
@@ -61,17 +62,25 @@ async def check(resolver: Resolver, domain: str) -> ItemResult:
     if failed:
         return error(ITEM, f"could not resolve MX host {', '.join(failed)} (MX: {listed})",
                      hosts=names)
-    return ok(ITEM, f"MX {listed}, each with an address", hosts=names,
-              addresses=addresses)
+    caveats = [f"{n} is a CNAME to {a}: RFC 2181 10.3 says an MX host must not be an alias "
+               "(most MTAs deliver anyway); point the MX at the host's own name"
+               for n, a in aliases.items()]
+    return ok(ITEM, notes(f"MX {listed}, each with an address", caveats), hosts=names,
+              addresses=addresses, **({"aliases": aliases} if aliases else {}))
 
 
-async def _addresses(resolver: Resolver, host: str) -> list[str] | None:
-    """The host's A and AAAA addresses; None when a lookup failed and none was found."""
+async def _addresses(resolver: Resolver, host: str) -> tuple[list[str] | None, str | None]:
+    """The host's A and AAAA addresses (None when a lookup failed and none was found),
+    and the name they belong to when the host is an alias."""
     found: list[str] = []
     failed = False
+    alias = None
     for rdtype in ("A", "AAAA"):
         try:
-            found += (await resolver.query(host, rdtype)).addresses()
+            answer = await resolver.query(host, rdtype)
         except DnsError:
             failed = True
-    return None if failed and not found else found
+            continue
+        found += answer.addresses()
+        alias = alias or answer.canonical
+    return (None if failed and not found else found), alias

@@ -117,6 +117,8 @@ class Answer:
     rdtype: str
     exists: bool  # False: NXDOMAIN
     records: tuple[Any, ...] = ()  # dnspython rdata objects
+    # The name the records belong to when `name` is an alias (a CNAME led there).
+    canonical: str | None = None
 
     def texts(self) -> list[str]:
         """TXT records, each one's strings joined without separator (RFC 7208 3.3)."""
@@ -207,7 +209,8 @@ class Resolver:
     async def query(self, name: str, rdtype: str) -> Answer:
         """Ask for (name, rdtype); NXDOMAIN and NODATA are answers, a failure raises.
         A CNAME the server leaves unresolved is followed (module docstring)."""
-        qname = dns.name.from_text(name)  # absolute: no search list, whatever resolv.conf says
+        asked = dns.name.from_text(name)  # absolute: no search list, whatever resolv.conf says
+        qname = asked
         resolver = self._get()
         via = ""  # "CNAME to <target>; " once a link was followed, for reasons
         async with self._slots:
@@ -216,7 +219,9 @@ class Resolver:
                 if answer is None:
                     return Answer(name, rdtype, exists=False)
                 if answer.rrset is not None:
-                    return Answer(name, rdtype, exists=True, records=tuple(answer.rrset))
+                    owner = answer.rrset.name  # not the name asked: it is an alias
+                    return Answer(name, rdtype, exists=True, records=tuple(answer.rrset),
+                                  canonical=None if owner == asked else _text(owner))
                 target = dangling_cname(answer.response, qname)
                 if target is None:
                     why = unanswered(answer.response, qname)

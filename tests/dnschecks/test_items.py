@@ -237,6 +237,14 @@ async def test_a_null_mx_is_reported_as_such(make_entry: EntryFactory) -> None:
     assert item.details["null_mx"] is True
 
 
+async def test_an_mx_host_that_is_an_alias_is_noted(make_entry: EntryFactory) -> None:
+    """RFC 2181 10.3: an MX host must not be a CNAME. Most MTAs deliver anyway (ok), but
+    the reason says so, and which name it aliases."""
+    mx = by_item(await run_entry(make_entry("mxalias.test")))["mx"]
+    assert mx.verdict is Verdict.OK
+    assert "alias.mxalias.test is a CNAME to mx.mxalias.test" in mx.reason, mx.reason
+
+
 async def test_a_listed_ip_is_a_problem_with_the_zones_txt_reason(nsd: NsdLab) -> None:
     """An A answer in 127.0.0.0/8 is a listing; the TXT record says why."""
     item = await blocklists.check(resolver_for(nsd), "bl.test", LISTED_IP)

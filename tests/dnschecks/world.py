@@ -119,6 +119,8 @@ def zones() -> dict[str, str]:
     z["nosemicolon.test"] = mail_basics("nosemicolon.test", dmarc="v=DMARC1 p=reject")
     z["nullmx.test"] = ["@ MX 0 .", f"@ {txt('v=spf1 -all')}",
                         f"_dmarc {txt('v=DMARC1; p=reject')}"]
+    # An MX host that is an alias (RFC 2181 10.3 says it must not be).
+    z["mxalias.test"] = ["@ MX 10 alias.mxalias.test.", "alias CNAME mx", "mx A 203.0.113.10"]
     z["nofcrdns.test"] = ["mail A 203.0.113.99"]
     z["stsbad.test"] = [*mail_basics("stsbad.test"), f"_mta-sts {txt('v=STSv1; id=1')}",
                         "mta-sts A 127.0.0.1",
