@@ -57,6 +57,8 @@ class Evaluation:
     results: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)
     # The mechanism passing NOBODY, when the record passes any address.
     passes_anyone: str | None = None
+    # check_host()'s explanation of a permerror (for any IP): what receivers get.
+    permerror: str | None = None
 
 
 def evaluate(record: str, domain: str, ips: list[str], resolver: BlockingResolver,
@@ -88,10 +90,11 @@ def _evaluate(record: str, domain: str, ips: list[str], resolver: BlockingResolv
     found.parse_failures = list(resolver.failures)
     for ip in ips:
         found.results[ip] = _check_host(ip, domain, resolver)
-    if found.broken is None:
-        result, _explanation, mechanism = _check_host(NOBODY, domain, resolver)
-        if result == "pass":
-            found.passes_anyone = mechanism or "?"
+    nobody = _check_host(NOBODY, domain, resolver)
+    if found.broken is None and nobody[0] == "pass":
+        found.passes_anyone = nobody[2] or "?"
+    found.permerror = next((r[1] for r in [*found.results.values(), nobody]
+                            if r[0] == "permerror"), None)
     return found
 
 
@@ -143,7 +146,10 @@ def verdict(domain: str, record: str, found: Evaluation,
             return problem(ITEM, f"{domain}'s SPF record makes more than 2 lookups that find "
                                  "nothing (RFC 7208 4.6.4): receivers return permerror; remove "
                                  "the terms naming missing domains", **facts)
-        return problem(ITEM, f"{domain}'s SPF record is invalid: {found.broken}", **facts)
+        said = f" (receivers get permerror: {_unprefixed(found.permerror)})" \
+            if found.permerror else ""
+        return problem(ITEM, f"{domain}'s SPF record is invalid: {found.broken}{said}",
+                       **facts)
     if found.passes_anyone is not None:
         return problem(ITEM, f"{domain}'s SPF record authorises any IP (it passes {NOBODY}, "
                              f"an address nobody sends from, matching {found.passes_anyone}): "
@@ -165,6 +171,12 @@ def verdict(domain: str, record: str, found: Evaluation,
     caveats = ([f"not checked for the IPs of {ips_unknown}"] if ips_unknown else []) \
         + found.warnings[:MAX_NOTES]
     return ok(ITEM, notes(text, caveats), **facts)
+
+
+def _unprefixed(explanation: str) -> str:
+    """pyspf's explanation without its "SPF Permanent Error: " prefix."""
+    return explanation.split(": ", 1)[1] if explanation.startswith("SPF Permanent") \
+        else explanation
 
 
 def _said(ip: str, result: tuple[str, str, str | None]) -> str:

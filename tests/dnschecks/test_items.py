@@ -81,6 +81,17 @@ async def test_an_spf_record_that_does_not_cover_the_sending_ip_is_a_problem(
     assert spf.details["results"] == {GOOD_IP: "fail"}
 
 
+@pytest.mark.parametrize("ips", [[GOOD_IP], []])
+async def test_an_spf_redirect_to_a_domain_without_spf_says_what_receivers_get(
+        make_entry: EntryFactory, ips: list[str]) -> None:
+    """RFC 7208 6.1: a redirect to a domain with no SPF record is a permerror; the reason
+    names the target as a receiver's check_host() does, with or without sending IPs
+    (checkdmarc alone says only "An SPF record does not exist")."""
+    spf = by_item(await run_entry(make_entry("spfredirect.test", sending_ips=ips)))["spf"]
+    assert spf.verdict is Verdict.PROBLEM
+    assert "permerror" in spf.reason and "nofcrdns.test" in spf.reason, spf.reason
+
+
 @pytest.mark.parametrize("domain", ["plusall.test", "openinclude.test"])
 async def test_an_spf_record_that_passes_any_ip_is_a_problem(
         make_entry: EntryFactory, domain: str) -> None:

@@ -102,6 +102,9 @@ def zones() -> dict[str, str]:
     z["openinclude.test"] = [*mail_basics("openinclude.test",
                                           spf="v=spf1 include:_open.openinclude.test -all"),
                              f"_open {txt('v=spf1 +all')}"]
+    # A redirect= to a domain without SPF (RFC 7208 6.1: permerror).
+    z["spfredirect.test"] = mail_basics("spfredirect.test",
+                                        spf="v=spf1 redirect=nofcrdns.test")
     z["twospf.test"] = [*mail_basics("twospf.test"),
                         f"@ {txt('v=spf1 ip4:203.0.113.7 -all')}"]
     chain = [f"l{i} {txt(f'v=spf1 include:l{i + 1}.chain.test -all')}"
