@@ -72,7 +72,10 @@ def _evaluate(record: str, domain: str, ips: list[str], resolver: BlockingResolv
               ) -> Evaluation:
     found = Evaluation()
     try:
-        parsed = checkdmarc_spf.parse_spf_record(record, domain, resolver=resolver,
+        # The version in any case is v=spf1 (RFC 7208 12: ABNF strings are case-insensitive;
+        # pyspf agrees), which checkdmarc's grammar alone refuses.
+        parsed = checkdmarc_spf.parse_spf_record("v=spf1" + record[6:], domain,
+                                                 resolver=resolver,
                                                  timeout=resolver.lifetime, retries=0)
     except checkdmarc_spf.SPFError as exc:
         found.broken = str(exc)

@@ -81,6 +81,13 @@ async def test_an_spf_record_that_does_not_cover_the_sending_ip_is_a_problem(
     assert spf.details["results"] == {GOOD_IP: "fail"}
 
 
+async def test_an_spf_version_in_capitals_is_a_valid_record(make_entry: EntryFactory) -> None:
+    """"V=SPF1" is "v=spf1" to receivers (RFC 7208's ABNF is case-insensitive, and pyspf
+    passes it); checkdmarc alone calls it invalid."""
+    spf = by_item(await run_entry(make_entry("upperspf.test", sending_ips=[GOOD_IP])))["spf"]
+    assert spf.verdict is Verdict.OK, spf.reason
+
+
 @pytest.mark.parametrize("ips", [[GOOD_IP], []])
 async def test_an_spf_redirect_to_a_domain_without_spf_says_what_receivers_get(
         make_entry: EntryFactory, ips: list[str]) -> None:

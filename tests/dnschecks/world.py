@@ -105,6 +105,8 @@ def zones() -> dict[str, str]:
     # A redirect= to a domain without SPF (RFC 7208 6.1: permerror).
     z["spfredirect.test"] = mail_basics("spfredirect.test",
                                         spf="v=spf1 redirect=nofcrdns.test")
+    # The version in capitals: ABNF strings are case-insensitive (RFC 7208 12, RFC 5234).
+    z["upperspf.test"] = mail_basics("upperspf.test", spf="V=SPF1 ip4:203.0.113.0/28 -all")
     z["twospf.test"] = [*mail_basics("twospf.test"),
                         f"@ {txt('v=spf1 ip4:203.0.113.7 -all')}"]
     chain = [f"l{i} {txt(f'v=spf1 include:l{i + 1}.chain.test -all')}"
