@@ -54,8 +54,13 @@ from daemon.dns.config import Nameserver
 # Per run of an entry: 4 zones x 3 IPs plus the rest fits; a long list waits its turn.
 MAX_IN_FLIGHT = 16
 # One attempt at one nameserver; dnspython retries (and moves to the next server)
-# until the query's lifetime (`timeout`) is spent.
+# until the query's lifetime (`timeout`) is spent. At most half the lifetime, so a
+# lost datagram (a busy resolver drops bursts) always gets a second try.
 ATTEMPT_TIMEOUT = 2.0
+
+
+def attempt_timeout(timeout: float) -> float:
+    return min(ATTEMPT_TIMEOUT, timeout / 2)
 # CNAME links followed by asking for the target again (an answer's own chain is
 # followed by dnspython); a longer chain is a loop or a mistake.
 MAX_CHASE = 8
@@ -200,7 +205,7 @@ class Resolver:
                 raise DnsError(describe(exc, self.timeout)) from None
             if self.nameservers is not None:
                 resolver.nameservers = [do53(n) for n in self.nameservers]
-            resolver.timeout = min(ATTEMPT_TIMEOUT, self.timeout)
+            resolver.timeout = attempt_timeout(self.timeout)
             resolver.lifetime = self.timeout
             resolver.retry_servfail = False
             self._resolver = resolver
@@ -273,7 +278,7 @@ class BlockingResolver(dns.resolver.Resolver):
             raise DnsError(describe(exc, timeout)) from None
         if nameservers is not None:
             self.nameservers = [do53(n) for n in nameservers]
-        self.timeout = min(ATTEMPT_TIMEOUT, timeout)
+        self.timeout = attempt_timeout(timeout)
         self.lifetime = timeout
         self.retry_servfail = False
         self.deadline = deadline

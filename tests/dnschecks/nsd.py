@@ -139,3 +139,51 @@ class Blackhole:
         self._stop.set()
         self._thread.join(timeout=2)
         self.sock.close()
+
+
+class DropsFirst:
+    """A UDP 'nameserver' that loses the first datagram of each question (as a busy
+    resolver or a lossy link does) and relays the retries to `upstream`."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.dropped = 0
+        self._seen: set[tuple[str, int]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._relay, name="drops-first", daemon=True)
+        self._thread.start()
+
+    @property
+    def nameserver(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _relay(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wire, client = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            question = dns.message.from_wire(wire).question[0]
+            key = (question.name.to_text().lower(), question.rdtype)
+            if key not in self._seen:
+                self._seen.add(key)
+                self.dropped += 1
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+                out.settimeout(2)
+                out.sendto(wire, self.upstream)
+                try:
+                    self.sock.sendto(out.recv(65535), client)
+                except TimeoutError:
+                    continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()

@@ -14,7 +14,7 @@ from daemon.dns.resolver import Resolver
 from daemon.dns.run import run_entry
 from daemon.dns.verdict import EntryResult, ItemResult, Verdict
 from tests.dnschecks.conftest import EntryFactory
-from tests.dnschecks.nsd import Blackhole, NsdLab
+from tests.dnschecks.nsd import Blackhole, DropsFirst, NsdLab
 from tests.dnschecks.world import (
     CLASSLESS_IP,
     GOOD_IP,
@@ -312,6 +312,23 @@ async def test_a_blocklist_that_never_answers_is_an_error_and_the_rest_is_decide
     assert items["spf"].verdict is Verdict.OK
     assert blackhole.received > before
     assert took < 10, took  # bounded by the per-query timeout, far below the deadline
+
+
+async def test_a_lost_datagram_is_retried_within_the_query_timeout(
+        nsd: NsdLab, make_entry: EntryFactory) -> None:
+    """Every query gets a second try within its `timeout`: a nameserver that loses the
+    first datagram of each question (a busy resolver dropping a burst) still decides every
+    item, even with a 1 s timeout."""
+    lossy = DropsFirst(nsd.port)
+    try:
+        result = await run_entry(make_entry("plain.test", dkim_selectors=[SELECTOR],
+                                            sending_ips=[GOOD_IP], blocklists=["bl.test"],
+                                            timeout=1.0, nameservers=[lossy.nameserver]))
+    finally:
+        lossy.close()
+    assert lossy.dropped > 0
+    assert {i.item: i.verdict for i in result.items if i.verdict is Verdict.ERROR} == {}, \
+        [i.reason for i in result.items]
 
 
 async def test_a_nameserver_that_never_answers_errors_every_item_by_the_deadline(
