@@ -40,7 +40,10 @@ async def check(resolver: Resolver, domain: str, selector: str) -> ItemResult:
     answer = await resolver.query(name, "TXT")
     records = answer.texts()
     if not records:
-        return problem(item_name(selector), f"no DKIM key at {name}: signatures with "
+        alias = "" if answer.canonical is None else (
+            f" (a CNAME to {answer.canonical}, which "
+            f"{'does not exist' if not answer.exists else 'has no TXT record'})")
+        return problem(item_name(selector), f"no DKIM key at {name}{alias}: signatures with "
                                             f"s={selector} fail (dkim=permerror)")
     if len(records) > 1:
         return problem(item_name(selector), f"{len(records)} TXT records at {name}: a "

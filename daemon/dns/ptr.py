@@ -31,6 +31,8 @@ async def check(resolver: Resolver, ip: str) -> ItemResult:
     names = list(dict.fromkeys(answer.names()))[:MAX_NAMES]
     if not names:
         where = "does not exist" if not answer.exists else "has no PTR record"
+        if answer.canonical is not None:
+            where = f"is a CNAME to {answer.canonical}, which {where}"
         return problem(item, f"{ip} has no reverse DNS ({reverse} {where}): receivers refuse "
                              "or junk mail from an IP without a PTR; ask whoever owns the IP "
                              "(your hosting or cloud provider) to set one", reverse=reverse)

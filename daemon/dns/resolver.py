@@ -110,6 +110,15 @@ def _text(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True)
 
 
+def _unresolved(nx: dns.resolver.NXDOMAIN, qname: dns.name.Name) -> dns.name.Name:
+    """The name that does not exist: `qname`, or the end of a CNAME chain from it."""
+    try:
+        end: dns.name.Name = nx.canonical_name
+    except (TypeError, KeyError):
+        return qname
+    return end
+
+
 def _too_long(name: str) -> str:
     return f"more than {MAX_CHASE} CNAMEs from {name} (a loop?)"
 
@@ -220,9 +229,12 @@ class Resolver:
         via = ""  # "CNAME to <target>; " once a link was followed, for reasons
         async with self._slots:
             for _link in range(MAX_CHASE + 1):
-                answer = await self._resolve(resolver, name, qname, rdtype, via)
-                if answer is None:
-                    return Answer(name, rdtype, exists=False)
+                try:
+                    answer = await self._resolve(resolver, name, qname, rdtype, via)
+                except dns.resolver.NXDOMAIN as nx:
+                    end = _unresolved(nx, qname)
+                    return Answer(name, rdtype, exists=False,
+                                  canonical=None if end == asked else _text(end))
                 if answer.rrset is not None:
                     owner = answer.rrset.name  # not the name asked: it is an alias
                     return Answer(name, rdtype, exists=True, records=tuple(answer.rrset),
@@ -232,14 +244,16 @@ class Resolver:
                     why = unanswered(answer.response, qname)
                     if why is not None:
                         raise DnsError(f"{name} {rdtype}: {via}{why}")
-                    return Answer(name, rdtype, exists=True)
+                    end = answer.canonical_name  # NODATA at the end of any CNAMEs
+                    return Answer(name, rdtype, exists=True,
+                                  canonical=None if end == asked else _text(end))
                 qname, via = target, f"CNAME to {_text(target)}; "
         raise DnsError(f"{name} {rdtype}: {_too_long(name)}")
 
     async def _resolve(self, resolver: dns.asyncresolver.Resolver, name: str,
                        qname: dns.name.Name, rdtype: str, via: str,
-                       ) -> dns.resolver.Answer | None:
-        """One query (None: NXDOMAIN); a failure raises DnsError naming `name`."""
+                       ) -> dns.resolver.Answer:
+        """One query (NXDOMAIN raises it); a failure raises DnsError naming `name`."""
         asked = f"{name} {rdtype}: {via}" + (f"{_text(qname)}: " if via else "")
         try:
             # The lifetime bounds dnspython's own retries; the timeout bounds us
@@ -248,7 +262,7 @@ class Resolver:
                 return await resolver.resolve(qname, rdtype, search=False,
                                               raise_on_no_answer=False, lifetime=self.timeout)
         except dns.resolver.NXDOMAIN:
-            return None
+            raise
         except TimeoutError:
             raise DnsError(f"{asked}no answer within {self.timeout:g}s "
                              f"from {self.where()}") from None

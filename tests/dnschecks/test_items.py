@@ -179,6 +179,19 @@ async def test_a_cname_into_another_zone_is_followed_to_its_records(
     assert "mail2317.good.test" in ptr[f"ptr/{CLASSLESS_IP}"].reason
 
 
+@pytest.mark.parametrize("server", ["knot", "nsd"])
+async def test_a_dangling_cname_is_said_as_such(
+        make_entry: EntryFactory, server: str, request: pytest.FixtureRequest) -> None:
+    """A selector CNAME'd to a key the provider deleted: no key (a problem), and the reason
+    says it is the CNAME's target that does not exist."""
+    lab: NsdLab = request.getfixturevalue(server)
+    item = by_item(await run_entry(make_entry("cnamed.test", dkim_selectors=["gone"],
+                                              nameservers=[lab.nameserver])))["dkim/gone"]
+    assert item.verdict is Verdict.PROBLEM
+    assert "a CNAME to gone._domainkey.plain.test, which does not exist" in item.reason, \
+        item.reason
+
+
 async def test_a_revoked_dkim_key_is_a_problem(make_entry: EntryFactory) -> None:
     """An empty p= is a revoked key (RFC 6376 3.6.1)."""
     entry = make_entry("revoked.test", dkim_selectors=[SELECTOR])

@@ -92,7 +92,9 @@ def zones() -> dict[str, str]:
     z["cnamed.test"] = [*mail_basics("cnamed.test", spf="v=spf1 include:spf.cnamed.test -all",
                                      dmarc=None),
                         "spf CNAME _spf.provider.test.", "_dmarc CNAME dmarc.provider.test.",
-                        f"{SELECTOR}._domainkey CNAME {SELECTOR}._domainkey.plain.test."]
+                        f"{SELECTOR}._domainkey CNAME {SELECTOR}._domainkey.plain.test.",
+                        # A key the provider deleted: the CNAME is left dangling.
+                        "gone._domainkey CNAME gone._domainkey.plain.test."]
     # An explanation (exp=) whose TXT record only this server has.
     z["exp.test"] = [*mail_basics("exp.test",
                                   spf="v=spf1 ip4:203.0.113.0/28 -all exp=why.exp.test"),
