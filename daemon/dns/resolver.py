@@ -277,11 +277,18 @@ class Resolver:
         return BlockingResolver(self.nameservers, self.timeout, deadline, clock)
 
 
+# Lookups whose failure the libraries ignore, so it decides nothing: checkdmarc asks
+# for the obsolete SPF type (RFC 7208 3.1) only to warn about it, and some servers
+# never answer a type they do not know.
+IGNORED_FAILURES = frozenset({dns.rdatatype.SPF})
+
+
 class BlockingResolver(dns.resolver.Resolver):
     """dnspython's blocking resolver with the run's deadline on every query.
 
     Handed to libraries as their `resolver`; `failures` lists the queries that
-    got no answer, so a verdict the library reached through one is not trusted.
+    got no answer (but those in IGNORED_FAILURES), so a verdict the library
+    reached through one is not trusted.
     """
 
     def __init__(self, nameservers: Sequence[Nameserver] | None, timeout: float,
@@ -327,7 +334,8 @@ class BlockingResolver(dns.resolver.Resolver):
             except dns.resolver.NXDOMAIN:
                 raise
             except dns.exception.DNSException as exc:
-                self.failures.append(f"{what}: {describe(exc, budget)}")
+                if dns.rdatatype.RdataType.make(rdtype) not in IGNORED_FAILURES:
+                    self.failures.append(f"{what}: {describe(exc, budget)}")
                 raise
             if answer.rrset is not None:
                 return answer

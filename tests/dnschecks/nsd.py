@@ -17,6 +17,7 @@ import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rdatatype
 
 from tests.integration.support import (
     binary,
@@ -143,9 +144,12 @@ class Blackhole:
 
 class DropsFirst:
     """A UDP 'nameserver' that loses the first datagram of each question (as a busy
-    resolver or a lossy link does) and relays the retries to `upstream`."""
+    resolver or a lossy link does) and relays the retries to `upstream`; with
+    `never`, it loses every question of those types (as authoritative servers that
+    ignore types they do not know do)."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, never: frozenset[str] = frozenset()) -> None:
+        self.never = {dns.rdatatype.from_text(t) for t in never}
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
@@ -171,7 +175,7 @@ class DropsFirst:
                 return
             question = dns.message.from_wire(wire).question[0]
             key = (question.name.to_text().lower(), question.rdtype)
-            if key not in self._seen:
+            if key not in self._seen or question.rdtype in self.never:
                 self._seen.add(key)
                 self.dropped += 1
                 continue

@@ -344,6 +344,21 @@ async def test_a_lost_datagram_is_retried_within_the_query_timeout(
         [i.reason for i in result.items]
 
 
+async def test_a_lookup_the_libraries_ignore_cannot_make_spf_undecided(
+        nsd: NsdLab, make_entry: EntryFactory) -> None:
+    """checkdmarc also asks for the obsolete SPF record type (to warn about it) and ignores
+    its failure; some servers never answer a type they do not know. SPF is still decided
+    from the TXT records, as receivers (pyspf) decide it."""
+    lossy = DropsFirst(nsd.port, never=frozenset({"SPF"}))
+    try:
+        spf = by_item(await run_entry(make_entry("good.test", sending_ips=[GOOD_IP],
+                                                 timeout=1.0,
+                                                 nameservers=[lossy.nameserver])))["spf"]
+    finally:
+        lossy.close()
+    assert spf.verdict is Verdict.OK, spf.reason
+
+
 async def test_a_nameserver_that_never_answers_errors_every_item_by_the_deadline(
         blackhole: Blackhole, make_entry: EntryFactory) -> None:
     """Nothing answers: every item is error, none a verdict, within the run's deadline."""
