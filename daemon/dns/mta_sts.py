@@ -18,6 +18,7 @@ only tests construct it otherwise, the configuration cannot.
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -164,8 +165,7 @@ async def _fetch(resolver: Resolver, host: str, fetcher: PolicyFetcher,
         return problem(ITEM, f"TLS with {host} failed ({shorten(str(exc), 200)}): senders "
                              "cannot fetch the policy")
     except aiohttp.ClientConnectorError as exc:
-        return problem(ITEM, f"cannot connect to {url} ({exc.os_error.strerror or exc}): "
-                             "senders cannot fetch the policy")
+        return cannot_connect(url, exc.os_error)
     except aiohttp.ClientError as exc:
         return error(ITEM, f"fetching {url} failed: {type(exc).__name__}: "
                            f"{shorten(str(exc), 200)}")
@@ -185,6 +185,18 @@ async def _fetch(resolver: Resolver, host: str, fetcher: PolicyFetcher,
                              f"{fetched.content_type or 'no media type'}: senders that check "
                              "for text/plain, as RFC 8461 3.2 says they should, ignore it")
     return fetched
+
+
+def cannot_connect(url: str, os_error: OSError) -> ItemResult:
+    """A refused connection is the policy host's answer (senders get it too): a problem.
+    Anything else (no route, network unreachable) may be this host's alone, as when it
+    has no IPv6 route to an IPv6-only policy host: undecided."""
+    said = os_error.strerror or str(os_error)
+    if os_error.errno == errno.ECONNREFUSED:
+        return problem(ITEM, f"{url} refused the connection ({said}): senders cannot fetch "
+                             "the policy")
+    return error(ITEM, f"could not connect to {url} from here ({said}); whether senders can "
+                       "is not known")
 
 
 async def _judge_policy(resolver: Resolver, domain: str, policy_id: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 from email import message_from_string
 from typing import Any
 
@@ -297,3 +298,19 @@ def test_dns_entries_default_their_name_and_must_be_unique() -> None:
     config = Config.model_validate({"dns": [{"domain": "example.test"},
                                             {"domain": "example.test", "name": "second"}]})
     assert [e.name for e in config.dns] == ["example.test", "second"]
+
+
+@pytest.mark.parametrize(("os_error", "verdict", "said"), [
+    (OSError(errno.ECONNREFUSED, "Connect call failed"), "problem", "refused the connection"),
+    (OSError(errno.ENETUNREACH, "Network is unreachable"), "error", "could not connect"),
+    (OSError(errno.EHOSTUNREACH, "No route to host"), "error", "could not connect"),
+    (OSError("Multiple exceptions: [Errno 101] ..., [Errno 111] ..."), "error",
+     "could not connect"),
+])
+def test_only_a_refused_policy_connection_is_a_problem(os_error: OSError, verdict: str,
+                                                       said: str) -> None:
+    """The policy host refusing the connection is decided (senders are refused too); an
+    unreachable network says only that this host cannot reach it (no IPv6 route here, an
+    egress firewall): undecided."""
+    item = mta_sts.cannot_connect("https://mta-sts.a.test/.well-known/mta-sts.txt", os_error)
+    assert (item.verdict, said in item.reason) == (verdict, True), item.reason
