@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -179,6 +179,115 @@ async def scripted_imap_server(
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for w in writers:
+            w.close()
+        await server.wait_closed()
+
+
+FloodKind = Literal["literal", "line", "messages"]
+
+
+@dataclass
+class HostileImap:
+    """Control of a running `hostile_imap_server`: where it listens and what it streamed."""
+
+    port: int
+    flood: FloodKind
+    streamed: int = 0  # bytes of flood sent so far, over all connections
+    floods: int = 0  # connections that reached the flood
+
+
+def _flood_chunks(kind: FloodKind, chunk: int) -> Iterator[bytes]:
+    """The endless part of a hostile FETCH answer, `chunk` bytes at a time."""
+    if kind == "literal":
+        # One message whose header literal announces 2 GB and never ends.
+        yield (b"* 1 FETCH (UID 1 RFC822.SIZE 900 BODY[HEADER.FIELDS (X-SELFCHECK-ROUTE "
+               b"X-SELFCHECK-ID DATE)] {2000000000}\r\n")
+        line = b"X-Filler: " + b"x" * 100 + b"\r\n"
+        block = line * (chunk // len(line) + 1)
+        while True:
+            yield block
+    elif kind == "line":
+        # A response line that never reaches its CRLF.
+        yield b"* 1 FETCH (UID 1 RFC822.SIZE 900 "
+        block = b"a" * chunk
+        while True:
+            yield block
+    else:
+        # Well-formed answers, each small, that never end with the tagged OK.
+        uid = 0
+        while True:
+            parts = []
+            for _ in range(max(chunk // 1100, 1)):
+                uid += 1
+                body = b"X-Selfcheck-Route: default\r\n" + b"X-Pad: " + b"p" * 1000 + b"\r\n\r\n"
+                parts.append(b"* %d FETCH (UID %d RFC822.SIZE 900 BODY[HEADER.FIELDS "
+                             b"(X-SELFCHECK-ROUTE X-SELFCHECK-ID DATE)] {%d}\r\n%s)\r\n"
+                             % (uid, uid, len(body), body))
+            yield b"".join(parts)
+
+
+@contextlib.asynccontextmanager
+async def hostile_imap_server(
+    flood: FloodKind, *, flood_on: bytes = b"UID FETCH", limit: int | None = None,
+    chunk: int = 64 * 1024,
+) -> AsyncIterator[HostileImap]:
+    """An IMAP server that greets, logs in, selects and finds one candidate like any other,
+    then answers the first command containing `flood_on` with a flood that never ends: a
+    literal announced at 2 GB (`literal`), a line without CRLF (`line`) or an endless run
+    of small, well-formed FETCH answers (`messages`). It streams as fast as the client
+    reads, `limit` bytes at most per connection (then it falls silent), until the client
+    hangs up."""
+    state = HostileImap(port=0, flood=flood)
+    writers: list[asyncio.StreamWriter] = []
+    capabilities = b"IMAP4rev1 IDLE UIDPLUS"
+
+    def answer(tag: bytes, command: bytes) -> bytes:
+        verb = command.split(b" ", 1)[0].upper()
+        if verb == b"CAPABILITY":
+            return b"* CAPABILITY " + capabilities + b"\r\n" + tag + b" OK done\r\n"
+        if verb == b"SELECT":
+            return (b"* 1 EXISTS\r\n* OK [UIDVALIDITY 1] ok\r\n" + tag
+                    + b" OK [READ-WRITE] selected\r\n")
+        if command.upper().startswith(b"UID SEARCH"):
+            return b"* SEARCH 1\r\n" + tag + b" OK done\r\n"
+        if verb == b"LOGOUT":
+            return b"* BYE bye\r\n" + tag + b" OK done\r\n"
+        return tag + b" OK done\r\n"
+
+    async def stream(writer: asyncio.StreamWriter) -> None:
+        state.floods += 1
+        sent = 0
+        for block in _flood_chunks(flood, chunk):
+            if limit is not None and sent + len(block) > limit:
+                block = block[:limit - sent]
+            writer.write(block)
+            await writer.drain()
+            sent += len(block)
+            state.streamed += len(block)
+            if limit is not None and sent >= limit:
+                return
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"* OK [CAPABILITY " + capabilities + b"] hostile IMAP ready\r\n")
+            await writer.drain()
+            while line := await reader.readline():
+                tag, _, command = line.rstrip(b"\r\n").partition(b" ")
+                if flood_on.upper() in command.upper():
+                    await stream(writer)
+                    break
+                writer.write(answer(tag, command))
+                await writer.drain()
+            await reader.read()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    state.port = server.sockets[0].getsockname()[1]
+    try:
+        yield state
     finally:
         server.close()
         for w in writers:

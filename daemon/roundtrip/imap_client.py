@@ -21,6 +21,19 @@ second one's `async with` releases a lock it does not hold, and Python prints
 `Exception ignored in: <coroutine ... welcome> RuntimeError: Lock is not
 acquired.` through `sys.unraisablehook`, plus `Task was destroyed but it is
 pending!` through the loop's exception handler.
+
+What a server sends is read by our own parser (`_Protocol.data_received`), not
+aioimaplib's, which has no bound at all: it keeps a literal of whatever size the
+server announces, re-copies an unfinished line on every read (an endless line
+grows quadratically) and recurses once per response line (a few thousand lines
+in one read, e.g. a FETCH of 500 messages, end in RecursionError and a dropped
+connection). Ours is a loop over the lines of each read that hands them to
+aioimaplib's handlers as before, and holds at most `MAX_LINE` bytes of one line,
+`MAX_LITERAL` of one literal and `MAX_RESPONSE` of everything read since the
+last command completed. A server going past one of them is cut off and the
+command fails with an `ImapError` naming the server and the limit
+(docs/configuration.md, "What an IMAP server may send"). The parser uses
+aioimaplib's private `Command` literal fields, hence the pin to aioimaplib 2.0.
 """
 
 from __future__ import annotations
@@ -58,6 +71,41 @@ LOGOUT_TIMEOUT = 2.0
 # command line longer than servers accept.
 UID_CHUNK = 500
 
+# What one server may make us hold; past any of these its connection is dropped and the
+# command fails (docs/configuration.md). Every answer we need is far below them.
+# One response line without its literals: a SEARCH answer of ~100,000 UIDs fits.
+MAX_LINE = 1 << 20
+# One literal: a probe is ~2 KB; the sweep downloads only messages it was told are at most
+# MAX_PROBE_SIZE (256 KiB), and in batches of at most MAX_FETCH_BYTES.
+MAX_LITERAL = 4 << 20
+# Everything read since the last command completed (lines, literals, what is not parsed yet).
+MAX_RESPONSE = 16 << 20
+# Declared message bytes per UID FETCH of whole messages, well inside MAX_RESPONSE.
+MAX_FETCH_BYTES = 4 << 20
+
+
+class ReadLimitError(Exception):
+    """The server sent more than a bound allows; the message says which and how much."""
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):g} MiB"
+
+
+def _literal_size(line: bytes) -> int | None:
+    """The size of the literal announced at the end of `line` (`... {123}`), else None.
+
+    An announcement of more than twelve digits is returned as such a number's worth
+    (over any limit) rather than parsed: int() refuses digit strings beyond 4,300.
+    """
+    if not line.endswith(b"}"):
+        return None
+    start = line.rfind(b"{")
+    digits = line[start + 1:-1]
+    if start < 0 or not digits.isdigit():
+        return None
+    return int(digits) if len(digits) <= 12 else 10**12
+
 
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     """Counts untagged EXISTS, which aioimaplib drops unless a NOOP is pending.
@@ -67,8 +115,24 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     that already happened.
     """
 
+    current_command: Any  # aioimaplib's: the command a line or literal in progress is for
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._rx = bytearray()  # read and not parsed yet: at most one unfinished line
         super().__init__(*args, **kwargs)
+        self._scan_from = 0  # where in _rx the search for CRLF goes on
+        # Bytes read since the last command completed (lines and literals handed to
+        # aioimaplib, which keeps them in the command's answer), and the most that were
+        # held at once, with what was not parsed yet.
+        self.response_bytes = 0
+        self.peak_buffered = 0
+        # Why we stopped reading this server (a bound it went past, an answer that makes
+        # no sense): the connection is dropped and the command fails with this.
+        self.read_error: str | None = None
+        # STARTTLS: what follows its tagged answer is left unparsed (it would be plain
+        # text injected before the handshake) for the session to refuse.
+        self.hold_after_tagged = False
+        self._completed = False
         self.exists_seen = 0
         # Why the greeting or the CAPABILITY after it failed (`* BYE Too many
         # connections`, "server not IMAP4 compliant"). aioimaplib raises it in a task of
@@ -102,6 +166,134 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         if _EXISTS.match(line):
             self.exists_seen += 1
         return super()._untagged_response(line)
+
+    def _response_done(self, line: bytes) -> None:
+        super()._response_done(line)
+        self._completed = True
+        self.response_bytes = 0  # that answer is now the caller's, not the reader's
+
+    # -- the bounded reader ------------------------------------------------------------
+
+    @property
+    def incomplete_line(self) -> bytes:
+        """What was read and not parsed yet (aioimaplib's name for it)."""
+        return bytes(self._rx)
+
+    @incomplete_line.setter
+    def incomplete_line(self, value: bytes) -> None:
+        self._rx = bytearray(value)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the server now: the answer in progress and what is not parsed."""
+        return self.response_bytes + len(self._rx)
+
+    def data_received(self, data: bytes) -> None:
+        if self.read_error is not None:
+            return  # being dropped: nothing more is read
+        self._rx += data
+        self.peak_buffered = max(self.peak_buffered, self.buffered)
+        try:
+            if self.buffered > MAX_RESPONSE:
+                raise ReadLimitError(f"server sent an answer larger than {_mib(MAX_RESPONSE)}")
+            self._parse()
+        except ReadLimitError as exc:
+            self._give_up(f"{exc}; connection dropped")
+        except aioimaplib.AioImapException as exc:  # an unexpected tagged answer and such
+            self._give_up(f"unexpected answer ({exc}); connection dropped")
+
+    def _parse(self) -> None:
+        """Hand every complete line (and literal) read so far to aioimaplib's handlers.
+
+        What aioimaplib's `_handle_responses` does, as a loop instead of one recursion
+        per line, with the bounds checked before anything is kept.
+        """
+        rx = self._rx
+        pos = 0
+        cmd: Any = self.current_command
+        try:
+            while True:
+                if cmd is not None and cmd.wait_literal_data():
+                    need = cmd._expected_size - len(cmd._resp_literal_data)
+                    piece = bytes(rx[pos:pos + need])
+                    pos += len(piece)
+                    self.response_bytes += len(piece)
+                    cmd.append_literal_data(piece)
+                    if cmd.wait_literal_data():
+                        break
+                end = rx.find(b"\r\n", max(pos, self._scan_from))
+                self._scan_from = 0
+                if (end if end >= 0 else len(rx)) - pos > MAX_LINE:
+                    raise ReadLimitError(
+                        f"server sent a response line longer than {_mib(MAX_LINE)}")
+                if end < 0:
+                    self._scan_from = max(len(rx) - pos - 1, 0)  # after the del below
+                    break
+                line = bytes(rx[pos:end])
+                pos = end + 2
+                self.response_bytes += len(line) + 2
+                self._completed = False
+                handled = self._handle_line(line, cmd)
+                size = _literal_size(line)
+                if size is not None:
+                    if size > MAX_LITERAL:
+                        raise ReadLimitError(f"server announced a literal of {size:,} bytes "
+                                             f"(limit {_mib(MAX_LITERAL)})")
+                    if handled is None:
+                        handled = aioimaplib.Command("NIL", "unused", loop=self.loop)
+                    handled.begin_literal_data(size)
+                    cmd = handled
+                elif handled is not None and handled.wait_data():
+                    cmd = handled
+                else:
+                    cmd = None
+                if self._completed and self.hold_after_tagged:
+                    break
+            if self.pending_sync_command is not None:
+                self.pending_sync_command.flush()  # IDLE: hand the pushes read so far over
+        finally:
+            del rx[:pos]
+            self.current_command = cmd
+
+    def _give_up(self, why: str) -> None:
+        """Stop reading this server: note why, free what it sent, drop the connection."""
+        self.read_error = why
+        self._rx = bytearray()
+        for command in (self.current_command, self.pending_sync_command,
+                        *self.pending_async_commands.values()):
+            if command is not None:
+                command._resp_lines.clear()
+                command._end_literal_data()
+        self.current_command = None
+        self.response_bytes = 0
+        if self.state == aioimaplib.CONNECTED:
+            self._greeting_failed(why)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Fetch(aioimaplib.FetchCommand):  # type: ignore[misc]
+    """A FETCH that knows in O(1) whether a message's answer is still open.
+
+    aioimaplib's `wait_data` rescans every line of the answer for each new one: a FETCH
+    of a few thousand messages costs seconds of CPU with the event loop blocked. The
+    rule is the same (a message's answer is open while its parentheses, counted on the
+    text lines from its `n FETCH (` on, do not balance), kept as a running count.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._depth = 0
+
+    def append_to_resp(self, line: bytes, result: str = "Pending") -> None:
+        super().append_to_resp(line, result)
+        if isinstance(line, bytes):  # literals come as bytearray (not bytes) and do not count
+            if self.FETCH_MESSAGE_DATA_RE.match(line):
+                self._depth = 0
+            self._depth += line.count(b"(") - line.count(b")")
+
+    def wait_data(self) -> bool:
+        return self._depth != 0
 
 
 class _Client(aioimaplib.IMAP4):  # type: ignore[misc]
@@ -244,12 +436,18 @@ class ImapSession:
         task.cancel()
         self._broken = True
         if self._lost.is_set():
-            said = self._client.protocol.greeting_error if self._client is not None else None
-            if said is not None:
-                raise ImapError(f"{self.where}: {step}: {said}")
-            raise ConnectionLostError(f"{self.where}: connection lost during {step}"
-                                      f"{self._bye()}")
+            raise self._lost_error(step)
         raise ImapError(self._no_answer(step, limit, cut_by_until))
+
+    def _lost_error(self, step: str) -> ImapError:
+        """Why the connection is gone: what the reader refused, the server's refusal, or
+        a plain loss (with the server's BYE when it said one)."""
+        protocol = self._client.protocol if self._client is not None else None
+        if protocol is not None and protocol.read_error is not None:
+            return ImapError(f"{self.where}: {step}: {protocol.read_error}")
+        if protocol is not None and protocol.greeting_error is not None:
+            return ImapError(f"{self.where}: {step}: {protocol.greeting_error}")
+        return ConnectionLostError(f"{self.where}: connection lost during {step}{self._bye()}")
 
     def _bye(self) -> str:
         """`; the server said * BYE ...` when it did, for a lost connection's message."""
@@ -336,8 +534,12 @@ class ImapSession:
             # Never fall back to plain text: the password would cross the wire.
             raise ImapError(f"{self.where}: server does not offer STARTTLS")
         command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
-        self._ok("STARTTLS", self.where,
-                 await self._call("STARTTLS", protocol.execute(command), timeout))
+        protocol.hold_after_tagged = True
+        try:
+            self._ok("STARTTLS", self.where,
+                     await self._call("STARTTLS", protocol.execute(command), timeout))
+        finally:
+            protocol.hold_after_tagged = False
         if protocol.incomplete_line:
             # Bytes after the tagged OK would be plaintext injected before the
             # handshake (CVE-2011-0411 style); refuse rather than parse them.
@@ -426,11 +628,15 @@ class ImapSession:
     async def search_probe(self, run_id: str, until: float | None = None) -> list[int]:
         return await self.search_header(PROBE_HEADER, run_id, until)
 
+    def _uid_fetch(self, uid_set: str, items: str) -> Awaitable[Any]:
+        protocol = self.client.protocol
+        command = _Fetch(protocol.new_tag(), uid_set, items, prefix="UID", loop=protocol.loop)
+        fetch: Awaitable[Any] = protocol.execute(command)
+        return fetch
+
     async def fetch_raw(self, uid: int) -> bytes:
         """The whole message, without setting \\Seen."""
-        response = await self._call(
-            "UID FETCH", self.client.uid("fetch", str(uid), "(BODY.PEEK[])")
-        )
+        response = await self._call("UID FETCH", self._uid_fetch(str(uid), "(BODY.PEEK[])"))
         self._ok("UID FETCH", self.where, response)
         # aioimaplib hands the literal (the message) over as its own bytearray line.
         for line in response.lines:
@@ -447,9 +653,7 @@ class ImapSession:
         out: list[Fetched] = []
         for chunk in _chunks(sorted(set(uids))):
             uid_set = ",".join(str(u) for u in chunk)
-            response = await self._call(
-                "UID FETCH", self.client.uid("fetch", uid_set, f"(UID {items})")
-            )
+            response = await self._call("UID FETCH", self._uid_fetch(uid_set, f"(UID {items})"))
             self._ok("UID FETCH", self.where, response)
             out += [m for m in _parse_fetch(response.lines[:-1]) if m.uid in chunk]
         return out
@@ -511,6 +715,11 @@ class ImapSession:
         otherwise this raises `ImapError` and the session is no longer usable.
         """
         client = self.client
+        # Pushes left from an earlier IDLE are old news (a SEARCH came after them): without
+        # this they would end the wait at once, and pile up in aioimaplib's queue.
+        queue = client.protocol.idle_queue
+        while not queue.empty():
+            queue.get_nowait()
         # aioimaplib's own push timer only has to outlast ours.
         push_timer = max(wait_until - self._clock(), 0.0) + 60.0
         idle = await self._call("IDLE", client.idle_start(timeout=push_timer), until=wait_until)
@@ -522,7 +731,7 @@ class ImapSession:
             raise
         if self._lost.is_set():
             self._broken = True
-            raise ConnectionLostError(f"{self.where}: connection lost during IDLE")
+            raise self._lost_error("IDLE")
         if client.has_pending_idle():
             client.idle_done()
         # Wait for the tagged end of IDLE so the next command is not rejected.
