@@ -29,3 +29,17 @@ def test_small_benchmark_prints_its_table() -> None:
                     "FilterLogEvents calls per idle poll", "put-to-alert latency",
                     "flood: `run` RSS", "flood: leaks accounted for"):
         assert measure in out, measure
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_hostile_imap_benchmark_prints_its_table() -> None:
+    """The hostile-IMAP memory benchmark runs `check` and `run` against a flooding server
+    and prints a row for each, with the bound the run failed on (no thresholds)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.hostile_imap", "--seconds", "6", "--flood", "literal"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
+    assert [row.split(" | ")[0] for row in rows] == ["| `check`", "| `run`"]
+    assert all("limit 4 MiB" in row for row in rows), proc.stdout
