@@ -293,3 +293,26 @@ async def hostile_imap_server(
         for w in writers:
             w.close()
         await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def endless_smtp_reply_server() -> AsyncIterator[int]:
+    """An SMTP server whose greeting (`220 ...`) never reaches its end of line."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"220 ")
+            while True:
+                writer.write(b"a" * 65536)
+                await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for w in writers:
+            w.close()
+        await server.wait_closed()

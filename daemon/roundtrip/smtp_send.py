@@ -25,6 +25,10 @@ from daemon.roundtrip.tls import client_context, os_error_text
 
 # QUIT is a courtesy after the message was accepted: never worth more than this.
 QUIT_TIMEOUT = 2.0
+# What aiosmtplib holds of a server's reply at most; past either it refuses the reply, so an
+# endless reply line costs 32 KiB (docs/configuration.md, "What a mail server may send").
+MAX_REPLY_LINE = aiosmtplib.protocol.MAX_LINE_LENGTH
+MAX_REPLY = aiosmtplib.protocol.MAX_RESPONSE_LENGTH
 
 
 class SendError(Exception):
@@ -79,6 +83,11 @@ async def send_probe(
     except aiosmtplib.SMTPAuthenticationError as exc:
         raise SendError(f"SMTP {where}: authentication failed: {exc.code} {exc.message}") from None
     except aiosmtplib.SMTPResponseException as exc:
+        if exc.code == aiosmtplib.SMTPStatus.invalid_response:
+            # aiosmtplib's verdict on the reply (too long, no status code), not the server's.
+            bound = (f" (over {MAX_REPLY_LINE // 1024} KiB a line or {MAX_REPLY // 1024} KiB "
+                     "a reply)" if exc.message == "Response too long" else "")
+            raise SendError(f"SMTP {where}: reply refused: {exc.message}{bound}") from None
         raise SendError(f"SMTP {where}: server said {exc.code} {exc.message}") from None
     except aiosmtplib.SMTPException as exc:
         raise SendError(f"SMTP {where}: {exc}") from None

@@ -1,5 +1,5 @@
-"""What an IMAP server may make the client hold: bounded lines, literals and answers,
-parsed without one recursion per line."""
+"""What a mail server may make the client hold: IMAP lines, literals and answers bounded
+and parsed without one recursion per line; an SMTP reply bounded by aiosmtplib."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from daemon.checks.result import FailureReason
 from daemon.checks.runner import Runner
+from daemon.embedded.stack import EmbeddedMailStack
 from daemon.roundtrip.check import RoundTrip
 from daemon.roundtrip.imap_client import (
     MAX_LINE,
@@ -20,7 +21,12 @@ from daemon.roundtrip.imap_client import (
     ImapSession,
 )
 from tests.conftest import make_config, refused_port
-from tests.faulty_servers import FloodKind, hostile_imap_server, scripted_imap_server
+from tests.faulty_servers import (
+    FloodKind,
+    endless_smtp_reply_server,
+    hostile_imap_server,
+    scripted_imap_server,
+)
 
 # One read of the event loop's socket transport (asyncio's selector reads at most this).
 READ_SIZE = 256 * 1024
@@ -125,3 +131,18 @@ async def test_plain_text_after_the_starttls_answer_is_refused() -> None:
         await session.drop()
     assert str(failed.value) == (f"IMAP 127.0.0.1:{port}: data received after STARTTLS "
                                  "response")
+
+
+async def test_an_endless_smtp_reply_fails_the_send_as_refused_not_as_said(
+    mail_stack: EmbeddedMailStack,
+) -> None:
+    """A greeting without end fails the run with reason send once aiosmtplib's 32 KiB bound
+    is met, and the error says the client refused the reply (not "server said -1")."""
+    async with endless_smtp_reply_server() as port:
+        route = mail_stack.route_table()
+        route["smtp"]["port"] = port
+        cfg = make_config(route)
+        result = await Runner().execute(RoundTrip(cfg.selfcheck.routes[0], cfg.selfcheck, b"s"))
+    assert result.reason is FailureReason.SEND
+    assert result.error == (f"SMTP 127.0.0.1:{port}: reply refused: Response too long "
+                            "(over 8 KiB a line or 32 KiB a reply)")
