@@ -127,6 +127,17 @@ class EmbeddedImapServer:
                 mailbox, [AppendMessage(data, datetime.now(UTC), frozenset())]
             )
 
+    async def deliver_many(self, user: str, messages: list[bytes], mailbox: str = "INBOX") -> None:
+        """`deliver` for many messages in one append (a backlog, for tests and benchmarks)."""
+        identity = Identity(user, self._login, None, frozenset())
+        async with identity.new_session() as session:
+            if mailbox.upper() != "INBOX":
+                await self._ensure_mailbox(session, mailbox)
+            now = datetime.now(UTC)
+            await session.append_messages(
+                mailbox, [AppendMessage(data, now, frozenset()) for data in messages]
+            )
+
     async def create_mailbox(self, user: str, mailbox: str) -> None:
         """Create `mailbox` for `user` unless it exists."""
         identity = Identity(user, self._login, None, frozenset())

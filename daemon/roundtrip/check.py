@@ -46,7 +46,6 @@ import sys
 import time
 from collections.abc import Callable
 from email import message_from_bytes, policy
-from email.utils import parsedate_to_datetime
 
 import structlog
 
@@ -57,16 +56,14 @@ from daemon.roundtrip.hops import parse_hops
 from daemon.roundtrip.imap_client import ImapError, ImapSession
 from daemon.roundtrip.junk import JUNK_FINAL_GRACE, JUNK_FIRST_LOOK, JunkHit, JunkWatch
 from daemon.roundtrip.probe import (
-    PROBE_HEADER,
-    ROUTE_HEADER,
     IntegrityError,
     Probe,
     build_probe,
     is_own_probe,
-    probe_run_id,
     verify_probe,
 )
 from daemon.roundtrip.smtp_send import SendError, send_probe
+from daemon.roundtrip.sweep import NotOurs, sweep_late_probes
 from daemon.roundtrip.tls import peer_tls
 
 log = structlog.get_logger("daemon.roundtrip")
@@ -79,8 +76,6 @@ RECEIVE_GRACE = 1.0
 # IDLE is started only with at least this much of the wait left: the server must
 # acknowledge it before the deadline. With less, a NOOP poll ends the wait.
 MIN_IDLE = 1.0
-# A probe is about 1.5 KB; a "candidate" far larger is not one (and is not downloaded).
-MAX_PROBE_SIZE = 256 * 1024
 
 
 class ReceiveTimeoutError(Exception):
@@ -114,6 +109,8 @@ class RoundTrip:
         # sweeps the junk mailboxes too (only then, so healthy runs open no second
         # connection for it).
         self.junk_sweep_due = False
+        # What the late sweep proved is not ours, so later runs skip it (daemon.roundtrip.sweep).
+        self.not_ours = NotOurs()
 
     @property
     def name(self) -> str:
@@ -130,11 +127,17 @@ class RoundTrip:
         return (
             imap.connect_timeout * 2  # connect + STARTTLS handshake
             + imap.command_timeout * 4  # room for four slow commands among login..fetch
+            + self.sweep_budget  # the late sweep starts no batch after this
             + self.route.smtp.timeout
             + self.selfcheck.timeout
             + RECEIVE_GRACE
             + (JUNK_FINAL_GRACE if imap.junk_mailboxes != [] else 0.0)  # the last junk look
         )
+
+    @property
+    def sweep_budget(self) -> float:
+        """Seconds a run's late sweep may start batches in (one command timeout)."""
+        return self.route.imap.command_timeout
 
     @property
     def cleanup_timeout(self) -> float:
@@ -160,6 +163,7 @@ class RoundTripRun:
         self._junk_hit: JunkHit | None = None
         self._found = False  # the probe was seen, in the watched mailbox or a junk one
         self._junk_deleted = False
+        self._sweep_until: float | None = None  # one budget for every sweep of the run
 
     def _record_tls(self, protocol: str, ssl_object: object) -> None:
         facts = peer_tls(ssl_object, self.check.wall())
@@ -415,32 +419,27 @@ class RoundTripRun:
 
         Only probes older than the timeout are touched, so a second instance's
         in-flight probe (two tasks overlap during an ECS deployment) is left alone.
+        A backlog is swept in bounded batches, the rest by the next runs
+        (daemon.roundtrip.sweep); the watched mailbox and the junk ones share the
+        run's sweep budget.
         """
         check = self.check
-        route = check.route.name
-        candidates = await session.search_route_probes(route)
-        if not candidates:
-            return 0
-        headers = await session.fetch_many(
-            candidates, f"RFC822.SIZE BODY.PEEK[HEADER.FIELDS ({ROUTE_HEADER} {PROBE_HEADER} DATE)]"
-        )
-        now = check.wall()
-        stale = [
-            m.uid for m in headers
-            if (m.size is None or m.size <= MAX_PROBE_SIZE)
-            and probe_run_id(m.data, route) is not None
-            and now - _sent_at(m.data) > check.selfcheck.timeout
-        ]
-        if not stale:
-            return 0
-        bodies = await session.fetch_many(stale, "BODY.PEEK[]")
-        late = [m.uid for m in bodies if is_own_probe(m.data, secret=check.secret, route=route)]
-        if late:
-            await session.delete(late)
-            log.warning("selfcheck_late_arrivals_deleted", route=route, count=len(late))
-        if unverified := len(bodies) - len(late):
-            self._report_unverified(unverified)
-        return len(late)
+        if self._sweep_until is None:
+            self._sweep_until = self._clock() + check.sweep_budget
+        outcome = await sweep_late_probes(
+            session, route=check.name, secret=check.secret, timeout=check.selfcheck.timeout,
+            not_ours=check.not_ours, wall=check.wall, clock=self._clock,
+            until=self._sweep_until)
+        if outcome.deleted:
+            log.warning("selfcheck_late_arrivals_deleted", route=check.name,
+                        count=outcome.deleted)
+        if outcome.unverified:
+            self._report_unverified(outcome.unverified)
+        if outcome.left:
+            log.info("selfcheck_sweep_continues", route=check.name, mailbox=session.selected,
+                     examined=outcome.examined, left=outcome.left,
+                     detail="a backlog of probe-like messages: the next run goes on")
+        return outcome.deleted
 
     def _report_unverified(self, count: int) -> None:
         detail = ("messages with this route's probe headers whose token does not verify with "
@@ -462,15 +461,6 @@ class RoundTripRun:
                if is_own_probe(m.data, secret=check.secret, route=check.name, run_id=run_id)]
         await session.delete(own)
         return len(own)
-
-
-def _sent_at(header_block: bytes) -> float:
-    """The probe's Date as a timestamp; a mangled Date makes it stale (0)."""
-    try:
-        headers = message_from_bytes(header_block, policy=policy.default)
-        return parsedate_to_datetime(str(headers.get("Date", ""))).timestamp()
-    except Exception:  # any Date we cannot read
-        return 0.0
 
 
 def _cancelling() -> bool:

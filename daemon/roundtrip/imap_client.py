@@ -62,6 +62,7 @@ _EXISTS = re.compile(rb"^\* \d+ EXISTS")
 _FETCH_START = re.compile(rb"^\d+ FETCH \(")
 _FETCH_UID = re.compile(rb"\bUID (\d+)")
 _FETCH_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d{1,10})\]", re.IGNORECASE)
 
 # How long a dropped session's cancelled tasks get to unwind.
 DROP_GRACE = 0.5
@@ -360,6 +361,7 @@ class ImapSession:
         self._broken = False
         self._tasks: set[asyncio.Future[Any]] = set()
         self.selected: str | None = None
+        self.uidvalidity: int | None = None  # the selected mailbox's, when the server said it
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -517,9 +519,13 @@ class ImapSession:
     async def select(self, mailbox: str, until: float | None = None) -> None:
         """SELECT `mailbox` (read-write: a probe found there may be deleted)."""
         self.selected = None  # a failed SELECT leaves no mailbox selected (RFC 3501 6.3.1)
-        self._ok(f"select {mailbox}", self.where, await self._call(
+        self.uidvalidity = None
+        response = self._ok(f"select {mailbox}", self.where, await self._call(
             "select", self.client.select(_quote(mailbox)), until=until))
         self.selected = mailbox
+        for line in response.lines:
+            if match := _UIDVALIDITY.search(bytes(line)):
+                self.uidvalidity = int(match.group(1))
 
     def ssl_object(self) -> Any:
         """The TLS connection's `ssl_object` (None when plain, or not connected)."""

@@ -6,10 +6,12 @@ throwaway CA, so clients verify it for real; LMTP listens on TCP for the MTA in 
 
 from __future__ import annotations
 
+import os
 import pwd
 import secrets
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +142,22 @@ class Dovecot:
         """UIDs of the messages in a mailbox, asked of Dovecot itself (doveadm search)."""
         out = self.doveadm("search", "-u", self.username, "mailbox", mailbox, "ALL")
         return [int(line.split()[1]) for line in out.splitlines() if line.strip()]
+
+    def deliver_files(self, messages: list[bytes]) -> None:
+        """Write `messages` into the INBOX maildir (tmp/, then new/), owned by the mail user."""
+        mail = pwd.getpwnam(MAIL_USER)
+        maildir = self.home / "Maildir"
+        for sub in ("", "tmp", "new", "cur"):
+            (maildir / sub).mkdir(mode=0o700, exist_ok=True)
+            shutil.chown(maildir / sub, mail.pw_uid, mail.pw_gid)
+        stamp = f"{time.time():.0f}.{secrets.token_hex(4)}"
+        for i, message in enumerate(messages):
+            data = message.replace(b"\r\n", b"\n")  # maildir files use LF
+            name = f"{stamp}.M{i}P{os.getpid()}.lab,S={len(data)}"
+            tmp = maildir / "tmp" / name
+            tmp.write_bytes(data)
+            shutil.chown(tmp, mail.pw_uid, mail.pw_gid)
+            tmp.rename(maildir / "new" / name)
 
     def message_files(self) -> list[Path]:
         """The INBOX maildir files, new and cur: what is on disk whatever Dovecot says."""
