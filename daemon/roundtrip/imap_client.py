@@ -51,7 +51,7 @@ import aioimaplib
 import structlog
 
 from daemon.config import ImapSettings, Security
-from daemon.roundtrip.probe import PROBE_HEADER, ROUTE_HEADER
+from daemon.roundtrip.probe import PROBE_HEADER, ROUTE_HEADER, route_header_value
 from daemon.roundtrip.tls import client_context, os_error_text
 
 T = TypeVar("T")
@@ -629,7 +629,8 @@ class ImapSession:
         return _search_uids(response.lines[:-1])
 
     async def search_route_probes(self, route: str) -> list[int]:
-        return await self.search_header(ROUTE_HEADER, route)
+        """Candidates for `route`'s probes: the header in the 7-bit form probes carry."""
+        return await self.search_header(ROUTE_HEADER, route_header_value(route))
 
     async def search_probe(self, run_id: str, until: float | None = None) -> list[int]:
         return await self.search_header(PROBE_HEADER, run_id, until)

@@ -11,6 +11,12 @@ candidates by an IMAP header search, but a search only finds candidates:
 `is_own_probe` decides what may be deleted (exact route, run id present, a
 token that verifies), so forged headers, another route's probes and
 probe-like text are never touched.
+
+The route header carries the route's name in a 7-bit form (`route_header_value`):
+a name such as `défaut` went 8-bit into the quoted string of `UID SEARCH HEADER`,
+which IMAP does not allow (pymap answered `* BYE [SERVERBUG]`, every run failed),
+and an RFC 2047 encoded word cannot be searched for either: servers (Dovecot,
+pymap) match a header search against the decoded text.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
 from email.utils import format_datetime, make_msgid, parsedate_to_datetime
+from urllib.parse import quote
 
 import structlog
 
@@ -79,6 +86,23 @@ class IntegrityError(Exception):
     """The received probe differs from what was sent; the message names the check."""
 
 
+# Printable ASCII but "%": kept as they are in the route header (so the probes of such
+# routes are what they always were); anything else is percent-encoded as UTF-8.
+_ROUTE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def route_header_value(route: str) -> str:
+    """`route` as X-Selfcheck-Route carries it and the sweep searches for it: 7-bit.
+
+    `défaut` is `d%C3%A9faut`, `eu west` stays `eu west`; a space at either end is
+    `%20` (header values are read stripped). Names that differ give different values.
+    """
+    encoded = quote(route, safe=_ROUTE_SAFE)
+    body = encoded.strip(" ")
+    start = encoded.index(body) if body else len(encoded)
+    return "%20" * start + body + "%20" * (len(encoded) - start - len(body))
+
+
 def _mac(secret: bytes, route: str, run_id: str, nonce: str) -> str:
     data = f"{route}\n{run_id}\n{nonce}".encode()
     return hmac.new(secret, data, hashlib.sha256).hexdigest()[:_MAC_HEX]
@@ -110,7 +134,7 @@ def build_probe(*, route: str, sender: str, recipient: str, secret: bytes, run_i
     msg["Date"] = format_datetime(datetime.now(UTC))
     msg["Message-ID"] = message_id
     msg[PROBE_HEADER] = run_id
-    msg[ROUTE_HEADER] = route
+    msg[ROUTE_HEADER] = route_header_value(route)
     # Keeps vacation responders and list software from answering the probe.
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(
@@ -143,7 +167,7 @@ def verify_probe(raw: bytes, probe: Probe) -> None:
         raise IntegrityError(f"MIME structure is malformed: {msg.defects[0].__class__.__name__}")
     expected = {
         PROBE_HEADER: probe.run_id,
-        ROUTE_HEADER: probe.route,
+        ROUTE_HEADER: route_header_value(probe.route),
         "Message-ID": probe.message_id,
         "Subject": probe.subject,
         "From": probe.sender,
@@ -210,7 +234,7 @@ def probe_headers(header_block: bytes, route: str) -> ProbeHeaders | None:
     """
     try:
         msg = message_from_bytes(header_block, policy=policy.compat32)
-        if _single_value(msg, ROUTE_HEADER) != route:
+        if _single_value(msg, ROUTE_HEADER) != route_header_value(route):
             return None
         run_id = _single_value(msg, PROBE_HEADER)
         if not run_id:
@@ -227,7 +251,7 @@ def probe_headers(header_block: bytes, route: str) -> ProbeHeaders | None:
 def is_own_probe(raw: bytes, *, secret: bytes, route: str, run_id: str | None = None) -> bool:
     """True only if `raw` is provably a probe this daemon sent for `route`.
 
-    Its `X-Selfcheck-Route` equals `route` exactly, its `X-Selfcheck-Id` is
+    Its `X-Selfcheck-Route` is exactly `route` (in its 7-bit form), its `X-Selfcheck-Id` is
     present (and equals `run_id` when given), and a token in its text/plain or
     text/html part verifies with `secret` for that route and run id. One
     verifying part is enough: a probe whose other part was altered in transit
@@ -241,7 +265,7 @@ def is_own_probe(raw: bytes, *, secret: bytes, route: str, run_id: str | None = 
 
 def _is_own_probe(raw: bytes, secret: bytes, route: str, run_id: str | None) -> bool:
     msg = message_from_bytes(raw, policy=policy.compat32)
-    if _single_value(msg, ROUTE_HEADER) != route:
+    if _single_value(msg, ROUTE_HEADER) != route_header_value(route):
         return False
     probe_id = _single_value(msg, PROBE_HEADER)
     if not probe_id or (run_id is not None and probe_id != run_id):
