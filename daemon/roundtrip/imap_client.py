@@ -717,16 +717,20 @@ class ImapSession:
     async def idle_until_change(self, wait_until: float, answer_until: float) -> None:
         """IDLE until the server pushes anything or `wait_until`, then DONE.
 
-        Both are absolute times on the session's clock. The server must
+        Without IDLE, at once, when the last IDLE left pushes unread (the caller's next
+        search covers them). Both are absolute times on the session's clock. The server must
         acknowledge IDLE by `wait_until` and answer DONE by `answer_until`;
         otherwise this raises `ImapError` and the session is no longer usable.
         """
         client = self.client
-        # Pushes left from an earlier IDLE are old news (a SEARCH came after them): without
-        # this they would end the wait at once, and pile up in aioimaplib's queue.
+        # Pushes the last IDLE got after its first: the caller looks again before idling
+        # (as it did when each ended an IDLE at once), and none is kept (aioimaplib's queue
+        # has no bound: a server pushing without end grew it by each IDLE's pushes).
         queue = client.protocol.idle_queue
-        while not queue.empty():
-            queue.get_nowait()
+        if not queue.empty():
+            while not queue.empty():
+                queue.get_nowait()
+            return
         # aioimaplib's own push timer only has to outlast ours.
         push_timer = max(wait_until - self._clock(), 0.0) + 60.0
         idle = await self._call("IDLE", client.idle_start(timeout=push_timer), until=wait_until)
