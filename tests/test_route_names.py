@@ -3,15 +3,22 @@ commands that look for them are 7-bit, against the real pymap server."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from daemon.checks.runner import Runner
+from daemon.cli import main
 from daemon.embedded.stack import EmbeddedMailStack
 from daemon.roundtrip.check import RoundTrip
 from daemon.roundtrip.probe import route_header_value
-from tests.conftest import make_config
+from tests.conftest import StackFactory, make_config
 from tests.faulty_servers import wedging_proxy
 from tests.probe_backlog import forged, probes
+from tests.test_cli import routes_config
 
 SECRET = b"test-secret-value"
 
@@ -50,3 +57,21 @@ def test_the_route_header_keeps_printable_ascii_and_encodes_the_rest() -> None:
         "default", "eu west", "défaut", "日本", "50%", " x ", "a\r\nb")] == [
         "default", "eu west", "d%C3%A9faut", "%E6%97%A5%E6%9C%AC", "50%25", "%20x%20",
         "a%0D%0Ab"]
+
+
+async def test_config_check_then_check_accept_a_route_named_beyond_ascii(
+    make_stack: StackFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A config naming a route `défaut` (UTF-8 TOML) passes config-check, and `check` of
+    it succeeds against pymap, by the name as written."""
+    stack = await make_stack()
+    cfg = routes_config(tmp_path / "c.toml", ("défaut", stack))
+    assert await asyncio.to_thread(main, ["config-check", "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["check", "--config", str(cfg), "--json",
+                                          "--route", "défaut"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0, out
+    assert [(r["route"], r["success"]) for r in out] == [("défaut", True)]
+    assert stack.smtp.delivered == 1
+    assert await stack.inbox() == []
