@@ -32,7 +32,7 @@ aioimaplib's handlers as before, and holds at most `MAX_LINE` bytes of one line,
 `MAX_LITERAL` of one literal and `MAX_RESPONSE` of everything read since the
 last command completed. A server going past one of them is cut off and the
 command fails with an `ImapError` naming the server and the limit
-(docs/configuration.md, "What an IMAP server may send"). The parser uses
+(docs/configuration.md, "What a mail server may send"). The parser uses
 aioimaplib's private `Command` literal fields, hence the pin to aioimaplib 2.0.
 """
 
