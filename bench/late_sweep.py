@@ -1,7 +1,11 @@
 """How long the late sweep takes on a backlog: N late probes and N probe-like messages that
 do not verify (half another secret's probes, half forged), interleaved in the INBOX.
 
-    .venv/bin/python -m bench.late_sweep [--count 2000] [--runs 3] [--skip-dovecot]
+    flock /tmp/selfcheckd-integration.lock \
+        .venv/bin/python -m bench.late_sweep [--count 2000] [--runs 3] [--skip-dovecot]
+
+(the lock because the Dovecot lab's sendmail logs to /dev/log, which the integration
+tier's rsyslogd owns while it runs)
 
 The round trip runs in this process (`RoundTrip` under the `Runner`, one check object as
 `run` keeps it, so what a run proved not ours is remembered by the next), `--runs` times in
