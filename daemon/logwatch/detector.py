@@ -30,6 +30,11 @@ class Finding:
     timestamp: str
     expected: bool  # sender is on the allowlist (test traffic), so not a leak
 
+    @property
+    def key(self) -> str:
+        """The detector's (queue id, recipient) key: what `reported` remembers."""
+        return reported_key(self.queue_id, self.recipient)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "queue_id": self.queue_id,
@@ -38,6 +43,10 @@ class Finding:
             "stat": self.stat,
             "timestamp": self.timestamp,
         }
+
+
+def reported_key(queue_id: str, recipient: str) -> str:
+    return f"{queue_id} {recipient.lower()}"
 
 
 class _BoundedMap(OrderedDict[str, str]):
@@ -112,7 +121,7 @@ class LeakDetector:
         for rcpt in record.recipients:
             if not self.is_sinkhole(rcpt):
                 continue
-            key = f"{record.queue_id} {rcpt.lower()}"
+            key = reported_key(record.queue_id, rcpt)
             if key in self.reported:
                 continue
             self.reported.put(key, "")

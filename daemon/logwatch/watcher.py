@@ -67,7 +67,7 @@ def leak_summary(f: Finding) -> str:
 
 def leak_key(f: Finding) -> str:
     """The outbox key of a leak; `leak ` + the detector's (queue id, recipient) key."""
-    return f"leak {f.queue_id} {f.recipient.lower()}"
+    return f"leak {f.key}"
 
 
 class FileLines:
@@ -82,7 +82,6 @@ class FileLines:
         self.max_backoff = max(5.0, 5 * cfg.poll_interval)
         self.position: FilePosition | None = None
         self._tail: FileTail | None = None
-        self._primed: list[str] = []
 
     @property
     def more_pending(self) -> bool:
@@ -98,22 +97,25 @@ class FileLines:
             self._tail.close()
             self._tail = None
 
-    async def prime(self) -> None:
+    async def prime(self) -> list[str]:
         """Fix where reading starts now (the end, like tail -F), not at the first poll.
 
         Lines written between start-up (or a reload) and the first poll would
-        otherwise fall before the end the first poll finds.
+        otherwise fall before the end the first poll finds. Returns the lines that
+        completed meanwhile: the position is already past them, so the caller
+        handles them before anything can save it.
         """
         if self.position is not None or self.cfg.from_beginning:
-            return
+            return []
         tail = FileTail(self.cfg.path)
         try:
-            self._primed = await tail.read()
+            lines = await tail.read()
         except SourceUnavailable:
-            return  # a file that appears later is read from its start anyway
+            return []  # a file that appears later is read from its start anyway
         finally:
             tail.close()
         self.position = tail.position
+        return lines
 
     async def read(self) -> list[str]:
         if self._tail is None:
@@ -124,8 +126,6 @@ class FileLines:
             raise SourceError(exc.reason, str(exc)) from None
         if self._tail.position is not None:
             self.position = self._tail.position
-        if self._primed:
-            lines, self._primed = self._primed + lines, []
         return lines
 
     def state(self) -> dict[str, Any] | None:
@@ -258,6 +258,9 @@ class LeakWatch:
             self.state, self.snapshot, metrics,
             source=config.alert.source if config.alert else "selfcheckd-leakwatch",
             on_saved=self._saved, on_failed=lambda: self.count_error("state_write"))
+        # Findings of the batch being handled that are not in the outbox yet (a sender
+        # lookup runs first): a save leaves them unreported, so a restart finds them again.
+        self._unreported: set[str] = set()
         self.outbox: Outbox | None = None
         if config.alert is not None:
             self.outbox = Outbox(config.alert, metrics, on_change=self.save,
@@ -363,8 +366,8 @@ class LeakWatch:
 
     async def prime(self) -> None:
         """Fix the source's starting point now (see FileLines.prime)."""
-        if isinstance(self.source, FileLines):
-            await self.source.prime()
+        if isinstance(self.source, FileLines) and (lines := await self.source.prime()):
+            await self.handle_batch(lines)
 
     def _file_position(self) -> FilePosition | None:
         return self.source.position if isinstance(self.source, FileLines) else None
@@ -372,9 +375,11 @@ class LeakWatch:
     def snapshot(self) -> dict[str, Any]:
         """Everything worth keeping, as the state file stores it (without the version)."""
         detector = self.detector.state()
+        reported = detector["reported"]
+        if self._unreported:  # in no saved state before they are in the outbox
+            reported = [k for k in reported if k not in self._unreported]
         document: dict[str, Any] = {
-            "detector": {"senders": trim(detector["senders"]),
-                         "reported": trim(detector["reported"])},
+            "detector": {"senders": trim(detector["senders"]), "reported": trim(reported)},
             "outbox": self.outbox.snapshot() if self.outbox is not None else self._orphans,
             "queue": {"messages": self.queue.state()},
         }
@@ -425,6 +430,7 @@ class LeakWatch:
             self.detector.forget_reported(key.removeprefix("leak "))
 
     def report(self, f: Finding) -> None:
+        self._unreported.discard(f.key)
         if f.expected:
             self.metrics.test_recipients.inc()
             log.info("sinkhole_test_recipient", queue_id=f.queue_id, recipient=f.recipient,
@@ -518,16 +524,25 @@ class LeakWatch:
         # The detector counts the findings reported now; the queue tracker takes the lines.
         findings = self.processor.feed_batch(batch, streams)
         self._flush_queue()
-        for i, finding in enumerate(findings):
-            try:
-                finding = await self.resolve_sender(finding)
-            except BaseException:
-                # Stopped or crashed mid-lookup: report what is left with the sender
-                # unknown rather than lose it (the detector already took them).
-                for rest in findings[i:]:
-                    self.report(rest)
-                raise
-            self.report(finding)
+        # Sender lookups take seconds, and the outbox saves meanwhile: until a finding is
+        # in the outbox, a save neither marks it reported nor moves the read past its
+        # line (the poller's unsettled batch), so a kill makes the next start find it again.
+        self._unreported = {f.key for f in findings}
+        try:
+            for i, finding in enumerate(findings):
+                try:
+                    finding = await self.resolve_sender(finding)
+                except BaseException:
+                    # Stopped or crashed mid-lookup: report what is left with the sender
+                    # unknown rather than lose it (the detector already took them).
+                    for rest in findings[i:]:
+                        self.report(rest)
+                    raise
+                self.report(finding)
+        finally:
+            self._unreported.clear()
+            if self.poller is not None:
+                self.poller.settle()
         self._flush_counts()
         now = self._wall()
         self.metrics.leakwatch_last_poll_success.set(now)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,10 @@ class Faults:
     seen_tokens: list[str] = field(default_factory=list)
     filter_calls: int = 0
     patterns: list[str] = field(default_factory=list)
+    # Calls whose filterPattern this accepts wait, each on its own future in `held`
+    # (in arrival order), until the test sets its result; all go on when the proxy stops.
+    hold: Callable[[str], bool] = lambda _pattern: False
+    held: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 @asynccontextmanager
@@ -53,6 +58,10 @@ async def fault_proxy(upstream: str, faults: Faults) -> AsyncIterator[str]:
             faults.filter_calls += 1
             payload: dict[str, Any] = json.loads(body or b"{}")
             faults.patterns.append(payload.get("filterPattern", ""))
+            if faults.hold(payload.get("filterPattern", "")):
+                gate = asyncio.get_running_loop().create_future()
+                faults.held.append(gate)
+                await gate
             if faults.resets:
                 faults.resets -= 1
                 assert request.transport is not None
@@ -98,5 +107,8 @@ async def fault_proxy(upstream: str, faults: Faults) -> AsyncIterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        for gate in faults.held:
+            if not gate.done():
+                gate.set_result(None)
         await runner.cleanup()
         await session.close()

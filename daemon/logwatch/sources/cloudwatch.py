@@ -7,6 +7,13 @@ overlap are remembered (bounded, evicted once they fall out of the window) so
 nothing is emitted twice. Paging follows `nextToken` until it is absent, even
 through empty pages. A failed poll raises `SourceError`; the watcher's loop
 backs off and the next poll retries the same window.
+
+A batch is unsettled from the read that returned it until the watcher calls
+`settle()` (every leak in it is in the alert outbox): meanwhile `state()`, what
+the state file saves, still reads that batch again (the cursor where the read
+began, the batch's event ids left out of the seen ones). With a filter pattern
+the watcher looks senders up between the two, for seconds; a kill then re-reads
+the batch rather than losing its leaks.
 """
 
 from __future__ import annotations
@@ -114,6 +121,8 @@ class CloudWatchPoller:
         # The log stream of each line the last take_new() (read()) returned, in order.
         self.last_streams: list[str] = []
         self.client: CloudWatchLogsClient | None = None
+        # (cursor that reads the unsettled batch again, its event ids); None: settled.
+        self._unsettled: tuple[int, frozenset[str]] | None = None
 
     # -- querying -------------------------------------------------------------------------
     async def _pages(
@@ -162,16 +171,19 @@ class CloudWatchPoller:
     def take_new(self, events: list[dict[str, Any]], start_ms: int) -> list[str]:
         """Drop events already emitted, remember the rest, advance the cursor.
 
-        `last_streams` then names each returned line's log stream.
+        `last_streams` then names each returned line's log stream. The lines are
+        unsettled until `settle()`.
         """
         lines: list[str] = []
         streams: list[str] = []
+        fresh: set[str] = set()
         for event in events:
             event_id = str(event.get("eventId", ""))
             ts = int(event.get("timestamp", 0))
             if event_id in self.seen:
                 continue
             self.seen[event_id] = ts
+            fresh.add(event_id)
             lines.append(str(event.get("message", "")).rstrip("\r\n"))
             streams.append(str(event.get("logStreamName", "")))
             if self.cursor_ms is None or ts > self.cursor_ms:
@@ -180,7 +192,18 @@ class CloudWatchPoller:
                 self.newest_event_ms = ts
         self._evict(start_ms)
         self.last_streams = streams
+        if fresh:
+            # A cursor whose window starts where this read's did: [start, now] again.
+            resume = start_ms + int(self.cfg.overlap * 1000)
+            if self._unsettled is not None:  # never settled: keep reading that one too
+                resume = min(resume, self._unsettled[0])
+                fresh |= self._unsettled[1]
+            self._unsettled = (max(0, resume), frozenset(fresh))
         return lines
+
+    def settle(self) -> None:
+        """The lines read so far are handled for good: the state may move past them."""
+        self._unsettled = None
 
     def _evict(self, start_ms: int) -> None:
         # Ids older than the next window's start can never be returned again.
@@ -264,9 +287,15 @@ class CloudWatchPoller:
             raise SourceError(error_reason(exc), _describe(exc)) from None
 
     def state(self) -> dict[str, Any]:
-        return {"cursor_ms": self.cursor_ms, "seen": list(self.seen.items())}
+        """The cursor and seen ids to save: an unsettled batch is read again from them."""
+        if self._unsettled is None:
+            return {"cursor_ms": self.cursor_ms, "seen": list(self.seen.items())}
+        resume, fresh = self._unsettled
+        return {"cursor_ms": resume,
+                "seen": [(k, ts) for k, ts in self.seen.items() if k not in fresh]}
 
     def restore(self, cursor_ms: int | None, seen: list[tuple[str, int]]) -> None:
+        self._unsettled = None
         self.cursor_ms = cursor_ms
         self.seen.clear()
         for event_id, ts in seen:
