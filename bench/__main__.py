@@ -20,6 +20,8 @@ table compares two numbers measured in this run on this machine:
 - flood: `selfcheckd run` under a leak flood with the alert webhook down, then healed
   (bench/flood.py): peak RSS against the 256 MB goal, kills past 512 MiB, the state file's
   size, and how many leaks the accepted alerts account for.
+- state: a state save's latency and CPU, worker process against the thread it replaced.
+- frozen: with the state volume frozen (root: loop mount + fsfreeze), how long a stop takes.
 
 Exit status 0 when every section ran (whatever its numbers: there are no thresholds), 1 when a
 section failed (its row says why).
@@ -42,7 +44,7 @@ from pathlib import Path
 from bench.maillog import MailLogFacts, write_maillog
 
 SECTIONS = ("scan", "scan-hard", "live", "soak", "routes", "idle", "dovecot", "cloudwatch",
-            "flood")
+            "flood", "state", "frozen")
 Row = tuple[str, str, str, str]
 
 
@@ -248,6 +250,46 @@ def flood_rows(workdir: Path, small: bool) -> list[Row]:
     ]
 
 
+def state_rows(workdir: Path, small: bool) -> list[Row]:
+    from bench.state_io import median, p95, save_latency
+
+    rows: list[Row] = []
+    for r in save_latency(workdir, small):
+        what = f"state save, {r.label} ({r.size / 1e6:.2f} MB, {len(r.worker)} saves)"
+        rows += [
+            (f"{what}: thread (before)",
+             f"p50 {ms(median(r.thread))}, p95 {ms(p95(r.thread))}, {ms(r.thread_cpu)} CPU",
+             "1.00x", "thread"),
+            (f"{what}: worker process",
+             f"p50 {ms(median(r.worker))}, p95 {ms(p95(r.worker))}, {ms(r.worker_cpu)} CPU "
+             "(this process and the worker)",
+             ratio(median(r.worker), median(r.thread)), "thread p50"),
+        ]
+    return rows
+
+
+def frozen_rows(workdir: Path, small: bool) -> list[Row]:
+    from bench.state_io import frozen_available, frozen_stop
+
+    why = frozen_available()
+    if why is not None:
+        return [("frozen state volume", f"not measured: {why}", "-", "")]
+    f = frozen_stop(workdir, hold=4.0 if small else 10.0)
+    return [
+        (f"frozen state volume: a process whose thread writes there, its end after its last "
+         f"line (thawed after {f.hold:g} s)",
+         f"{f.thread_exit:.2f} s", ratio(f.thread_exit, f.hold), "time frozen"),
+        ("frozen state volume: `selfcheckd run` (grace 5 s) exit after SIGTERM, save stuck",
+         f"{f.daemon_exit:.2f} s (exit 0; leakwatch_state_not_saved logged: "
+         f"{'yes' if f.daemon_stopped_line else 'NO'})",
+         ratio(f.daemon_exit, 5 + 5), "shutdown_grace + 5 s"),
+        ("frozen state volume: the same as PID 1 of a PID namespace (a container)",
+         f"selfcheckd_stopped {f.pid1_stopped:.2f} s after SIGTERM; the namespace ended "
+         f"{f.pid1_namespace_end:.2f} s after (thawed after {f.hold:g} s)",
+         ratio(f.pid1_namespace_end, f.hold), "time frozen"),
+    ]
+
+
 # -- main -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
@@ -294,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             ("idle", lambda: detection_rows(workdir, samples, "dovecot" not in skip)),
             ("cloudwatch", lambda: cloudwatch_rows(small)),
             ("flood", lambda: flood_rows(workdir, small)),
+            ("state", lambda: state_rows(workdir, small)),
+            ("frozen", lambda: frozen_rows(workdir, small)),
         ]
         for name, section in sections:
             if name in skip:

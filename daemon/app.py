@@ -380,7 +380,7 @@ class Daemon:
         """Listen, restore the leak watcher, start every component. Raises OSError on bind."""
         await self.http.bind()
         if self.leakwatch is not None:
-            self.leakwatch.open()
+            await self.leakwatch.open()
             await self.leakwatch.prime()
         self.supervisor.start(self.http)
         self.supervisor.start(ScheduledChecks(self.scheduler))
@@ -599,7 +599,7 @@ class Daemon:
             await old.close(timeout=SWAP_TIMEOUT)
         self.leakwatch = self._leakwatch(new, handover=old)
         if self.leakwatch is not None:
-            self.leakwatch.open(handover)
+            await self.leakwatch.open(handover)
             await self.leakwatch.prime()
             for component in self.leakwatch.components():
                 self.supervisor.start(component)

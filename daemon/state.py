@@ -14,10 +14,12 @@ warning naming both paths; the watcher then starts afresh (CloudWatch from
 fsynced and renamed over the old one, so a task killed mid-write leaves the
 previous state intact; the temporary file's name is unique, so two writers (two
 tasks overlapping on a shared volume) never mix their bytes: the last rename
-wins. Writes run in a daemon thread and a caller may bound them: a write hung
-on a stalled NFS mount costs that caller its timeout, never the process's exit. A
-write that outlived its caller's timeout still counts as running: the next save
-waits for it (within its own timeout) and never starts a second writer beside it.
+wins. Every read and write of the volume runs in a worker process under a
+deadline (daemon/state_io.py): one hung on a stalled NFS/EFS mount is abandoned
+and costs the caller its timeout, never the process's exit; while it has not
+ended, the next save waits a moment for it and then fails rather than start a
+second writer beside it; and a file the volume would not hand over at start is
+never written over.
 
 The writer's bound (`MAX_WRITE_BYTES`) is half the reader's (`MAX_STATE_BYTES`): a
 document that encodes bigger is not written at all (a failed save), so no file we
@@ -29,9 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import stat
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ import structlog
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from daemon.metrics import Metrics
+from daemon.state_io import VolumeIO, VolumeStuckError, VolumeTimeoutError
 from daemon.threads import in_daemon_thread
 
 log = structlog.get_logger("daemon.state")
@@ -57,6 +57,8 @@ MAX_WRITE_BYTES = MAX_STATE_BYTES // 2
 FUTURE_SLACK = 86_400.0
 # A save's temporary file older than this was left by a killed process, not in progress.
 STALE_TEMPORARY = 600.0
+# Reading the file at start, or moving it aside, may take this long (a hung volume).
+READ_TIMEOUT = 10.0
 # The detector's memory is bounded in the file too, so a write stays small.
 MAX_PERSISTED_ENTRIES = 20_000
 
@@ -202,75 +204,88 @@ def encode(document: dict[str, Any], limit: int | None = MAX_WRITE_BYTES) -> byt
     return payload
 
 
+class StateUnreadable(Exception):  # noqa: N818 - a condition, as FileNotFoundError
+    """The volume did not hand the file over in time: it is not known, so not written over."""
+
+
 class StateFile:
-    """Load (with quarantine) and save (atomic, serialised) one state file."""
+    """Load (with quarantine) and save (atomic, serialised) one state file.
+
+    All of its I/O runs in worker processes (`VolumeIO`), each under a deadline.
+    """
 
     def __init__(
         self, path: Path | None, metrics: Metrics, wall: Callable[[], float] = time.time,
+        io: VolumeIO | None = None,
     ) -> None:
         self.path = path
         self.metrics = metrics
         self._wall = wall
+        self.io = io if io is not None else VolumeIO()
         self._lock = asyncio.Lock()
-        # The write in progress, kept past its caller's timeout until the thread ends.
-        self._writing: asyncio.Future[None] | None = None
         self.last_error: str | None = None
         self.last_saved_at: float | None = None
+        # A load found the volume not answering: what the file holds is unknown, so a
+        # save (a fresh state) must not replace it until a load succeeds.
+        self.unread = False
 
-    def load(self) -> LeakwatchState | None:
-        """The saved state, or None when there is none or it was quarantined."""
+    async def load(self, timeout: float = READ_TIMEOUT) -> LeakwatchState | None:
+        """The saved state, or None when there is none or it was quarantined.
+
+        StateUnreadable when the volume did not answer within `timeout` s.
+        """
         if self.path is None:
             return None
-        self._remove_stale_temporaries()
         try:
-            data = _read_regular_file(self.path)
-        except FileNotFoundError:
-            log.info("state_file_absent", path=str(self.path))
-            return None
-        except OSError as exc:
-            self.quarantine(f"cannot read: {exc.strerror or exc}")
+            answer, data = await self.io.load(
+                self.path, MAX_STATE_BYTES, self._wall() - STALE_TEMPORARY, timeout)
+        except (VolumeTimeoutError, VolumeStuckError) as exc:
+            self.unread = True
+            raise StateUnreadable(str(exc)) from None
+        except OSError as exc:  # the worker could not run or answer
+            self.unread = True
+            raise StateUnreadable(exc.strerror or str(exc)) from None
+        self.unread = False
+        self._report_temporaries(answer)
+        if not answer.get("ok"):
+            error = str(answer.get("error"))
+            if answer.get("kind") == "absent":
+                log.info("state_file_absent", path=str(self.path))
+            elif answer.get("kind") == "unusable":
+                await self.quarantine(error)
+            else:
+                await self.quarantine(f"cannot read: {error}")
             return None
         try:
             state = parse_state(json.loads(data))
         except ValueError as exc:  # bad JSON, bad UTF-8 and a wrong shape are all ValueErrors
-            self.quarantine(f"{type(exc).__name__}: {exc}"[:300])
+            await self.quarantine(f"{type(exc).__name__}: {exc}"[:300])
             return None
         except RecursionError:
-            self.quarantine("nested too deeply")
+            await self.quarantine("nested too deeply")
             return None
         if mended := repair(state, self._wall()):
             log.warning("state_file_repaired", path=str(self.path), mended="; ".join(mended))
         return state
 
-    def _remove_stale_temporaries(self) -> None:
-        """Temporary files of saves a kill cut short (each as big as the state), left
-        beside the file on every crash. Only old ones: a task overlapping us on a shared
-        volume may be writing a fresh one right now."""
-        assert self.path is not None
-        now = self._wall()
-        try:
-            stale = [t for t in self.path.parent.glob(f".{self.path.name}.*.tmp")
-                     if now - t.stat().st_mtime > STALE_TEMPORARY]
-            for temporary in stale:
-                temporary.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("state_file_temporaries_not_removed", path=str(self.path),
-                        error=exc.strerror or str(exc))
-            return
-        if stale:
-            log.info("state_file_temporaries_removed", path=str(self.path), count=len(stale))
+    def _report_temporaries(self, answer: dict[str, Any]) -> None:
+        """Temporary files of saves a kill cut short are removed at each load."""
+        if error := answer.get("temporaries_error"):
+            log.warning("state_file_temporaries_not_removed", path=str(self.path), error=error)
+        elif removed := answer.get("removed"):
+            log.info("state_file_temporaries_removed", path=str(self.path), count=removed)
 
-    def quarantine(self, why: str) -> Path | None:
+    async def quarantine(self, why: str, timeout: float = READ_TIMEOUT) -> Path | None:
         """Move the unusable file aside, with one warning naming both paths."""
         if self.path is None:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._wall()))
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         try:
-            os.replace(self.path, target)
+            await self.io.rename(self.path, target, timeout)
         except OSError as exc:
             log.warning("state_file_unusable", path=str(self.path), reason=why,
-                        moved_to=None, move_error=exc.strerror,
+                        moved_to=None, move_error=exc.strerror or str(exc),
                         consequence="starting afresh; the file is left where it is")
             return None
         log.warning("state_file_quarantined", path=str(self.path), reason=why,
@@ -286,24 +301,24 @@ class StateFile:
         """
         if self.path is None:
             return True
+        if self.unread:
+            return self._failed("not written: the file could not be read at start (the "
+                                "volume did not answer), and a save would replace it")
         if isinstance(document, bytes) and len(document) > MAX_WRITE_BYTES:
             return self._failed(str(StateTooLargeError(len(document), MAX_WRITE_BYTES)))
+        abandoned = self.io.abandoned_total
         try:
             async with asyncio.timeout(timeout), self._lock:
-                if self._writing is not None and not self._writing.done():
-                    # An earlier write outlived its caller's timeout: two writers at once
-                    # would each hold a copy of the state (and a thread) for nothing.
-                    await asyncio.wait({self._writing})
-                # `document` is a snapshot of fresh containers (taken on the event loop),
-                # so it is serialised in the writer thread.
-                self._writing = in_daemon_thread(_write_atomically, self.path, document,
-                                                 name="state-write")
-                self._writing.add_done_callback(_retrieve)
-                await asyncio.shield(self._writing)
+                # A dict is a snapshot of fresh containers (taken on the event loop), so
+                # it is encoded in a thread: a large queue costs the loop little.
+                payload = document if isinstance(document, bytes) else (
+                    await in_daemon_thread(encode, document, name="state-encode"))
+                await self.io.write(self.path, payload, None)  # our deadline covers it
         except TimeoutError:
-            if self._writing is not None and not self._writing.done():
-                return self._failed(f"not written within {timeout:g}s (still writing)")
-            return self._failed(f"not written within {timeout:g}s")
+            return self._failed(f"not written within {timeout:g}s; "
+                                + self._abandoned(self.io.abandoned_total > abandoned))
+        except VolumeStuckError as exc:
+            return self._failed(str(exc))
         except StateTooLargeError as exc:
             return self._failed(str(exc))
         except OSError as exc:
@@ -315,55 +330,23 @@ class StateFile:
         self.metrics.state_saves.labels(result="ok").inc()
         return True
 
+    def _abandoned(self, now: bool) -> str:
+        """What became of the write that missed its deadline; `now`: its worker was
+        abandoned just now (else an earlier one had not ended yet)."""
+        stuck = self.io.stuck()
+        if stuck is None:
+            return "the write was abandoned"
+        if not now:
+            return (f"an earlier write (worker pid {stuck[0]}, abandoned {stuck[1]:.0f}s ago) "
+                    "has not ended: the volume is not answering")
+        log.warning("state_file_writer_abandoned", path=str(self.path), pid=stuck[0],
+                    consequence="killed and left behind; until it has ended (a frozen "
+                                "volume holds it), every save fails at once")
+        return f"the write was abandoned (worker pid {stuck[0]} killed)"
+
     def _failed(self, error: str) -> bool:
         self.metrics.state_saves.labels(result="failed").inc()
         if self.last_error is None:  # once per episode; the counter says the rest
             log.error("state_file_write_failed", path=str(self.path), error=error)
         self.last_error = error
         return False
-
-
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of `path`; OSError when it is no regular file or too big to be ours.
-
-    Opened without blocking, so a FIFO at the path cannot hang the start; its type and
-    size are read from the open file, so nothing can swap it in between.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(f"not a regular file (mode {stat.filemode(info.st_mode)})")
-        if info.st_size > MAX_STATE_BYTES:
-            raise OSError(f"{info.st_size} bytes, more than the {MAX_STATE_BYTES} a state "
-                          "file can hold")
-        return fh.read(MAX_STATE_BYTES + 1)
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    """A write nobody waits for any more still has its error read (its save counted it)."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _write_atomically(path: Path, document: dict[str, Any] | bytes) -> None:
-    payload = document if isinstance(document, bytes) else encode(document)
-    # A fresh volume or host may not have the directory yet (/var/lib/selfcheckd).
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # The rename itself must reach the disk too.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

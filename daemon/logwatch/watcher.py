@@ -40,7 +40,15 @@ from daemon.logwatch.sources.file import FilePosition, FileTail, SourceUnavailab
 from daemon.logwatch.sources.stdin import StdinReader
 from daemon.metrics import Metrics
 from daemon.retry import Backoff
-from daemon.state import VERSION, LeakwatchState, StateFile, parse_state, trim
+from daemon.state import (
+    READ_TIMEOUT,
+    VERSION,
+    LeakwatchState,
+    StateFile,
+    StateUnreadable,
+    parse_state,
+    trim,
+)
 from daemon.supervisor import Component, Progress
 
 log = structlog.get_logger("daemon.leakwatch")
@@ -166,6 +174,7 @@ class SourceLoop:
         return self.ended  # standard input closed
 
     async def run(self, progress: Progress) -> None:
+        await self._restored(progress)
         failures = 0
         while True:
             try:
@@ -206,6 +215,20 @@ class SourceLoop:
                 log.info("leakwatch_source_ended", source=self.source.kind)
                 self.ended = True
                 return
+
+    async def _restored(self, progress: Progress) -> None:
+        """Read no line before the state file is known: its cursor says where to start,
+        and what is read now would be saved over it (pending alerts included)."""
+        failures = 0
+        while not self.watch.restored:
+            failures += 1
+            self.watch.count_error("state_read")
+            progress.down(f"state file not read: {self.watch.unread_reason}")
+            await self._sleep(round(self._backoff.delay(failures), 3))
+            if await self.watch.restore_saved() is None:
+                log.info("state_file_read", path=str(self.watch.state.path),
+                         after_failures=failures)
+                await self.watch.prime()
 
     async def _failed(self, exc: SourceError, failures: int, progress: Progress) -> None:
         """Count every failure, log the first of an episode, report down, back off."""
@@ -284,6 +307,11 @@ class LeakWatch:
                                                 sleep=sleep)
         self._flushed = LineCounts()
         self.opened = False  # until open(): nothing restored, so nothing to save over the file
+        # The saved state is applied (or there was none); False while the volume does not
+        # hand the file over (the source loop retries before it reads anything).
+        self.restored = False
+        self.unread_reason: str | None = None
+        self._read_timeout = READ_TIMEOUT
         self.started = clock()
         self._blind_since: float | None = None
         self._blind_at = 0.0  # when the episode began, on self._clock
@@ -299,14 +327,22 @@ class LeakWatch:
 
     # -- state ------------------------------------------------------------------------------
 
-    def open(self, handover: dict[str, Any] | None = None) -> None:
-        """Restore what an earlier process (or the watcher being replaced) left; log start."""
+    async def open(
+        self, handover: dict[str, Any] | None = None, *, read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        """Restore what an earlier process (or the watcher being replaced) left; log start.
+
+        A state file the volume does not hand over within READ_TIMEOUT is not known yet:
+        one error line, and the source loop retries before it reads a line.
+        """
+        self._read_timeout = read_timeout
         if handover is not None:
             self._restore_document(handover, origin="handover")
-        else:
-            loaded = self.state.load()
-            if loaded is not None and (why := self._apply(loaded)) is not None:
-                self.state.quarantine(why)
+            self.restored = True
+        elif (why := await self.restore_saved()) is not None:
+            log.error("state_file_unreadable", path=str(self.state.path), error=why,
+                      consequence="the leak watcher reads no line until it can read this "
+                                  "file (retried), and saves nothing over it")
         self.opened = True
         if self.outbox is not None and self.state.path is None:
             log.warning("leakwatch_without_state_file",
@@ -323,6 +359,18 @@ class LeakWatch:
             log.info("queue_health_partial", filter_pattern=self.poller.cfg.filter_pattern,
                      consequence="mta_* metrics count only the lines the filter pattern "
                                  "fetches; set filter_pattern = \"\" for the whole queue")
+
+    async def restore_saved(self) -> str | None:
+        """Load the state file and apply it; why not (the volume did not answer), else None."""
+        try:
+            loaded = await self.state.load(self._read_timeout)
+        except StateUnreadable as exc:
+            self.unread_reason = str(exc)
+            return self.unread_reason
+        if loaded is not None and (why := self._apply(loaded)) is not None:
+            await self.state.quarantine(why)
+        self.restored, self.unread_reason = True, None
+        return None
 
     def _restore_document(self, document: dict[str, Any], origin: str) -> None:
         try:
@@ -365,8 +413,9 @@ class LeakWatch:
         return None
 
     async def prime(self) -> None:
-        """Fix the source's starting point now (see FileLines.prime)."""
-        if isinstance(self.source, FileLines) and (lines := await self.source.prime()):
+        """Fix the source's starting point now (see FileLines.prime); once restored."""
+        if (self.restored and isinstance(self.source, FileLines)
+                and (lines := await self.source.prime())):
             await self.handle_batch(lines)
 
     def _file_position(self) -> FilePosition | None:
@@ -398,10 +447,13 @@ class LeakWatch:
     async def close(self, timeout: float | None = SAVE_TIMEOUT) -> None:
         """The final save, after the source stopped and the outbox was flushed."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        await self.save(timeout)
+        started, asked_at = loop.time(), self._wall()
+        saved = await self.save(timeout)
         await self.saver.close(None if timeout is None
                                else max(0.0, timeout - (loop.time() - started)))
+        # A write for this request may have ended while the saver closed.
+        last = self.state.last_saved_at
+        saved = saved or (last is not None and last >= asked_at and self.state.last_error is None)
         # A reload may drop [leakwatch]: no deferred message and no pending alert may stay
         # on /metrics, ageing, for a watcher that is gone (a new one binds its own). The
         # alerts themselves stay in the state file.
@@ -412,6 +464,14 @@ class LeakWatch:
         if pending and self.state.path is None:
             log.error("alerts_lost_at_exit", pending=pending,
                       why="no [leakwatch] state_file to keep them in")
+        elif not saved:
+            stuck = self.state.io.stuck()
+            log.error("leakwatch_state_not_saved", path=str(self.state.path),
+                      error=self.state.last_error, pending_alerts=pending,
+                      stuck_worker=stuck[0] if stuck else None,
+                      consequence="the next start resumes from the last state saved: what "
+                                  "was read since is read again, alerts pending since are "
+                                  "not kept")
         log.info("leakwatch_stopped", source=self.config.source, pending_alerts=pending)
 
     # -- lines, findings, alerts ------------------------------------------------------------

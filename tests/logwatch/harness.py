@@ -14,6 +14,8 @@ from daemon.logwatch import scan_command
 from daemon.logwatch.config import LeakWatchConfig
 from daemon.logwatch.watcher import LeakWatch
 from daemon.metrics import Metrics
+from daemon.state import READ_TIMEOUT
+from daemon.state_io import VolumeIO
 from daemon.supervisor import Supervisor
 from tests.fake_time import FakeClock
 from tests.waiting import until
@@ -58,19 +60,24 @@ async def watching(
     metrics: Metrics | None = None,
     *,
     health_clock: Callable[[], float] | None = None,
+    state_io: VolumeIO | None = None,
+    read_timeout: float = READ_TIMEOUT,
     **watch_options: Any,
 ) -> AsyncIterator[Watching]:
     """Open the watcher (restoring its state file), supervise its components, stop and save.
 
     `health_clock` replaces the supervisor's clock only, so a test can move the
-    progress deadlines on while the loops themselves run in real time.
+    progress deadlines on while the loops themselves run in real time; `state_io`
+    replaces the state file's worker processes (a volume that never answers).
     """
     if isinstance(config, dict):
         config = LeakWatchConfig.model_validate(config)
     metrics = metrics or Metrics()
     watch = LeakWatch(config, metrics, **watch_options)
+    if state_io is not None:
+        watch.state.io = state_io
     sup = Supervisor(metrics, **({"clock": health_clock} if health_clock else {}))
-    watch.open()
+    await watch.open(read_timeout=read_timeout)
     await watch.prime()
     for component in watch.components():
         sup.start(component)

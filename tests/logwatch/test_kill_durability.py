@@ -74,7 +74,7 @@ async def test_a_leak_survives_a_kill_at_every_point_of_its_sender_lookup(
     faults = Faults(hold=_is_lookup)
     async with fault_proxy(moto_url, faults) as proxy:
         watch = LeakWatch(_watch_config(proxy, state, "http://127.0.0.1:9/alert"), Metrics())
-        watch.open()
+        await watch.open()
         try:
             async with watch.source.opened():
                 batch = await watch.source.read()
@@ -189,7 +189,7 @@ async def test_lines_the_file_source_primes_are_alerted_after_a_kill(
     monkeypatch.setattr(FileTail, "_line_start_near_end",
                         staticmethod(lambda _fd, _size: (0, False)))
     watch = LeakWatch(LeakWatchConfig.model_validate(config), Metrics())
-    watch.open()
+    await watch.open()
     await watch.prime()
     assert await watch.save()  # e.g. the outbox saving a warning, before the first poll
     killed = state.read_bytes()

@@ -435,7 +435,7 @@ async def test_a_reload_hands_the_queue_over_and_a_closed_watcher_reads_zero() -
     # Read minutes after it was written (dated, it aged past the retention on the real clock).
     await old.handle_batch(TimeShift.to_now(REAL).apply(REAL).splitlines())
     new = LeakWatch(config, metrics)
-    new.open(handover=old.snapshot())
+    await new.open(handover=old.snapshot())
     assert [m.queue_id for m in new.queue.deferred_messages()] == [DEFERRED_QID, DEFERRED_QID_2]
     assert value(metrics, "mta_deferred_messages") == 2
     await new.close()

@@ -20,7 +20,6 @@ from aiobotocore.session import get_session
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from daemon import state as state_module
 from daemon.delivery.outbox import Alert
 from daemon.logwatch.config import LeakWatchConfig, SinkholeModeWatch
 from daemon.logwatch.saving import fit
@@ -29,6 +28,7 @@ from daemon.logwatch.sources.stdin import StdinReader
 from daemon.logwatch.watcher import LeakWatch, SourceLoop
 from daemon.metrics import Metrics
 from daemon.state import MAX_WRITE_BYTES, StateFile
+from daemon.state_io import VolumeIO
 from daemon.supervisor import Supervisor
 from tests.fake_time import FakeClock
 from tests.logwatch.aws_fakes import AWS_ENV
@@ -417,7 +417,7 @@ async def test_a_malformed_ssm_answer_is_a_failed_read_not_a_crash(
         await runner.cleanup()
 
 
-def test_state_survives_a_handover() -> None:
+async def test_state_survives_a_handover() -> None:
     """A reload hands the detector memory and pending alerts to the new watcher."""
     config = LeakWatchConfig.model_validate({"source": "stdin",
                                              "alert": {"url": "http://127.0.0.1:9/a"}})
@@ -426,7 +426,7 @@ def test_state_survives_a_handover() -> None:
     assert old.outbox is not None
     old.outbox.submit("leak", key="leak 6ANJUQna010773 nobody@sinkhole.test")
     new = LeakWatch(config, Metrics())
-    new.open(handover=old.snapshot())
+    await new.open(handover=old.snapshot())
     assert new.processor.feed(leak_line("6ANJUQna010773").rstrip("\n")) == []
     assert new.outbox is not None
     assert [a.key for a in new.outbox.pending()] == ["leak 6ANJUQna010773 nobody@sinkhole.test"]
@@ -507,7 +507,7 @@ async def test_a_removed_watcher_leaves_no_pending_alert_ageing_on_metrics(
         "alert": {"url": "http://127.0.0.1:9/alert"}})
     metrics = Metrics()
     watch = LeakWatch(config, metrics)
-    watch.open()
+    await watch.open()
     await watch.handle_batch([leak_line("6ANJUQna010773").rstrip("\n")])
     value = metrics.registry.get_sample_value
     assert value("selfcheckd_alerts_pending") == 1
@@ -561,7 +561,7 @@ async def test_a_positionless_source_still_saves_what_it_learns(tmp_path: Path) 
         {"source": "stdin", "state_file": str(tmp_path / "state.json")})
     watch = LeakWatch(config, Metrics(), clock=lambda: now[0], sleep=sleep,
                       stdin=_ChattyStdin())  # type: ignore[arg-type]
-    watch.open()
+    await watch.open()
     saves: list[float] = []
     save = watch.save
 
@@ -611,37 +611,36 @@ async def test_a_leak_flood_while_the_webhook_is_down_is_counted_in_full_after_a
     assert json.loads(state.read_text())["outbox"] == []
 
 
-def stuck_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[int]]:
-    """State writes wait for the returned gate (a slow volume); the list counts them."""
-    gate, writes = threading.Event(), [0]
-    write = state_module._write_atomically
+class GatedIO(VolumeIO):
+    """State writes wait for `gate` (a slow volume) before their worker runs; counted."""
 
-    def stuck(path: Path, document: dict[str, object] | bytes) -> None:
-        writes[0] += 1
-        gate.wait(10)
-        write(path, document)
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.writes = 0
 
-    monkeypatch.setattr(state_module, "_write_atomically", stuck)
-    return gate, writes
+    async def write(self, path: Path, payload: bytes, timeout: float | None) -> None:
+        self.writes += 1
+        await self.gate.wait()
+        await super().write(path, payload, timeout)
 
 
-async def test_saves_asked_for_during_a_write_share_one_more_write(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_saves_asked_for_during_a_write_share_one_more_write(tmp_path: Path) -> None:
     """Twenty saves asked for while one is written cost one more write, not twenty, and it
     holds the state as it was when it started."""
-    gate, writes = stuck_writes(monkeypatch)
     state = tmp_path / "leakwatch.json"
     watch = LeakWatch(LeakWatchConfig.model_validate(
         file_config(tmp_path / "maillog", state_file=str(state))), Metrics())
-    watch.open()
+    await watch.open()
+    watch.state.io = gated = GatedIO()
     first = asyncio.create_task(watch.save())
-    await until(lambda: writes[0] == 1)
+    await until(lambda: gated.writes == 1)
     later = [asyncio.create_task(watch.save()) for _ in range(20)]
     watch.detector.reported.put("6BF1 late@sinkhole.test", "")
     await asyncio.sleep(0.05)
-    gate.set()
+    gated.gate.set()
     assert all(await asyncio.gather(first, *later))
-    assert writes[0] == 2
+    assert gated.writes == 2
     assert "6BF1 late@sinkhole.test" in json.loads(state.read_text())["detector"]["reported"]
     await watch.close()
 
@@ -656,7 +655,7 @@ async def test_a_state_over_the_writers_bound_is_shed_counted_and_read_back(
                          alert={"url": "http://127.0.0.1:9/alert"})
     metrics = Metrics()
     watch = LeakWatch(LeakWatchConfig.model_validate(config), metrics)
-    watch.open()
+    await watch.open()
     big = "sender-" + "x" * 4000 + "@example.com"
     for i in range(17_000):
         watch.detector.senders.put(f"6BF{i:011d}", big)
@@ -665,7 +664,7 @@ async def test_a_state_over_the_writers_bound_is_shed_counted_and_read_back(
     with capture_logs() as logs:
         assert await watch.save()
     assert state.stat().st_size <= MAX_WRITE_BYTES
-    loaded = StateFile(state, Metrics()).load()
+    loaded = await StateFile(state, Metrics()).load()
     assert loaded is not None and loaded.detector is not None
     assert loaded.detector.senders[-1] == ("6BF00000016999", big)
     assert [a.summary for a in loaded.outbox] == ["sinkhole leak: one"]
