@@ -255,7 +255,8 @@ def state_rows(workdir: Path, small: bool) -> list[Row]:
 
     rows: list[Row] = []
     for r in save_latency(workdir, small):
-        what = f"state save, {r.label} ({r.size / 1e6:.2f} MB, {len(r.worker)} saves)"
+        size = f"{r.size / 1e6:.2f} MB" if r.size >= 100_000 else f"{r.size / 1e3:.1f} kB"
+        what = f"state save, {r.label} ({size}, {len(r.worker)} saves)"
         rows += [
             (f"{what}: thread (before)",
              f"p50 {ms(median(r.thread))}, p95 {ms(p95(r.thread))}, {ms(r.thread_cpu)} CPU",

@@ -140,9 +140,11 @@ class VolumeIO:
             async with asyncio.timeout(timeout):
                 async with self._lock:
                     await self._wait_for_abandoned()
+                    # Its own session: a terminal's Ctrl-C to our group must not cut a
+                    # write short (we decide when it ends: the deadline, then SIGKILL).
                     transport, _ = await loop.subprocess_exec(
                         lambda: worker, *self.command, *args, stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
                     stdin = transport.get_pipe_transport(0)
                     assert isinstance(stdin, asyncio.WriteTransport)
                     stdin.write(payload)

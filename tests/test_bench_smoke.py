@@ -27,7 +27,8 @@ def test_small_benchmark_prints_its_table() -> None:
                     "check, 10 routes",
                     "pymap (embedded), IDLE", "polling every 2 s",
                     "FilterLogEvents calls per idle poll", "put-to-alert latency",
-                    "flood: `run` RSS", "flood: leaks accounted for"):
+                    "flood: `run` RSS", "flood: leaks accounted for",
+                    "state save, quiet", "worker process", "frozen state volume"):
         assert measure in out, measure
 
 

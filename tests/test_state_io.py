@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from daemon.metrics import Metrics
 from daemon.state import StateFile, StateUnreadable
 from daemon.state_io import DEFAULT_COMMAND, VolumeIO
+from daemon.state_worker import _json
 from tests.fake_time import FakeClock
 from tests.logwatch.harness import advance_until, until, watching
 from tests.logwatch.receiver import alert_sink
@@ -119,3 +122,11 @@ async def test_the_watcher_reads_nothing_until_its_state_file_is_read(tmp_path: 
     assert events.count("state_file_unreadable") == 1 and "state_file_read" in events
     detected = [e["recipient"] for e in logs if e["event"] == "sinkhole_leak_detected"]
     assert detected == ["meanwhile@sinkhole.test"]  # the first one was known already
+
+
+@given(st.text(), st.one_of(st.none(), st.integers(), st.booleans()))
+def test_a_worker_answer_is_json_whatever_its_text(text: str, value: int | bool | None) -> None:
+    """A worker's answer (any error text: quotes, backslashes, control characters) is
+    JSON the daemon reads back as written; the worker builds it without importing json."""
+    answer = {"ok": False, "error": text, "errno": value}
+    assert json.loads(_json(answer)) == answer
