@@ -110,8 +110,9 @@ async def test_the_watcher_reads_nothing_until_its_state_file_is_read(tmp_path: 
                     clock, lambda: w.value("leakwatch_errors_total", reason="state_read") >= 2,
                     limit=60)
                 assert w.up("leakwatch-source") == 0
-                assert "state file not read" in str(
-                    w.supervisor.states()["leakwatch-source"]["reason"])
+                assert w.supervisor.problems() == {}  # degraded, not dead: no restart loop
+                code, reason = w.supervisor.degraded()["leakwatch-source"]
+                assert code == "state_read" and "state file not read" in reason
                 assert w.value("maillog_lines_total", kind="to") == 0
                 assert path.read_bytes() == saved
                 w.watch.state.io.command = DEFAULT_COMMAND  # the volume answers again

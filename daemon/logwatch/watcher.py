@@ -223,7 +223,8 @@ class SourceLoop:
         while not self.watch.restored:
             failures += 1
             self.watch.count_error("state_read")
-            progress.down(f"state file not read: {self.watch.unread_reason}")
+            # Alive and saying why: degraded. A restart would meet the same volume.
+            progress.retrying(f"state file not read: {self.watch.unread_reason}", "state_read")
             await self._sleep(round(self._backoff.delay(failures), 3))
             if await self.watch.restore_saved() is None:
                 log.info("state_file_read", path=str(self.watch.state.path),
