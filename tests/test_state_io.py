@@ -26,7 +26,7 @@ from tests.logwatch.harness import advance_until, until, watching
 from tests.logwatch.receiver import alert_sink
 
 # A worker that takes its arguments and never answers: the volume does not either.
-HANGS = (sys.executable, "-I", "-S", "-c", "import time; time.sleep(3600)")
+HANGS = (sys.executable, "-I", "-S", "-c", "import signal; signal.pause()")
 LEAK = ("2026-11-23T19:31:53.567357+00:00 vm sendmail[11287]: {qid}: to=<{rcpt}>, "
         "delay=00:00:00, xdelay=00:00:00, mailer=smtp, pri=30237, relay=25, dsn=5.1.2, "
         "stat=Deferred\n")
