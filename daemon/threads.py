@@ -1,10 +1,15 @@
 """Blocking file I/O off the event loop, in threads that never hold up the process's exit.
 
 `asyncio.to_thread` uses the default executor, and `asyncio.run` waits for its
-threads without a time limit when the loop closes: one read or write stuck on
-a stalled NFS/EFS mount would keep a stopping daemon alive until SIGKILL. A
-daemon thread per call costs a little more and leaves nothing to wait for;
-the caller bounds its wait on the returned future.
+threads without a time limit when the loop closes: one slow read or write would
+keep a stopping daemon waiting. A daemon thread per call costs a little more and
+leaves nothing for Python to wait for; the caller bounds its wait on the
+returned future.
+
+A daemon thread does not help against the kernel, though: one stuck in
+uninterruptible sleep (a write to a frozen EFS/NFS hard mount) keeps the whole
+process from exiting, SIGKILL included. The state volume's I/O therefore runs in
+worker processes instead (daemon/state_io.py); these threads are for local files.
 """
 
 from __future__ import annotations
