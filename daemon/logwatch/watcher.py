@@ -467,8 +467,11 @@ class LeakWatch:
                       why="no [leakwatch] state_file to keep them in")
         elif not saved:
             stuck = self.state.io.stuck()
+            error = self.state.last_error or (
+                f"no write finished within the {timeout:.1f}s left to stop" if timeout is not None
+                else "the write did not finish")
             log.error("leakwatch_state_not_saved", path=str(self.state.path),
-                      error=self.state.last_error, pending_alerts=pending,
+                      error=error, pending_alerts=pending,
                       stuck_worker=stuck[0] if stuck else None,
                       consequence="the next start resumes from the last state saved: what "
                                   "was read since is read again, alerts pending since are "
