@@ -28,6 +28,8 @@ EXPECTED_ALERTS = {
     # selfcheckd watching itself: supervision, state file, escaped errors, alert outbox.
     "SelfcheckdComponentDown", "SelfcheckdComponentStalled", "SelfcheckdComponentRestarted",
     "SelfcheckdComponentMissing", "SelfcheckdStateSaveFailing", "SelfcheckdInternalErrors",
+    # the state file's size bound: entries left out of a save.
+    "SelfcheckdStateShed",
     "SelfcheckdAlertDeliveryFailing", "SelfcheckdAlertExpired",
     # a configuration reload that was refused (the old one still in force).
     "SelfcheckdConfigReloadRejected",
