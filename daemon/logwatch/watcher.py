@@ -390,12 +390,18 @@ class LeakWatch:
     def _saved(self, document: dict[str, Any]) -> None:
         self.saved_source = document.get(self.source.kind)
 
-    async def close(self, timeout: float | None = SAVE_TIMEOUT) -> None:
-        """The final save, after the source stopped and the outbox was flushed."""
+    async def close(self, timeout: float | None = SAVE_TIMEOUT, *, save: bool = True) -> None:
+        """The final save, after the source stopped and the outbox was flushed.
+
+        `save=False`: none, and no write asked for earlier is waited for (a leader
+        whose lease may have passed to another task must not write a state file
+        over its successor's).
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await self.save(timeout)
-        await self.saver.close(None if timeout is None
+        if save:
+            await self.save(timeout)
+        await self.saver.close(0.0 if not save else None if timeout is None
                                else max(0.0, timeout - (loop.time() - started)))
         # A reload may drop [leakwatch]: no deferred message and no pending alert may stay
         # on /metrics, ageing, for a watcher that is gone (a new one binds its own). The

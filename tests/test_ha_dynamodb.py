@@ -1,0 +1,146 @@
+"""The lease's DynamoDB calls against moto's DynamoDB server: the condition expressions hold.
+
+What moto proves here: the conditions (absent or expired to take, holder and token to
+renew, holder to release), ADD on the token, ALL_OLD on a failed condition, and the
+errors a missing table gives. What it cannot prove: that two writes racing for one item
+are serialised. moto checks a condition and writes without a lock, one request thread
+each; DynamoDB documents conditional writes as atomic per item, and that is relied on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import boto3  # type: ignore[import-untyped]  # moto's dependency; no stubs installed
+import pytest
+
+from daemon.config import HaConfig
+from daemon.ha import DynamoLeaseTable, LeaseError, LeaseLostError, LeaseTakenError
+from tests.logwatch.aws_fakes import AWS_ENV, moto_server
+
+TABLE = "selfcheckd-lease"
+
+
+@pytest.fixture(scope="module")
+def moto_base() -> Iterator[str]:
+    yield from moto_server()
+
+
+@pytest.fixture
+async def moto_url(moto_base: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{moto_base}/moto-api/reset", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        assert resp.status == 200
+    return moto_base
+
+
+def create_lease_table(endpoint: str, name: str = TABLE) -> None:
+    """The table as deploy/ creates it: one string hash key `key`, on demand."""
+    client = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_table(TableName=name, BillingMode="PAY_PER_REQUEST",
+                        KeySchema=[{"AttributeName": "key", "KeyType": "HASH"}],
+                        AttributeDefinitions=[{"AttributeName": "key", "AttributeType": "S"}])
+    client.update_time_to_live(TableName=name, TimeToLiveSpecification={
+        "Enabled": True, "AttributeName": "ttl"})
+
+
+@pytest.fixture
+async def table(moto_url: str) -> AsyncIterator[DynamoLeaseTable]:
+    create_lease_table(moto_url)
+    lease = DynamoLeaseTable(HaConfig(lease_table=TABLE, endpoint_url=moto_url,
+                                      lease_duration=3, renew_every=1))
+    async with lease.opened():
+        yield lease
+
+
+async def test_conditions_take_renew_and_release_like_the_lease_needs(
+        table: DynamoLeaseTable) -> None:
+    """Absent: taken (token 1). Held and unexpired: refused with the holder. Expired: taken
+    (token 2). Renew: only holder and token. Release: only the holder; the token stays."""
+    now = 1_800_000_000.0
+    assert await table.acquire("a#1-x", now + 15, now) == 1
+    with pytest.raises(LeaseTakenError) as taken:
+        await table.acquire("b#2-y", now + 20, now + 5)
+    assert taken.value.record is not None
+    assert (taken.value.record.holder, taken.value.record.token) == ("a#1-x", 1)
+    assert taken.value.record.expires == pytest.approx(now + 15)
+    await table.renew("a#1-x", 1, now + 30)
+    with pytest.raises(LeaseTakenError):
+        await table.acquire("b#2-y", now + 40, now + 20)  # renewed: not expired at +20
+    assert await table.acquire("b#2-y", now + 46, now + 31) == 2  # expired at +30
+    with pytest.raises(LeaseLostError) as lost:
+        await table.renew("a#1-x", 1, now + 50)
+    assert lost.value.record is not None
+    assert lost.value.record.holder == "b#2-y"
+    with pytest.raises(LeaseLostError):
+        await table.renew("b#2-y", 1, now + 50)  # our holder, an old token
+    assert await table.release("a#1-x") is False
+    assert await table.release("b#2-y") is True
+    record = await table.read()
+    assert record is not None
+    assert (record.holder, record.token) == (None, 2)
+    assert await table.acquire("a#1-x", now + 60, now + 45) == 3  # released: free at once
+
+
+async def test_the_item_carries_a_ttl_a_week_past_its_expiry(
+        table: DynamoLeaseTable, moto_url: str) -> None:
+    """The TTL attribute lets DynamoDB remove a lease nobody held for a week, never sooner."""
+    now = 1_800_000_000.0
+    await table.acquire("a#1-x", now + 15, now)
+    client = boto3.client("dynamodb", endpoint_url=moto_url, region_name="us-east-1")
+    item = client.get_item(TableName=TABLE, Key={"key": {"S": "selfcheckd"}})["Item"]
+    assert int(item["ttl"]["N"]) == now + 15 + 7 * 86400
+    assert float(item["expires"]["N"]) == now + 15
+
+
+async def test_a_missing_table_is_an_error_with_its_own_reason(moto_url: str) -> None:
+    """No table (the daemon never creates one): every call fails with reason no_table."""
+    lease = DynamoLeaseTable(HaConfig(lease_table="nope-nope", endpoint_url=moto_url))
+    async with lease.opened():
+        with pytest.raises(LeaseError) as error:
+            await lease.acquire("a#1-x", 15.0, 0.0)
+    assert error.value.reason == "no_table"
+    assert "ResourceNotFoundException" in str(error.value)
+
+
+async def test_an_unreachable_endpoint_is_a_connection_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens: the call fails within the timeout, reason connection."""
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    lease = DynamoLeaseTable(HaConfig(lease_table=TABLE, endpoint_url="http://127.0.0.1:9",
+                                      region="us-east-1"), timeout=1.0)
+    async with lease.opened():
+        with pytest.raises(LeaseError) as error:
+            await asyncio.wait_for(lease.acquire("a#1-x", 15.0, 0.0), 5)
+    assert error.value.reason == "connection"
+
+
+async def test_no_region_is_an_error_when_the_client_is_made(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No region anywhere: opening the client fails with reason config (the keeper retries
+    and says so; it does not crash)."""
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    lease = DynamoLeaseTable(HaConfig(lease_table=TABLE, endpoint_url="http://127.0.0.1:9"))
+    with pytest.raises(LeaseError) as error:
+        async with lease.opened():
+            pass
+    assert error.value.reason == "config"
+
+
+async def test_the_sdk_endpoint_variables_are_followed_without_endpoint_url(
+        moto_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_ENDPOINT_URL_DYNAMODB (botocore's standard setting) reaches moto: no [ha]
+    endpoint_url is needed."""
+    create_lease_table(moto_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the per-service one wins
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", moto_url)
+    lease = DynamoLeaseTable(HaConfig(lease_table=TABLE))
+    async with lease.opened():
+        assert await lease.acquire("a#1-x", 15.0, 0.0) == 1
