@@ -162,7 +162,11 @@ class Daemon:
         self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics, sleep=sleep,
                                      routes=list(self.checks))
         self.leakwatch = self._leakwatch(self.config) if self.leading else None
-        self.drill = self._drill(self.config)
+        if self.leakwatch is None and self.config.leakwatch is not None:
+            # A standby imports now what a takeover needs (botocore's service models
+            # among it): a takeover is seconds of nobody watching, not the time to load.
+            import daemon.logwatch.watcher  # noqa: F401
+        self.drill = self._drill(self.config) if self.leading else None
         # How MTA-STS policies are fetched: port 443 and the system's CAs unless a test
         # says otherwise (the configuration cannot).
         self._policy_fetcher = policy_fetcher

@@ -26,6 +26,9 @@ every `renew_every`. docs/ha.md tells the whole story; the rules, in order:
   that fails is retried every `renew_every / 5` until then. `leading()` is a
   function of the clock, not of the loop, so the leadership loop stops the
   work on time even while a renewal hangs.
+* **A standby** tries every `renew_every`, and right after the expiry it last
+  saw if that comes first: a leader that died is replaced within
+  `lease_duration` (plus one call) of its last renewal.
 * **Every call has a deadline**: a renewal's is what is left before
   `valid_until`, an acquisition's is `renew_every`. botocore does not retry
   (one attempt per call); this loop does, on its own schedule.
@@ -88,6 +91,10 @@ TTL_AFTER_EXPIRY = 7 * 86400
 METADATA_TIMEOUT = 2.0
 # A failed renewal is retried this often (a fraction of renew_every) until valid_until.
 RENEW_RETRIES_PER_PERIOD = 5
+# A standby tries again this long after the expiry it last saw (not exactly at it:
+# the condition is `expires < now`), and never sooner than MIN_ATTEMPT_GAP.
+EXPIRY_SLACK = 0.05
+MIN_ATTEMPT_GAP = 0.05
 # The leadership loop wakes at least this often (its progress tick).
 LEADERSHIP_TICK = 10.0
 # Stopping or starting the leader's work takes at most about this long (each of its
@@ -545,10 +552,15 @@ class LeaseKeeper:
             async with asyncio.timeout(self.renew_every):
                 token = await self.table.acquire(self.holder, wall + self.duration, wall)
         except LeaseTakenError as taken:
-            self.leader = taken.record
+            self.leader = record = taken.record
             self._ok(progress)
-            if taken.record is not None and taken.record.holder == self.holder:
-                return await self._adopt(taken.record.token, progress)
+            if record is not None and record.holder == self.holder:
+                return await self._adopt(record.token, progress)
+            if record is not None:
+                # Try again at the expiry it shows if that comes first: a leader that
+                # died leaves no gap of up to renew_every on top of its lease.
+                return max(MIN_ATTEMPT_GAP, min(self.renew_every,
+                                                record.expires - self._wall() + EXPIRY_SLACK))
             return self.renew_every
         except (LeaseError, TimeoutError) as exc:
             self._error(exc, progress, "acquire")

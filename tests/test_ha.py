@@ -182,15 +182,17 @@ async def test_failed_renewals_are_retried_before_the_deadline(cluster: Cluster)
 
 async def test_standby_takes_over_once_the_leaders_lease_expired_and_never_overlaps(
         cluster: Cluster) -> None:
-    """The leader cut off: it stops acting first; the standby takes the lease after the
-    expiry, within lease_duration + renew_every of the last renewal, with token 2."""
+    """The leader cut off: it stops acting first; the standby takes the lease right after
+    the expiry it last saw (not up to renew_every later), with token 2."""
     a = await cluster.add("a")
     b = await cluster.add("b")
     await cluster.run_for(6, check=at_most_one_leader(cluster))
     a.table.faults.hang = True
-    took = await cluster.until(lambda: b.keeper.leading() is not None, limit=40,
+    expiry = cluster.item.expires
+    took = await cluster.until(lambda: b.keeper.leading() is not None, limit=40, step=0.01,
                                check=at_most_one_leader(cluster))
-    assert took <= 15 + 5
+    assert took <= 15  # the last renewal was at +5 s, the cut at +6 s
+    assert b.wall() == pytest.approx(expiry + 0.05, abs=0.03)
     assert b.keeper.leading() == 2
     assert a.keeper.leading() is None
 

@@ -1,0 +1,319 @@
+"""Two real `selfcheckd run` processes, one [ha] lease in moto's DynamoDB: issue 21's checks.
+
+Everything they talk to is real and on loopback: moto's server (DynamoDB for the lease,
+CloudWatch Logs for the leak source), the embedded mail stack for the round trips, an
+aiohttp heartbeat receiver and alert sink. Leases are short (3 s, renewed every 1 s), so
+each scenario takes seconds; every timing asserted is the issue's bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import boto3  # type: ignore[import-untyped]  # moto's dependency; no stubs installed
+import pytest
+
+from daemon.embedded.stack import EmbeddedMailStack
+from tests.ha_processes import Cutter, LeakFeed, Proc, processes, stamp, wait_started
+from tests.logwatch.aws_fakes import AWS_ENV, moto_server
+from tests.logwatch.receiver import Sink, alert_sink
+from tests.test_daemon import Receiver
+from tests.test_ha_dynamodb import TABLE, create_lease_table
+
+pytestmark = pytest.mark.slow
+
+LEASE, RENEW = 3.0, 1.0
+
+
+@pytest.fixture(scope="module")
+def moto_base() -> Iterator[str]:
+    yield from moto_server()
+
+
+@pytest.fixture
+async def moto_url(moto_base: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{moto_base}/moto-api/reset", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        assert resp.status == 200
+    create_lease_table(moto_base)
+    return moto_base
+
+
+@pytest.fixture
+async def pulses() -> AsyncIterator[Receiver]:
+    r = await Receiver().start()
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    async with alert_sink() as s:
+        yield s
+
+
+@pytest.fixture
+async def feed(moto_url: str) -> AsyncIterator[LeakFeed]:
+    f = LeakFeed(moto_url)
+    await f.setup()
+    yield f
+    await f.stop()
+
+
+def write_config(path: Path, *, stack: EmbeddedMailStack, moto: str, lease_endpoint: str,
+                 pulse: str, alert: str, state: str) -> Path:
+    route = stack.route_table()
+    smtp, imap = route["smtp"], route["imap"]
+    assert isinstance(smtp, dict) and isinstance(imap, dict)
+    path.write_text(f"""
+shutdown_grace = 5
+[selfcheck]
+interval = 1
+timeout = 5
+secret = "ha-process-secret"
+[[selfcheck.routes]]
+from = "{route['from']}"
+to = "{route['to']}"
+[selfcheck.routes.smtp]
+host = "127.0.0.1"
+port = {smtp['port']}
+security = "none"
+[selfcheck.routes.imap]
+host = "127.0.0.1"
+port = {imap['port']}
+security = "none"
+username = "{imap['username']}"
+password = "{imap['password']}"
+[server]
+listen = "127.0.0.1:0"
+[logging]
+format = "json"
+[[heartbeat]]
+name = "pulse"
+url = "{pulse}"
+retries = 0
+[leakwatch]
+source = "cloudwatch"
+state_file = "{state}"
+allowed_senders = ["qp-test@*"]
+[leakwatch.cloudwatch]
+log_groups = ["/ecs/cabal-smtp-out"]
+endpoint_url = "{moto}"
+region = "us-east-1"
+poll_interval = 0.3
+lookback = 600
+max_backoff = 1
+request_timeout = 3
+[leakwatch.alert]
+url = "{alert}"
+backoff = 0.2
+max_backoff = 1
+rate_limit = 10000
+[ha]
+lease_table = "{TABLE}"
+lease_duration = {LEASE}
+renew_every = {RENEW}
+region = "us-east-1"
+endpoint_url = "{lease_endpoint}"
+""")
+    return path
+
+
+async def roles(*procs: Proc) -> list[str | None]:
+    return list(await asyncio.gather(*(p.role() for p in procs)))
+
+
+async def one_leader(a: Proc, b: Proc, timeout: float = 20.0) -> tuple[Proc, Proc]:
+    """Wait until exactly one of them leads; (leader, standby)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ra, rb = await roles(a, b)
+        if {ra, rb} == {"leader", "standby"}:
+            return (a, b) if ra == "leader" else (b, a)
+        assert time.monotonic() < deadline, f"roles {ra}, {rb}:\n{a.log_text()}\n{b.log_text()}"
+        await asyncio.sleep(0.05)
+
+
+async def never_two_leaders(a: Proc, b: Proc, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert await roles(a, b) != ["leader", "leader"]
+        await asyncio.sleep(0.05)
+
+
+def alert_ids_by_leak(sink: Sink) -> dict[str, set[str | None]]:
+    """For each leaked recipient: the X-Alert-Ids of the accepted deliveries naming it."""
+    ids: dict[str, set[str | None]] = defaultdict(set)
+    for (body, _secret), alert_id, ok in zip(sink.requests, sink.alert_ids, sink.oks,
+                                             strict=True):
+        if ok:
+            rcpt = body["summary"].split("mail to ", 1)[1].split(" ", 1)[0]
+            ids[rcpt].add(alert_id)
+    return ids
+
+
+async def until(predicate: Any, timeout: float, what: str, *procs: Proc) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}:\n" + "\n".join(
+            p.log_text() for p in procs)
+        await asyncio.sleep(0.05)
+
+
+async def leader_work(p: Proc) -> dict[str, float]:
+    """What a process did as leader: round trips and alerts (its log), pulses (/metrics)."""
+    pulses = 0.0
+    async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{p.port}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith("selfcheck_heartbeats_total{") and 'result="success"' in line:
+                pulses += float(line.rsplit(" ", 1)[1])
+    return {"runs": len(p.events("selfcheck_completed")), "pulses": pulses,
+            "alerts": len(p.events("alert_delivered"))}
+
+
+async def test_two_processes_one_leader_and_sigkill_hands_over_every_leak_once(
+        make_stack: Any, moto_url: str, pulses: Receiver, sink: Sink, feed: LeakFeed,
+        tmp_path: Path) -> None:
+    """Started in the same instant: one leader, which alone sends probes, pulses and leak
+    alerts. SIGKILL it while leaks keep coming: the standby leads within lease_duration +
+    renew_every, and every leak is alerted, none twice under different ids."""
+    stack = await make_stack()
+    state = tmp_path / "state.json"  # one file both reach, as EFS would be
+    common = {"stack": stack, "moto": moto_url, "lease_endpoint": moto_url,
+              "pulse": pulses.url, "alert": sink.url, "state": str(state)}
+    a = Proc("a", write_config(tmp_path / "a.toml", **common), {})
+    b = Proc("b", write_config(tmp_path / "b.toml", **common), {})
+    async with processes(a, b):
+        await wait_started(a, b)
+        leader, standby = await one_leader(a, b)
+        await never_two_leaders(a, b, 2.0)
+        feed.start()
+        await until(lambda: len(sink.accepted) >= 5 and len(pulses.bodies) >= 2, 30,
+                    "alerts and pulses from the leader", a, b)
+        # The standby did none of the leader's work.
+        assert await leader_work(standby) == {"runs": 0, "pulses": 0, "alerts": 0}
+        done = await leader_work(leader)
+        assert done["runs"] >= 1
+        assert done["pulses"] >= 1
+        assert done["alerts"] >= 5
+        leader.signal(signal.SIGKILL)
+        killed = time.time()
+        await until(lambda: standby.first("ha_leading") is not None, 30, "takeover", standby)
+        await asyncio.sleep(3.0)  # leaks keep arriving under the new leader
+        await feed.stop()
+        await until(lambda: set(alert_ids_by_leak(sink)) >= {r for _, r in feed.written},
+                    30, "every leak alerted", standby)
+        assert await standby.role() == "leader"
+        assert (await leader_work(standby))["runs"] >= 1
+    leads = standby.first("ha_leading")
+    assert leads is not None
+    took = stamp(leads) - killed  # both on this host's clock
+    assert took <= LEASE + RENEW, f"took {took:.2f}s"
+    ids = alert_ids_by_leak(sink)
+    assert len(feed.written) >= 10
+    twice = {rcpt: alert_ids for rcpt, alert_ids in ids.items() if len(alert_ids) != 1}
+    assert twice == {}
+
+
+async def test_sigterm_hands_over_within_renew_every_plus_one_second(
+        make_stack: Any, moto_url: str, pulses: Receiver, sink: Sink, feed: LeakFeed,
+        tmp_path: Path) -> None:
+    """SIGTERM: the leader stops, saves, releases the lease and exits 0 within the budget;
+    the standby leads within renew_every + 1 s; leaks still all alerted, once each."""
+    stack = await make_stack()
+    common = {"stack": stack, "moto": moto_url, "lease_endpoint": moto_url,
+              "pulse": pulses.url, "alert": sink.url, "state": str(tmp_path / "state.json")}
+    a = Proc("a", write_config(tmp_path / "a.toml", **common), {})
+    b = Proc("b", write_config(tmp_path / "b.toml", **common), {})
+    async with processes(a, b):
+        await wait_started(a, b)
+        leader, standby = await one_leader(a, b)
+        feed.start()
+        await until(lambda: len(sink.accepted) >= 3, 30, "alerts", a, b)
+        leader.signal(signal.SIGTERM)
+        sent = time.time()
+        await until(lambda: standby.first("ha_leading") is not None, 30, "takeover", standby)
+        assert await standby.role() == "leader"
+        code = await leader.wait(timeout=15)
+        exited = time.time() - sent
+        leads = standby.first("ha_leading")
+        assert leads is not None
+        took = stamp(leads) - sent
+        await asyncio.sleep(1.5)
+        await feed.stop()
+        await until(lambda: set(alert_ids_by_leak(sink)) >= {r for _, r in feed.written},
+                    30, "every leak alerted", standby)
+    assert code == 0, leader.log_text()
+    assert took <= RENEW + 1.0, f"took {took:.2f}s"
+    assert exited < 5 + 5  # shutdown_grace + the daemon's overrun bound
+    assert leader.first("ha_lease_released") is not None
+    twice = {r: i for r, i in alert_ids_by_leak(sink).items() if len(i) != 1}
+    assert twice == {}
+
+
+async def test_a_leader_cut_from_dynamodb_stops_acting_before_its_lease_expires(
+        make_stack: Any, moto_url: str, pulses: Receiver, sink: Sink, feed: LeakFeed,
+        tmp_path: Path) -> None:
+    """A proxy between the leader and DynamoDB stops forwarding: the leader halts its work
+    (by its own log's clock) before the lease's expiry in the item, the standby acquires
+    after it; the two never act at once."""
+    stack = await make_stack()
+    host, _, port = moto_url.removeprefix("http://").partition(":")
+    cutter = await Cutter((host, int(port))).start()
+    try:
+        common = {"stack": stack, "moto": moto_url, "pulse": pulses.url, "alert": sink.url,
+                  "state": str(tmp_path / "state.json")}
+        a = Proc("a", write_config(tmp_path / "a.toml", lease_endpoint=cutter.url, **common),
+                 {})
+        b = Proc("b", write_config(tmp_path / "b.toml", lease_endpoint=moto_url, **common),
+                 {})
+        async with processes(a):
+            await wait_started(a)
+            await until(lambda: a.first("ha_leader_work_started") is not None, 20, "a leads",
+                        a)
+            async with processes(b):
+                await wait_started(b)
+                feed.start()
+                await until(lambda: len(sink.accepted) >= 2, 30, "alerts", a, b)
+                cutter.cut()
+                await asyncio.sleep(0.3)  # a renewal already in moto lands; none after
+                a_expiry = float(lease_item(moto_url)["expires"]["N"])
+                await until(lambda: b.first("ha_leader_work_started") is not None, 20,
+                            "b takes over", a, b)
+                item = lease_item(moto_url)
+                await asyncio.sleep(1.0)
+                await feed.stop()
+                await until(lambda: set(alert_ids_by_leak(sink))
+                            >= {r for _, r in feed.written}, 30, "every leak alerted", b)
+                cutter.heal()
+                await asyncio.sleep(1.0)
+    finally:
+        await cutter.close()
+    halted = a.first("ha_leader_work_halted")
+    acquired = b.first("ha_lease_acquired")
+    assert halted is not None, a.log_text()
+    assert acquired is not None
+    assert stamp(halted) < a_expiry, (stamp(halted), a_expiry)
+    assert stamp(acquired) >= a_expiry - 0.01
+    assert stamp(halted) < stamp(acquired)
+    assert item["holder"]["S"] == acquired["holder"]
+    assert int(item["token"]["N"]) == 2
+    twice = {r: i for r, i in alert_ids_by_leak(sink).items() if len(i) != 1}
+    assert twice == {}
+
+
+def lease_item(moto_url: str) -> dict[str, Any]:
+    item: dict[str, Any] = boto3.client("dynamodb", endpoint_url=moto_url,
+                                        region_name="us-east-1").get_item(
+        TableName=TABLE, Key={"key": {"S": "selfcheckd"}}, ConsistentRead=True)["Item"]
+    return item
