@@ -492,6 +492,7 @@ class Daemon:
             self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics,
                                          sleep=self._sleep, routes=list(self.checks))
             self.leakwatch = self._leakwatch(self.config)
+            self.drill = self._drill(self.config)
             self._cleanup_pending = True
             await self._start_work()
             log.info("ha_leader_work_started", token=token,
@@ -532,6 +533,10 @@ class Daemon:
         if self.leakwatch is not None:
             names += [c.name for c in self.leakwatch.components()]
         self._halted = [t for name in names if (t := self.supervisor.detach(name)) is not None]
+        if self.drill is not None and self.drill.current is not None:
+            # Its steps stop now; its cleanup (parking the sinkhole in defer) runs on, and
+            # `_cleanup_leadership` waits for it before stopping the component.
+            self.drill.current.interrupt("this task stopped leading")
         log.warning("ha_leader_work_halted", why=why, token=self.token,
                     runs_cancelled=sorted(self.scheduler.running))
 
@@ -549,6 +554,10 @@ class Daemon:
             done, _ = await asyncio.wait(halted, timeout=STEP_DOWN_STOP)
             if len(done) < len(halted):
                 log.error("ha_components_ignored_stop", count=len(halted) - len(done))
+        drill, self.drill = self.drill, None
+        if drill is not None:
+            await drill.stop(timeout=max(1.0, self.config.shutdown_grace - CLOSE_BUDGET))
+            await self.supervisor.remove(drill.name, timeout=STEP_DOWN_STOP)
         watch, self.leakwatch = self.leakwatch, None
         if watch is not None and watch.opened:
             try:
@@ -572,6 +581,7 @@ class Daemon:
         for target in self.heartbeats.targets:
             self.metrics.forget_heartbeat_target(target.name)
         self.metrics.forget_leakwatch_series()
+        self.metrics.forget_drill_series()
 
     async def shutdown(self) -> None:
         """Stop everything within `shutdown_grace` (+ CLOSE_BUDGET to close clients)."""
@@ -785,9 +795,11 @@ class Daemon:
             self.metrics.forget_heartbeat_target(target)
 
     async def _swap_drill(self, new: Config) -> None:
+        if not self.leading:  # a standby runs none: the next term builds it from the config
+            return
         if self.drill is not None:
             await self.supervisor.remove(self.drill.name, timeout=SWAP_TIMEOUT)
-        self.drill = self._drill(new)
+        self.drill = self._drill(new) if self.leading else None
         if self.drill is not None:
             self.supervisor.start(self.drill)
 

@@ -412,6 +412,13 @@ class Metrics:
         for family in (self.leakwatch_errors, self.maillog_lines, self.sinkhole_mode):
             family.clear()
 
+    def forget_drill_series(self) -> None:
+        """No drill scheduled here any more (a leader became standby): the drill rules'
+        series read as "no schedule" (0) and the last result is gone."""
+        self.drill_scheduled_since.set(0)
+        self.drill_last_success.set(0)
+        self.drill_last_result.clear()
+
     def forget_heartbeat_target(self, target: str) -> None:
         for result in ("success", "failure", "skipped"):
             with contextlib.suppress(KeyError):

@@ -228,3 +228,33 @@ def _toml(tree: dict[str, Any]) -> str:
 
     table("", tree)
     return "\n".join(lines) + "\n"
+
+
+async def test_the_scheduled_drill_runs_only_on_the_leader(tmp_path: Path) -> None:
+    """[drill] schedule is leader work: no drill component on a standby, one on the leader,
+    removed (its series back to "no schedule") when the leader steps down."""
+    from tests.drill.test_component import config as drill_config
+
+    tree = drill_config(tmp_path).model_dump(by_alias=True, mode="json")
+    tree["server"]["listen"] = "127.0.0.1:0"
+    tree["ha"] = HA
+    item = LeaseItem(exists=True, holder="other#1-00", token=5, expires=4_000_000_000.0)
+    table = MemoryLeaseTable(item, Faults())
+    daemon = Daemon(LoadedConfig(Config.model_validate(tree), None), lease_table=table,
+                    holder="me#1-00")
+    assert daemon.drill is None
+    await daemon.start()
+    try:
+        await until(lambda: table.calls.count("acquire") >= 2)
+        assert daemon.drill is None
+        assert "drill" not in daemon.supervisor.names()
+        item.holder = None  # the other task released the lease
+        await until(lambda: "drill" in daemon.supervisor.names(), timeout=5)
+        assert daemon.drill is not None
+        await until(lambda: value(daemon, "selfcheck_drill_scheduled_since_timestamp_seconds"))
+        table.faults.hang = True
+        await until(lambda: not daemon.leading and daemon.drill is None, timeout=5)
+        assert "drill" not in daemon.supervisor.names()
+        assert value(daemon, "selfcheck_drill_scheduled_since_timestamp_seconds") == 0
+    finally:
+        await daemon.shutdown()
