@@ -363,3 +363,34 @@ async def aiohttp_task_metadata() -> AsyncIterator[Callable[[str], Awaitable[str
     yield serve
     for runner in runners:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(("ha", "leakwatch", "expected"), [
+    ('lease_table = "t-t"\nrenew_every = 8', "",
+     "ha.renew_every: must be less than half of lease_duration (15s): the leader stops its "
+     "work lease_duration - renew_every after its last renewal, which must leave room for a "
+     "renewal and a margin for clocks"),
+    ('lease_table = "t"', "",
+     "ha.lease_table: must be a DynamoDB table name: 3-255 letters, digits, _ - ."),
+    ("", "", "ha.lease_table: required"),
+    ('lease_table = "selfcheckd-lease"', '[leakwatch]\nsource = "stdin"\n',
+     'ha: cannot be used with leakwatch.source = "stdin" (standard input cannot pass from '
+     "one task to another)"),
+])
+def test_ha_config_names_the_key_and_the_rule(tmp_path: Any, ha: str, leakwatch: str,
+                                              expected: str) -> None:
+    """Bad [ha] values: one line naming the key and the rule."""
+    from daemon.config import ConfigError, load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text(f"{leakwatch}[ha]\n{ha}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert expected in err.value.problems
+
+
+def test_ha_config_defaults() -> None:
+    """15 s leases renewed every 5 s, the item `selfcheckd`; the endpoint from the SDK."""
+    cfg = HaConfig(lease_table="selfcheckd-lease")
+    assert (cfg.lease_key, cfg.lease_duration, cfg.renew_every) == ("selfcheckd", 15, 5)
+    assert cfg.endpoint_url is None and cfg.region is None
