@@ -394,3 +394,23 @@ def test_ha_config_defaults() -> None:
     cfg = HaConfig(lease_table="selfcheckd-lease")
     assert (cfg.lease_key, cfg.lease_duration, cfg.renew_every) == ("selfcheckd", 15, 5)
     assert cfg.endpoint_url is None and cfg.region is None
+
+
+@pytest.mark.parametrize(("leakwatch", "warning"), [
+    ("[leakwatch]\nsource = \"file\"\n",
+     "warning: ha without leakwatch.state_file: each takeover starts the leak watcher afresh"),
+    ("[leakwatch]\nsource = \"file\"\nstate_file = \"/var/lib/selfcheckd/s.json\"\n",
+     "warning: ha with leakwatch.state_file = /var/lib/selfcheckd/s.json: every task must "
+     "reach this one file (EFS)"),
+])
+def test_config_check_warns_where_the_state_of_two_tasks_lives(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str], leakwatch: str,
+        warning: str) -> None:
+    """config-check: [ha] with no state file, or a file, is valid but gets a warning line."""
+    from daemon.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'{leakwatch}[ha]\nlease_table = "selfcheckd-lease"\n')
+    assert main(["config-check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert warning in out

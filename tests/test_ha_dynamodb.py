@@ -10,7 +10,10 @@ each; DynamoDB documents conditional writes as atomic per item, and that is reli
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import boto3  # type: ignore[import-untyped]  # moto's dependency; no stubs installed
@@ -144,3 +147,51 @@ async def test_the_sdk_endpoint_variables_are_followed_without_endpoint_url(
     lease = DynamoLeaseTable(HaConfig(lease_table=TABLE))
     async with lease.opened():
         assert await lease.acquire("a#1-x", 15.0, 0.0) == 1
+
+
+async def test_connect_check_reads_the_lease_and_says_who_holds_it(
+        table: DynamoLeaseTable, moto_url: str, tmp_path: Any) -> None:
+    """`config-check --connect`: GetItem on the lease item: none yet, then held (holder,
+    token, expiry), then free; nothing is written."""
+    from tests.test_connect_check import connect_check, make
+
+    log = tmp_path / "maillog"
+    log.write_text("")
+    config = make(leakwatch={"source": "file", "file": {"path": str(log)}},
+                  ha={"lease_table": TABLE, "endpoint_url": moto_url, "region": "us-east-1"})
+    label = f"lease {TABLE}/selfcheckd"
+    report = await connect_check(config)
+    assert report.ok, report.text
+    assert report.line(label)[:2] == (
+        "ok", f"{moto_url} (GetItem: table readable, no lease yet (the first task to start "
+              "takes it))")
+    now = time.time()
+    await table.acquire("task-a#1-x", now + 15, now)
+    status, detail, _ = (await connect_check(config)).line(label)
+    assert status == "ok"
+    assert re.search(r"\(GetItem: held by task-a#1-x, token 1, expires in 1[45]s\)$", detail)
+    await table.release("task-a#1-x")
+    detail = (await connect_check(config)).line(label)[1]
+    assert detail.endswith("(GetItem: table readable, lease free (released), token 1)")
+    record = await table.read()
+    assert record is not None and record.token == 1  # read, never written
+
+
+async def test_connect_check_fails_on_a_missing_lease_table(moto_url: str,
+                                                            tmp_path: Any) -> None:
+    """No table: one FAIL line naming it, saying how to create it and that the daemon won't."""
+    from tests.test_connect_check import connect_check, make
+
+    log = tmp_path / "maillog"
+    log.write_text("")
+    config = make(leakwatch={"source": "file", "file": {"path": str(log)}},
+                  ha={"lease_table": "selfcheckd-missing", "endpoint_url": moto_url,
+                      "region": "us-east-1"})
+    report = await connect_check(config)
+    assert not report.ok
+    status, detail, _ = report.line("lease selfcheckd-missing/selfcheckd")
+    assert status == "FAIL"
+    assert detail == (f"{moto_url}: dynamodb:GetItem: table selfcheckd-missing not found: "
+                      "create it (deploy/terraform, or docs/ha.md: one string hash key named "
+                      "`key`); selfcheckd never creates tables")
+    assert report.lines[-1] == "1 of 2 targets failed: lease selfcheckd-missing/selfcheckd"
