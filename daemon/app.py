@@ -43,11 +43,11 @@ from daemon.checks.runner import Runner
 from daemon.checks.scheduler import IDLE_TICK, Job, Scheduler
 from daemon.config import Config, ConfigError, LoadedConfig, load_config
 from daemon.delivery.heartbeats import Heartbeats
-from daemon.ha import DynamoLeaseTable, Leadership, LeaseKeeper, LeaseTable, holder_id
 from daemon.http import HttpServer, ProbeAnswer
 from daemon.http_limits import connection_cap
 from daemon.logs import configure_logging, install_exception_hooks, redact_secrets
 from daemon.metrics import Metrics
+from daemon.retry import Backoff
 from daemon.roundtrip.check import RoundTrip
 from daemon.roundtrip.probe import probe_secret
 from daemon.stopping import StopBudget
@@ -57,11 +57,18 @@ if TYPE_CHECKING:  # imported when configured: botocore and the DNS libraries ar
     from daemon.dns.component import DnsChecks
     from daemon.dns.mta_sts import PolicyFetcher
     from daemon.drill.component import ScheduledDrill
+    from daemon.ha import Leadership, LeaseKeeper, LeaseTable
+    from daemon.logwatch.config import S3Location
     from daemon.logwatch.watcher import LeakWatch
+    from daemon.state_s3 import S3StateStore
 
 log = structlog.get_logger("daemon.app")
 
 EXIT_OK, EXIT_STARTUP, EXIT_FORCED = 0, 3, 1
+# Reading the leak watcher's S3 state at a takeover: each try's deadline, and the
+# longest wait between tries while S3 does not answer.
+STATE_READ_TIMEOUT = 10.0
+STATE_READ_MAX_BACKOFF = 30.0
 # After the grace: stopping the components and closing listeners and clients.
 CLOSE_BUDGET = 2.0
 # Replacing a component on reload waits this long for the old one to end.
@@ -102,6 +109,59 @@ class ScheduledChecks:
     async def run(self, progress: Progress) -> None:
         self.scheduler.on_tick = progress.progress
         await self.scheduler.run()
+
+
+class StateReader:
+    """The `leakwatch-state` component: reads the leak watcher's S3 state, then starts it.
+
+    The state is read whole (and claimed) before the watcher opens: a line read
+    before would be saved over a state not yet known. While S3 does not answer,
+    the read is retried with backoff and the component is degraded (`state_read`);
+    the round trips and heartbeats run meanwhile. Once read, the watcher is opened
+    and primed and its components started; this one has then finished.
+    """
+
+    name = "leakwatch-state"
+
+    def __init__(self, watch: LeakWatch, start: Callable[[LeakWatch], None], sleep: Sleep) -> None:
+        self.watch = watch
+        self._start = start
+        self._sleep = sleep
+        self._backoff = Backoff(initial=1.0, maximum=STATE_READ_MAX_BACKOFF)
+        self.progress_deadline = STATE_READ_TIMEOUT + STATE_READ_MAX_BACKOFF + 30.0
+        self.done = False
+
+    @property
+    def may_finish(self) -> bool:
+        return self.done
+
+    async def run(self, progress: Progress) -> None:
+        from daemon.state import StateUnreadable
+        from daemon.state_s3 import S3StateStore
+
+        store = self.watch.state
+        assert isinstance(store, S3StateStore)
+        failures = 0
+        while not store.fetched:
+            try:
+                await store.fetch(STATE_READ_TIMEOUT)
+            except StateUnreadable as exc:
+                failures += 1
+                self.watch.count_error("state_read")
+                delay = round(self._backoff.delay(failures), 3)
+                progress.retrying(f"state not read: {exc}", "state_read")
+                if failures == 1:
+                    log.error("state_file_unreadable", path=str(store.path), error=str(exc),
+                              retry_in=delay,
+                              consequence="the leak watcher reads no line until it can read "
+                                          "the state (retried), and saves nothing over it")
+                await self._sleep(delay)
+        if failures:
+            log.info("state_file_read", path=str(store.path), after_failures=failures)
+        self.watch.open()
+        await self.watch.prime()
+        self._start(self.watch)
+        self.done = True
 
 
 class Daemon:
@@ -234,11 +294,39 @@ class Daemon:
         if config.leakwatch is None:
             return None
         from daemon.logwatch.watcher import LeakWatch
+        from daemon.state_s3 import S3StateStore
 
         stdin = handover.source if handover is not None and handover.source.kind == "stdin" \
             else None
+        state: S3StateStore | None = None
+        if (location := config.leakwatch.state_s3) is not None:
+            if handover is not None and isinstance(handover.state, S3StateStore) \
+                    and handover.state.path == location:
+                state = handover.state  # a reload: the same object, on the same ETag
+            else:
+                state = self._s3_store(config, location)
         return LeakWatch(config.leakwatch, self.metrics, clock=self._clock, sleep=self._sleep,
-                         stdin=stdin)
+                         stdin=stdin, state=state)
+
+    def _s3_store(self, config: Config, location: S3Location) -> S3StateStore:
+        """The S3 state of this term: written under this process's holder id and token."""
+        from daemon.ha import local_holder_id
+        from daemon.state_s3 import S3StateStore
+
+        ha = config.ha
+        store = S3StateStore(
+            location, self.metrics,
+            region=ha.region if ha else None, endpoint_url=ha.endpoint_url if ha else None,
+            holder=self.keeper.holder if self.keeper is not None else local_holder_id(),
+            token=self.token)
+        store.on_fenced = self._fenced
+        return store
+
+    def _fenced(self, why: str) -> None:
+        """The state store refused a save: another process wrote the state since ours."""
+        if self.keeper is not None and self.leading:
+            # A newer leader exists: stop now, not when our renewal is refused.
+            self.keeper.lose(f"the leak watcher's state was {why}")
 
     def _drill(self, config: Config) -> ScheduledDrill | None:
         if config.drill is None or config.drill.schedule is None:
@@ -442,6 +530,8 @@ class Daemon:
         if self.ha is None:
             await self._start_work()
         else:
+            from daemon.ha import DynamoLeaseTable, Leadership, LeaseKeeper, holder_id
+
             holder = self._holder if self._holder is not None else await holder_id()
             table = self._lease_table if self._lease_table is not None \
                 else DynamoLeaseTable(self.ha)
@@ -460,18 +550,30 @@ class Daemon:
                  components=",".join(self.supervisor.names()))
 
     async def _start_work(self) -> None:
-        """Open the leak watcher and start the leader's components."""
-        if self.leakwatch is not None:
-            self.leakwatch.open()
-            await self.leakwatch.prime()
+        """Open the leak watcher and start the leader's components (a state in S3 is read
+        by the `leakwatch-state` component first: S3 may not answer at once)."""
+        watch = self.leakwatch
+        reader: StateReader | None = None
+        if watch is not None and getattr(watch.state, "needs_fetch", False):
+            reader = StateReader(watch, self._start_leakwatch, self._sleep)
+        elif watch is not None:
+            watch.open()
+            await watch.prime()
         self.supervisor.start(ScheduledChecks(self.scheduler))
         self.supervisor.start(self.heartbeats)
-        for component in self.leakwatch.components() if self.leakwatch else []:
-            self.supervisor.start(component)
+        if reader is not None:
+            self.supervisor.start(reader)
+        elif watch is not None:
+            self._start_leakwatch(watch)
         if self.drill is not None:
             self.supervisor.start(self.drill)
         if self.dns is not None:
             self.supervisor.start(self.dns)
+
+    def _start_leakwatch(self, watch: LeakWatch) -> None:
+        if self.leading and watch is self.leakwatch:  # not once this task stepped down
+            for component in watch.components():
+                self.supervisor.start(component)
 
     # -- leader and standby (daemon/ha.py) ------------------------------------------------
 
@@ -529,7 +631,7 @@ class Daemon:
         self.leading = False
         self.scheduler.stop()
         self.scheduler.cancel_runs()
-        names = [ScheduledChecks.name, self.heartbeats.name]
+        names = [ScheduledChecks.name, self.heartbeats.name, StateReader.name]
         if self.leakwatch is not None:
             names += [c.name for c in self.leakwatch.components()]
         self._halted = [t for name in names if (t := self.supervisor.detach(name)) is not None]
@@ -542,7 +644,7 @@ class Daemon:
 
     def _store_fenced(self) -> bool:
         """Whether the state store refuses a deposed leader's late write (S3 does)."""
-        return False
+        return self.leakwatch is not None and self.leakwatch.config.state_s3 is not None
 
     async def _cleanup_leadership(self, save: bool) -> None:
         """After `_halt`: wait for the components, save the leak state, forget the series."""
@@ -764,6 +866,12 @@ class Daemon:
         if new.ha != self.config.ha:
             return ["ha: cannot change while running (the lease is held under these "
                     "settings); restart selfcheckd"]
+        old_s3 = self.config.leakwatch.state_s3 if self.config.leakwatch else None
+        new_s3 = new.leakwatch.state_s3 if new.leakwatch else None
+        if old_s3 != new_s3:
+            return ["leakwatch.state_file: cannot change to, from or between S3 objects while "
+                    "running (the state is read whole and claimed at start); restart "
+                    "selfcheckd"]
         if new.drill != self.config.drill and self.drill is not None \
                 and self.drill.current is not None:
             return ["drill: cannot change while a drill is running (it would be cut short); "
@@ -825,19 +933,23 @@ class Daemon:
         old = self.leakwatch
         handover: dict[str, Any] | None = None
         if old is not None:
-            for component in old.components():
-                await self.supervisor.remove(component.name, timeout=SWAP_TIMEOUT)
-            handover = old.snapshot()
-            await old.close(timeout=SWAP_TIMEOUT)
+            for name in [*(c.name for c in old.components()), StateReader.name]:
+                await self.supervisor.remove(name, timeout=SWAP_TIMEOUT)
+            if old.opened:  # one still reading its S3 state has nothing to hand over
+                handover = old.snapshot()
+                await old.close(timeout=SWAP_TIMEOUT)
         if not self.leading:  # stepped down meanwhile: the old one saved, nothing starts
             self.leakwatch = None
             return
-        self.leakwatch = self._leakwatch(new, handover=old)
-        if self.leakwatch is not None:
-            self.leakwatch.open(handover)
-            await self.leakwatch.prime()
-            for component in self.leakwatch.components():
-                self.supervisor.start(component)
+        self.leakwatch = watch = self._leakwatch(new, handover=old)
+        if watch is None:
+            return
+        if handover is None and getattr(watch.state, "needs_fetch", False):
+            self.supervisor.start(StateReader(watch, self._start_leakwatch, self._sleep))
+            return
+        watch.open(handover)
+        await watch.prime()
+        self._start_leakwatch(watch)
 
 
 def _changed_sections(old: Config, new: Config) -> list[str]:

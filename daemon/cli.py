@@ -76,6 +76,8 @@ def ha_warnings(cfg: Config) -> list[str]:
     leak = cfg.leakwatch
     if cfg.ha is None or leak is None:
         return []
+    if leak.state_s3 is not None:
+        return []
     if leak.state_path is None:
         return ["ha without leakwatch.state_file: each takeover starts the leak watcher "
                 "afresh (CloudWatch from lookback): leaks in that window are alerted again and "

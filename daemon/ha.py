@@ -105,6 +105,9 @@ _THROTTLED = frozenset({"ProvisionedThroughputExceededException", "ThrottlingExc
 _DENIED = frozenset({"AccessDeniedException", "UnrecognizedClientException",
                      "InvalidSignatureException", "ExpiredTokenException",
                      "MissingAuthenticationTokenException"})
+# The DynamoDB actions selfcheckd calls on the lease table (UpdateItem: take, renew,
+# release; GetItem: `config-check --connect`): the task role grants exactly these.
+IAM_ACTIONS = ("dynamodb:UpdateItem", "dynamodb:GetItem")
 _NAMES = {"#key": "key", "#holder": "holder", "#token": "token", "#expires": "expires",
           "#ttl": "ttl"}
 
@@ -120,6 +123,11 @@ def _task_arn(uri: str, timeout: float) -> str | None:
         body = json.loads(answer.read(1 << 20))
     arn = body.get("TaskARN") if isinstance(body, dict) else None
     return arn if isinstance(arn, str) and arn.startswith("arn:") else None
+
+
+def local_holder_id() -> str:
+    """A holder id without the task metadata: `<host name>#<pid>-<random>`."""
+    return f"{socket.gethostname()}#{os.getpid()}-{secrets.token_hex(4)}"
 
 
 async def holder_id(environ: Mapping[str, str] | None = None,
@@ -623,6 +631,11 @@ class LeaseKeeper:
         log.info("ha_lease_acquired", holder=self.holder, token=token, term=self.term,
                  act_for=self.act_for)
         self._changed.set()
+
+    def lose(self, why: str) -> None:
+        """Stop leading now (something outside the lease proved a newer leader exists)."""
+        if self.token is not None:
+            self._lose(why)
 
     def _lose(self, why: str) -> None:
         token, self.token = self.token, None

@@ -195,3 +195,52 @@ async def test_connect_check_fails_on_a_missing_lease_table(moto_url: str,
                       "create it (deploy/terraform, or docs/ha.md: one string hash key named "
                       "`key`); selfcheckd never creates tables")
     assert report.lines[-1] == "1 of 2 targets failed: lease selfcheckd-missing/selfcheckd"
+
+
+async def test_a_leases_life_calls_only_the_actions_the_task_role_grants(
+        table: DynamoLeaseTable, moto_url: str, tmp_path: Any) -> None:
+    """Take, renew, release, and config-check's read: the operations botocore sent are
+    exactly daemon.ha.IAM_ACTIONS (which tests/deploy/test_ecs.py holds the policy to)."""
+    from daemon.ha import IAM_ACTIONS
+    from tests.test_connect_check import connect_check, make
+
+    called: set[str] = set()
+
+    def record(model: Any, **_kw: Any) -> None:
+        called.add(f"dynamodb:{model.name}")
+
+    table.client.meta.events.register("before-call.dynamodb", record)
+    now = time.time()
+    await table.acquire("a#1-x", now + 15, now)
+    await table.renew("a#1-x", 1, now + 30)
+    await table.release("a#1-x")
+    assert called == {"dynamodb:UpdateItem"}
+    log = tmp_path / "maillog"
+    log.write_text("")
+    from daemon import connect_check as cc
+
+    real = cc.create_dynamodb_client
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        client = real(*args, **kwargs)
+
+        class Wrapped:
+            async def __aenter__(self) -> Any:
+                entered = await client.__aenter__()
+                entered.meta.events.register("before-call.dynamodb", record)
+                return entered
+
+            async def __aexit__(self, *exc: Any) -> Any:
+                return await client.__aexit__(*exc)
+
+        return Wrapped()
+
+    cc.create_dynamodb_client = recording  # type: ignore[assignment]
+    try:
+        report = await connect_check(make(
+            leakwatch={"source": "file", "file": {"path": str(log)}},
+            ha={"lease_table": TABLE, "endpoint_url": moto_url, "region": "us-east-1"}))
+    finally:
+        cc.create_dynamodb_client = real  # type: ignore[assignment]
+    assert report.ok, report.text
+    assert called == set(IAM_ACTIONS)

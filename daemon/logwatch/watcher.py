@@ -41,6 +41,7 @@ from daemon.logwatch.sources.stdin import StdinReader
 from daemon.metrics import Metrics
 from daemon.retry import Backoff
 from daemon.state import VERSION, LeakwatchState, StateFile, parse_state, trim
+from daemon.state_s3 import S3StateStore
 from daemon.supervisor import Component, Progress
 
 log = structlog.get_logger("daemon.leakwatch")
@@ -236,6 +237,7 @@ class LeakWatch:
         sleep: Sleep = asyncio.sleep,
         session_factory: SessionFactory = default_session,
         stdin: LineSource | None = None,
+        state: StateFile | S3StateStore | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -251,7 +253,8 @@ class LeakWatch:
         self._flushed_skips = self._skips()
         self._expired_at = clock()
         self._evicted_warned = False
-        self.state = StateFile(config.state_path, metrics, wall)
+        # The state file, or the S3 object a caller built (its fence: daemon/ha.py).
+        self.state = state if state is not None else StateFile(config.state_path, metrics, wall)
         # The source's position as the state file holds it (None: not written yet).
         self.saved_source: dict[str, Any] | None = None
         self.saver = Saver(
@@ -378,6 +381,8 @@ class LeakWatch:
             "outbox": self.outbox.snapshot() if self.outbox is not None else self._orphans,
             "queue": {"messages": self.queue.state()},
         }
+        if isinstance(self.state, S3StateStore) and (fence := self.state.fence()) is not None:
+            document["fence"] = fence  # who wrote it: the lease's holder and token
         source = self.source.state()
         if source is not None and self.source.kind in ("cloudwatch", "file"):
             document[self.source.kind] = source
