@@ -202,9 +202,9 @@ class Cutter:
         assert task is not None
         self._tasks.add(task)
         try:
+            late = [not self.open.is_set()]  # made while cut: all of it arrives late
             await self.open.wait()  # a connection made while cut waits, as a SYN would
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-            late = [False]
 
             async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                            answers: bool) -> None:

@@ -30,6 +30,8 @@ from tests.test_ha_dynamodb import TABLE, create_lease_table
 pytestmark = pytest.mark.slow
 
 LEASE, RENEW = 3.0, 1.0
+BUCKET = "selfcheckd-state-ha"
+STATE = f"s3://{BUCKET}/leakwatch-state.json"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,9 @@ async def moto_url(moto_base: str, monkeypatch: pytest.MonkeyPatch) -> str:
             f"{moto_base}/moto-api/reset", timeout=aiohttp.ClientTimeout(total=10)) as resp:
         assert resp.status == 200
     create_lease_table(moto_base)
+    s3 = boto3.client("s3", endpoint_url=moto_base, region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
     return moto_base
 
 
@@ -188,9 +193,8 @@ async def test_two_processes_one_leader_and_sigkill_hands_over_every_leak_once(
     alerts. SIGKILL it while leaks keep coming: the standby leads within lease_duration +
     renew_every, and every leak is alerted, none twice under different ids."""
     stack = await make_stack()
-    state = tmp_path / "state.json"  # one file both reach, as EFS would be
     common = {"stack": stack, "moto": moto_url, "lease_endpoint": moto_url,
-              "pulse": pulses.url, "alert": sink.url, "state": str(state)}
+              "pulse": pulses.url, "alert": sink.url, "state": STATE}
     a = Proc("a", write_config(tmp_path / "a.toml", **common), {})
     b = Proc("b", write_config(tmp_path / "b.toml", **common), {})
     async with processes(a, b):
@@ -232,7 +236,7 @@ async def test_sigterm_hands_over_within_renew_every_plus_one_second(
     the standby leads within renew_every + 1 s; leaks still all alerted, once each."""
     stack = await make_stack()
     common = {"stack": stack, "moto": moto_url, "lease_endpoint": moto_url,
-              "pulse": pulses.url, "alert": sink.url, "state": str(tmp_path / "state.json")}
+              "pulse": pulses.url, "alert": sink.url, "state": STATE}
     a = Proc("a", write_config(tmp_path / "a.toml", **common), {})
     b = Proc("b", write_config(tmp_path / "b.toml", **common), {})
     async with processes(a, b):
@@ -261,18 +265,20 @@ async def test_sigterm_hands_over_within_renew_every_plus_one_second(
     assert twice == {}
 
 
-async def test_a_leader_cut_from_dynamodb_stops_acting_before_its_lease_expires(
+async def test_a_leader_cut_off_stops_acting_before_its_lease_expires_and_its_late_write_is_refused(
         make_stack: Any, moto_url: str, pulses: Receiver, sink: Sink, feed: LeakFeed,
         tmp_path: Path) -> None:
-    """A proxy between the leader and DynamoDB stops forwarding: the leader halts its work
-    (by its own log's clock) before the lease's expiry in the item, the standby acquires
-    after it; the two never act at once."""
+    """A proxy between the leader and AWS (its DynamoDB and S3 endpoint) stops forwarding:
+    the leader halts its work (by its own log's clock) before the lease's expiry in the
+    item, the standby acquires after it; the two never act at once. The state write the
+    proxy held back reaches S3 late, after the new leader's claim, and is refused (412):
+    the object stays the new leader's."""
     stack = await make_stack()
     host, _, port = moto_url.removeprefix("http://").partition(":")
     cutter = await Cutter((host, int(port))).start()
     try:
         common = {"stack": stack, "moto": moto_url, "pulse": pulses.url, "alert": sink.url,
-                  "state": str(tmp_path / "state.json")}
+                  "state": STATE}
         a = Proc("a", write_config(tmp_path / "a.toml", lease_endpoint=cutter.url, **common),
                  {})
         b = Proc("b", write_config(tmp_path / "b.toml", lease_endpoint=moto_url, **common),
@@ -288,14 +294,14 @@ async def test_a_leader_cut_from_dynamodb_stops_acting_before_its_lease_expires(
                 cutter.cut()
                 await asyncio.sleep(0.3)  # a renewal already in moto lands; none after
                 a_expiry = float(lease_item(moto_url)["expires"]["N"])
-                await until(lambda: b.first("ha_leader_work_started") is not None, 20,
-                            "b takes over", a, b)
+                await until(lambda: b.first("leakwatch_started") is not None, 20,
+                            "b takes over and reads the state", a, b)
+                cutter.heal()  # what a sent before and after the cut arrives now, late
                 item = lease_item(moto_url)
                 await asyncio.sleep(1.0)
                 await feed.stop()
                 await until(lambda: set(alert_ids_by_leak(sink))
                             >= {r for _, r in feed.written}, 30, "every leak alerted", b)
-                cutter.heal()
                 await asyncio.sleep(1.0)
     finally:
         await cutter.close()
@@ -310,6 +316,21 @@ async def test_a_leader_cut_from_dynamodb_stops_acting_before_its_lease_expires(
     assert int(item["token"]["N"]) == 2
     twice = {r: i for r, i in alert_ids_by_leak(sink).items() if len(i) != 1}
     assert twice == {}
+    # a's held-back write reached S3 after b's claim and was refused (412); a also counted
+    # it as fenced when the answer came within its own deadline.
+    refused = [line for line in cutter.late_answers if line.startswith(b"HTTP/1.1 412")]
+    assert refused, (cutter.late_answers, a.log_text())
+    body, meta = state_object(moto_url)
+    assert body["fence"] == {"holder": acquired["holder"], "token": 2}
+    assert meta["selfcheckd-token"] == "2"
+
+
+def state_object(moto_url: str) -> tuple[dict[str, Any], dict[str, str]]:
+    import json
+
+    answer = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1").get_object(
+        Bucket=BUCKET, Key="leakwatch-state.json")
+    return json.loads(answer["Body"].read()), answer["Metadata"]
 
 
 def lease_item(moto_url: str) -> dict[str, Any]:
