@@ -559,6 +559,8 @@ class Daemon:
         elif watch is not None:
             watch.open()
             await watch.prime()
+        if not self.leading:  # halted while the watcher opened: start nothing
+            return
         self.supervisor.start(ScheduledChecks(self.scheduler))
         self.supervisor.start(self.heartbeats)
         if reader is not None:
@@ -733,11 +735,17 @@ class Daemon:
         below, within the budget) rather than awaited, and undelivered alerts are
         saved for the new leader rather than flushed here.
         """
-        if self.leadership is not None:
-            # No transition from here on (a start in progress is cancelled).
-            await self.supervisor.remove(self.leadership.name,
-                                         timeout=min(1.0, self.budget.remaining()))
+        from daemon.ha import Leadership
+
         holding = self.keeper is not None and self.keeper.leading() is not None
+        # Nothing of the leader's happens from this instant (no await before these two):
+        # no transition (a start in progress is cancelled), no leader work.
+        leadership = self.supervisor.detach(Leadership.name)
+        self._halt("selfcheckd is stopping")
+        if leadership is not None:
+            done, _ = await asyncio.wait({leadership}, timeout=min(1.0, self.budget.remaining()))
+            if not done:
+                log.error("component_ignored_cancel", component=Leadership.name)
         if self.leadership is not None:
             await self.leadership.step_down("selfcheckd is stopping", holding=holding)
         await self.stop_leading("selfcheckd is stopping", holding=holding)  # what is left

@@ -33,6 +33,7 @@ client follows the SDK's settings (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -66,6 +67,8 @@ log = structlog.get_logger("daemon.state")
 # s3:PutObject); deploy/ecs/iam-task-role-policy.json grants exactly these (and
 # s3:ListBucket on the bucket, so a missing object answers 404, not 403).
 IAM_ACTIONS = ("s3:GetObject", "s3:PutObject")
+# One call's connect and read timeouts (the callers' deadlines are usually shorter).
+CALL_TIMEOUT = 30.0
 # Reads and claims at takeover: tries before giving up (someone keeps writing).
 CLAIM_ATTEMPTS = 3
 # Object metadata carrying the writer's fence (x-amz-meta-*).
@@ -142,6 +145,23 @@ class S3StateStore:
         self.on_fenced: Callable[[str], None] | None = None
         self.last_error: str | None = None
         self.last_saved_at: float | None = None
+        # One client for the store's life (made at the first call, closed by `close`):
+        # making one costs tens of milliseconds, a hand-over's save should not.
+        self._clients = contextlib.AsyncExitStack()
+        self._client: S3Client | None = None
+
+    async def _open(self) -> S3Client:
+        if self._client is None:
+            client: S3Client = await self._clients.enter_async_context(
+                create_s3_client(self._region, self._endpoint, CALL_TIMEOUT))
+            self._client = client
+            return client
+        return self._client
+
+    async def close(self) -> None:
+        """Close the client (the store may be used again: a new one is made)."""
+        self._client = None
+        await self._clients.aclose()
 
     @property
     def needs_fetch(self) -> bool:
@@ -165,8 +185,8 @@ class S3StateStore:
         """Read the object whole and claim it under our fence; StateUnreadable if S3 did
         not answer (or refused) within `timeout` s, or others kept writing meanwhile."""
         try:
-            async with asyncio.timeout(timeout), create_s3_client(
-                    self._region, self._endpoint, timeout) as client:
+            async with asyncio.timeout(timeout):
+                client = await self._open()
                 for _ in range(CLAIM_ATTEMPTS):
                     document = await self._read(client)
                     try:
@@ -297,8 +317,8 @@ class S3StateStore:
                 {**document, **({"fence": f} if (f := self.fence()) else {})})
             if len(payload) > MAX_WRITE_BYTES:
                 raise StateTooLargeError(len(payload), MAX_WRITE_BYTES)
-            async with asyncio.timeout(timeout), self._lock, create_s3_client(
-                    self._region, self._endpoint, timeout or 30.0) as client:
+            async with asyncio.timeout(timeout), self._lock:
+                client = await self._open()
                 try:
                     await self._put(client, payload, self.etag)
                 except _Refused:
