@@ -663,10 +663,10 @@ class Daemon:
             await drill.stop(timeout=max(1.0, self.config.shutdown_grace - CLOSE_BUDGET))
             await self.supervisor.remove(drill.name, timeout=STEP_DOWN_STOP)
         watch, self.leakwatch = self.leakwatch, None
-        if watch is not None and watch.opened:
-            try:
+        if watch is not None:
+            try:  # never a save over a state not read (the watcher did not open)
                 await watch.close(timeout=min(STEP_DOWN_SAVE, self.budget.remaining(0.5)),
-                                  save=save)
+                                  save=save and watch.opened)
             except Exception:
                 log.exception("leakwatch_stop_failed")
         if self.scheduler.running:
@@ -712,6 +712,8 @@ class Daemon:
         await self._finish_runs(cleanup, final)
         if self.leakwatch is not None and self.leakwatch.opened:
             await self._close_leakwatch(self.leakwatch)
+        elif self.leakwatch is not None:  # its S3 state never read: nothing to save over it
+            await self.leakwatch.close(save=False)
         if self.leading:  # a standby's heartbeats never ran
             await self.heartbeats.close(grace=min(2.0, self.budget.remaining()))
         if drill_stopped is not None:
@@ -945,7 +947,7 @@ class Daemon:
                 await self.supervisor.remove(name, timeout=SWAP_TIMEOUT)
             if old.opened:  # one still reading its S3 state has nothing to hand over
                 handover = old.snapshot()
-                await old.close(timeout=SWAP_TIMEOUT)
+            await old.close(timeout=SWAP_TIMEOUT, save=old.opened)
         if not self.leading:  # stepped down meanwhile: the old one saved, nothing starts
             self.leakwatch = None
             return

@@ -259,7 +259,8 @@ class Metrics:
         )
         self.state_saves = Counter(
             "selfcheckd_state_saves",
-            "Writes of the state file by result (ok, failed).", ["result"], registry=r,
+            "Writes of the state file by result (ok, failed; fenced: refused because another "
+            "leader wrote the S3 state since, docs/ha.md).", ["result"], registry=r,
         )
         self.state_shed = Counter(
             "selfcheckd_state_shed",

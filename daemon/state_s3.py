@@ -160,8 +160,9 @@ class S3StateStore:
 
     async def close(self) -> None:
         """Close the client (the store may be used again: a new one is made)."""
+        clients, self._clients = self._clients, contextlib.AsyncExitStack()
         self._client = None
-        await self._clients.aclose()
+        await clients.aclose()
 
     @property
     def needs_fetch(self) -> bool:

@@ -49,10 +49,23 @@ async def s3(moto_base: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     return client
 
 
+OPEN: list[S3StateStore] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_stores() -> Any:
+    """Every store a test made has its client closed at the end."""
+    yield
+    while OPEN:
+        await OPEN.pop().close()
+
+
 def store(s3: Any, metrics: Metrics | None = None, holder: str | None = "task-a#1-aa",
           token: int | None = 1) -> S3StateStore:
-    return S3StateStore(WHERE, metrics or Metrics(), endpoint_url=s3.url, region="us-east-1",
+    made = S3StateStore(WHERE, metrics or Metrics(), endpoint_url=s3.url, region="us-east-1",
                         holder=holder, token=token)
+    OPEN.append(made)
+    return made
 
 
 def current(s3: Any) -> tuple[dict[str, Any], dict[str, str]]:
@@ -197,6 +210,7 @@ async def test_unreachable_s3_is_unreadable_within_the_deadline(
     for key, value in AWS_ENV.items():
         monkeypatch.setenv(key, value)
     a = S3StateStore(WHERE, Metrics(), endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    OPEN.append(a)
     with pytest.raises(StateUnreadable) as error:
         await a.fetch(timeout=3)
     assert str(error.value).startswith(f"{WHERE}: ")
@@ -208,6 +222,7 @@ async def test_the_sdk_endpoint_variable_for_s3_is_followed(
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.url)
     a = S3StateStore(WHERE, Metrics(), region="us-east-1", holder="h#1-x", token=3)
+    OPEN.append(a)
     await a.fetch(timeout=10)
     assert current(s3)[1]["selfcheckd-token"] == "3"
 

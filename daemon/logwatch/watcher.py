@@ -409,7 +409,7 @@ class LeakWatch:
         await self.saver.close(0.0 if not save else None if timeout is None
                                else max(0.0, timeout - (loop.time() - started)))
         if isinstance(self.state, S3StateStore):
-            await self.state.close()
+            await self.state.close()  # a reload's new watcher may reuse it: a new client
         # A reload may drop [leakwatch]: no deferred message and no pending alert may stay
         # on /metrics, ageing, for a watcher that is gone (a new one binds its own). The
         # alerts themselves stay in the state file.
