@@ -258,3 +258,60 @@ async def test_the_scheduled_drill_runs_only_on_the_leader(tmp_path: Path) -> No
         assert value(daemon, "selfcheck_drill_scheduled_since_timestamp_seconds") == 0
     finally:
         await daemon.shutdown()
+
+
+async def test_s3_down_at_takeover_runs_the_checks_and_reads_no_line_until_it_answers(
+        mail_stack: EmbeddedMailStack, receiver: Receiver, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new leader cannot read its S3 state: round trips and heartbeats run, the leak
+    watcher reads nothing and saves nothing (degraded state_read, retried); once S3
+    answers, it reads the state and alerts the leak written meanwhile."""
+    import boto3  # type: ignore[import-untyped]
+
+    from tests.ha_processes import Cutter
+    from tests.logwatch.aws_fakes import AWS_ENV, moto_server
+
+    for key, setting in AWS_ENV.items():
+        monkeypatch.setenv(key, setting)
+    server = moto_server()
+    moto = next(server)
+    host, _, port = moto.removeprefix("http://").partition(":")
+    cutter = await Cutter((host, int(port))).start()
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
+    s3.create_bucket(Bucket="selfcheckd-state-ha")
+    log = tmp_path / "maillog"
+    log.write_text("")
+    try:
+        async with alert_sink() as sink:
+            tree = ha_tree(mail_stack, receiver.url, sink.url, log, tmp_path / "unused")
+            tree["leakwatch"]["state_file"] = "s3://selfcheckd-state-ha/leakwatch-state.json"
+            tree["ha"] = {**HA, "endpoint_url": cutter.url, "region": "us-east-1"}
+            cutter.cut()
+            daemon = Daemon(LoadedConfig(Config.model_validate(tree), None),
+                            lease_table=MemoryLeaseTable(LeaseItem(), Faults()),
+                            holder="task-0#1-ab")
+            await daemon.start()
+            try:
+                await until(lambda: daemon.leading and daemon.supervisor.degraded().get(
+                    "leakwatch-state") is not None, timeout=20)
+                assert daemon.supervisor.degraded()["leakwatch-state"] == (
+                    "state_read", daemon.supervisor.states()["leakwatch-state"]["reason"])
+                assert "leakwatch-source" not in daemon.supervisor.names()
+                await until(lambda: value(daemon, "selfcheck_runs_total", route="default",
+                                          result="success"), timeout=15)
+                assert "Contents" not in s3.list_objects_v2(Bucket="selfcheckd-state-ha")
+                cutter.heal()
+                await until(lambda: "leakwatch-source" in daemon.supervisor.names(),
+                            timeout=40)
+                await until(lambda: value(
+                    daemon, "leakwatch_last_poll_success_timestamp_seconds"), timeout=10)
+                append(log, leak_line("HAaa0003000003", "meanwhile@sinkhole.test"))
+                await until(lambda: len(sink.accepted) == 1, timeout=10)
+                body = json.loads(s3.get_object(
+                    Bucket="selfcheckd-state-ha", Key="leakwatch-state.json")["Body"].read())
+                assert body["fence"] == {"holder": "task-0#1-ab", "token": 1}
+            finally:
+                await daemon.shutdown()
+    finally:
+        await cutter.close()
+        next(server, None)
