@@ -214,6 +214,8 @@ class Daemon:
         self._retired: list[Scheduler] = []
         self._halted: list[asyncio.Task[None]] = []
         self._cleaning: asyncio.Task[None] | None = None
+        # Set at SIGTERM: the step-down releases the lease as soon as the state is saved.
+        self._release_when_saved = False
         self.runner.halted = lambda: not self.leading
         jobs = self._jobs(self.config, self.checks)
         self.scheduler = self._scheduler(jobs)
@@ -644,6 +646,11 @@ class Daemon:
         log.warning("ha_leader_work_halted", why=why, token=self.token,
                     runs_cancelled=sorted(self.scheduler.running))
 
+    def _release_timeout(self) -> float:
+        """A release waits for the lease loop's call in progress, then makes its own."""
+        assert self.keeper is not None
+        return min(2 * self.keeper.renew_every, self.budget.remaining(1.0))
+
     def _store_fenced(self) -> bool:
         """Whether the state store refuses a deposed leader's late write (S3 does)."""
         return self.leakwatch is not None and self.leakwatch.config.state_s3 is not None
@@ -658,10 +665,6 @@ class Daemon:
             done, _ = await asyncio.wait(halted, timeout=STEP_DOWN_STOP)
             if len(done) < len(halted):
                 log.error("ha_components_ignored_stop", count=len(halted) - len(done))
-        drill, self.drill = self.drill, None
-        if drill is not None:
-            await drill.stop(timeout=max(1.0, self.config.shutdown_grace - CLOSE_BUDGET))
-            await self.supervisor.remove(drill.name, timeout=STEP_DOWN_STOP)
         watch, self.leakwatch = self.leakwatch, None
         if watch is not None:
             try:  # never a save over a state not read (the watcher did not open)
@@ -669,6 +672,14 @@ class Daemon:
                                   save=save and watch.opened)
             except Exception:
                 log.exception("leakwatch_stop_failed")
+        if self._release_when_saved and self.keeper is not None:
+            # A stop: the state is saved, so a standby may take over while a drill in
+            # flight still parks the sinkhole below.
+            await self.keeper.release(timeout=self._release_timeout())
+        drill, self.drill = self.drill, None
+        if drill is not None:
+            await drill.stop(timeout=max(1.0, self.config.shutdown_grace - CLOSE_BUDGET))
+            await self.supervisor.remove(drill.name, timeout=STEP_DOWN_STOP)
         if self.scheduler.running:
             self._retired.append(self.scheduler)  # their probe deletions run on
         self._retired = [s for s in self._retired if s.running]
@@ -740,6 +751,7 @@ class Daemon:
         from daemon.ha import Leadership
 
         holding = self.keeper is not None and self.keeper.leading() is not None
+        self._release_when_saved = True
         # Nothing of the leader's happens from this instant (no await before these two):
         # no transition (a start in progress is cancelled), no leader work.
         leadership = self.supervisor.detach(Leadership.name)
@@ -751,9 +763,8 @@ class Daemon:
         if self.leadership is not None:
             await self.leadership.step_down("selfcheckd is stopping", holding=holding)
         await self.stop_leading("selfcheckd is stopping", holding=holding)  # what is left
-        if self.keeper is not None:
-            await self.keeper.release(timeout=min(self.keeper.renew_every,
-                                                  self.budget.remaining(1.0)))
+        if self.keeper is not None:  # released already when the leader saved
+            await self.keeper.release(timeout=self._release_timeout())
             await self.supervisor.remove(self.keeper.name,
                                          timeout=min(1.0, self.budget.remaining()))
         retired = [t for s in self._retired for t in s.running.values()]

@@ -201,6 +201,7 @@ class Cutter:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        up_writer: asyncio.StreamWriter | None = None
         try:
             late = [not self.open.is_set()]  # made while cut: all of it arrives late
             await self.open.wait()  # a connection made while cut waits, as a SYN would
@@ -225,11 +226,14 @@ class Cutter:
 
             await asyncio.gather(pipe(reader, up_writer, False),
                                  pipe(up_reader, writer, True), return_exceptions=True)
-            up_writer.close()
         except OSError:
             pass
         finally:
-            writer.close()
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.close()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(w.wait_closed(), 1)
             self._tasks.discard(task)
 
     async def close(self) -> None:
