@@ -302,3 +302,50 @@ async def test_connect_check_heads_the_state_object(s3: Any, tmp_path: Any) -> N
     detail = (await connect_check(config)).line("stateobject")[1]
     assert detail.endswith("(HeadObject: 56 bytes, written by task-a#1-aa (token 4))")
     assert len(s3.list_object_versions(Bucket=BUCKET)["Versions"]) == 1
+
+
+async def test_one_daemon_without_ha_keeps_its_state_in_s3(
+        s3: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No [ha]: the daemon reads the S3 state at start (leakwatch-state), alerts, saves under
+    its own holder id; a second start resumes from it (no second alert for the same leak)."""
+    from daemon.app import Daemon
+    from daemon.config import Config, LoadedConfig
+    from tests.logwatch.receiver import alert_sink
+    from tests.logwatch.test_watcher import append, leak_line
+    from tests.waiting import until
+
+    log = tmp_path / "maillog"
+    log.write_text("")
+    async with alert_sink() as sink:
+        tree = {"server": {"listen": "127.0.0.1:0"}, "shutdown_grace": 3,
+                "leakwatch": {"source": "file", "file": {"path": str(log),
+                                                         "poll_interval": 0.05},
+                              "state_file": str(WHERE), "allowed_senders": ["qp-test@*"],
+                              "alert": {"url": sink.url, "backoff": 0.1}}}
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.url)  # no [ha]: the SDK's setting
+
+        async def one_run(first: bool) -> None:
+            daemon = Daemon(LoadedConfig(Config.model_validate(tree), None))
+            await daemon.start()
+            value = daemon.metrics.registry.get_sample_value
+            try:
+                await until(lambda: daemon.leakwatch is not None and daemon.leakwatch.opened,
+                            timeout=15)
+                await until(lambda: value("leakwatch_last_poll_success_timestamp_seconds"),
+                            timeout=10)
+                append(log, leak_line("HAaa0004000004", "once@sinkhole.test"))
+                if first:
+                    await until(lambda: len(sink.accepted) == 1, timeout=10)
+                else:  # the same leak again: the detector's memory came back from S3
+                    await until(lambda: value("maillog_lines_total", {"kind": "to"}),
+                                timeout=10)
+            finally:
+                await daemon.shutdown()
+
+        await one_run(first=True)
+        await one_run(first=False)
+        assert len(sink.accepted) == 1
+    body, _ = current(s3)
+    assert body["fence"]["token"] is None
+    assert "#" in body["fence"]["holder"]
+    assert body["detector"]["reported"] == ["HAaa0004000004 once@sinkhole.test"]
