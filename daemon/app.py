@@ -232,7 +232,7 @@ class Daemon:
         # How MTA-STS policies are fetched: port 443 and the system's CAs unless a test
         # says otherwise (the configuration cannot).
         self._policy_fetcher = policy_fetcher
-        self.dns = self._dns(self.config)
+        self.dns = self._dns(self.config) if self.leading else None
         self.metrics.leader.set(1 if self.leading else 0)
         self.http = self._http(self.config)
         self.started_at = time.time()
@@ -599,6 +599,7 @@ class Daemon:
                                          sleep=self._sleep, routes=list(self.checks))
             self.leakwatch = self._leakwatch(self.config)
             self.drill = self._drill(self.config)
+            self.dns = self._dns(self.config)
             self._cleanup_pending = True
             await self._start_work()
             log.info("ha_leader_work_started", token=token,
@@ -638,6 +639,10 @@ class Daemon:
         names = [ScheduledChecks.name, self.heartbeats.name, StateReader.name]
         if self.leakwatch is not None:
             names += [c.name for c in self.leakwatch.components()]
+        if self.dns is not None:  # a DNS run leaves nothing to clean up: cancelled at once
+            self.dns.scheduler.stop()
+            self.dns.scheduler.cancel_runs()
+            names.append(self.dns.name)
         self._halted = [t for name in names if (t := self.supervisor.detach(name)) is not None]
         if self.drill is not None and self.drill.current is not None:
             # Its steps stop now; its cleanup (parking the sinkhole in defer) runs on, and
@@ -676,6 +681,10 @@ class Daemon:
             # A stop: the state is saved, so a standby may take over while a drill in
             # flight still parks the sinkhole below.
             await self.keeper.release(timeout=self._release_timeout())
+        dns, self.dns = self.dns, None
+        if dns is not None:
+            await dns.stop(timeout=STEP_DOWN_STOP)
+            dns.replace([])  # its entries' series: a standby exports none
         drill, self.drill = self.drill, None
         if drill is not None:
             await drill.stop(timeout=max(1.0, self.config.shutdown_grace - CLOSE_BUDGET))
@@ -935,6 +944,8 @@ class Daemon:
     async def _swap_dns(self, new: Config) -> None:
         """Entries changed: the component takes the new ones (keeping cadences and results
         of the others), is started for the first entries, or stopped after the last."""
+        if not self.leading:  # a standby runs none: the next term builds it from the config
+            return
         if self.dns is not None and new.dns:
             self.dns.replace(new.dns)
             return

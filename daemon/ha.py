@@ -1,7 +1,8 @@
 """Two tasks, one leader: the DynamoDB lease, and the leader's work started and stopped by it.
 
 Every task runs; the one holding the lease does the leader's work (the round
-trips, heartbeats, the leak watcher, every component but the HTTP server), the
+trips, heartbeats, the leak watcher, the drill, the DNS checks: every component
+but the HTTP server and the lease's own), the
 others stand by, serve /metrics, /healthz and /status, and try for the lease
 every `renew_every`. docs/ha.md tells the whole story; the rules, in order:
 

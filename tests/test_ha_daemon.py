@@ -315,3 +315,34 @@ async def test_s3_down_at_takeover_runs_the_checks_and_reads_no_line_until_it_an
     finally:
         await cutter.close()
         next(server, None)
+
+
+async def test_dns_checks_run_only_on_the_leader() -> None:
+    """[[dns]] entries are leader work: no dns component on a standby, one on the leader,
+    and a leader stepping down drops it and its entries' series."""
+    from tests.conftest import refused_port
+
+    tree = {"server": {"listen": "127.0.0.1:0"}, "ha": HA,
+            "dns": [{"domain": "example.test", "nameservers": [f"127.0.0.1:{refused_port()}"],
+                     "timeout": 0.2, "deadline": 1}]}
+    item = LeaseItem(exists=True, holder="other#1-00", token=5, expires=4_000_000_000.0)
+    table = MemoryLeaseTable(item, Faults())
+    daemon = Daemon(LoadedConfig(Config.model_validate(tree), None), lease_table=table,
+                    holder="me#1-00")
+    assert daemon.dns is None
+    await daemon.start()
+    try:
+        await until(lambda: table.calls.count("acquire") >= 2)
+        assert "dns" not in daemon.supervisor.names()
+        item.holder = None
+        await until(lambda: "dns" in daemon.supervisor.names(), timeout=5)
+        sample = daemon.metrics.registry.get_sample_value
+        last_run = "selfcheck_dns_last_run_timestamp_seconds"
+        await until(lambda: sample(last_run, {"name": "example.test"}), timeout=10)
+        table.faults.hang = True
+        await until(lambda: not daemon.leading and daemon.dns is None, timeout=5)
+        await until(lambda: daemon.metrics.registry.get_sample_value("selfcheckd_leader") == 0)
+        assert "dns" not in daemon.supervisor.names()
+        assert sample(last_run, {"name": "example.test"}) is None
+    finally:
+        await daemon.shutdown()
