@@ -72,7 +72,6 @@ from botocore.exceptions import (
 )
 
 from daemon.metrics import Metrics
-from daemon.retry import Backoff
 from daemon.supervisor import Progress
 from daemon.threads import in_daemon_thread
 
@@ -440,8 +439,8 @@ class LeaseKeeper:
         self.renew_every = cfg.renew_every
         # A leader may act this long after the send time of its last good renewal.
         self.act_for = cfg.lease_duration - cfg.renew_every
-        self._retry = Backoff(initial=cfg.renew_every / RENEW_RETRIES_PER_PERIOD,
-                              maximum=cfg.renew_every, jitter=0.0)
+        # A failed renewal is tried again this often: several tries before valid_until.
+        self.retry_every = cfg.renew_every / RENEW_RETRIES_PER_PERIOD
         # An attempt ends within renew_every, and one starts at least every renew_every.
         self.progress_deadline = max(30.0, 4 * cfg.renew_every)
         self.token: int | None = None
@@ -616,7 +615,7 @@ class LeaseKeeper:
             return self.renew_every
         except (LeaseError, TimeoutError) as exc:
             self._error(exc, progress, "renew")
-            return min(self._retry.delay(self._failures), self.valid_for())
+            return min(self.retry_every, self.valid_for())
         self.valid_until = sent + self.act_for
         self.renewed_at = wall
         self.leader = LeaseRecord(self.holder, self.token, wall + self.duration)

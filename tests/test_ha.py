@@ -169,14 +169,15 @@ async def test_leader_stops_acting_before_its_lease_can_expire(cluster: Cluster)
 
 
 async def test_failed_renewals_are_retried_before_the_deadline(cluster: Cluster) -> None:
-    """Two failed renewals, then one that works: the leader never stopped leading."""
+    """Four failed renewals (at 5, 6, 7 and 8 s: retried every renew_every / 5, not backing
+    off past valid_until at 10 s), then one that works: the leader never stopped leading."""
     a = await cluster.add("a")
     await cluster.run_for(4.9)
-    a.table.faults.fail = 2
+    a.table.faults.fail = 4
     held = []
     await cluster.run_for(15, check=lambda: held.append(a.keeper.leading() == 1))
     assert all(held)
-    assert a.value("selfcheckd_lease_errors_total", reason="connection") == 2
+    assert a.value("selfcheckd_lease_errors_total", reason="connection") == 4
     assert a.keeper.last_error is None
 
 
@@ -244,7 +245,8 @@ async def test_a_renewal_applied_but_unanswered_is_adopted_as_a_new_term(
     instead of leaving nobody in charge until it expires."""
     a = await cluster.add("a")
     await cluster.run_for(1)
-    a.table.faults.applied_then_lost = 3
+    # Every renewal before valid_until (at 5 s, then every renew_every / 5: 6, 7, 8, 9 s).
+    a.table.faults.applied_then_lost = 5
     with capture_logs() as logs:
         await cluster.until(lambda: a.keeper.term == 2, limit=15, step=0.05)
     assert a.keeper.leading() == 1
