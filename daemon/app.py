@@ -622,12 +622,24 @@ class Daemon:
             if not self._cleanup_pending:
                 return
             self._cleaning = asyncio.create_task(
-                self._cleanup_locked(save=holding or self._store_fenced()), name="ha-step-down")
+                self._cleanup_locked(save=holding or self._store_fenced(),
+                                     save_timeout=self._step_down_save(holding)),
+                name="ha-step-down")
         await asyncio.shield(self._cleaning)
 
-    async def _cleanup_locked(self, save: bool) -> None:
+    async def _cleanup_locked(self, save: bool, save_timeout: float) -> None:
         async with self._transition:
-            await self._cleanup_leadership(save=save)
+            await self._cleanup_leadership(save=save, save_timeout=save_timeout)
+
+    def _step_down_save(self, holding: bool) -> float:
+        """How long the step-down's save may take. Still holding the lease (a stop), the
+        next leader waits for it: briefly. Lease lost (a partition): S3 may be out of
+        reach for as long, and the write is fenced (a late one is refused, and seen,
+        logged and counted as such), so it may wait up to a lease; but never more than
+        half the shutdown grace, which a SIGTERM arriving meanwhile waits for."""
+        if holding or self.ha is None:
+            return STEP_DOWN_SAVE
+        return max(STEP_DOWN_SAVE, min(self.ha.lease_duration, self.config.shutdown_grace / 2))
 
     def _halt(self, why: str) -> None:
         """Stop every piece of the leader's work at once (synchronous: no await)."""
@@ -660,7 +672,7 @@ class Daemon:
         """Whether the state store refuses a deposed leader's late write (S3 does)."""
         return self.leakwatch is not None and self.leakwatch.config.state_s3 is not None
 
-    async def _cleanup_leadership(self, save: bool) -> None:
+    async def _cleanup_leadership(self, save: bool, save_timeout: float = STEP_DOWN_SAVE) -> None:
         """After `_halt`: wait for the components, save the leak state, forget the series."""
         if not self._cleanup_pending:
             return
@@ -673,7 +685,7 @@ class Daemon:
         watch, self.leakwatch = self.leakwatch, None
         if watch is not None:
             try:  # never a save over a state not read (the watcher did not open)
-                await watch.close(timeout=min(STEP_DOWN_SAVE, self.budget.remaining(0.5)),
+                await watch.close(timeout=min(save_timeout, self.budget.remaining(0.5)),
                                   save=save and watch.opened)
             except Exception:
                 log.exception("leakwatch_stop_failed")

@@ -9,6 +9,8 @@ each scenario takes seconds; every timing asserted is the issue's bound.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import time
 from collections import defaultdict
@@ -30,6 +32,9 @@ from tests.test_ha_dynamodb import TABLE, create_lease_table
 pytestmark = pytest.mark.slow
 
 LEASE, RENEW = 3.0, 1.0
+# Set to a file to collect the measured hand-over times (JSON lines), e.g. for a report:
+# SELFCHECKD_HA_TIMINGS=/tmp/t.jsonl pytest tests/test_ha_processes.py
+TIMINGS = os.environ.get("SELFCHECKD_HA_TIMINGS")
 BUCKET = "selfcheckd-state-ha"
 STATE = f"s3://{BUCKET}/leakwatch-state.json"
 
@@ -222,6 +227,7 @@ async def test_two_processes_one_leader_and_sigkill_hands_over_every_leak_once(
     leads = standby.first("ha_leading")
     assert leads is not None
     took = stamp(leads) - killed  # both on this host's clock
+    record("sigkill_to_new_leader", took)
     assert took <= LEASE + RENEW, f"took {took:.2f}s"
     ids = alert_ids_by_leak(sink)
     assert len(feed.written) >= 10
@@ -253,6 +259,8 @@ async def test_sigterm_hands_over_within_renew_every_plus_one_second(
         leads = standby.first("ha_leading")
         assert leads is not None
         took = stamp(leads) - sent
+        record("sigterm_to_new_leader", took)
+        record("sigterm_to_exit", exited)
         await asyncio.sleep(1.5)
         await feed.stop()
         await until(lambda: set(alert_ids_by_leak(sink)) >= {r for _, r in feed.written},
@@ -312,6 +320,8 @@ async def test_a_leader_cut_off_stops_acting_before_its_lease_expires_and_its_la
     acquired = b.first("ha_lease_acquired")
     assert halted is not None, a.log_text()
     assert acquired is not None
+    record("partition_halt_before_expiry", a_expiry - stamp(halted))
+    record("partition_expiry_to_new_leader", stamp(acquired) - a_expiry)
     assert stamp(halted) < a_expiry, (stamp(halted), a_expiry)
     assert stamp(acquired) >= a_expiry - 0.01
     assert stamp(halted) < stamp(acquired)
@@ -319,10 +329,15 @@ async def test_a_leader_cut_off_stops_acting_before_its_lease_expires_and_its_la
     assert int(item["token"]["N"]) == 2
     twice = {r: i for r, i in alert_ids_by_leak(sink).items() if len(i) != 1}
     assert twice == {}
-    # a's held-back write reached S3 after b's claim and was refused (412); a also counted
-    # it as fenced when the answer came within its own deadline.
-    refused = [line for line in cutter.late_answers if line.startswith(b"HTTP/1.1 412")]
-    assert refused, (cutter.late_answers, a.log_text())
+    # a's held-back write reached S3 after b's claim and was refused (412). a sees the
+    # refusal if it is still waiting for its save then (a deposed leader's fenced save may
+    # wait up to a lease); the proxy sees it in any case.
+    refused = a.first("state_save_refused")
+    late_412 = [line for line in cutter.late_answers if line.startswith(b"HTTP/1.1 412")]
+    assert refused is not None or late_412, (cutter.late_answers, a.log_text())
+    if refused is not None:
+        record("partition_halt_to_refusal_seen", stamp(refused) - stamp(halted))
+        assert stamp(refused) > stamp(acquired)
     body, meta = state_object(moto_url)
     assert body["fence"] == {"holder": acquired["holder"], "token": 2}
     assert meta["selfcheckd-token"] == "2"
@@ -339,6 +354,14 @@ def state_object(moto_url: str) -> tuple[dict[str, Any], dict[str, str]]:
 TIMELINE = {"selfcheckd_signal", "ha_stepping_down", "ha_leader_work_halted",
             "leakwatch_stopped", "ha_standby", "ha_lease_released", "ha_lease_acquired",
             "ha_leading", "selfcheckd_stopped", "state_file_write_failed"}
+
+
+def record(what: str, seconds: float) -> None:
+    """A measured time, kept when SELFCHECKD_HA_TIMINGS names a file (never asserted on
+    here: the assertions are the issue's bounds)."""
+    if TIMINGS:
+        with open(TIMINGS, "a", encoding="utf-8") as out:
+            out.write(json.dumps({"what": what, "seconds": round(seconds, 3)}) + "\n")
 
 
 def lease_item(moto_url: str) -> dict[str, Any]:
