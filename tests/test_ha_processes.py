@@ -283,7 +283,8 @@ async def test_a_leader_cut_off_stops_acting_before_its_lease_expires_and_its_la
     the leader halts its work (by its own log's clock) before the lease's expiry in the
     item, the standby acquires after it; the two never act at once. The state write the
     proxy held back reaches S3 late, after the new leader's claim, and is refused (412):
-    the object stays the new leader's."""
+    the object stays the new leader's. Healed, the old leader stands by, and leads again
+    (token 3, on the state the other left) when the other is killed."""
     stack = await make_stack()
     host, _, port = moto_url.removeprefix("http://").partition(":")
     cutter = await Cutter((host, int(port))).start()
@@ -314,8 +315,28 @@ async def test_a_leader_cut_off_stops_acting_before_its_lease_expires_and_its_la
                 await until(lambda: set(alert_ids_by_leak(sink))
                             >= {r for _, r in feed.written}, 30, "every leak alerted", b)
                 await asyncio.sleep(1.0)
+                # Healed, the deposed leader is a standby like any other (its fenced
+                # store was its last term's), ...
+                assert await roles(a, b) == ["standby", "leader"]
+                b_state = state_object(moto_url)
+                # ... and leads again when b dies, on the state b left: token 3.
+                b.signal(signal.SIGKILL)
+                killed = time.time()
+                feed.start()
+                await until(lambda: len(a.events("ha_leading")) >= 2, 30, "a leads again", a)
+                await asyncio.sleep(1.0)
+                await feed.stop()
+                await until(lambda: set(alert_ids_by_leak(sink))
+                            >= {r for _, r in feed.written}, 30, "every leak alerted", a)
+                await until(lambda: state_object(moto_url)[1]["selfcheckd-token"] == "3", 10,
+                            "a claims the state", a)
     finally:
         await cutter.close()
+    again = a.events("ha_leading")[1]
+    record("partition_healed_then_sigkill_to_old_leader", stamp(again) - killed)
+    assert stamp(again) - killed <= LEASE + RENEW
+    assert state_object(moto_url)[0]["fence"] == {"holder": a.events("ha_lease_acquired")[1][
+        "holder"], "token": 3}
     halted = a.first("ha_leader_work_halted")
     acquired = b.first("ha_lease_acquired")
     assert halted is not None, a.log_text()
@@ -338,7 +359,7 @@ async def test_a_leader_cut_off_stops_acting_before_its_lease_expires_and_its_la
     if refused is not None:
         record("partition_halt_to_refusal_seen", stamp(refused) - stamp(halted))
         assert stamp(refused) > stamp(acquired)
-    body, meta = state_object(moto_url)
+    body, meta = b_state
     assert body["fence"] == {"holder": acquired["holder"], "token": 2}
     assert meta["selfcheckd-token"] == "2"
 
