@@ -210,8 +210,14 @@ class Cutter:
         up_writer: asyncio.StreamWriter | None = None
         try:
             late = [not self.open.is_set()]  # made while cut: all of it arrives late
-            await self.open.wait()  # a connection made while cut waits, as a SYN would
+            # What the client sends while cut is in the network: held and delivered at
+            # heal even if the client gives up and resets the connection meanwhile.
+            held = await self._hold(reader) if late[0] else b""
+            self.held_bytes += len(held)
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            if held:
+                up_writer.write(held)
+                await up_writer.drain()
 
             async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                            answers: bool) -> None:
@@ -241,6 +247,24 @@ class Cutter:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(w.wait_closed(), 1)
             self._tasks.discard(task)
+
+    async def _hold(self, reader: asyncio.StreamReader) -> bytes:
+        """Read what a connection made while cut sends, until the heal."""
+        held = bytearray()
+
+        async def read() -> None:
+            with contextlib.suppress(OSError):  # a reset: what came before it is held
+                while data := await reader.read(65536):
+                    held.extend(data)
+
+        reading = asyncio.ensure_future(read())
+        healed = asyncio.ensure_future(self.open.wait())
+        await asyncio.wait({reading, healed}, return_when=asyncio.FIRST_COMPLETED)
+        if not healed.done():  # the client closed first: its bytes still arrive at heal
+            await healed
+        reading.cancel()
+        await asyncio.wait({reading})
+        return bytes(held)
 
     async def close(self) -> None:
         if self.server is not None:
