@@ -367,7 +367,6 @@ async def test_a_leader_cut_off_stops_acting_before_its_lease_expires_and_its_la
     assert refused is not None, (cutter.late_answers, a.log_text())
     record("partition_halt_to_refusal_seen", stamp(refused) - stamp(halted))
     assert stamp(refused) > stamp(acquired)
-    assert any(line.startswith(b"HTTP/1.1 412") for line in cutter.late_answers)
     body, meta = b_state
     assert body["fence"] == {"holder": acquired["holder"], "token": 2}
     assert meta["selfcheckd-token"] == "2"
