@@ -138,6 +138,13 @@ class QueueState(_Section):
     messages: list[QueueMessageState] = Field(default_factory=list)
 
 
+class FenceState(_Section):
+    """Who wrote the document ([ha]): the lease holder and its fencing token."""
+
+    holder: str = Field(min_length=1)
+    token: int | None = Field(default=None, ge=0)
+
+
 class LeakwatchState(_Section):
     """The whole document; every section is optional."""
 
@@ -149,6 +156,7 @@ class LeakwatchState(_Section):
     detector: DetectorState | None = None
     outbox: list[AlertState] = Field(default_factory=list)
     queue: QueueState | None = None  # absent in files written before queue health
+    fence: FenceState | None = None  # absent without [ha] and in files from before it
 
 
 def parse_state(data: Any) -> LeakwatchState:
@@ -184,6 +192,11 @@ def repair(state: LeakwatchState, now: float) -> list[str]:
     return mended
 
 
+class StateUnreadable(Exception):  # noqa: N818 - a condition, as FileNotFoundError
+    """The store did not hand the state over in time (a state volume within the read's
+    deadline, S3): it is not known, so not written over."""
+
+
 def trim(entries: list[Any]) -> list[Any]:
     return entries[-MAX_PERSISTED_ENTRIES:]
 
@@ -202,10 +215,6 @@ def encode(document: dict[str, Any], limit: int | None = MAX_WRITE_BYTES) -> byt
     if limit is not None and len(payload) > limit:
         raise StateTooLargeError(len(payload), limit)
     return payload
-
-
-class StateUnreadable(Exception):  # noqa: N818 - a condition, as FileNotFoundError
-    """The volume did not hand the file over in time: it is not known, so not written over."""
 
 
 class StateFile:

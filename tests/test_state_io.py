@@ -82,9 +82,10 @@ async def test_a_state_file_the_volume_does_not_hand_over_is_never_written_over(
 
 
 async def test_the_watcher_reads_nothing_until_its_state_file_is_read(tmp_path: Path) -> None:
-    """Started while the volume does not hand the state file over, the source is down
-    (reason and counter) and reads nothing; once the file is read it resumes from the saved
-    position (a leak written meanwhile is found) and delivers the alert left pending."""
+    """Started while the volume does not hand the state file over, the leakwatch-state
+    component is degraded (reason and counter) and nothing is read; once the file is read
+    the watcher resumes from the saved position (a leak written meanwhile is found) and
+    delivers the alert left pending."""
     log, path = tmp_path / "maillog", tmp_path / "state.json"
     log.write_text("")
     config: dict[str, Any] = {
@@ -109,10 +110,11 @@ async def test_the_watcher_reads_nothing_until_its_state_file_is_read(tmp_path: 
                 await advance_until(
                     clock, lambda: w.value("leakwatch_errors_total", reason="state_read") >= 2,
                     limit=60)
-                assert w.up("leakwatch-source") == 0
+                assert w.up("leakwatch-state") == 0
+                assert "leakwatch-source" not in w.supervisor.names()
                 assert w.supervisor.problems() == {}  # degraded, not dead: no restart loop
-                code, reason = w.supervisor.degraded()["leakwatch-source"]
-                assert code == "state_read" and "state file not read" in reason
+                code, reason = w.supervisor.degraded()["leakwatch-state"]
+                assert code == "state_read" and "state not read" in reason
                 assert w.value("maillog_lines_total", kind="to") == 0
                 assert path.read_bytes() == saved
                 w.watch.state.io.command = DEFAULT_COMMAND  # the volume answers again

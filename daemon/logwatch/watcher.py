@@ -49,6 +49,7 @@ from daemon.state import (
     parse_state,
     trim,
 )
+from daemon.state_s3 import S3StateStore
 from daemon.supervisor import Component, Progress
 
 log = structlog.get_logger("daemon.leakwatch")
@@ -174,7 +175,6 @@ class SourceLoop:
         return self.ended  # standard input closed
 
     async def run(self, progress: Progress) -> None:
-        await self._restored(progress)
         failures = 0
         while True:
             try:
@@ -216,21 +216,6 @@ class SourceLoop:
                 self.ended = True
                 return
 
-    async def _restored(self, progress: Progress) -> None:
-        """Read no line before the state file is known: its cursor says where to start,
-        and what is read now would be saved over it (pending alerts included)."""
-        failures = 0
-        while not self.watch.restored:
-            failures += 1
-            self.watch.count_error("state_read")
-            # Alive and saying why: degraded. A restart would meet the same volume.
-            progress.retrying(f"state file not read: {self.watch.unread_reason}", "state_read")
-            await self._sleep(round(self._backoff.delay(failures), 3))
-            if await self.watch.restore_saved() is None:
-                log.info("state_file_read", path=str(self.watch.state.path),
-                         after_failures=failures)
-                await self.watch.prime()
-
     async def _failed(self, exc: SourceError, failures: int, progress: Progress) -> None:
         """Count every failure, log the first of an episode, report down, back off."""
         delay = round(self._backoff.delay(failures), 3)
@@ -260,6 +245,7 @@ class LeakWatch:
         sleep: Sleep = asyncio.sleep,
         session_factory: SessionFactory = default_session,
         stdin: LineSource | None = None,
+        state: StateFile | S3StateStore | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -275,7 +261,8 @@ class LeakWatch:
         self._flushed_skips = self._skips()
         self._expired_at = clock()
         self._evicted_warned = False
-        self.state = StateFile(config.state_path, metrics, wall)
+        # The state file, or the S3 object a caller built (its fence: daemon/ha.py).
+        self.state = state if state is not None else StateFile(config.state_path, metrics, wall)
         # The source's position as the state file holds it (None: not written yet).
         self.saved_source: dict[str, Any] | None = None
         self.saver = Saver(
@@ -307,9 +294,11 @@ class LeakWatch:
             self.sinkhole = SinkholeModeWatcher(config.sinkhole_mode, metrics, warn=self.warn,
                                                 sleep=sleep)
         self._flushed = LineCounts()
-        self.opened = False  # until open(): nothing restored, so nothing to save over the file
-        # The saved state is applied (or there was none); False while the volume does not
-        # hand the file over (the source loop retries before it reads anything).
+        # Until open() found the saved state: nothing known, so nothing to save over it or
+        # hand over to a reload's watcher.
+        self.opened = False
+        # The saved state is applied (or there was none); False while the store does not
+        # hand it over (daemon.app.StateReader retries before a line is read).
         self.restored = False
         self.unread_reason: str | None = None
         self._read_timeout = READ_TIMEOUT
@@ -333,17 +322,18 @@ class LeakWatch:
     ) -> None:
         """Restore what an earlier process (or the watcher being replaced) left; log start.
 
-        A state file the volume does not hand over within READ_TIMEOUT is not known yet:
-        one error line, and the source loop retries before it reads a line.
+        A state the store does not hand over (a state file the volume does not hand over
+        within `read_timeout`, an S3 object not fetched yet) is not known: the watcher
+        stays unopened (`restored` False, `unread_reason` says why), and the caller has
+        `daemon.app.StateReader` retry `restore_saved` before it starts the components
+        and so before a line is read; nothing is saved over the state meanwhile.
         """
         self._read_timeout = read_timeout
         if handover is not None:
             self._restore_document(handover, origin="handover")
             self.restored = True
-        elif (why := await self.restore_saved()) is not None:
-            log.error("state_file_unreadable", path=str(self.state.path), error=why,
-                      consequence="the leak watcher reads no line until it can read this "
-                                  "file (retried), and saves nothing over it")
+        elif not self.restored and await self.restore_saved() is not None:
+            return
         self.opened = True
         if self.outbox is not None and self.state.path is None:
             log.warning("leakwatch_without_state_file",
@@ -361,15 +351,29 @@ class LeakWatch:
                      consequence="mta_* metrics count only the lines the filter pattern "
                                  "fetches; set filter_pattern = \"\" for the whole queue")
 
-    async def restore_saved(self) -> str | None:
-        """Load the state file and apply it; why not (the volume did not answer), else None."""
+    async def restore_saved(self, timeout: float | None = None) -> str | None:
+        """Read the saved state and apply it; why not (the store did not answer), else None.
+
+        The file store reads in a worker process within `timeout` s (default: open's
+        `read_timeout`); the S3 store fetches the object whole (and claims it) first.
+        """
+        timeout = self._read_timeout if timeout is None else timeout
+        state = self.state
         try:
-            loaded = await self.state.load(self._read_timeout)
+            if isinstance(state, S3StateStore):
+                if state.needs_fetch:
+                    await state.fetch(timeout)
+                loaded = state.load()
+            else:
+                loaded = await state.load(timeout)
         except StateUnreadable as exc:
             self.unread_reason = str(exc)
             return self.unread_reason
         if loaded is not None and (why := self._apply(loaded)) is not None:
-            await self.state.quarantine(why)
+            if isinstance(state, S3StateStore):
+                state.quarantine(why)
+            else:
+                await state.quarantine(why)
         self.restored, self.unread_reason = True, None
         return None
 
@@ -433,6 +437,8 @@ class LeakWatch:
             "outbox": self.outbox.snapshot() if self.outbox is not None else self._orphans,
             "queue": {"messages": self.queue.state()},
         }
+        if isinstance(self.state, S3StateStore) and (fence := self.state.fence()) is not None:
+            document["fence"] = fence  # who wrote it: the lease's holder and token
         source = self.source.state()
         if source is not None and self.source.kind in ("cloudwatch", "file"):
             document[self.source.kind] = source
@@ -445,16 +451,24 @@ class LeakWatch:
     def _saved(self, document: dict[str, Any]) -> None:
         self.saved_source = document.get(self.source.kind)
 
-    async def close(self, timeout: float | None = SAVE_TIMEOUT) -> None:
-        """The final save, after the source stopped and the outbox was flushed."""
+    async def close(self, timeout: float | None = SAVE_TIMEOUT, *, save: bool = True) -> None:
+        """The final save, after the source stopped and the outbox was flushed.
+
+        `save=False`: none, and no write asked for earlier is waited for (a leader
+        whose lease may have passed to another task must not write a state file
+        over its successor's).
+        """
         loop = asyncio.get_running_loop()
         started, asked_at = loop.time(), self._wall()
-        saved = await self.save(timeout)
-        await self.saver.close(None if timeout is None
+        saved = await self.save(timeout) if save else False
+        await self.saver.close(0.0 if not save else None if timeout is None
                                else max(0.0, timeout - (loop.time() - started)))
-        # A write for this request may have ended while the saver closed.
-        last = self.state.last_saved_at
-        saved = saved or (last is not None and last >= asked_at and self.state.last_error is None)
+        if save:  # a write for this request may have ended while the saver closed
+            last = self.state.last_saved_at
+            saved = saved or (last is not None and last >= asked_at
+                              and self.state.last_error is None)
+        if isinstance(self.state, S3StateStore):
+            await self.state.close()  # a reload's new watcher may reuse it: a new client
         # A reload may drop [leakwatch]: no deferred message and no pending alert may stay
         # on /metrics, ageing, for a watcher that is gone (a new one binds its own). The
         # alerts themselves stay in the state file.
@@ -465,8 +479,8 @@ class LeakWatch:
         if pending and self.state.path is None:
             log.error("alerts_lost_at_exit", pending=pending,
                       why="no [leakwatch] state_file to keep them in")
-        elif not saved:
-            stuck = self.state.io.stuck()
+        elif save and not saved:  # save=False is the caller's choice, logged by it
+            stuck = self.state.io.stuck() if isinstance(self.state, StateFile) else None
             error = self.state.last_error or (
                 f"no write finished within the {timeout:.1f}s left to stop" if timeout is not None
                 else "the write did not finish")

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from daemon.app import StateReader
 from daemon.logwatch import scan_command
 from daemon.logwatch.config import LeakWatchConfig
 from daemon.logwatch.watcher import LeakWatch
@@ -77,10 +78,17 @@ async def watching(
     if state_io is not None:
         watch.state.io = state_io
     sup = Supervisor(metrics, **({"clock": health_clock} if health_clock else {}))
+
+    def start(opened: LeakWatch) -> None:
+        for component in opened.components():
+            sup.start(component)
+
     await watch.open(read_timeout=read_timeout)
-    await watch.prime()
-    for component in watch.components():
-        sup.start(component)
+    if watch.restored:
+        await watch.prime()
+        start(watch)
+    else:  # as the daemon: the state is read (retried) before a component starts
+        sup.start(StateReader(watch, start, watch_options.get("sleep", asyncio.sleep)))
     task = asyncio.create_task(sup.run())
     await sup.started()
     try:
@@ -88,7 +96,7 @@ async def watching(
     finally:
         sup.stop()
         await asyncio.wait_for(task, 5)
-        await watch.close()
+        await watch.close(save=watch.opened)
 
 
 def run_scan(argv: list[str], config: LeakWatchConfig | None = None,
