@@ -38,6 +38,8 @@ EXPECTED_ALERTS = {
     # DNS and sending reputation: the [[dns]] entries' verdicts.
     "SendingIpBlocklisted", "MailAuthDnsBroken", "SendingIpReverseDnsBroken",
     "MtaStsPolicyBroken", "MailMxBroken", "DnsCheckUndecided",
+    # the shared queue: mail nobody retries, perms desynced, lock-contention storms.
+    "MtaDeferredMessageSilent", "MtaQueuePermissionErrors", "MtaQueueLockStorm",
 }
 # The severities alert_sink routes on.
 SEVERITIES = {"critical", "warning", "info"}
