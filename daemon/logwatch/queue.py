@@ -36,8 +36,8 @@ stream): no line is parsed twice.
   own timestamps against the clock (against the newest line read while a backlog
   is still being read: `reading_backlog`), so a watcher that restarts and reads its
   backlog decides as one that never stopped.
-* Per task, the time of its latest MTA line (at most `MAX_TASKS` tasks, the least
-  recently heard forgotten first); and the queue's own errors by kind
+* Per task, the time of its latest MTA line (at most `MAX_TASKS` tasks, the one
+  heard longest ago forgotten first); and the queue's own errors by kind
   (queue_errors.py), with the latest few lines of each kind.
 * A BSD syslog timestamp has no year. The first line's is placed by the clock (the
   latest year that does not put it more than a day ahead); each later one in the
@@ -88,7 +88,7 @@ DEFAULT_SILENT_AFTER = 2700.0
 MAX_RECIPIENTS = 1000
 MAX_ORIGINS = 16
 # Tasks whose latest line is remembered (an autoscaled service replaced daily for a
-# week has far fewer); the least recently heard goes first.
+# week has far fewer); the one heard longest ago goes first.
 MAX_TASKS = 64
 # Error lines kept per kind for /status, each cut at MAX_EXAMPLE characters.
 RECENT_ERRORS = 5
@@ -291,9 +291,10 @@ class QueueTracker:
         self.errors: dict[ErrorKind, int] = dict.fromkeys(ErrorKind, 0)
         self.recent_errors: dict[ErrorKind, deque[ErrorExample]] = {
             kind: deque(maxlen=RECENT_ERRORS) for kind in ErrorKind}
-        # Task -> (its latest MTA line's time, that line's timestamp to the second), least
-        # recently heard first.
-        self._tasks: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        # Task -> its latest MTA line's time; and the second (timestamp text) of the latest
+        # other MTA line of each, so those lines parse a timestamp once a second per task.
+        self._tasks: dict[str, float] = {}
+        self._task_seconds: dict[str, str] = {}
         # True while the source is still reading a backlog (it stopped short of the end):
         # silence is judged against the newest line read, not yet against the clock.
         self.reading_backlog = False
@@ -425,7 +426,8 @@ class QueueTracker:
                 if len(tasks) >= MAX_ORIGINS:
                     del tasks[1]  # the first task stays; the most recent ones are kept
                 tasks.append(task)
-            self._heard(task, when, timestamp)
+            if when > self._tasks.get(task, 0.0):
+                self._heard(task, when)
         if when < msg.first_seen:
             msg.first_seen = when
         if when > msg.last_seen:
@@ -437,17 +439,18 @@ class QueueTracker:
         if stream and stream not in msg.log_streams and len(msg.log_streams) < MAX_ORIGINS:
             msg.log_streams.append(stream)
 
-    def _heard(self, task: str, when: float, timestamp: str) -> None:
+    def _heard(self, task: str, when: float) -> None:
+        """`task` logged a line at `when`."""
         tasks = self._tasks
         known = tasks.get(task)
-        if known is not None:
-            if when > known[0]:
-                tasks[task] = (when, timestamp[:19])
-            tasks.move_to_end(task)
-            return
-        tasks[task] = (when, timestamp[:19])
-        if len(tasks) > MAX_TASKS:
-            tasks.popitem(last=False)
+        if known is None:
+            tasks[task] = when
+            if len(tasks) > MAX_TASKS:  # rare: a new task past the bound
+                oldest = min(tasks, key=tasks.__getitem__)
+                del tasks[oldest]
+                self._task_seconds.pop(oldest, None)
+        elif when > known:
+            tasks[task] = when
 
     def see_other(self, line: str, stream: str | None = None) -> None:
         """An MTA line that is neither from= nor to=: the return of a message to its sender,
@@ -461,12 +464,11 @@ class QueueTracker:
             return
         task = stream or task
         if task is not None:
-            known = self._tasks.get(task)
+            second = timestamp[:19]
             # Its time is read once per second of log per task: most lines change nothing.
-            if known is None or known[1] != timestamp[:19] or kind is not None:
-                self._heard(task, self._epoch(timestamp), timestamp)
-            else:
-                self._tasks.move_to_end(task)
+            if self._task_seconds.get(task) != second:
+                self._task_seconds[task] = second
+                self._heard(task, self._epoch(timestamp))
         if kind is not None:
             self.errors[kind] += 1
             header = line_queue_header(line)
@@ -538,7 +540,7 @@ class QueueTracker:
     def tasks_logging(self, now: float | None = None) -> int:
         """Tasks whose latest MTA line is within `silent_after`."""
         horizon = self.reference(now) - self.silent_after
-        return sum(1 for when, _ in self._tasks.values() if when >= horizon)
+        return sum(1 for when in self._tasks.values() if when >= horizon)
 
     def task_listing(self, now: float | None = None) -> list[dict[str, Any]]:
         """Every remembered task, the most recently heard first: its latest line, whether it
@@ -552,7 +554,8 @@ class QueueTracker:
                  "seconds_since_last_line": round(max(0.0, ref - when), 3),
                  "logging": ref - when <= self.silent_after,
                  "deferred_last_touched": touched.get(task, 0)}
-                for task, (when, _) in reversed(self._tasks.items())]
+                for task, when in sorted(self._tasks.items(),
+                                         key=lambda item: (-item[1], item[0]))]
 
     def recent_error_lines(self) -> dict[str, list[dict[str, Any]]]:
         return {kind.value: [e.as_dict() for e in examples]
@@ -571,25 +574,25 @@ class QueueTracker:
             for queue_id in [q for q, m in table.items() if m.last_seen < horizon]:
                 del table[queue_id]
                 gone += 1
-        for task in [t for t, (when, _) in self._tasks.items() if when < horizon]:
+        for task in [t for t, when in self._tasks.items() if when < horizon]:
             del self._tasks[task]
+            self._task_seconds.pop(task, None)
         return gone
 
     def state(self) -> list[dict[str, Any]]:
         return [m.state() for m in chain(self._others.values(), self._deferred.values())]
 
     def task_state(self) -> list[dict[str, Any]]:
-        """The tasks' latest lines, least recently heard first, as the state file keeps
-        them."""
-        return [{"task": task, "last_line": when} for task, (when, _) in self._tasks.items()]
+        """The tasks' latest lines, oldest first, as the state file keeps them."""
+        return [{"task": task, "last_line": when}
+                for task, when in sorted(self._tasks.items(), key=lambda kv: kv[1])]
 
     def restore(self, messages: Iterable[Message],
                 tasks: Iterable[tuple[str, float]] = ()) -> None:
         """Replace what is tracked with saved messages (the newest kept within the bound)
         and tasks."""
-        self._tasks.clear()
-        for task, when in list(tasks)[-MAX_TASKS:]:
-            self._tasks[task] = (when, "")
+        self._tasks = dict(sorted(tasks, key=lambda item: item[1])[-MAX_TASKS:])
+        self._task_seconds.clear()
         self._deferred.clear()
         self._others.clear()
         kept = list(messages)[-self.max_messages:]

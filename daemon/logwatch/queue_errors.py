@@ -25,7 +25,7 @@ source (`msg_warn`/`msg_fatal` texts: `warning: QID: write queue file: %m`, ...)
   message out of the queue (renamed to `Qf...`: it will not be retried).
 
 Only lines about the queue count: a `SYSERR` about an alias file is not one.
-`classify` is cheap for the lines that are none of these (one regex search).
+`classify` is cheap for the lines that are none of these (a few substring tests).
 """
 
 from __future__ import annotations
@@ -43,11 +43,6 @@ class ErrorKind(StrEnum):
     OTHER = "other"
 
 
-# Any candidate contains one of these (a line that does not is never an error here).
-_PREFILTER = re.compile(
-    r"SYSERR|queueup: |bogus queue|low on space|Losing |rejecting new messages"
-    r"|cannot (?:flock|lockf)\(|(?:warning|fatal|panic): "
-)
 _HEADER = re.compile(
     r"(?:\d{4}-\d\d-\d\dT\S+|[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) +\S+ +"
     r"(?P<prog>[^\s\[:]+)(?:\[\d+\])?: "
@@ -90,10 +85,18 @@ def _kind(match: re.Match[str] | None) -> ErrorKind | None:
     return None if match is None or match.lastgroup is None else ErrorKind(match.lastgroup)
 
 
+def _candidate(line: str) -> bool:
+    """Whether a line may be a queue error: it holds one of the words every one of them
+    holds (substring tests: several times faster than one regex of alternatives)."""
+    return ("SYSERR" in line or "queueup: " in line or "bogus queue" in line
+            or "low on space" in line or "Losing " in line or "rejecting new" in line
+            or "warning: " in line or "fatal: " in line or "panic: " in line)
+
+
 def classify(line: str) -> ErrorKind | None:
     """The kind of queue error a sendmail or Postfix log line reports; None for any other
     line (never raises)."""
-    if _PREFILTER.search(line) is None:
+    if not _candidate(line):
         return None
     header = _HEADER.match(line)
     if header is None:

@@ -185,7 +185,7 @@ def test_tasks_logging_counts_every_mta_line_within_silent_after() -> None:
                  to_line(NOW - 4000, "c", QID_2), other_line(NOW - 10, "c")])
     assert queue.tasks_logging() == 2
     listing = {t["task"]: t for t in queue.task_listing()}
-    assert [t["task"] for t in queue.task_listing()] == ["c", "b", "a"]
+    assert [t["task"] for t in queue.task_listing()] == ["c", "a", "b"]  # latest line first
     assert listing["a"]["logging"] and listing["c"]["logging"] and not listing["b"]["logging"]
     assert listing["b"]["deferred_last_touched"] == 1
     assert listing["c"]["deferred_last_touched"] == 1
