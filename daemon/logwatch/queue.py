@@ -199,6 +199,7 @@ class Message:
             "hosts": list(self.hosts),
             "log_streams": list(self.log_streams),
             "tasks": list(self.tasks),
+            "first_task": self.tasks[0] if self.tasks else None,
             "last_task": self.last_task,
         }
 

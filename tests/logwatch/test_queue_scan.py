@@ -46,7 +46,8 @@ def test_queue_lists_every_message_still_deferred_as_json() -> None:
                         "attempts": 1, "last_seen": "2026-11-23T19:30:26.073041+00:00"}],
         "attempts": 1, "first_seen": "2026-11-23T19:30:26.061129+00:00",
         "last_seen": "2026-11-23T19:30:26.073041+00:00", "hosts": ["vm"], "log_streams": [],
-        "tasks": ["vm"], "last_task": "vm", "silent": False, "since_last_line": 147.494}
+        "tasks": ["vm"], "first_task": "vm", "last_task": "vm", "silent": False,
+        "since_last_line": 147.494}
     assert messages[1]["sender"] is None  # no from= line for it
     summary = json.loads(err.splitlines()[0])
     assert summary["deferred_messages"] == 2 and summary["leaks"] == 7

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from daemon.config import ConfigError, load_config
 from daemon.logwatch.detector import LeakDetector
 from daemon.logwatch.pipeline import LineProcessor
 from daemon.logwatch.queue import (
@@ -419,7 +420,8 @@ def test_scan_queue_shows_tasks_and_silence_against_now(tmp_path: Path) -> None:
     assert messages[QID_2]["silent"] is True
     assert messages[QID_2]["since_last_line"] == pytest.approx(3 * 3600 - 3 * 900 - 1)
     assert messages[QID]["tasks"] == ["smtp-out-1", "smtp-out-2"]
-    assert messages[QID]["last_task"] == "smtp-out-2"
+    assert (messages[QID]["first_task"], messages[QID]["last_task"]) == ("smtp-out-1",
+                                                                         "smtp-out-2")
     assert messages[QID]["silent"] is False
     summary = json.loads(err.splitlines()[0])
     assert (summary["silent_messages"], summary["handoffs"]) == (1, 11)
@@ -444,3 +446,18 @@ def test_scan_queue_id_shows_the_tasks_and_silence_of_one_message(tmp_path: Path
     assert sum("File exists" in e["line"] for e in entries) == 3
     message = json.loads(err.splitlines()[0])["message"]
     assert message["tasks"] == ["smtp-out-1", "smtp-out-2"] and message["silent"] is False
+
+
+def test_queue_silent_after_must_be_shorter_than_the_retention(tmp_path: Path) -> None:
+    """A silence window the retention forgets first could never fire: one line naming it."""
+    path = tmp_path / "selfcheckd.toml"
+    path.write_text('[leakwatch]\nsource = "stdin"\nqueue_retention = 3600\n'
+                    'queue_silent_after = 3600\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert err.value.problems == [
+        "leakwatch.queue_silent_after: must be shorter than leakwatch.queue_retention "
+        "(3600 s): a message is forgotten before it could be silent"]
+    path.write_text('[leakwatch]\nsource = "stdin"\nqueue_silent_after = 600\n')
+    leakwatch = load_config(path, {}).config.leakwatch
+    assert leakwatch is not None and leakwatch.queue_silent_after == 600
