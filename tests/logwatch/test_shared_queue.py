@@ -7,8 +7,10 @@ daemons over one queue directory).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +18,9 @@ from typing import Any
 
 import pytest
 
+from daemon.app import Daemon
 from daemon.config import ConfigError, load_config
+from daemon.logwatch.config import LeakWatchConfig
 from daemon.logwatch.detector import LeakDetector
 from daemon.logwatch.pipeline import LineProcessor
 from daemon.logwatch.queue import (
@@ -30,6 +34,8 @@ from daemon.logwatch.queue import (
 from daemon.logwatch.queue_errors import ErrorKind, classify
 from daemon.state import parse_state
 from tests.logwatch.harness import run_scan, watching
+from tests.logwatch.test_queue_scan import TASK_A, TASK_B, cloudwatch, put
+from tests.test_daemon import get, samples
 from tests.waiting import until
 
 NOW = 2_000_000_000.0  # the injected clock; lines are placed relative to it
@@ -461,3 +467,101 @@ def test_queue_silent_after_must_be_shorter_than_the_retention(tmp_path: Path) -
     path.write_text('[leakwatch]\nsource = "stdin"\nqueue_silent_after = 600\n')
     leakwatch = load_config(path, {}).config.leakwatch
     assert leakwatch is not None and leakwatch.queue_silent_after == 600
+
+
+# -- over CloudWatch, and through the daemon's endpoints ---------------------------------------
+
+
+def _ms(at: float) -> int:
+    return int(at * 1000)
+
+
+async def test_over_cloudwatch_each_log_stream_is_a_task(moto_url: str) -> None:
+    """From CloudWatch, with one host name in both streams (the stream decides): a retry in
+    task B's stream of what task A deferred is a hand-off, a message nobody retried since is
+    silent, task A that stopped logging is not counted; `scan --cloudwatch --queue` says the
+    same as the daemon."""
+    now = time.time()
+    host = "ip-10-0-1-5"
+    await put(moto_url, TASK_A,
+              (_ms(now - 1500), from_line(now - 1500, host)),
+              (_ms(now - 1499), to_line(now - 1499, host)),
+              (_ms(now - 1000), to_line(now - 1000, host, QID_2)))
+    await put(moto_url, TASK_B,
+              (_ms(now - 1200), to_line(now - 1200, host)),
+              (_ms(now - 60), to_line(now - 60, host, QID_2)))
+    config = LeakWatchConfig(cloudwatch=cloudwatch(moto_url), queue_silent_after=600)
+    async with watching(config, wall=lambda: now) as w:
+        await until(lambda: w.value("mta_deliveries_total", result="deferred") == 4,
+                    timeout=30)
+        assert w.value("mta_queue_handoffs_total") == 2
+        assert w.value("mta_deferred_silent_messages") == 1
+        assert w.value("mta_oldest_silent_deferred_seconds") == pytest.approx(1200, abs=0.01)
+        assert w.value("mta_tasks_logging") == 1
+        status = w.watch.queue_status()
+        assert [(m["queue_id"], m["last_task"]) for m in status["silent_messages"]] == [
+            (QID, TASK_B)]
+        assert [(t["task"], t["logging"], t["deferred_last_touched"])
+                for t in status["tasks"]] == [(TASK_B, True, 2), (TASK_A, False, 0)]
+
+    code, out, err = await asyncio.to_thread(
+        run_scan, ["--cloudwatch", "--since", "1h", "--queue", "--json"], config,
+        clock=lambda: now)
+    assert code == 1
+    messages = {m["queue_id"]: m for m in map(json.loads, out.splitlines())}
+    assert (messages[QID]["tasks"], messages[QID]["silent"]) == ([TASK_A, TASK_B], True)
+    assert messages[QID]["since_last_line"] == pytest.approx(1200, abs=0.01)
+    assert (messages[QID_2]["tasks"], messages[QID_2]["silent"]) == ([TASK_A, TASK_B], False)
+    summary = json.loads(err.splitlines()[0])
+    assert (summary["silent_messages"], summary["handoffs"]) == (1, 2)
+    assert [(t["task"], t["logging"]) for t in summary["tasks"]] == [
+        (TASK_B, True), (TASK_A, False)]
+
+
+async def test_the_daemon_shows_the_shared_queue_in_status_and_metrics(tmp_path: Path) -> None:
+    """`selfcheckd run` with a [leakwatch] file source: GET /status has leakwatch.queue (silent
+    messages, hand-offs, tasks, errors by kind with their latest line) and GET /metrics the
+    five shared-queue series, every queue error kind from 0."""
+    now = time.time()
+    log = tmp_path / "maillog"
+    log.write_text("\n".join([
+        from_line(now - 3000, "smtp-out-1"), to_line(now - 2999, "smtp-out-1"),
+        to_line(now - 2000, "smtp-out-2"),
+        other_line(now - 30, "smtp-out-2", f"{QID_2}: queueup: cannot create ./tf{QID_2}, "
+                                           "euid=0: File exists"),
+    ]) + "\n")
+    config_path = tmp_path / "selfcheckd.toml"
+    config_path.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\n'
+        f'[leakwatch]\nsource = "file"\nqueue_silent_after = 600\n'
+        f'file = {{ path = "{log}", from_beginning = true, poll_interval = 0.05 }}\n')
+    daemon = Daemon(load_config(config_path, {}))
+    await daemon.start()
+    try:
+        await until(lambda: daemon.metrics.registry.get_sample_value(
+            "mta_queue_errors_total", {"kind": "lock"}) == 1)
+        code, body = await get(daemon.listen_port, "/status")
+        assert code == 200
+        queue = json.loads(body)["leakwatch"]["queue"]
+        assert queue["silent_after"] == 600 and queue["handoffs"] == 1
+        assert [(m["queue_id"], m["last_task"]) for m in queue["silent_messages"]] == [
+            (QID, "smtp-out-2")]
+        assert queue["silent_messages"][0]["seconds_since_last_line"] >= 2000
+        assert [(t["task"], t["logging"], t["deferred_last_touched"])
+                for t in queue["tasks"]] == [("smtp-out-2", True, 1), ("smtp-out-1", False, 0)]
+        assert queue["errors"]["counts"] == {"lock": 1, "permission": 0, "space": 0,
+                                             "other": 0}
+        [lock] = queue["errors"]["recent"]["lock"]
+        assert (lock["task"], lock["queue_id"]) == ("smtp-out-2", QID_2)
+        assert lock["line"].endswith("File exists")
+
+        m = samples((await get(daemon.listen_port, "/metrics"))[1])
+        assert m[("mta_deferred_silent_messages", ())] == 1
+        assert m[("mta_oldest_silent_deferred_seconds", ())] >= 2000
+        assert m[("mta_queue_handoffs_total", ())] == 1
+        assert m[("mta_tasks_logging", ())] == 1
+        assert {kind: m[("mta_queue_errors_total", (("kind", kind),))]
+                for kind in ("lock", "permission", "space", "other")} == {
+            "lock": 1, "permission": 0, "space": 0, "other": 0}
+    finally:
+        await daemon.shutdown()
