@@ -33,9 +33,12 @@ stream): no line is parsed twice.
   than its previous line is a *hand-off* (`handoffs`).
 * A deferred message with no line (from=, to= or return) for longer than
   `silent_after` is *silent*: no queue runner retries it. Judged from the lines'
-  own timestamps against the clock (against the newest line read while a backlog
-  is still being read: `reading_backlog`), so a watcher that restarts and reads its
-  backlog decides as one that never stopped.
+  own timestamps against the clock, but never past what the source has read: the
+  newest line read while a backlog is still being read (`reading_backlog`), and the
+  time of the last read that reached the end of the log (`read_up_to`) otherwise.
+  So a watcher that restarts and reads its backlog decides as one that never
+  stopped, and one whose source fails (CloudWatch unreachable, the file gone) does
+  not take the lines it cannot read for silence.
 * Per task, the time of its latest MTA line (at most `MAX_TASKS` tasks, the one
   heard longest ago forgotten first); and the queue's own errors by kind
   (queue_errors.py), with the latest few lines of each kind.
@@ -299,6 +302,9 @@ class QueueTracker:
         # True while the source is still reading a backlog (it stopped short of the end):
         # silence is judged against the newest line read, not yet against the clock.
         self.reading_backlog = False
+        # When the source last read to the end of the log (the daemon sets it; None: not
+        # known, e.g. a scan, which judges at its own clock): silence is judged up to it.
+        self.read_up_to: float | None = None
 
     # -- feeding -----------------------------------------------------------------------------
     def see_queue_add(self, record: QueueAdd, line: str, stream: str | None = None) -> None:
@@ -505,11 +511,14 @@ class QueueTracker:
 
     # -- silence and tasks --------------------------------------------------------------------
     def reference(self, now: float | None = None) -> float:
-        """The time silence is judged at: the clock (or `now`), or, while a backlog is
-        still being read, the newest line read so far."""
+        """The time silence is judged at: the clock (or `now`), but never past what was
+        read: while a backlog is still being read, the newest line read so far; else the
+        last read that reached the end of the log (`read_up_to`, when known)."""
+        now = self.now() if now is None else now
+        read = self.read_up_to
         if self.reading_backlog and self.newest is not None:
-            return self.newest
-        return self.now() if now is None else now
+            read = self.newest if read is None else max(read, self.newest)
+        return now if read is None else min(now, read)
 
     def silent_for(self, msg: Message, now: float | None = None) -> float | None:
         """Seconds since a deferred message's last line if it is silent, else None."""
@@ -601,6 +610,12 @@ class QueueTracker:
             (self._deferred if msg.deferred else self._others)[msg.queue_id] = msg
             if self.newest is None or msg.last_seen > self.newest:
                 self.newest = msg.last_seen
+        # Read at least up to the newest line saved, until the source reads again: a
+        # source that fails from the start does not make the saved messages silent.
+        latest = max([*self._tasks.values(), *([self.newest] if self.newest else [])],
+                     default=None)
+        if latest is not None and (self.read_up_to is None or latest > self.read_up_to):
+            self.read_up_to = latest
 
 
 def _header_fields(line: str) -> tuple[str | None, str | None]:

@@ -472,6 +472,8 @@ class LeakWatch:
         queue, now = self.queue, self._wall()
         return {
             "silent_after": queue.silent_after,
+            # Silence is judged at this time: now, or the last read of the whole log.
+            "judged_at": iso(queue.reference(now)),
             "deferred_messages": queue.deferred_count(),
             "silent_messages": [
                 {"queue_id": m.queue_id, "last_line": iso(m.last_seen),
@@ -555,8 +557,11 @@ class LeakWatch:
             streams = self.poller.last_streams
         # The detector counts the findings reported now; the queue tracker takes the lines.
         findings = self.processor.feed_batch(batch, streams)
-        # A backlog still being read is judged for silence at its newest line, not now.
+        # Silence is judged up to what was read: a backlog still being read, at its newest
+        # line; a read that reached the end, at now; a source that fails, at its last read.
         self.queue.reading_backlog = self.source.more_pending
+        if not self.source.more_pending:
+            self.queue.read_up_to = self._wall()
         self._flush_queue()
         for i, finding in enumerate(findings):
             try:

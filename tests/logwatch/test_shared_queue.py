@@ -202,7 +202,8 @@ def test_tasks_logging_counts_every_mta_line_within_silent_after() -> None:
 
 def test_the_tasks_remembered_are_bounded_and_saved() -> None:
     """At most MAX_TASKS tasks, the least recently heard forgotten first; they survive a
-    save and a restore (so a restart does not empty mta_tasks_logging)."""
+    save and a restore (so a restart does not empty mta_tasks_logging), judged at the
+    newest saved line until the source reads to its end again."""
     lines = [other_line(NOW - 1000 + i, f"task-{i}") for i in range(MAX_TASKS + 10)]
     queue = fed(lines)
     assert len(queue.task_listing()) == MAX_TASKS
@@ -210,6 +211,8 @@ def test_the_tasks_remembered_are_bounded_and_saved() -> None:
     saved = queue.task_state()
     again = QueueTracker(clock=lambda: NOW)
     again.restore([], [(t["task"], t["last_line"]) for t in saved])
+    assert again.reference() == NOW - 1000 + MAX_TASKS + 9
+    again.read_up_to = NOW  # the first read after the restart reached the end
     assert again.task_listing() == queue.task_listing()
     assert again.tasks_logging() == MAX_TASKS
 
@@ -330,8 +333,8 @@ async def test_the_watcher_exports_silence_handoffs_tasks_and_errors(tmp_path: P
                 for k in ErrorKind} == {"lock": 1, "permission": 0, "space": 0, "other": 0}
         assert w.value("mta_tasks_logging") == 1  # smtp-out-1 last logged 999 s ago
         assert w.value("mta_deferred_silent_messages") == 0
-        wall[0] += 600  # no new line: 700 s since the last one
-        assert w.value("mta_deferred_silent_messages") == 1
+        wall[0] += 600  # no new line: 700 s since the last one, once the log is read again
+        await until(lambda: w.value("mta_deferred_silent_messages") == 1)
         assert w.value("mta_oldest_silent_deferred_seconds") == pytest.approx(700, abs=0.01)
         assert w.value("mta_tasks_logging") == 0
         status = w.watch.queue_status()
@@ -347,6 +350,29 @@ async def test_the_watcher_exports_silence_handoffs_tasks_and_errors(tmp_path: P
         assert w.value("mta_oldest_silent_deferred_seconds") == 0
     assert w.value("mta_deferred_silent_messages") == 0  # closed: reads 0
     assert w.value("mta_tasks_logging") == 0
+
+
+async def test_a_source_that_cannot_be_read_makes_no_message_silent(tmp_path: Path) -> None:
+    """Silence is judged up to the last read that reached the end of the log: while the file
+    is gone (or CloudWatch unreachable) the lines not read are not taken for silence and no
+    task stops logging; once it is read again, the verdict is at the clock."""
+    log = tmp_path / "maillog"
+    wall = [NOW]
+    log.write_text(to_line(NOW - 100, "smtp-out-1") + "\n")
+    async with watching(file_config(log, queue_silent_after=600), wall=lambda: wall[0]) as w:
+        await until(lambda: w.value("mta_deferred_messages") == 1)
+        log.rename(tmp_path / "maillog.gone")
+        await until(lambda: w.value("leakwatch_errors_total", reason="file_missing") > 0)
+        wall[0] += 3600
+        await until(lambda: w.value("leakwatch_errors_total", reason="file_missing") > 1)
+        assert w.value("mta_deferred_silent_messages") == 0
+        assert w.value("mta_tasks_logging") == 1
+        assert w.watch.queue_status()["judged_at"] == ts(NOW)
+        (tmp_path / "maillog.gone").rename(log)
+        await until(lambda: w.value("mta_deferred_silent_messages") == 1)
+        assert w.value("mta_oldest_silent_deferred_seconds") == pytest.approx(3700, abs=0.01)
+        assert w.value("mta_tasks_logging") == 0
+        assert w.watch.queue_status()["judged_at"] == ts(wall[0])
 
 
 def _backlog(start: float) -> list[str]:
