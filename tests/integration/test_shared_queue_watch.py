@@ -34,13 +34,15 @@ def _follow(lab: ClusterLab, **extra: Any) -> dict[str, Any]:
 
 
 async def test_a_message_deferred_by_one_task_and_retried_by_another_is_one_handoff(
-    cluster_lab_factory: LabFactory,
+    cluster_lab_factory: LabFactory, tmp_path: Path,
 ) -> None:
     """Task 1 defers it, task 2's queue run retries it over the shared queue: one hand-off,
-    and the message lists both tasks; a replacement's retry is the next hand-off."""
+    and the message lists both tasks; a replacement's retry while the watcher is stopped is
+    the next hand-off once it restarts from its state file (the restart changes nothing)."""
     lab = await asyncio.to_thread(cluster_lab_factory, interval="1h")
     one, two = lab.tasks
-    async with watching(_follow(lab)) as w:
+    config = _follow(lab, state_file=str(tmp_path / "state.json"))
+    async with watching(config) as w:
         qid = await asyncio.to_thread(lab.cluster.submit, one, SENDER, ["nobody-40@sinkhole.test"])
         await until(lambda: w.value("mta_deferred_messages") == 1, timeout=LOG_WAIT)
         await asyncio.to_thread(lab.settled, qid)
@@ -55,10 +57,19 @@ async def test_a_message_deferred_by_one_task_and_retried_by_another_is_one_hand
         assert (msg.tasks, msg.last_task) == (["smtp-out-1", "smtp-out-2"], "smtp-out-2")
         assert w.value("mta_tasks_logging") == 2
 
-        three = await asyncio.to_thread(lab.cluster.replace, one)
-        await asyncio.to_thread(lab.settled, qid)
-        await asyncio.to_thread(lab.cluster.queue_run, three)
-        await until(lambda: w.value("mta_queue_handoffs_total") == 2, timeout=LOG_WAIT)
+    read = lab.attempts(qid)
+    three = await asyncio.to_thread(lab.cluster.replace, one)
+    await asyncio.to_thread(lab.settled, qid)
+    await asyncio.to_thread(lab.cluster.queue_run, three)
+    await asyncio.to_thread(lab.sync)
+    new = lab.attempts(qid)[len(read):]
+    assert new and {host for host, _ in new} == {"smtp-out-3"}
+    async with watching(config) as w:
+        await until(lambda: w.value("mta_deliveries_total", result="deferred") == len(new),
+                    timeout=LOG_WAIT)
+        assert w.value("mta_queue_handoffs_total") == 1  # and no line read twice
+        msg = w.watch.queue.get(qid)
+        assert msg is not None and msg.last_task == "smtp-out-3"
         assert msg.tasks == ["smtp-out-1", "smtp-out-2", "smtp-out-3"]
         assert w.value("mta_deferred_silent_messages") == 0
 
