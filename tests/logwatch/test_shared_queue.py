@@ -466,6 +466,32 @@ def test_scan_queue_shows_tasks_and_silence_against_now(tmp_path: Path) -> None:
     assert "queue_summary deferred_messages=2 silent_messages=1 handoffs=11 " in err
 
 
+def test_scan_queue_reads_bsd_syslog_lines_as_well(tmp_path: Path) -> None:
+    """A classic /var/log/maillog (BSD timestamps: local time, no year) stamped relative to
+    now: the same tasks, hand-offs and silence as RFC 3339 lines."""
+    now = time.time()
+
+    def bsd(line: str, at: float) -> str:
+        return time.strftime("%b %e %H:%M:%S", time.localtime(at)) + line[len(ts(at)):]
+
+    lines = [bsd(from_line(now - 5000, "smtp-out-1"), now - 5000),
+             bsd(to_line(now - 5000, "smtp-out-1"), now - 5000),
+             bsd(to_line(now - 4100, "smtp-out-2"), now - 4100),
+             bsd(to_line(now - 4000, "smtp-out-1", QID_2), now - 4000),
+             bsd(to_line(now - 100, "smtp-out-2", QID_2), now - 100)]
+    log = tmp_path / "maillog"
+    log.write_text("\n".join(lines) + "\n")
+    code, out, err = run_scan(["--file", str(log), "--queue", "--json"], clock=lambda: now)
+    assert code == 1
+    messages = {m["queue_id"]: m for m in map(json.loads, out.splitlines())}
+    assert (messages[QID]["tasks"], messages[QID]["silent"]) == (
+        ["smtp-out-1", "smtp-out-2"], True)
+    assert messages[QID]["since_last_line"] == pytest.approx(4100, abs=1)
+    assert messages[QID_2]["silent"] is False
+    summary = json.loads(err.splitlines()[0])
+    assert (summary["silent_messages"], summary["handoffs"]) == (1, 2)
+
+
 def test_scan_queue_id_shows_the_tasks_and_silence_of_one_message(tmp_path: Path) -> None:
     """`scan --queue-id --json`: the summary's message has its tasks and silence; the lines
     include the error lines of that id (how a stuck runner shows)."""
