@@ -47,6 +47,7 @@ from daemon.http import HttpServer, ProbeAnswer
 from daemon.http_limits import connection_cap
 from daemon.logs import configure_logging, install_exception_hooks, redact_secrets
 from daemon.metrics import Metrics
+from daemon.retry import Backoff
 from daemon.roundtrip.check import RoundTrip
 from daemon.roundtrip.probe import probe_secret
 from daemon.stopping import StopBudget
@@ -56,15 +57,26 @@ if TYPE_CHECKING:  # imported when configured: botocore and the DNS libraries ar
     from daemon.dns.component import DnsChecks
     from daemon.dns.mta_sts import PolicyFetcher
     from daemon.drill.component import ScheduledDrill
+    from daemon.ha import Leadership, LeaseKeeper, LeaseTable
+    from daemon.logwatch.config import S3Location
     from daemon.logwatch.watcher import LeakWatch
+    from daemon.state_s3 import S3StateStore
 
 log = structlog.get_logger("daemon.app")
 
 EXIT_OK, EXIT_STARTUP, EXIT_FORCED = 0, 3, 1
+# Reading the leak watcher's S3 state at a takeover: each try's deadline, and the
+# longest wait between tries while S3 does not answer.
+STATE_READ_TIMEOUT = 10.0
+STATE_READ_MAX_BACKOFF = 30.0
 # After the grace: stopping the components and closing listeners and clients.
 CLOSE_BUDGET = 2.0
 # Replacing a component on reload waits this long for the old one to end.
 SWAP_TIMEOUT = 5.0
+# A leader stepping down waits this long for its components to end, and for its
+# state to be saved (the save is fenced: a late one is refused, not harmful).
+STEP_DOWN_STOP = 1.0
+STEP_DOWN_SAVE = 2.0
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -99,6 +111,59 @@ class ScheduledChecks:
         await self.scheduler.run()
 
 
+class StateReader:
+    """The `leakwatch-state` component: reads the leak watcher's S3 state, then starts it.
+
+    The state is read whole (and claimed) before the watcher opens: a line read
+    before would be saved over a state not yet known. While S3 does not answer,
+    the read is retried with backoff and the component is degraded (`state_read`);
+    the round trips and heartbeats run meanwhile. Once read, the watcher is opened
+    and primed and its components started; this one has then finished.
+    """
+
+    name = "leakwatch-state"
+
+    def __init__(self, watch: LeakWatch, start: Callable[[LeakWatch], None], sleep: Sleep) -> None:
+        self.watch = watch
+        self._start = start
+        self._sleep = sleep
+        self._backoff = Backoff(initial=1.0, maximum=STATE_READ_MAX_BACKOFF)
+        self.progress_deadline = STATE_READ_TIMEOUT + STATE_READ_MAX_BACKOFF + 30.0
+        self.done = False
+
+    @property
+    def may_finish(self) -> bool:
+        return self.done
+
+    async def run(self, progress: Progress) -> None:
+        from daemon.state import StateUnreadable
+        from daemon.state_s3 import S3StateStore
+
+        store = self.watch.state
+        assert isinstance(store, S3StateStore)
+        failures = 0
+        while not store.fetched:
+            try:
+                await store.fetch(STATE_READ_TIMEOUT)
+            except StateUnreadable as exc:
+                failures += 1
+                self.watch.count_error("state_read")
+                delay = round(self._backoff.delay(failures), 3)
+                progress.retrying(f"state not read: {exc}", "state_read")
+                if failures == 1:
+                    log.error("state_file_unreadable", path=str(store.path), error=str(exc),
+                              retry_in=delay,
+                              consequence="the leak watcher reads no line until it can read "
+                                          "the state (retried), and saves nothing over it")
+                await self._sleep(delay)
+        if failures:
+            log.info("state_file_read", path=str(store.path), after_failures=failures)
+        self.watch.open()
+        await self.watch.prime()
+        self._start(self.watch)
+        self.done = True
+
+
 class Daemon:
     """Everything `selfcheckd run` owns; tests drive it in-process via `start`/`shutdown`."""
 
@@ -111,6 +176,8 @@ class Daemon:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         policy_fetcher: PolicyFetcher | None = None,
+        lease_table: LeaseTable | None = None,
+        holder: str | None = None,
     ) -> None:
         self.config = loaded.config
         self.config_path = config_path if config_path is not None else loaded.path
@@ -130,22 +197,43 @@ class Daemon:
         # When each route's latest run (scheduled or on demand) started: /probe's spacing.
         self._run_started: dict[str, float] = {}
         self.checks = self._checks(self.config)
+        # [ha]: the leader's work (the scheduler, heartbeats, the leak watcher) runs only
+        # while this process holds the lease; without it, always (daemon/ha.py).
+        self.ha = self.config.ha
+        self.leading = self.ha is None
+        self.token: int | None = None
+        self._lease_table = lease_table
+        self._holder = holder
+        self.keeper: LeaseKeeper | None = None
+        self.leadership: Leadership | None = None
+        # One start or stop of the leader's work at a time, and none inside a reload.
+        self._transition = asyncio.Lock()
+        # Halted, its components and state not yet stopped and saved.
+        self._cleanup_pending = False
+        # Schedulers of earlier terms whose cancelled runs may still delete their probes.
+        self._retired: list[Scheduler] = []
+        self._halted: list[asyncio.Task[None]] = []
+        self._cleaning: asyncio.Task[None] | None = None
+        # Set at SIGTERM: the step-down releases the lease as soon as the state is saved.
+        self._release_when_saved = False
+        self.runner.halted = lambda: not self.leading
         jobs = self._jobs(self.config, self.checks)
-        self.scheduler = Scheduler(
-            jobs, clock=clock, sleep=sleep,
-            on_skip=self._on_skip,
-            on_deadline=lambda name: log.error("selfcheck_deadline_cancelled", route=name),
-            on_crash=lambda _name: self.metrics.internal_errors.labels(
-                kind="scheduled_job").inc())
-        self._export_schedule(jobs)
+        self.scheduler = self._scheduler(jobs)
+        if self.leading:  # a standby exports no route series (its rules would fire)
+            self._export_schedule(jobs)
         self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics, sleep=sleep,
                                      routes=list(self.checks))
-        self.leakwatch = self._leakwatch(self.config)
-        self.drill = self._drill(self.config)
+        self.leakwatch = self._leakwatch(self.config) if self.leading else None
+        if self.leakwatch is None and self.config.leakwatch is not None:
+            # A standby imports now what a takeover needs (botocore's service models
+            # among it): a takeover is seconds of nobody watching, not the time to load.
+            import daemon.logwatch.watcher  # noqa: F401
+        self.drill = self._drill(self.config) if self.leading else None
         # How MTA-STS policies are fetched: port 443 and the system's CAs unless a test
         # says otherwise (the configuration cannot).
         self._policy_fetcher = policy_fetcher
-        self.dns = self._dns(self.config)
+        self.dns = self._dns(self.config) if self.leading else None
+        self.metrics.leader.set(1 if self.leading else 0)
         self.http = self._http(self.config)
         self.started_at = time.time()
         self.ready = False
@@ -172,6 +260,14 @@ class Daemon:
                 if config.server.probe else 0.0)
             for name, check in checks.items()
         ]
+
+    def _scheduler(self, jobs: list[Job]) -> Scheduler:
+        return Scheduler(
+            jobs, clock=self._clock, sleep=self._sleep,
+            on_skip=self._on_skip,
+            on_deadline=lambda name: log.error("selfcheck_deadline_cancelled", route=name),
+            on_crash=lambda _name: self.metrics.internal_errors.labels(
+                kind="scheduled_job").inc())
 
     def _export_schedule(self, jobs: list[Job]) -> None:
         """Each route's interval, which the alert rules are relative to."""
@@ -200,11 +296,39 @@ class Daemon:
         if config.leakwatch is None:
             return None
         from daemon.logwatch.watcher import LeakWatch
+        from daemon.state_s3 import S3StateStore
 
         stdin = handover.source if handover is not None and handover.source.kind == "stdin" \
             else None
+        state: S3StateStore | None = None
+        if (location := config.leakwatch.state_s3) is not None:
+            if handover is not None and isinstance(handover.state, S3StateStore) \
+                    and handover.state.path == location:
+                state = handover.state  # a reload: the same object, on the same ETag
+            else:
+                state = self._s3_store(config, location)
         return LeakWatch(config.leakwatch, self.metrics, clock=self._clock, sleep=self._sleep,
-                         stdin=stdin)
+                         stdin=stdin, state=state)
+
+    def _s3_store(self, config: Config, location: S3Location) -> S3StateStore:
+        """The S3 state of this term: written under this process's holder id and token."""
+        from daemon.ha import local_holder_id
+        from daemon.state_s3 import S3StateStore
+
+        ha = config.ha
+        store = S3StateStore(
+            location, self.metrics,
+            region=ha.region if ha else None, endpoint_url=ha.endpoint_url if ha else None,
+            holder=self.keeper.holder if self.keeper is not None else local_holder_id(),
+            token=self.token)
+        store.on_fenced = self._fenced
+        return store
+
+    def _fenced(self, why: str) -> None:
+        """The state store refused a save: another process wrote the state since ours."""
+        if self.keeper is not None and self.leading:
+            # A newer leader exists: stop now, not when our renewal is refused.
+            self.keeper.lose(f"the leak watcher's state was {why}")
 
     def _drill(self, config: Config) -> ScheduledDrill | None:
         if config.drill is None or config.drill.schedule is None:
@@ -231,8 +355,8 @@ class Daemon:
                           clock=self._clock, sleep=self._sleep)
 
     def _on_result(self, result: CheckResult) -> None:
-        if result.route not in self.checks:
-            return  # a reload removed the route while this run was going
+        if result.route not in self.checks or not self.leading:
+            return  # a reload removed the route, or this task stopped leading, meanwhile
         self.results[result.route] = result
         self.heartbeats.run_finished(result)
         if self.dns is not None:
@@ -309,6 +433,8 @@ class Daemon:
                 "dns": [e.name for e in cfg.dns],
                 "logging": cfg.logging.model_dump(),
             },
+            "role": "leader" if self.leading else "standby",
+            "ha": self._ha_status(),
             "problems": self.problems(),
             "degraded": self.degraded(),
             "components": self.supervisor.states(),
@@ -316,6 +442,19 @@ class Daemon:
             "leakwatch": leak,
             "dns": None if self.dns is None else self.dns.status(),
         }
+
+    def _ha_status(self) -> dict[str, Any] | None:
+        """Who holds the lease and under which token; None without [ha]."""
+        if self.ha is None:
+            return None
+        if self.keeper is None:
+            return {"role": "standby", "holder": None, "token": None, "leader": None}
+        status = self.keeper.status()
+        # The role is what this process does, which the lease alone does not say (the
+        # work stops at valid_until, and starts only after the state is read).
+        status["role"] = "leader" if self.leading else "standby"
+        status["token"] = self.token if self.leading else None
+        return status
 
     def probe_enabled(self) -> bool:
         return self.config.server.probe
@@ -337,6 +476,12 @@ class Daemon:
         if self.stopping:
             self.probe_refused("refused")
             return ProbeAnswer(503, {"error": "selfcheckd is stopping"})
+        if not self.leading:
+            self.probe_refused("refused")
+            leader = self.keeper.leader if self.keeper is not None else None
+            return ProbeAnswer(503, {"error": "this task is standby: the leader runs the "
+                                              "round trips",
+                                     "leader": leader.holder if leader else None})
         spacing = self.config.server.probe_min_interval
         in_flight = route in self.scheduler.running
         since = self._clock() - self._run_started.get(route, -math.inf)
@@ -378,27 +523,202 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen, restore the leak watcher, start every component. Raises OSError on bind."""
+        """Listen, restore the leak watcher, start every component. Raises OSError on bind.
+
+        With [ha], only the lease and leadership loops start here: the leader's work
+        starts when the lease is won (`start_leading`).
+        """
         await self.http.bind()
-        if self.leakwatch is not None:
-            self.leakwatch.open()
-            await self.leakwatch.prime()
         self.supervisor.start(self.http)
-        self.supervisor.start(ScheduledChecks(self.scheduler))
-        self.supervisor.start(self.heartbeats)
-        for component in self.leakwatch.components() if self.leakwatch else []:
-            self.supervisor.start(component)
-        if self.drill is not None:
-            self.supervisor.start(self.drill)
-        if self.dns is not None:
-            self.supervisor.start(self.dns)
+        if self.ha is None:
+            await self._start_work()
+        else:
+            from daemon.ha import DynamoLeaseTable, Leadership, LeaseKeeper, holder_id
+
+            holder = self._holder if self._holder is not None else await holder_id()
+            table = self._lease_table if self._lease_table is not None \
+                else DynamoLeaseTable(self.ha)
+            self.keeper = LeaseKeeper(self.ha, table, holder, self.metrics, clock=self._clock,
+                                      sleep=self._sleep)
+            self.leadership = Leadership(self.keeper, self, self.metrics)
+            self.supervisor.start(self.keeper)
+            self.supervisor.start(self.leadership)
         self._supervising = asyncio.create_task(self.supervisor.run(), name="supervisor")
         await self.supervisor.started()
         self.ready = True
         log.info("selfcheckd_started", version=__version__, listen=self.http.listen,
                  routes=len(self.checks), interval=self.config.selfcheck.interval,
                  leakwatch=self.config.leakwatch is not None, dns=len(self.config.dns),
+                 holder=self.keeper.holder if self.keeper is not None else None,
                  components=",".join(self.supervisor.names()))
+
+    async def _start_work(self) -> None:
+        """Open the leak watcher and start the leader's components (a state in S3 is read
+        by the `leakwatch-state` component first: S3 may not answer at once)."""
+        watch = self.leakwatch
+        reader: StateReader | None = None
+        if watch is not None and getattr(watch.state, "needs_fetch", False):
+            reader = StateReader(watch, self._start_leakwatch, self._sleep)
+        elif watch is not None:
+            watch.open()
+            await watch.prime()
+        if not self.leading:  # halted while the watcher opened: start nothing
+            return
+        self.supervisor.start(ScheduledChecks(self.scheduler))
+        self.supervisor.start(self.heartbeats)
+        if reader is not None:
+            self.supervisor.start(reader)
+        elif watch is not None:
+            self._start_leakwatch(watch)
+        if self.drill is not None:
+            self.supervisor.start(self.drill)
+        if self.dns is not None:
+            self.supervisor.start(self.dns)
+
+    def _start_leakwatch(self, watch: LeakWatch) -> None:
+        if self.leading and watch is self.leakwatch:  # not once this task stepped down
+            for component in watch.components():
+                self.supervisor.start(component)
+
+    # -- leader and standby (daemon/ha.py) ------------------------------------------------
+
+    async def start_leading(self, token: int) -> None:
+        """The lease is ours (fencing token `token`): build the leader's work afresh and
+        start it. Everything is read anew (the state at takeover): another task may
+        have led since this one last did."""
+        async with self._transition:
+            if self.stopping:
+                return
+            await self._cleanup_leadership(save=False)  # a previous term cut short
+            self.leading, self.token = True, token
+            self.results.clear()
+            self._run_started.clear()
+            jobs = self._jobs(self.config, self.checks)
+            self.scheduler = self._scheduler(jobs)
+            self._export_schedule(jobs)
+            self.heartbeats = Heartbeats(self.config.heartbeat, self.metrics,
+                                         sleep=self._sleep, routes=list(self.checks))
+            self.leakwatch = self._leakwatch(self.config)
+            self.drill = self._drill(self.config)
+            self.dns = self._dns(self.config)
+            self._cleanup_pending = True
+            await self._start_work()
+            log.info("ha_leader_work_started", token=token,
+                     components=",".join(self.supervisor.names()))
+
+    async def stop_leading(self, why: str, *, holding: bool) -> None:
+        """Stop acting as leader now; then stop and save what it ran.
+
+        Acting stops before the first await (`_halt`): runs and components are
+        cancelled in the same instant, so nothing of the leader's happens after
+        the lease's deadline however long the save takes. The save is kept when
+        the lease is still ours (`holding`) or the store refuses a deposed
+        leader's write; a file, which cannot, is not written once the lease may
+        have passed to another task. The cleanup is one task, shielded: a caller
+        cancelled meanwhile (the shutdown stopping the leadership loop) does not
+        cut the save short, and the next caller joins it.
+        """
+        self._halt(why)
+        if self._cleaning is None or self._cleaning.done():
+            if not self._cleanup_pending:
+                return
+            self._cleaning = asyncio.create_task(
+                self._cleanup_locked(save=holding or self._store_fenced(),
+                                     save_timeout=self._step_down_save(holding)),
+                name="ha-step-down")
+        await asyncio.shield(self._cleaning)
+
+    async def _cleanup_locked(self, save: bool, save_timeout: float) -> None:
+        async with self._transition:
+            await self._cleanup_leadership(save=save, save_timeout=save_timeout)
+
+    def _step_down_save(self, holding: bool) -> float:
+        """How long the step-down's save may take. Still holding the lease (a stop), the
+        next leader waits for it: briefly. Lease lost (a partition): S3 may be out of
+        reach for as long, and the write is fenced (a late one is refused, and seen,
+        logged and counted as such), so it may wait up to a lease; but never more than
+        half the shutdown grace, which a SIGTERM arriving meanwhile waits for."""
+        if holding or self.ha is None:
+            return STEP_DOWN_SAVE
+        return max(STEP_DOWN_SAVE, min(self.ha.lease_duration, self.config.shutdown_grace / 2))
+
+    def _halt(self, why: str) -> None:
+        """Stop every piece of the leader's work at once (synchronous: no await)."""
+        if not self.leading:
+            return
+        self.leading = False
+        self.scheduler.stop()
+        self.scheduler.cancel_runs()
+        names = [ScheduledChecks.name, self.heartbeats.name, StateReader.name]
+        if self.leakwatch is not None:
+            names += [c.name for c in self.leakwatch.components()]
+        if self.dns is not None:  # a DNS run leaves nothing to clean up: cancelled at once
+            self.dns.scheduler.stop()
+            self.dns.scheduler.cancel_runs()
+            names.append(self.dns.name)
+        self._halted = [t for name in names if (t := self.supervisor.detach(name)) is not None]
+        if self.drill is not None and self.drill.current is not None:
+            # Its steps stop now; its cleanup (parking the sinkhole in defer) runs on, and
+            # `_cleanup_leadership` waits for it before stopping the component.
+            self.drill.current.interrupt("this task stopped leading")
+        log.warning("ha_leader_work_halted", why=why, token=self.token,
+                    runs_cancelled=sorted(self.scheduler.running))
+
+    def _release_timeout(self) -> float:
+        """A release waits for the lease loop's call in progress, then makes its own."""
+        assert self.keeper is not None
+        return min(2 * self.keeper.renew_every, self.budget.remaining(1.0))
+
+    def _store_fenced(self) -> bool:
+        """Whether the state store refuses a deposed leader's late write (S3 does)."""
+        return self.leakwatch is not None and self.leakwatch.config.state_s3 is not None
+
+    async def _cleanup_leadership(self, save: bool, save_timeout: float = STEP_DOWN_SAVE) -> None:
+        """After `_halt`: wait for the components, save the leak state, forget the series."""
+        if not self._cleanup_pending:
+            return
+        self._halt("cleanup")
+        halted, self._halted = self._halted, []
+        if halted:
+            done, _ = await asyncio.wait(halted, timeout=STEP_DOWN_STOP)
+            if len(done) < len(halted):
+                log.error("ha_components_ignored_stop", count=len(halted) - len(done))
+        watch, self.leakwatch = self.leakwatch, None
+        if watch is not None:
+            try:  # never a save over a state not read (the watcher did not open)
+                await watch.close(timeout=min(save_timeout, self.budget.remaining(0.5)),
+                                  save=save and watch.opened)
+            except Exception:
+                log.exception("leakwatch_stop_failed")
+        if self._release_when_saved and self.keeper is not None:
+            # A stop: the state is saved, so a standby may take over while a drill in
+            # flight still parks the sinkhole below.
+            await self.keeper.release(timeout=self._release_timeout())
+        dns, self.dns = self.dns, None
+        if dns is not None:
+            await dns.stop(timeout=STEP_DOWN_STOP)
+            dns.replace([])  # its entries' series: a standby exports none
+        drill, self.drill = self.drill, None
+        if drill is not None:
+            await drill.stop(timeout=max(1.0, self.config.shutdown_grace - CLOSE_BUDGET))
+            await self.supervisor.remove(drill.name, timeout=STEP_DOWN_STOP)
+        if self.scheduler.running:
+            self._retired.append(self.scheduler)  # their probe deletions run on
+        self._retired = [s for s in self._retired if s.running]
+        self._forget_leader_series()
+        self.token = None
+        self._cleanup_pending = False
+
+    def _forget_leader_series(self) -> None:
+        """A standby exports none of the leader's series: the rules that read them
+        (SelfcheckStale, LeakWatcherDown, SinkholeLeftInAcceptMode ...) would fire on
+        the values it last had."""
+        for route in self.checks:
+            self.metrics.forget_route(route)
+        for target in self.heartbeats.targets:
+            self.metrics.forget_heartbeat_target(target.name)
+        self.metrics.forget_leakwatch_series()
+        self.metrics.forget_drill_series()
 
     async def shutdown(self) -> None:
         """Stop everything within `shutdown_grace` (+ CLOSE_BUDGET to close clients)."""
@@ -410,9 +730,11 @@ class Daemon:
         final = final_reserve(grace)
         cleanup = cleanup_reserve(grace, self.config.selfcheck.cleanup_timeout)
         log.info("selfcheckd_stopping", grace=grace, running=sorted(self.scheduler.running))
+        if self.ha is not None:
+            await self._hand_over()
         # A drill in flight starts its cleanup now (parking the sinkhole in defer),
         # alongside everything else, within the grace.
-        drill_stopped = None if self.drill is None else asyncio.create_task(
+        drill_stopped = None if self.drill is None or not self.leading else asyncio.create_task(
             self.drill.stop(timeout=grace), name="drill-stop")
         self.scheduler.stop()
         if self.dns is not None:  # a DNS run has nothing to clean up: cancelled at once
@@ -423,7 +745,10 @@ class Daemon:
         await self._finish_runs(cleanup, final)
         if self.leakwatch is not None and self.leakwatch.opened:
             await self._close_leakwatch(self.leakwatch)
-        await self.heartbeats.close(grace=min(2.0, self.budget.remaining()))
+        elif self.leakwatch is not None:  # its S3 state never read: nothing to save over it
+            await self.leakwatch.close(save=False)
+        if self.leading:  # a standby's heartbeats never ran
+            await self.heartbeats.close(grace=min(2.0, self.budget.remaining()))
         if drill_stopped is not None:
             await asyncio.wait({drill_stopped}, timeout=self.budget.remaining())
         self.supervisor.stop()
@@ -436,6 +761,38 @@ class Daemon:
                 log.error("supervisor_failed", exc_info=self._supervising.exception())
         await self.http.close()  # if the http component never ran
         log.info("selfcheckd_stopped")
+
+    async def _hand_over(self) -> None:
+        """SIGTERM with [ha]: stop leading at once, save, release the lease.
+
+        A standby waiting for the lease takes over at its next attempt, within
+        `renew_every`: so runs in flight are cancelled (their probes still deleted,
+        below, within the budget) rather than awaited, and undelivered alerts are
+        saved for the new leader rather than flushed here.
+        """
+        from daemon.ha import Leadership
+
+        holding = self.keeper is not None and self.keeper.leading() is not None
+        self._release_when_saved = True
+        # Nothing of the leader's happens from this instant (no await before these two):
+        # no transition (a start in progress is cancelled), no leader work.
+        leadership = self.supervisor.detach(Leadership.name)
+        self._halt("selfcheckd is stopping")
+        if leadership is not None:
+            done, _ = await asyncio.wait({leadership}, timeout=min(1.0, self.budget.remaining()))
+            if not done:
+                log.error("component_ignored_cancel", component=Leadership.name)
+        if self.leadership is not None:
+            await self.leadership.step_down("selfcheckd is stopping", holding=holding)
+        await self.stop_leading("selfcheckd is stopping", holding=holding)  # what is left
+        if self.keeper is not None:  # released already when the leader saved
+            await self.keeper.release(timeout=self._release_timeout())
+            await self.supervisor.remove(self.keeper.name,
+                                         timeout=min(1.0, self.budget.remaining()))
+        retired = [t for s in self._retired for t in s.running.values()]
+        if retired:  # probe deletions of cancelled runs
+            await asyncio.wait(retired, timeout=self.budget.remaining(final_reserve(
+                self.config.shutdown_grace)))
 
     async def _finish_runs(self, cleanup: float, final: float) -> None:
         """Runs in flight get what is left of the grace, then are cancelled (cleanup still runs)."""
@@ -496,7 +853,14 @@ class Daemon:
             except OSError as exc:
                 return self._refuse([f"server.listen: cannot listen on {new.server.listen}: "
                                      f"{exc.strerror or exc}"])
-        # Nothing below can fail on bad input: commit.
+        # Nothing below can fail on bad input: commit. A start or stop of the leader's
+        # work waits for the reload (a step-down halts at once all the same, and what
+        # follows starts nothing once this task is not the leader).
+        async with self._transition:
+            return await self._apply(old, new, checks, jobs, http)
+
+    async def _apply(self, old: Config, new: Config, checks: dict[str, RoundTrip],
+                     jobs: list[Job], http: HttpServer | None) -> bool:
         changed = _changed_sections(old, new)
         self.config = new
         redact_secrets(old.secret_values() | new.secret_values())
@@ -504,7 +868,8 @@ class Daemon:
         removed = set(self.checks) - {r.name for r in new.selfcheck.routes}
         self.checks = checks
         self.scheduler.replace_jobs(jobs)
-        self._export_schedule(jobs)
+        if self.leading:
+            self._export_schedule(jobs)
         for name in removed:
             self.results.pop(name, None)
             self.metrics.forget_route(name)
@@ -541,6 +906,15 @@ class Daemon:
 
     def _not_live(self, new: Config) -> list[str]:
         """Keys that cannot change while running (the reload is refused, nothing applied)."""
+        if new.ha != self.config.ha:
+            return ["ha: cannot change while running (the lease is held under these "
+                    "settings); restart selfcheckd"]
+        old_s3 = self.config.leakwatch.state_s3 if self.config.leakwatch else None
+        new_s3 = new.leakwatch.state_s3 if new.leakwatch else None
+        if old_s3 != new_s3:
+            return ["leakwatch.state_file: cannot change to, from or between S3 objects while "
+                    "running (the state is read whole and claimed at start); restart "
+                    "selfcheckd"]
         if new.drill != self.config.drill and self.drill is not None \
                 and self.drill.current is not None:
             return ["drill: cannot change while a drill is running (it would be cut short); "
@@ -561,22 +935,30 @@ class Daemon:
         old = self.heartbeats
         self.heartbeats = Heartbeats(new.heartbeat, self.metrics, sleep=self._sleep,
                                      routes=list(self.checks))
+        if not self.leading:  # a standby's heartbeats never run: the next term starts them
+            return
         self.heartbeats.carry_results_from(old)
         await old.close(grace=2.0)
-        await self.supervisor.replace(self.heartbeats, timeout=SWAP_TIMEOUT)
+        await self.supervisor.remove(old.name, timeout=SWAP_TIMEOUT)
+        if self.leading:
+            self.supervisor.start(self.heartbeats)
         for target in {t.name for t in old.targets} - {t.name for t in new.heartbeat}:
             self.metrics.forget_heartbeat_target(target)
 
     async def _swap_drill(self, new: Config) -> None:
+        if not self.leading:  # a standby runs none: the next term builds it from the config
+            return
         if self.drill is not None:
             await self.supervisor.remove(self.drill.name, timeout=SWAP_TIMEOUT)
-        self.drill = self._drill(new)
+        self.drill = self._drill(new) if self.leading else None
         if self.drill is not None:
             self.supervisor.start(self.drill)
 
     async def _swap_dns(self, new: Config) -> None:
         """Entries changed: the component takes the new ones (keeping cadences and results
         of the others), is started for the first entries, or stopped after the last."""
+        if not self.leading:  # a standby runs none: the next term builds it from the config
+            return
         if self.dns is not None and new.dns:
             self.dns.replace(new.dns)
             return
@@ -591,19 +973,28 @@ class Daemon:
             self.supervisor.start(self.dns)
 
     async def _swap_leakwatch(self, new: Config) -> None:
+        if not self.leading:  # a standby runs none: the next term builds it from the config
+            return
         old = self.leakwatch
         handover: dict[str, Any] | None = None
         if old is not None:
-            for component in old.components():
-                await self.supervisor.remove(component.name, timeout=SWAP_TIMEOUT)
-            handover = old.snapshot()
-            await old.close(timeout=SWAP_TIMEOUT)
-        self.leakwatch = self._leakwatch(new, handover=old)
-        if self.leakwatch is not None:
-            self.leakwatch.open(handover)
-            await self.leakwatch.prime()
-            for component in self.leakwatch.components():
-                self.supervisor.start(component)
+            for name in [*(c.name for c in old.components()), StateReader.name]:
+                await self.supervisor.remove(name, timeout=SWAP_TIMEOUT)
+            if old.opened:  # one still reading its S3 state has nothing to hand over
+                handover = old.snapshot()
+            await old.close(timeout=SWAP_TIMEOUT, save=old.opened)
+        if not self.leading:  # stepped down meanwhile: the old one saved, nothing starts
+            self.leakwatch = None
+            return
+        self.leakwatch = watch = self._leakwatch(new, handover=old)
+        if watch is None:
+            return
+        if handover is None and getattr(watch.state, "needs_fetch", False):
+            self.supervisor.start(StateReader(watch, self._start_leakwatch, self._sleep))
+            return
+        watch.open(handover)
+        await watch.prime()
+        self._start_leakwatch(watch)
 
 
 def _changed_sections(old: Config, new: Config) -> list[str]:

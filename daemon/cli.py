@@ -46,7 +46,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     for key, value in placeholders(cfg):
         print(f"warning: {key} = {value} is an example domain (RFC 2606), "
               "a placeholder to replace")
-    for warning in drill_warnings(cfg):
+    for warning in [*drill_warnings(cfg), *ha_warnings(cfg)]:
         print(f"warning: {warning}")
     if not args.connect:
         return EXIT_OK
@@ -69,6 +69,22 @@ def placeholders(cfg: Config) -> list[tuple[str, str]]:
             if _example_domain(value.rpartition("@")[2]):
                 found.append((key, value))
     return found
+
+
+def ha_warnings(cfg: Config) -> list[str]:
+    """What config-check says about [ha] beyond its validation: where the state lives."""
+    leak = cfg.leakwatch
+    if cfg.ha is None or leak is None:
+        return []
+    if leak.state_s3 is not None:
+        return []
+    if leak.state_path is None:
+        return ["ha without leakwatch.state_file: each takeover starts the leak watcher "
+                "afresh (CloudWatch from lookback): leaks in that window are alerted again and "
+                "alerts pending in the old leader are lost"]
+    return [f"ha with leakwatch.state_file = {leak.state_path}: every task must reach this "
+            "one file (EFS), and a deposed leader's late write is not refused there; "
+            "an s3://bucket/key state refuses it (docs/ha.md)"]
 
 
 def drill_warnings(cfg: Config) -> list[str]:

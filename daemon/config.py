@@ -31,6 +31,7 @@ from pydantic import (
 
 from daemon.config_base import (
     ExistingFile,
+    HttpUrl,
     NonBlankStr,
     NonNegativeFloat,
     Port,
@@ -376,6 +377,44 @@ class PushgatewayConfig(SecretsModel):
         return super().check_table(table, info, problems)
 
 
+# DynamoDB table names: 3-255 of letters, digits, `_`, `-` and `.`.
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
+
+
+class HaConfig(StrictModel):
+    """Two tasks, one leader (docs/ha.md): the DynamoDB lease that decides who leads."""
+
+    # The table (one string hash key named `key`); deploy/ creates it, the daemon never does.
+    lease_table: NonBlankStr
+    # The item: one per group of tasks that share the leader's work.
+    lease_key: NonBlankStr = "selfcheckd"
+    # How long a lease lasts unless renewed; a leader stops its work once
+    # lease_duration - renew_every has passed since its last renewal.
+    lease_duration: PositiveFloat = 15.0
+    # The leader renews, a standby tries to take the lease, this often.
+    renew_every: PositiveFloat = Field(default=5.0, validate_default=True)
+    region: str | None = None
+    endpoint_url: HttpUrl | None = None
+
+    @field_validator("lease_table")
+    @classmethod
+    def _table_name(cls, value: str) -> str:
+        if not _TABLE_NAME.fullmatch(value):
+            raise ValueError("must be a DynamoDB table name: 3-255 letters, digits, _ - .")
+        return value
+
+    @field_validator("renew_every")
+    @classmethod
+    def _renew_within_lease(cls, value: float, info: ValidationInfo) -> float:
+        duration = info.data.get("lease_duration")  # absent when itself invalid
+        if duration is not None and not 2 * value < duration:
+            raise ValueError(
+                f"must be less than half of lease_duration ({duration:g}s): the leader stops "
+                "its work lease_duration - renew_every after its last renewal, which must "
+                "leave room for a renewal and a margin for clocks")
+        return value
+
+
 class LoggingConfig(StrictModel):
     format: Literal["kv", "json"] = "kv"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -394,6 +433,7 @@ class Config(StrictModel):
     drill: DrillConfig | None = None
     # DNS and sending-reputation checks (docs/dns.md).
     dns: list[DnsEntry] = Field(default_factory=list)
+    ha: HaConfig | None = None
     # Below ECS's default 30 s stopTimeout, so cleanup finishes before SIGKILL.
     shutdown_grace: PositiveFloat = 20.0
 
@@ -421,6 +461,10 @@ class Config(StrictModel):
     def check_table(cls, table: dict[str, Any], info: ValidationInfo,
                     problems: list[Problem]) -> dict[str, Any]:
         _check_drill(table, problems)
+        ha, leakwatch = table.get("ha"), table.get("leakwatch")
+        if isinstance(ha, dict) and table_value(leakwatch, "source") == "stdin":
+            problems.append((("ha",), 'cannot be used with leakwatch.source = "stdin" (standard '
+                             "input cannot pass from one task to another)"))
         targets = table.get("heartbeat", [])
         if not isinstance(targets, list):
             return super().check_table(table, info, problems)

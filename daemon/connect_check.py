@@ -48,10 +48,11 @@ from botocore.exceptions import (
 )
 from pydantic import SecretStr
 
-from daemon.config import Config, RouteConfig, Security, with_scheme
+from daemon.config import Config, HaConfig, RouteConfig, Security, with_scheme
 from daemon.config_base import scrub, url_origin
 from daemon.dns.config import DnsEntry
-from daemon.logwatch.config import CloudWatchSource, SinkholeModeWatch
+from daemon.ha import create_dynamodb_client
+from daemon.logwatch.config import CloudWatchSource, S3Location, SinkholeModeWatch
 from daemon.logwatch.sources.cloudwatch import BOTO_ATTEMPTS, create_logs_client
 from daemon.roundtrip.imap_client import ImapError, ImapSession
 from daemon.roundtrip.tls import client_context, os_error_text
@@ -59,6 +60,9 @@ from daemon.threads import in_daemon_thread
 
 # Deadline of a target with no timeout of its own in the config (the log file).
 DEFAULT_DEADLINE = 5.0
+# Deadline of the lease table's read, and of the S3 state object's.
+LEASE_DEADLINE = 10.0
+STATE_OBJECT_DEADLINE = 10.0
 # How long a finished TLS connection gets to exchange close_notify before it is cut.
 CLOSE_GRACE = 1.0
 # Secrets shorter than this are not scrubbed from lines (they would mangle ordinary words).
@@ -154,6 +158,8 @@ def build_targets(config: Config) -> list[Target]:
         if (state := leak.state_path) is not None:
             targets.append(Target("statefile", "", str(state), DEFAULT_DEADLINE,
                                   lambda t: _check_state_file(state, t)))
+        elif (location := leak.state_s3) is not None:
+            targets.append(_state_object_target(location, config.ha))
         if leak.alert is not None:
             targets.append(_url_target("alert", "", leak.alert.url, leak.alert.timeout))
         if leak.sinkhole_mode.enabled:
@@ -161,6 +167,8 @@ def build_targets(config: Config) -> list[Target]:
     if config.pushgateway is not None:
         targets.append(_pushgateway_target(config.pushgateway.url, config.pushgateway.timeout))
     targets += [_dns_target(entry) for entry in config.dns]
+    if config.ha is not None:
+        targets.append(_lease_target(config.ha))
     return targets
 
 
@@ -422,6 +430,97 @@ async def _check_parameter(cfg: SinkholeModeWatch, t: Target) -> str:
                            ) from None
     value = str(resp.get("Parameter", {}).get("Value", "")).strip()
     return f"GetParameter: mode {value[:40]!r}"
+
+
+def _state_object_target(location: S3Location, ha: HaConfig | None) -> Target:
+    region, endpoint = (ha.region, ha.endpoint_url) if ha is not None else (None, None)
+    return Target("stateobject", "", str(location), STATE_OBJECT_DEADLINE,
+                  lambda t: _check_state_object(location, region, endpoint, t))
+
+
+async def _check_state_object(location: S3Location, region: str | None,
+                              endpoint: str | None, t: Target) -> str:
+    """HeadObject on the state object (s3:GetObject): readable, or not there yet.
+
+    Nothing is written: whether the task may write it (s3:PutObject, conditionally)
+    shows at its first save.
+    """
+    from daemon.state_s3 import META_HOLDER, META_TOKEN, create_s3_client
+
+    t.step = "create client"
+    try:
+        async with create_s3_client(region, endpoint, STATE_OBJECT_DEADLINE / 2) as client:
+            t.where = f"{location} via {_redact_url(client.meta.endpoint_url)}"
+            t.step = "HeadObject"
+            head = await client.head_object(Bucket=location.bucket, Key=location.key)
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = exc.response.get("Error", {}).get("Code")
+        if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
+            return "HeadObject: no state yet (the first leader creates it)"
+        if code == "NoSuchBucket":
+            raise TargetError(f"s3:GetObject: bucket {location.bucket} not found") from None
+        if status == 403 or code in ("403", "AccessDenied"):
+            raise TargetError(
+                f"s3:GetObject: access denied on {location}: the role needs s3:GetObject on "
+                "the object, and s3:ListBucket on the bucket (without it a missing object "
+                "is answered 403)") from None
+        raise TargetError(_aws_reason(exc, "s3:GetObject", str(location))) from None
+    except Exception as exc:
+        raise TargetError(_aws_reason(exc, "s3:GetObject", str(location))) from None
+    meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+    size = head.get("ContentLength", 0)
+    writer = meta.get(META_HOLDER)
+    by = f", written by {writer} (token {meta.get(META_TOKEN)})" if writer else ""
+    version = head.get("VersionId")
+    versioned = "" if version not in (None, "null") else "; the bucket is not versioned"
+    return f"HeadObject: {size} bytes{by}{versioned}"
+
+
+def _lease_target(cfg: HaConfig) -> Target:
+    where = _redact_url(cfg.endpoint_url) if cfg.endpoint_url else _region(cfg.region)
+    return Target("lease", f"{cfg.lease_table}/{cfg.lease_key}", where, LEASE_DEADLINE,
+                  lambda t: _check_lease(cfg, t))
+
+
+async def _check_lease(cfg: HaConfig, t: Target) -> str:
+    """GetItem (strongly consistent) on the lease item: the table is there and readable.
+
+    Nothing is written: whether the task may also write the lease (UpdateItem) shows
+    when it runs (selfcheckd_lease_errors_total{reason="access_denied"}).
+    """
+    t.step = "create client"
+    try:
+        async with create_dynamodb_client(cfg, LEASE_DEADLINE / 2) as client:
+            t.where = _redact_url(client.meta.endpoint_url)
+            t.step = "GetItem"
+            resp = await client.get_item(TableName=cfg.lease_table,
+                                         Key={"key": {"S": cfg.lease_key}},
+                                         ConsistentRead=True)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+            raise TargetError(
+                f"dynamodb:GetItem: table {cfg.lease_table} not found: create it (deploy/"
+                "terraform, or docs/ha.md: one string hash key named `key`); selfcheckd "
+                "never creates tables") from None
+        raise TargetError(_aws_reason(exc, "dynamodb:GetItem", f"table {cfg.lease_table}")
+                          ) from None
+    except Exception as exc:
+        raise TargetError(_aws_reason(exc, "dynamodb:GetItem", f"table {cfg.lease_table}")
+                          ) from None
+    item = resp.get("Item")
+    if not item:
+        return "GetItem: table readable, no lease yet (the first task to start takes it)"
+    holder = item.get("holder", {}).get("S")
+    token = item.get("token", {}).get("N", "?")
+    if holder is None:
+        return f"GetItem: table readable, lease free (released), token {token}"
+    try:
+        left = float(item.get("expires", {}).get("N", "0")) - time.time()
+    except ValueError:
+        left = 0.0
+    state = f"expires in {left:.0f}s" if left >= 0 else f"expired {-left:.0f}s ago"
+    return f"GetItem: held by {holder}, token {token}, {state}"
 
 
 def _aws_reason(exc: Exception, action: str, resource: str) -> str:

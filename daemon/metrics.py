@@ -196,6 +196,25 @@ class Metrics:
         self._degraded: Callable[[], dict[str, str]] = dict
         r.register(_Degraded(self))
 
+        # -- two tasks, one leader (docs/ha.md) ------------------------------------------
+        self.leader = Gauge(
+            "selfcheckd_leader",
+            "1 while this process does the leader's work (the round trips, heartbeats, the "
+            "leak watcher), 0 while it stands by. Without [ha] always 1: the sum over the "
+            "job is the number of leaders.", registry=r,
+        )
+        self.lease_transitions = Counter(
+            "selfcheckd_lease_transitions",
+            "Times this process became leader (to=leader) or stopped being it (to=standby).",
+            ["to"], registry=r,
+        )
+        self.lease_errors = Counter(
+            "selfcheckd_lease_errors",
+            "Lease calls to DynamoDB that failed, by reason (connection, timeout, throttled, "
+            "access_denied, no_table, credentials, config, api_error, other); a lease held "
+            "by another task is no error.", ["reason"], registry=r,
+        )
+
         # -- the HTTP listener (docs/configuration.md, [server]) ---------------------------
         self.http_connections = Gauge(
             "selfcheckd_http_connections", "HTTP connections held open now.", registry=r,
@@ -240,7 +259,8 @@ class Metrics:
         )
         self.state_saves = Counter(
             "selfcheckd_state_saves",
-            "Writes of the state file by result (ok, failed).", ["result"], registry=r,
+            "Writes of the state file by result (ok, failed; fenced: refused because another "
+            "leader wrote the S3 state since, docs/ha.md).", ["result"], registry=r,
         )
         self.state_shed = Counter(
             "selfcheckd_state_shed",
@@ -409,6 +429,23 @@ class Metrics:
         for metric in (self.dns_ok, self.dns_check_errors, self.dns_error_since,
                        self.dns_last_run):
             metric.remove_by_labels({"name": name})
+
+    def forget_leakwatch_series(self) -> None:
+        """The leak watcher's series that alert rules read, back to "no watcher here" (a
+        leader became standby): the poll and delivery-line times and the lag at 0, the
+        line, error and sinkhole-mode series gone."""
+        for gauge in (self.leakwatch_last_poll_success, self.leakwatch_lag,
+                      self.last_delivery_line):
+            gauge.set(0)
+        for family in (self.leakwatch_errors, self.maillog_lines, self.sinkhole_mode):
+            family.clear()
+
+    def forget_drill_series(self) -> None:
+        """No drill scheduled here any more (a leader became standby): the drill rules'
+        series read as "no schedule" (0) and the last result is gone."""
+        self.drill_scheduled_since.set(0)
+        self.drill_last_success.set(0)
+        self.drill_last_result.clear()
 
     def forget_heartbeat_target(self, target: str) -> None:
         for result in ("success", "failure", "skipped"):

@@ -146,6 +146,13 @@ class QueueState(_Section):
     tasks: list[QueueTaskState] = Field(default_factory=list)
 
 
+class FenceState(_Section):
+    """Who wrote the document ([ha]): the lease holder and its fencing token."""
+
+    holder: str = Field(min_length=1)
+    token: int | None = Field(default=None, ge=0)
+
+
 class LeakwatchState(_Section):
     """The whole document; every section is optional."""
 
@@ -157,6 +164,7 @@ class LeakwatchState(_Section):
     detector: DetectorState | None = None
     outbox: list[AlertState] = Field(default_factory=list)
     queue: QueueState | None = None  # absent in files written before queue health
+    fence: FenceState | None = None  # absent without [ha] and in files from before it
 
 
 def parse_state(data: Any) -> LeakwatchState:
@@ -190,6 +198,10 @@ def repair(state: LeakwatchState, now: float) -> list[str]:
     if ahead:
         mended.append(f"{len(ahead)} pending alert(s) created in the future: aged from now")
     return mended
+
+
+class StateUnreadable(Exception):  # noqa: N818 - a condition, as FileNotFoundError
+    """The store did not hand the state over in time: it is not known, so not written over."""
 
 
 def trim(entries: list[Any]) -> list[Any]:

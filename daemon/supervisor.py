@@ -118,6 +118,12 @@ class Progress:
         self._sup = supervisor
         self._state = state
 
+    @property
+    def _attached(self) -> bool:
+        """Still supervised: a removed component's last words (its cancellation) must
+        not bring back the series `remove` dropped."""
+        return self._sup.supervises(self._state)
+
     def progress(self) -> None:
         """One unit of work done (a successful poll, a loop tick): not stalled.
 
@@ -125,6 +131,8 @@ class Progress:
         fails is alive but down, and reports that with `down()`.
         """
         st = self._state
+        if not self._attached:
+            return
         st.last_progress_mono = self._sup.clock()
         st.last_progress_at = self._sup.wall()
         self._sup.metrics.component_progress.labels(st.name).set(st.last_progress_at)
@@ -132,7 +140,7 @@ class Progress:
     def up(self) -> None:
         """The component can do its job again."""
         st = self._state
-        if not st.up:
+        if not st.up and self._attached:
             st.up = True
             st.reason = st.code = None
             self._sup.metrics.component_up.labels(st.name).set(1)
@@ -146,7 +154,7 @@ class Progress:
         st = self._state
         st.reason = shorten(reason, MAX_REASON)  # shown by /status and /healthz
         st.code = code
-        if st.up:
+        if st.up and self._attached:
             st.up = False
             self._sup.metrics.component_up.labels(st.name).set(0)
 
@@ -204,25 +212,40 @@ class Supervisor:
         else:
             self._spawn(component)
 
-    async def remove(self, name: str, timeout: float) -> bool:
-        """Cancel component `name`, wait up to `timeout` s, forget it; True if it ended."""
+    def detach(self, name: str) -> asyncio.Task[None] | None:
+        """Cancel component `name` now and forget it (its series too); its task, to wait for.
+
+        Synchronous, so several components stop in the same instant (a leader stepping
+        down stops acting at once, not one awaited component after another).
+        """
         task = self._tasks.pop(name, None)
         self._components.pop(name, None)
         self._queued = [c for c in self._queued if c.name != name]
         state = self._states.pop(name, None)
-        ended = True
         if task is not None:
             task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=max(0.0, timeout))
-            ended = bool(done)
-            if not ended:
-                log.error("component_ignored_cancel", component=name, waited=timeout)
         if state is not None:
             for metric in (self.metrics.component_up, self.metrics.component_progress,
                            self.metrics.component_deadline, self.metrics.component_restarts):
                 with contextlib.suppress(KeyError):
                     metric.remove(name)
-        return ended
+        return task
+
+    async def remove(self, name: str, timeout: float) -> bool:
+        """Cancel component `name`, wait up to `timeout` s, forget it; True if it ended."""
+        return await self.remove_all([name], timeout)
+
+    async def remove_all(self, names: list[str], timeout: float) -> bool:
+        """Cancel every component of `names` at once, then wait up to `timeout` s for them
+        all; True if they all ended."""
+        tasks = {name: task for name in names if (task := self.detach(name)) is not None}
+        if not tasks:
+            return True
+        done, _ = await asyncio.wait(set(tasks.values()), timeout=max(0.0, timeout))
+        for name, task in tasks.items():
+            if task not in done:
+                log.error("component_ignored_cancel", component=name, waited=timeout)
+        return len(done) == len(tasks)
 
     async def replace(self, component: Component, timeout: float) -> bool:
         """Stop the component of the same name (if any), then start this one."""
@@ -232,6 +255,9 @@ class Supervisor:
 
     def names(self) -> list[str]:
         return sorted(self._components)
+
+    def supervises(self, state: ComponentState) -> bool:
+        return self._states.get(state.name) is state
 
     # -- health -------------------------------------------------------------------------
 

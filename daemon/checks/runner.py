@@ -45,6 +45,9 @@ class Runner:
         self.final_reserve = final_reserve
         self._wall = wall
         self._listeners: list[ResultListener] = []
+        # True while runs are cut short for a reason that says nothing about mail: this
+        # task stopped being the leader (daemon/ha.py). Such runs record no verdict.
+        self.halted: Callable[[], bool] = lambda: False
 
     def on_result(self, listener: ResultListener) -> None:
         """Call `listener(result)` after each verdict (not for runs cut short by shutdown)."""
@@ -76,8 +79,10 @@ class Runner:
             else:  # raised inside the check, not by our deadline: a bug
                 self._internal(check, result, exc)
         except asyncio.CancelledError:
-            result.interrupted = self.budget.started
-            why = "daemon shutting down" if self.budget.started else "cancelled by the scheduler"
+            halted = self.halted()
+            result.interrupted = self.budget.started or halted
+            why = ("daemon shutting down" if self.budget.started
+                   else "this task stopped leading" if halted else "cancelled by the scheduler")
             result.fail(FailureReason.DEADLINE, f"run cancelled ({why})")
             return True
         except Exception as exc:

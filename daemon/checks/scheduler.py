@@ -254,11 +254,15 @@ class Scheduler:
 
         Call after `stop()`; runs started meanwhile are waited for, not cancelled.
         """
+        self.cancel_runs()
+        return await self.wait_idle(timeout)
+
+    def cancel_runs(self) -> None:
+        """Cancel every in-flight run once, now (their cleanups run on; `wait_idle` waits)."""
         for name, run in self._runs.items():
             if not run.cancelling:
                 run.cancelling = True
                 run.task.cancel(msg=f"scheduler cancelled the run of {name}")
-        return await self.wait_idle(timeout)
 
     # -- one tick --------------------------------------------------------------------------
 

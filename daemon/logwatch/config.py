@@ -6,10 +6,12 @@ docs/leakwatch.md lists each key with its default.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationInfo, field_validator
 
 from daemon.config_base import (
     HttpUrl,
@@ -21,6 +23,37 @@ from daemon.config_base import (
     StrictModel,
     table_value,
 )
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """`s3://bucket/key`: the leak watcher's state as one S3 object (daemon/state_s3.py)."""
+
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+# S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens, not starting or
+# ending with a dot or hyphen.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _state_location(value: Any) -> Any:
+    """`s3://bucket/key` strings become an S3Location; anything else is left to Path."""
+    if not (isinstance(value, str) and value[:5].lower() == "s3://"):
+        return value
+    bucket, _, key = value[5:].partition("/")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise ValueError(f"s3://BUCKET/KEY: {bucket!r} is not an S3 bucket name")
+    if not key or key.endswith("/"):
+        raise ValueError("s3://BUCKET/KEY: give the object's key, not a prefix")
+    return S3Location(bucket, key)
+
+
+StateLocation = Annotated[Path | S3Location, BeforeValidator(_state_location)]
 
 
 class CloudWatchSource(StrictModel):
@@ -140,7 +173,8 @@ class LeakWatchConfig(StrictModel):
     queue_silent_after: PositiveFloat = 2700.0
     # Where the watcher keeps what must survive a restart: the source's position
     # (CloudWatch cursor, file offset), the detector's memory, undelivered alerts.
-    state_file: Path | None = None
+    # A path, or s3://bucket/key (read whole at takeover, written conditionally).
+    state_file: StateLocation | None = None
     cloudwatch: CloudWatchSource = Field(default_factory=CloudWatchSource)
     file: FileSource = Field(default_factory=FileSource)
     alert: AlertWebhook | None = None
@@ -151,14 +185,16 @@ class LeakWatchConfig(StrictModel):
                     problems: list[Problem]) -> dict[str, Any]:
         main, alias = table.get("state_file"), table_value(table.get("cloudwatch"), "state_file")
         if isinstance(main, str | Path) and isinstance(alias, str | Path) \
-                and Path(main) != Path(alias):
+                and str(main) != str(alias):
             problems.append((("cloudwatch", "state_file"),
                              "conflicts with leakwatch.state_file (give only one)"))
         return super().check_table(table, info, problems)
 
     @property
     def state_path(self) -> Path | None:
-        """The state file, whichever key gave it."""
+        """The state file, whichever key gave it (None when the state is in S3)."""
+        if isinstance(self.state_file, S3Location):
+            return None
         return self.state_file if self.state_file is not None else self.cloudwatch.state_file
 
     @field_validator("queue_silent_after")
@@ -169,6 +205,11 @@ class LeakWatchConfig(StrictModel):
             raise ValueError(f"must be shorter than leakwatch.queue_retention ({retention:g} s): "
                              "a message is forgotten before it could be silent")
         return value
+
+    @property
+    def state_s3(self) -> S3Location | None:
+        """The state's S3 object, when `state_file` is an s3:// URL."""
+        return self.state_file if isinstance(self.state_file, S3Location) else None
 
     @field_validator("domains")
     @classmethod

@@ -36,6 +36,7 @@ import structlog
 from daemon.delivery.outbox import fold_saved
 from daemon.metrics import Metrics
 from daemon.state import MAX_WRITE_BYTES, StateFile, StateTooLargeError, encode
+from daemon.state_s3 import S3StateStore
 from daemon.threads import in_daemon_thread
 
 log = structlog.get_logger("daemon.leakwatch")
@@ -137,7 +138,7 @@ class Saver:
 
     def __init__(
         self,
-        state: StateFile,
+        state: StateFile | S3StateStore,
         snapshot: Snapshot,
         metrics: Metrics,
         *,

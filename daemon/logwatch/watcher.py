@@ -42,6 +42,7 @@ from daemon.logwatch.sources.stdin import StdinReader
 from daemon.metrics import Metrics
 from daemon.retry import Backoff
 from daemon.state import VERSION, LeakwatchState, StateFile, parse_state, trim
+from daemon.state_s3 import S3StateStore
 from daemon.supervisor import Component, Progress
 
 log = structlog.get_logger("daemon.leakwatch")
@@ -239,6 +240,7 @@ class LeakWatch:
         sleep: Sleep = asyncio.sleep,
         session_factory: SessionFactory = default_session,
         stdin: LineSource | None = None,
+        state: StateFile | S3StateStore | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -257,7 +259,8 @@ class LeakWatch:
         self._flushed_errors = dict(self.queue.errors)
         self._expired_at = clock()
         self._evicted_warned = False
-        self.state = StateFile(config.state_path, metrics, wall)
+        # The state file, or the S3 object a caller built (its fence: daemon/ha.py).
+        self.state = state if state is not None else StateFile(config.state_path, metrics, wall)
         # The source's position as the state file holds it (None: not written yet).
         self.saved_source: dict[str, Any] | None = None
         self.saver = Saver(
@@ -386,6 +389,8 @@ class LeakWatch:
             "outbox": self.outbox.snapshot() if self.outbox is not None else self._orphans,
             "queue": {"messages": self.queue.state(), "tasks": self.queue.task_state()},
         }
+        if isinstance(self.state, S3StateStore) and (fence := self.state.fence()) is not None:
+            document["fence"] = fence  # who wrote it: the lease's holder and token
         source = self.source.state()
         if source is not None and self.source.kind in ("cloudwatch", "file"):
             document[self.source.kind] = source
@@ -398,13 +403,21 @@ class LeakWatch:
     def _saved(self, document: dict[str, Any]) -> None:
         self.saved_source = document.get(self.source.kind)
 
-    async def close(self, timeout: float | None = SAVE_TIMEOUT) -> None:
-        """The final save, after the source stopped and the outbox was flushed."""
+    async def close(self, timeout: float | None = SAVE_TIMEOUT, *, save: bool = True) -> None:
+        """The final save, after the source stopped and the outbox was flushed.
+
+        `save=False`: none, and no write asked for earlier is waited for (a leader
+        whose lease may have passed to another task must not write a state file
+        over its successor's).
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await self.save(timeout)
-        await self.saver.close(None if timeout is None
+        if save:
+            await self.save(timeout)
+        await self.saver.close(0.0 if not save else None if timeout is None
                                else max(0.0, timeout - (loop.time() - started)))
+        if isinstance(self.state, S3StateStore):
+            await self.state.close()  # a reload's new watcher may reuse it: a new client
         # A reload may drop [leakwatch]: no deferred message and no pending alert may stay
         # on /metrics, ageing, for a watcher that is gone (a new one binds its own). The
         # alerts themselves stay in the state file.

@@ -21,11 +21,10 @@ locals {
     SELFCHECK_FROM   = var.selfcheck_from
     SELFCHECK_TO     = var.selfcheck_to
     SELFCHECK_USER   = var.selfcheck_user
-    # The state volume (task-definition.json, iam-task-role-policy.json,
-    # efs-file-system-policy.json). Until the file system exists, a plan
-    # shows the rendered task definition and policies as known after apply.
-    STATE_EFS_FILE_SYSTEM_ID  = aws_efs_file_system.state.id
-    STATE_EFS_ACCESS_POINT_ID = aws_efs_access_point.state.id
+    # Where the two tasks keep the lease and the leak watcher's state
+    # (iam-task-role-policy.json, s3-state-bucket-policy.json, selfcheckd.toml).
+    LEASE_TABLE  = aws_dynamodb_table.lease.name
+    STATE_BUCKET = aws_s3_bucket.state.bucket
   }
   task_definition = jsondecode(templatefile("${local.ecs_dir}/task-definition.json", local.vars))
 }
@@ -67,84 +66,102 @@ resource "aws_ecs_task_definition" "selfcheckd" {
   memory                   = local.task_definition.memory
   container_definitions    = jsonencode(local.task_definition.containerDefinitions)
 
+  # selfcheckd-tmp (/tmp) is task storage; the state is in S3, the lease in DynamoDB.
   dynamic "volume" {
     for_each = local.task_definition.volumes
     content {
       name = volume.value.name
-      # selfcheckd-state is on EFS (the state file must outlive the task);
-      # selfcheckd-tmp stays task storage.
-      dynamic "efs_volume_configuration" {
-        for_each = can(volume.value.efsVolumeConfiguration) ? [volume.value.efsVolumeConfiguration] : []
-        content {
-          file_system_id     = efs_volume_configuration.value.fileSystemId
-          transit_encryption = efs_volume_configuration.value.transitEncryption
-          authorization_config {
-            access_point_id = efs_volume_configuration.value.authorizationConfig.accessPointId
-            iam             = efs_volume_configuration.value.authorizationConfig.iam
-          }
-        }
-      }
     }
   }
 }
 
-# The leak watcher's state file (CloudWatch cursor, detector memory, alert
-# outbox) on EFS, so it survives task replacement: every deploy and every
-# replacement after a failed /healthz. A few KB: it costs next to nothing.
-resource "aws_efs_file_system" "state" {
-  creation_token = "selfcheckd-state"
-  encrypted      = true
-  tags           = { Name = "selfcheckd-state" }
+# The lease (docs/ha.md): one item, written only with condition expressions.
+# On demand: a few writes a second at most, never throttled by a provisioned
+# capacity. TTL removes a lease nobody held for a week (its `ttl` attribute
+# is a week past its expiry); the lease's own expiry never waits for TTL.
+resource "aws_dynamodb_table" "lease" {
+  name                        = var.lease_table
+  billing_mode                = "PAY_PER_REQUEST"
+  hash_key                    = "key"
+  deletion_protection_enabled = true
+
+  attribute {
+    name = "key"
+    type = "S"
+  }
+
+  ttl {
+    attribute_name = "ttl"
+    enabled        = true
+  }
+
+  server_side_encryption {
+    enabled = true
+  }
 }
 
-# The task sees only /selfcheckd, always as uid/gid 10001 (the image's user),
-# whatever uid the client claims; EFS creates the directory on first mount.
-resource "aws_efs_access_point" "state" {
-  file_system_id = aws_efs_file_system.state.id
-  posix_user {
-    uid = 10001
-    gid = 10001
+# The leak watcher's state (CloudWatch cursor, detector memory, alert outbox),
+# read whole by each new leader and written only with conditional puts.
+resource "aws_s3_bucket" "state" {
+  bucket = var.state_bucket
+}
+
+# Versions: an unusable state is kept as a noncurrent version (the leader
+# starts afresh and says so), and any earlier save can be restored by hand.
+resource "aws_s3_bucket_versioning" "state" {
+  bucket = aws_s3_bucket.state.id
+  versioning_configuration {
+    status = "Enabled"
   }
-  root_directory {
-    path = "/selfcheckd"
-    creation_info {
-      owner_uid   = 10001
-      owner_gid   = 10001
-      permissions = "0750"
+}
+
+resource "aws_s3_bucket_server_side_encryption_configuration" "state" {
+  bucket = aws_s3_bucket.state.id
+  rule {
+    apply_server_side_encryption_by_default {
+      sse_algorithm = "AES256"
+    }
+    bucket_key_enabled = true
+  }
+}
+
+resource "aws_s3_bucket_public_access_block" "state" {
+  bucket                  = aws_s3_bucket.state.id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+resource "aws_s3_bucket_ownership_controls" "state" {
+  bucket = aws_s3_bucket.state.id
+  rule {
+    object_ownership = "BucketOwnerEnforced"
+  }
+}
+
+# The state is rewritten every few seconds while leaks and positions move:
+# keep the 50 newest noncurrent versions, drop older ones after a day.
+resource "aws_s3_bucket_lifecycle_configuration" "state" {
+  bucket = aws_s3_bucket.state.id
+  rule {
+    id     = "noncurrent-state-versions"
+    status = "Enabled"
+    filter {}
+    noncurrent_version_expiration {
+      noncurrent_days           = 1
+      newer_noncurrent_versions = 50
     }
   }
-  tags = { Name = "selfcheckd-state" }
+  depends_on = [aws_s3_bucket_versioning.state]
 }
 
-# Without a file system policy EFS lets in any client that reaches a mount
-# target; this one (deploy/ecs/efs-file-system-policy.json) admits only the
-# task role, through the access point, over TLS.
-resource "aws_efs_file_system_policy" "state" {
-  file_system_id = aws_efs_file_system.state.id
-  policy         = templatefile("${local.ecs_dir}/efs-file-system-policy.json", local.vars)
-  # The policy names the task role; EFS rejects a principal that does not exist yet.
-  depends_on = [aws_iam_role.task]
-}
-
-# One mount target per subnet the service runs in (EFS allows one per AZ:
-# give the service one private subnet per AZ).
-resource "aws_efs_mount_target" "state" {
-  for_each        = toset(var.private_subnet_ids)
-  file_system_id  = aws_efs_file_system.state.id
-  subnet_id       = each.value
-  security_groups = [aws_security_group.state_efs.id]
-}
-
-resource "aws_security_group" "state_efs" {
-  name   = "selfcheckd-state-efs"
-  vpc_id = var.vpc_id
-  ingress {
-    description     = "NFS from the selfcheckd task only"
-    from_port       = 2049
-    to_port         = 2049
-    protocol        = "tcp"
-    security_groups = [aws_security_group.selfcheckd.id]
-  }
+# Writes without If-Match / If-None-Match are refused (a bug could not
+# overwrite a successor's state), and everything is over TLS.
+resource "aws_s3_bucket_policy" "state" {
+  bucket     = aws_s3_bucket.state.id
+  policy     = templatefile("${local.ecs_dir}/s3-state-bucket-policy.json", local.vars)
+  depends_on = [aws_s3_bucket_public_access_block.state]
 }
 
 resource "aws_service_discovery_service" "selfcheckd" {
@@ -169,7 +186,7 @@ resource "aws_security_group" "selfcheckd" {
     security_groups = [var.prometheus_security_group_id]
   }
   egress {
-    description = "SMTP submission, IMAP, CloudWatch Logs, SSM, heartbeat and alert_sink over HTTPS, NFS to the state EFS"
+    description = "SMTP submission, IMAP, CloudWatch Logs, SSM, DynamoDB, S3, heartbeat and alert_sink over HTTPS"
     from_port   = 0
     to_port     = 0
     protocol    = "-1"
@@ -182,15 +199,14 @@ resource "aws_ecs_service" "selfcheckd" {
   cluster         = var.cluster_arn
   task_definition = aws_ecs_task_definition.selfcheckd.arn
   launch_type     = "FARGATE"
-  # Exactly one: two tasks would double the probes and the leak alerts, and
-  # both would write the one state file. 0/100 makes a deploy (and the
-  # replacement of an unhealthy task) stop the old task before starting the
-  # new one: a gap of about a minute, which the state file bridges (see
-  # docs/deploy-ecs.md, "State across task replacements").
-  desired_count                      = 1
-  deployment_minimum_healthy_percent = 0
-  deployment_maximum_percent         = 100
-  # EFS volumes on Fargate need platform 1.4.0 or later (LATEST is).
+  # Two tasks, one leader (docs/ha.md): the task holding the DynamoDB lease
+  # does the work, the other stands by and takes over within 15 s of its
+  # death, within 5 s of its stop. 100/200: a deploy starts the new tasks
+  # before it stops the old ones, so a standby is always there.
+  desired_count                      = 2
+  deployment_minimum_healthy_percent = 100
+  deployment_maximum_percent         = 200
+  # The task metadata endpoint v4 (the holder id names the task) needs 1.4.0.
   platform_version = "LATEST"
 
   network_configuration {
@@ -200,6 +216,4 @@ resource "aws_ecs_service" "selfcheckd" {
   service_registries {
     registry_arn = aws_service_discovery_service.selfcheckd.arn
   }
-  # The task cannot start before it can mount its state.
-  depends_on = [aws_efs_mount_target.state, aws_efs_file_system_policy.state]
 }

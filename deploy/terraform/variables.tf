@@ -22,8 +22,17 @@ variable "vpc_id" {
   type = string
 }
 variable "private_subnet_ids" {
-  description = "Where the task runs; one per AZ, since each gets the state file system's mount target"
+  description = "Where the tasks run; two or more AZs, so one AZ's outage leaves a task to lead"
   type        = list(string)
+}
+variable "state_bucket" {
+  description = "S3 bucket for the leak watcher's state (a globally unique name), e.g. selfcheckd-state-123456789012"
+  type        = string
+}
+variable "lease_table" {
+  description = "DynamoDB table holding the [ha] lease"
+  type        = string
+  default     = "selfcheckd-lease"
 }
 variable "prometheus_security_group_id" {
   type = string

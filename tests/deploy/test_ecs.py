@@ -1,5 +1,6 @@
 """The ECS deployment: task definition and IAM policies accepted by the AWS APIs (moto) and
-least privilege, the state on EFS, stopTimeout against the shutdown budget, the Terraform sketch."""
+least privilege, two tasks with the lease in DynamoDB and the state in S3, stopTimeout against
+the shutdown budget, the Terraform sketch."""
 
 from __future__ import annotations
 
@@ -38,16 +39,14 @@ VALUES = {
     "SELFCHECK_TO": "selfcheck-receiver@mail.example.com",
     "SELFCHECK_USER": "selfcheck",
     "ALERT_SINK_URL": "https://alerts.mail.example.com/alert",
-    "STATE_EFS_FILE_SYSTEM_ID": "fs-0123456789abcdef0",
-    "STATE_EFS_ACCESS_POINT_ID": "fsap-0123456789abcdef0",
+    "STATE_BUCKET": "selfcheckd-state-123456789012",
+    "LEASE_TABLE": "selfcheckd-lease",
 }
 SMTP_OUT_LOG_GROUP = f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/ecs/cabal-smtp-out:*"
 SINKHOLE_MODE = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/cabal/sinkhole_mode"
-STATE_FILE_SYSTEM = (f"arn:aws:elasticfilesystem:{REGION}:{ACCOUNT}:file-system/"
-                     f"{VALUES['STATE_EFS_FILE_SYSTEM_ID']}")
-STATE_ACCESS_POINT = (f"arn:aws:elasticfilesystem:{REGION}:{ACCOUNT}:access-point/"
-                      f"{VALUES['STATE_EFS_ACCESS_POINT_ID']}")
-EFS_CLIENT = {"elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite"}
+LEASE_TABLE = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{VALUES['LEASE_TABLE']}"
+STATE_BUCKET = f"arn:aws:s3:::{VALUES['STATE_BUCKET']}"
+STATE_OBJECT = f"{STATE_BUCKET}/leakwatch-state.json"
 # What ECS allows at most for a Fargate container's stopTimeout.
 FARGATE_MAX_STOP_TIMEOUT = 120
 # The daemon's promise: every shutdown path ends within shutdown_grace + this.
@@ -55,7 +54,8 @@ SHUTDOWN_OVERRUN = 5
 # AWS offers no resource-level permission for these actions, so "*" is required.
 RESOURCE_STAR_ALLOWED = {"ecr:GetAuthorizationToken"}
 ARN = re.compile(
-    rf"arn:aws:(logs|ssm|kms|ecr|elasticfilesystem):{REGION}:{ACCOUNT}:[a-z-]+[:/]\S+")
+    rf"arn:aws:(logs|ssm|kms|ecr|dynamodb):{REGION}:{ACCOUNT}:[a-z-]+[:/]\S+"
+    r"|arn:aws:s3:::[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S+)?")
 HEALTHCHECK_SNIPPET = (
     "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9787/healthz', timeout=4)"
 )
@@ -116,14 +116,6 @@ def site_config(tmp_path: Path) -> Config:
     return load_config(path=path, environ=container_environ()).config
 
 
-def state_volume() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The selfcheckd-state volume of the task definition and the container's mount of it."""
-    (volume,) = [v for v in render("task-definition.json")["volumes"]
-                 if v["name"] == "selfcheckd-state"]
-    (mount,) = [m for m in container()["mountPoints"] if m["sourceVolume"] == "selfcheckd-state"]
-    return volume, mount
-
-
 def statements(name: str) -> list[dict[str, Any]]:
     doc = render(name)
     assert doc["Version"] == "2012-10-17"
@@ -172,10 +164,13 @@ def test_roles_and_task_definition_register_with_aws_apis(aws: None) -> None:
     assert got["name"] == "selfcheckd"
     assert got["stopTimeout"] == 30
     assert {s["name"] for s in got["secrets"]} == {s["name"] for s in container()["secrets"]}
-    volumes = {v["name"]: v for v in described["volumes"]}
-    efs = volumes["selfcheckd-state"]["efsVolumeConfiguration"]
-    assert efs["fileSystemId"] == VALUES["STATE_EFS_FILE_SYSTEM_ID"]
-    assert efs["authorizationConfig"]["accessPointId"] == VALUES["STATE_EFS_ACCESS_POINT_ID"]
+    assert [v["name"] for v in described["volumes"]] == ["selfcheckd-tmp"]
+    # The state bucket accepts its policy; the lease table is what the daemon expects.
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket=VALUES["STATE_BUCKET"],
+                     CreateBucketConfiguration={"LocationConstraint": REGION})
+    s3.put_bucket_policy(Bucket=VALUES["STATE_BUCKET"],
+                         Policy=json.dumps(render("s3-state-bucket-policy.json")))
 
 
 def test_environment_loads_as_a_valid_config() -> None:
@@ -204,11 +199,16 @@ def test_site_image_config_and_environment_load_together(tmp_path: Path) -> None
         assert grants(task_stmts, "logs:DescribeLogStreams", arn), group
     parameter = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{leakwatch.sinkhole_mode.parameter}"
     assert grants(task_stmts, "ssm:GetParameter", parameter)
-    # The state file must sit on a writable volume: the root fs is read-only.
-    state = leakwatch.state_path
-    assert state is not None
-    mounts = {m["containerPath"] for m in container()["mountPoints"]}
-    assert any(state.is_relative_to(m) for m in mounts), state
+    # The state is the S3 object the task role may read and write; the lease the one item
+    # of the table it may touch.
+    assert str(leakwatch.state_file) == f"s3://{VALUES['STATE_BUCKET']}/leakwatch-state.json"
+    assert grants(task_stmts, "s3:GetObject", STATE_OBJECT)
+    assert grants(task_stmts, "s3:PutObject", STATE_OBJECT)
+    assert config.ha is not None
+    assert config.ha.lease_table == VALUES["LEASE_TABLE"]
+    (lease,) = [s for s in task_stmts if "dynamodb:UpdateItem" in as_list(s["Action"])]
+    assert lease["Condition"]["ForAllValues:StringEquals"]["dynamodb:LeadingKeys"] == [
+        config.ha.lease_key]
     assert leakwatch.alert is not None
     assert leakwatch.alert.secret is not None  # resolved from CABAL_ALERT_SINK_SECRET
 
@@ -283,65 +283,63 @@ def test_container_is_locked_down() -> None:
     assert c["linuxParameters"]["capabilities"]["drop"] == ["ALL"]
     volumes = {v["name"] for v in td["volumes"]}
     mounts = {m["containerPath"]: m["sourceVolume"] for m in c["mountPoints"]}
-    assert set(mounts) == {"/var/lib/selfcheckd", "/tmp"}
+    assert set(mounts) == {"/tmp"}  # the state is in S3
     assert set(mounts.values()) <= volumes
 
 
-def test_state_volume_is_efs_mounted_at_the_state_file_directory(tmp_path: Path) -> None:
-    """The state file's directory is an EFS mount (TLS, IAM, access point), so it outlives tasks."""
-    volume, mount = state_volume()
-    efs = volume["efsVolumeConfiguration"]
-    assert efs["fileSystemId"] == VALUES["STATE_EFS_FILE_SYSTEM_ID"]
-    assert efs["transitEncryption"] == "ENABLED"
-    assert efs["authorizationConfig"] == {
-        "accessPointId": VALUES["STATE_EFS_ACCESS_POINT_ID"], "iam": "ENABLED"}
-    # With an access point, ECS requires the root directory to be "/" or unset.
-    assert efs.get("rootDirectory", "/") == "/"
-    assert mount["readOnly"] is False
+def test_two_tasks_keep_no_state_on_a_volume(tmp_path: Path) -> None:
+    """No EFS and no state volume: the lease is in DynamoDB, the state in S3; /tmp alone is
+    writable (task storage)."""
+    td = render("task-definition.json")
+    assert td["volumes"] == [{"name": "selfcheckd-tmp"}]
+    assert not (ECS_DIR / "efs-file-system-policy.json").exists()
     leakwatch = site_config(tmp_path).leakwatch
     assert leakwatch is not None
-    state = leakwatch.state_path
-    assert state is not None
-    # Exactly the mount, not below it: the daemon creates no directories, and its temporary
-    # file and the `.corrupt-*` copies sit beside the state file, on the same file system.
-    assert state.parent == Path(mount["containerPath"])
-    on_efs = [v["name"] for v in render("task-definition.json")["volumes"]
-              if "efsVolumeConfiguration" in v]
-    assert on_efs == ["selfcheckd-state"]  # /tmp stays task storage
+    assert str(leakwatch.state_file).startswith("s3://")
 
 
-def test_task_role_mounts_only_the_state_file_system_through_its_access_point() -> None:
-    """The EFS grant names the task definition's file system and access point; no root access."""
-    volume, _ = state_volume()
-    efs = volume["efsVolumeConfiguration"]
-    file_system = (f"arn:aws:elasticfilesystem:{REGION}:{ACCOUNT}:file-system/"
-                   f"{efs['fileSystemId']}")
-    access_point = (f"arn:aws:elasticfilesystem:{REGION}:{ACCOUNT}:access-point/"
-                    f"{efs['authorizationConfig']['accessPointId']}")
+def test_task_role_holds_only_the_lease_item_and_the_state_object() -> None:
+    """DynamoDB: UpdateItem and GetItem on the lease table, for the lease key only. S3: get
+    and put the one state object; ListBucket on its bucket (a missing object is then 404,
+    not 403: the first leader starts afresh instead of failing)."""
     stmts = statements("iam-task-role-policy.json")
-    (grant,) = [s for s in stmts
-                if any(a.startswith("elasticfilesystem:") for a in as_list(s["Action"]))]
-    assert set(as_list(grant["Action"])) == EFS_CLIENT
-    assert as_list(grant["Resource"]) == [file_system]
-    assert grant["Condition"] == {
-        "StringEquals": {"elasticfilesystem:AccessPointArn": access_point}}
-    other = f"arn:aws:elasticfilesystem:{REGION}:{ACCOUNT}:file-system/fs-0ther0000000000000"
-    assert not grants(stmts, "elasticfilesystem:ClientWrite", other)
+    (lease,) = [s for s in stmts if any(a.startswith("dynamodb:") for a in as_list(s["Action"]))]
+    assert set(as_list(lease["Action"])) == {"dynamodb:UpdateItem", "dynamodb:GetItem"}
+    assert as_list(lease["Resource"]) == [LEASE_TABLE]
+    assert lease["Condition"] == {
+        "ForAllValues:StringEquals": {"dynamodb:LeadingKeys": ["selfcheckd"]}}
+    s3 = [s for s in stmts if any(a.startswith("s3:") for a in as_list(s["Action"]))]
+    by_action = {a: as_list(s["Resource"]) for s in s3 for a in as_list(s["Action"])}
+    assert by_action == {"s3:GetObject": [STATE_OBJECT], "s3:PutObject": [STATE_OBJECT],
+                         "s3:ListBucket": [STATE_BUCKET]}
+    assert not grants(stmts, "s3:PutObject", f"{STATE_BUCKET}/other.json")
+    assert not grants(stmts, "dynamodb:DeleteItem", LEASE_TABLE)
+    assert not grants(stmts, "dynamodb:CreateTable", LEASE_TABLE)
 
 
-def test_file_system_policy_admits_only_the_task_role_over_tls() -> None:
-    """Without a file system policy EFS admits any client; ours admits only the task role."""
-    td = render("task-definition.json")
-    stmts = statements("efs-file-system-policy.json")
-    (allow,) = [s for s in stmts if s["Effect"] == "Allow"]
-    assert allow["Principal"] == {"AWS": td["taskRoleArn"]}
-    assert set(as_list(allow["Action"])) == EFS_CLIENT
-    assert as_list(allow["Resource"]) == [STATE_FILE_SYSTEM]
-    assert allow["Condition"] == {
-        "StringEquals": {"elasticfilesystem:AccessPointArn": STATE_ACCESS_POINT}}
-    (deny,) = [s for s in stmts if s["Effect"] == "Deny"]
-    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
-    assert deny["Principal"] == {"AWS": "*"}
+def test_the_daemon_calls_exactly_what_the_task_role_grants() -> None:
+    """The DynamoDB and S3 actions the code declares it calls are the task role's grants
+    for them (tests/test_ha_dynamodb.py records the calls a lease's life makes)."""
+    from daemon.ha import IAM_ACTIONS as LEASE_ACTIONS
+
+    stmts = statements("iam-task-role-policy.json")
+    for action in LEASE_ACTIONS:
+        assert grants(stmts, action, LEASE_TABLE), action
+    granted = {a for s in stmts for a in as_list(s["Action"]) if a.startswith("dynamodb:")}
+    assert granted == set(LEASE_ACTIONS)
+
+
+def test_state_bucket_refuses_unconditional_writes_and_plain_http() -> None:
+    """A PutObject without If-Match or If-None-Match is denied to everyone (so no writer,
+    however buggy, overwrites another leader's state), and so is any request without TLS."""
+    stmts = statements("s3-state-bucket-policy.json")
+    assert all(s["Effect"] == "Deny" for s in stmts)
+    (writes,) = [s for s in stmts if s["Action"] == "s3:PutObject"]
+    assert writes["Condition"] == {"Null": {"s3:if-match": "true", "s3:if-none-match": "true"}}
+    assert writes["Resource"] == f"{STATE_BUCKET}/*"
+    (tls,) = [s for s in stmts if s["Action"] == "s3:*"]
+    assert tls["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert set(tls["Resource"]) == {STATE_BUCKET, f"{STATE_BUCKET}/*"}
 
 
 def test_logs_go_to_their_own_group_without_blocking() -> None:
@@ -373,13 +371,13 @@ def test_policies_are_least_privilege(policy: str) -> None:
             condition = s["Condition"]
             assert condition["StringEquals"]["kms:ViaService"] == f"ssm.{REGION}.amazonaws.com"
             assert condition["StringLike"]["kms:EncryptionContext:PARAMETER_ARN"]
-        if any(a.startswith("elasticfilesystem:") for a in actions):
-            assert s["Condition"]["StringEquals"]["elasticfilesystem:AccessPointArn"]
-            assert "elasticfilesystem:ClientRootAccess" not in actions
+        if any(a.startswith("dynamodb:") for a in actions):
+            assert s["Condition"]["ForAllValues:StringEquals"]["dynamodb:LeadingKeys"]
 
 
-def test_task_role_reads_smtp_out_logs_and_sinkhole_mode_and_mounts_its_state() -> None:
-    """The daemon may read smtp-out's logs and /cabal/sinkhole_mode, mount its state; no more."""
+def test_task_role_reads_smtp_out_logs_and_sinkhole_mode_and_keeps_its_state() -> None:
+    """The daemon may read smtp-out's logs and /cabal/sinkhole_mode, hold the lease and keep
+    its state; no more."""
     stmts = statements("iam-task-role-policy.json")
     by_action = {a: as_list(s["Resource"]) for s in stmts for a in as_list(s["Action"])}
     assert by_action == {
@@ -387,8 +385,11 @@ def test_task_role_reads_smtp_out_logs_and_sinkhole_mode_and_mounts_its_state() 
         "logs:DescribeLogStreams": [SMTP_OUT_LOG_GROUP],
         "ssm:GetParameter": [SINKHOLE_MODE],
         "kms:Decrypt": [f"arn:aws:kms:{REGION}:{ACCOUNT}:key/*"],
-        "elasticfilesystem:ClientMount": [STATE_FILE_SYSTEM],
-        "elasticfilesystem:ClientWrite": [STATE_FILE_SYSTEM],
+        "dynamodb:UpdateItem": [LEASE_TABLE],
+        "dynamodb:GetItem": [LEASE_TABLE],
+        "s3:GetObject": [STATE_OBJECT],
+        "s3:PutObject": [STATE_OBJECT],
+        "s3:ListBucket": [STATE_BUCKET],
     }
     (kms,) = [s for s in stmts if s["Action"] == "kms:Decrypt"]
     assert kms["Condition"]["StringLike"]["kms:EncryptionContext:PARAMETER_ARN"] == [SINKHOLE_MODE]
@@ -435,7 +436,7 @@ def test_every_placeholder_is_documented_and_filled_by_terraform() -> None:
     names: set[str] = set()
     for path in sorted(ECS_DIR.glob("*.json")):
         names |= set(re.findall(r"\$\{([A-Z_]+)\}", path.read_text(encoding="utf-8")))
-    assert {"STATE_EFS_FILE_SYSTEM_ID", "STATE_EFS_ACCESS_POINT_ID"} <= names
+    assert {"STATE_BUCKET", "LEASE_TABLE"} <= names
     table = set(re.findall(r"^\| `([A-Z_]+)`(?:, `([A-Z_]+)`)?", DOCS.read_text(encoding="utf-8"),
                            re.M))
     documented = {name for row in table for name in row if name}
@@ -443,14 +444,16 @@ def test_every_placeholder_is_documented_and_filled_by_terraform() -> None:
     assert names - terraform_vars() == set()
 
 
-def test_one_task_at_a_time_in_both_deploy_paths() -> None:
-    """The docs' create-service and Terraform both stop the old task before starting the new."""
+def test_two_tasks_and_100_200_deployments_in_both_deploy_paths() -> None:
+    """The docs' create-service and Terraform both run two tasks and start new ones before
+    stopping old ones, so a standby is there through every deploy."""
     docs = DOCS.read_text(encoding="utf-8")
-    assert "--deployment-configuration minimumHealthyPercent=0,maximumPercent=100" in docs
+    assert "--desired-count 2" in docs
+    assert "--deployment-configuration minimumHealthyPercent=100,maximumPercent=200" in docs
     tf = (TERRAFORM_DIR / "main.tf").read_text(encoding="utf-8")
-    assert re.search(r"^\s*desired_count\s*=\s*1$", tf, re.M)
-    assert re.search(r"^\s*deployment_minimum_healthy_percent\s*=\s*0$", tf, re.M)
-    assert re.search(r"^\s*deployment_maximum_percent\s*=\s*100$", tf, re.M)
+    assert re.search(r"^\s*desired_count\s*=\s*2$", tf, re.M)
+    assert re.search(r"^\s*deployment_minimum_healthy_percent\s*=\s*100$", tf, re.M)
+    assert re.search(r"^\s*deployment_maximum_percent\s*=\s*200$", tf, re.M)
 
 
 def test_docs_state_the_health_check_and_stop_timing() -> None:
@@ -468,7 +471,8 @@ def test_docs_state_the_health_check_and_stop_timing() -> None:
 
 
 def test_terraform_sketch_applies_against_a_mocked_provider(tmp_path: Path) -> None:
-    """`terraform test` (mocked AWS) renders every template and backs the state with EFS."""
+    """`terraform test` (mocked AWS) renders every template: two tasks, the lease table, the
+    state bucket (versioned, encrypted, private, conditional writes only)."""
     terraform = shutil.which("terraform")
     if terraform is None or not TF_PLUGIN_DIR.is_dir():
         # Not a Debian package, so no install script can provide it: skip, never fail.

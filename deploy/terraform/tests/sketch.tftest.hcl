@@ -12,22 +12,18 @@ mock_provider "aws" {
     defaults = { account_id = "123456789012" }
   }
   mock_resource "aws_iam_role" {
-    # Both roles get this ARN; the file system policy names the task role by it.
     defaults = { arn = "arn:aws:iam::123456789012:role/selfcheckd-task" }
   }
   mock_resource "aws_service_discovery_service" {
     defaults = { arn = "arn:aws:servicediscovery:eu-west-1:123456789012:service/srv-0123456789abcdef" }
   }
-  mock_resource "aws_efs_file_system" {
-    defaults = {
-      id  = "fs-0123456789abcdef0"
-      arn = "arn:aws:elasticfilesystem:eu-west-1:123456789012:file-system/fs-0123456789abcdef0"
-    }
+  mock_resource "aws_dynamodb_table" {
+    defaults = { arn = "arn:aws:dynamodb:eu-west-1:123456789012:table/selfcheckd-lease" }
   }
-  mock_resource "aws_efs_access_point" {
+  mock_resource "aws_s3_bucket" {
     defaults = {
-      id  = "fsap-0123456789abcdef0"
-      arn = "arn:aws:elasticfilesystem:eu-west-1:123456789012:access-point/fsap-0123456789abcdef0"
+      arn = "arn:aws:s3:::selfcheckd-state-123456789012"
+      id  = "selfcheckd-state-123456789012"
     }
   }
 }
@@ -42,84 +38,98 @@ variables {
   private_subnet_ids           = ["subnet-0aaaaaaaaaaaaaaaa", "subnet-0bbbbbbbbbbbbbbbb"]
   prometheus_security_group_id = "sg-0123456789abcdef0"
   cloudmap_namespace_id        = "ns-0123456789abcdef0"
+  state_bucket                 = "selfcheckd-state-123456789012"
 }
 
-run "state_on_efs_one_task_at_a_time" {
+run "two_tasks_one_lease_state_in_s3" {
   command = apply
 
   assert {
-    condition = alltrue([
-      for v in aws_ecs_task_definition.selfcheckd.volume : (
-        v.efs_volume_configuration[0].file_system_id == aws_efs_file_system.state.id
-        && v.efs_volume_configuration[0].transit_encryption == "ENABLED"
-        && v.efs_volume_configuration[0].authorization_config[0].access_point_id == aws_efs_access_point.state.id
-        && v.efs_volume_configuration[0].authorization_config[0].iam == "ENABLED"
-      ) if v.name == "selfcheckd-state"
-    ])
-    error_message = "The selfcheckd-state volume must be the EFS file system, through its access point, with TLS and IAM."
-  }
-
-  assert {
-    condition = length([
-      for v in aws_ecs_task_definition.selfcheckd.volume : v
-      if v.name == "selfcheckd-state" && length(v.efs_volume_configuration) == 1
-    ]) == 1
-    error_message = "The task definition has no EFS-backed selfcheckd-state volume."
+    condition = (
+      aws_ecs_service.selfcheckd.desired_count == 2
+      && aws_ecs_service.selfcheckd.deployment_minimum_healthy_percent == 100
+      && aws_ecs_service.selfcheckd.deployment_maximum_percent == 200
+    )
+    error_message = "Two tasks, and a deploy starts the new ones before stopping the old (100/200)."
   }
 
   assert {
     condition = (
-      aws_efs_access_point.state.posix_user[0].uid == 10001
-      && aws_efs_access_point.state.posix_user[0].gid == 10001
-      && aws_efs_access_point.state.root_directory[0].creation_info[0].owner_uid == 10001
-      && aws_efs_access_point.state.root_directory[0].creation_info[0].owner_gid == 10001
+      aws_dynamodb_table.lease.billing_mode == "PAY_PER_REQUEST"
+      && aws_dynamodb_table.lease.hash_key == "key"
+      && length(aws_dynamodb_table.lease.range_key == null ? [] : [1]) == 0
+      && anytrue([for a in aws_dynamodb_table.lease.attribute : a.name == "key" && a.type == "S"])
+      && length(aws_dynamodb_table.lease.attribute) == 1
     )
-    error_message = "The access point must act as, and create its directory for, the image's uid/gid 10001."
+    error_message = "The lease table: on demand, one string hash key named `key`, nothing else."
   }
 
   assert {
-    condition     = length(aws_efs_mount_target.state) == length(var.private_subnet_ids)
-    error_message = "Every subnet the service runs in needs a mount target."
+    condition = (
+      aws_dynamodb_table.lease.ttl[0].enabled
+      && aws_dynamodb_table.lease.ttl[0].attribute_name == "ttl"
+    )
+    error_message = "TTL on the lease item's `ttl` attribute (a week past its expiry)."
+  }
+
+  assert {
+    condition     = aws_s3_bucket_versioning.state.versioning_configuration[0].status == "Enabled"
+    error_message = "The state bucket is versioned."
   }
 
   assert {
     condition = anytrue([
-      for rule in aws_security_group.state_efs.ingress : (
-        rule.from_port == 2049 && rule.to_port == 2049 && rule.protocol == "tcp"
-        && rule.security_groups == toset([aws_security_group.selfcheckd.id])
-        && length(coalesce(rule.cidr_blocks, [])) == 0
+      for r in aws_s3_bucket_server_side_encryption_configuration.state.rule :
+      r.apply_server_side_encryption_by_default[0].sse_algorithm == "AES256"
+    ])
+    error_message = "The state bucket encrypts at rest (SSE-S3: no KMS grant needed)."
+  }
+
+  assert {
+    condition = (
+      aws_s3_bucket_public_access_block.state.block_public_acls
+      && aws_s3_bucket_public_access_block.state.block_public_policy
+      && aws_s3_bucket_public_access_block.state.ignore_public_acls
+      && aws_s3_bucket_public_access_block.state.restrict_public_buckets
+    )
+    error_message = "The state bucket blocks every form of public access."
+  }
+
+  assert {
+    condition = anytrue([
+      for s in jsondecode(aws_s3_bucket_policy.state.policy).Statement : (
+        s.Effect == "Deny" && s.Action == "s3:PutObject"
+        && try(s.Condition.Null["s3:if-match"], "") == "true"
+        && try(s.Condition.Null["s3:if-none-match"], "") == "true"
       )
-    ]) && length(aws_security_group.state_efs.ingress) == 1
-    error_message = "NFS (2049) must be open to the selfcheckd task's security group only."
+    ])
+    error_message = "The bucket refuses writes without If-Match / If-None-Match."
   }
 
   assert {
     condition = anytrue([
       for s in jsondecode(aws_iam_role_policy.task.policy).Statement : (
-        s.Resource == aws_efs_file_system.state.arn
-        && s.Condition.StringEquals["elasticfilesystem:AccessPointArn"] == aws_efs_access_point.state.arn
-      ) if can(s.Condition.StringEquals["elasticfilesystem:AccessPointArn"])
+        s.Resource == "arn:aws:dynamodb:eu-west-1:123456789012:table/${aws_dynamodb_table.lease.name}"
+        && toset(flatten([s.Action])) == toset(["dynamodb:UpdateItem", "dynamodb:GetItem"])
+      )
     ])
-    error_message = "The task role's EFS grant must name this file system and its access point."
+    error_message = "The task role may update and read the lease table, nothing else of DynamoDB."
   }
 
   assert {
     condition = anytrue([
-      for s in jsondecode(aws_efs_file_system_policy.state.policy).Statement : (
-        s.Effect == "Allow" && s.Principal.AWS == aws_iam_role.task.arn
-        && s.Resource == aws_efs_file_system.state.arn
-        && try(s.Condition.StringEquals["elasticfilesystem:AccessPointArn"], "") == aws_efs_access_point.state.arn
+      for s in jsondecode(aws_iam_role_policy.task.policy).Statement : (
+        s.Resource == "arn:aws:s3:::${aws_s3_bucket.state.bucket}/leakwatch-state.json"
+        && toset(flatten([s.Action])) == toset(["s3:GetObject", "s3:PutObject"])
       )
     ])
-    error_message = "The file system policy must admit the task role through the access point."
+    error_message = "The task role may read and write the state object, and no other."
   }
 
   assert {
-    condition = (
-      aws_ecs_service.selfcheckd.desired_count == 1
-      && aws_ecs_service.selfcheckd.deployment_minimum_healthy_percent == 0
-      && aws_ecs_service.selfcheckd.deployment_maximum_percent == 100
-    )
-    error_message = "One task, and a deploy stops the old task before starting the new one (0/100)."
+    condition = alltrue([
+      for v in aws_ecs_task_definition.selfcheckd.volume : length(v.efs_volume_configuration) == 0
+    ])
+    error_message = "No EFS volume: the state is in S3."
   }
 }
