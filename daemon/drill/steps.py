@@ -47,7 +47,7 @@ from daemon.drill.driver import (
     ModeStore,
 )
 from daemon.drill.journal import Journal, StepRecord
-from daemon.drill.mailq import QueueEntry, entries_for
+from daemon.drill.mailq import QueueEntry, entries_for, unanswered
 from daemon.drill.send import drill_message, send_message
 from daemon.sinkhole import MODES
 
@@ -62,6 +62,7 @@ SEND_TIMEOUT = 60.0
 CLOSE_RESERVE = 3.0
 PARK_RETRY = (1.0, 10.0)  # first and longest wait between parking attempts
 MAX_EVIDENCE_LINES = 40
+MAX_SAID_LINES = 10  # of a mailq that does not list the message: what it said instead
 _QID = r"[0-9A-Za-z]{8}\d{3,}"
 
 
@@ -74,6 +75,7 @@ class Observation:
     answered: bool = False  # a definite reading (mailq ran; a log search returned)
     entries: list[QueueEntry] = field(default_factory=list)  # mailq: listed copies
     log_lines: list[str] = field(default_factory=list)
+    said: list[str] = field(default_factory=list)  # mailq's lines when it lists nothing of ours
     error: str | None = None
 
     @property
@@ -94,6 +96,8 @@ class Observation:
                  else self.log_lines)
         out: dict[str, Any] = {"source": self.source, "listed": sorted(self.qids),
                                "lines": lines[-MAX_EVIDENCE_LINES:]}
+        if self.said:
+            out["said"] = self.said
         if self.error:
             out["error"] = self.error
         return out
@@ -142,6 +146,7 @@ class Drill:
         self.qid: str | None = None
         self.sent = False
         self.delivered = False
+        self.gone = False  # every task's mailq answered without it (lost, not delivered)
         self.replacements: list[str] = []
         self.since = wall()  # log searches start here
         self._armed = False
@@ -449,8 +454,15 @@ class Drill:
                 obs.error = str(exc)
                 return obs
             else:
+                problem = unanswered(text)
+                if problem is not None:  # an error that exited 0: no reading at all
+                    obs.error = f"mailq on {task} gave no queue listing: {problem}"
+                    obs.said = _said(text)
+                    return obs
                 obs.answered = True
                 obs.entries = entries_for(text, self.recipient)
+                if not obs.entries:
+                    obs.said = _said(text)
                 return obs
         obs = Observation(task=task, source="log")
         if self.logs is None:
@@ -544,6 +556,8 @@ class Drill:
                 how = f"; {len(sent)} stat=Sent line" if sent is not None else ""
                 return f"{self.qid} gone from {len(tasks)} task(s){how}"
             if self.clock() >= deadline:
+                if not _still_queued(seen, self.qid) and _unread(seen):
+                    raise DrillAbortedError(verdict)  # no reading, no verdict on the queue
                 raise DrillFailedError(verdict)
             await self.sleep(self.cfg.poll_interval)
 
@@ -562,11 +576,11 @@ class Drill:
 
     def _judge_gone(self, seen: dict[str, Observation], sent: list[str] | None) -> str | None:
         qid = self.qid or "?"
-        still = [t for t, o in seen.items() if o.source == "mailq" and qid in o.qids]
+        still = _still_queued(seen, qid)
         if still:
             return f"queue id {qid} still queued after the flip on " + ", ".join(
                 f"{t} ({seen[t].status(qid) or 'no status'})" for t in still)
-        unread = [t for t, o in seen.items() if o.source == "mailq" and not o.answered]
+        unread = _unread(seen)
         if unread:
             return f"mailq unreadable on {', '.join(unread)}: " \
                    f"{seen[unread[0]].error or 'no answer'}"
@@ -631,7 +645,7 @@ class Drill:
         self._say(rec.line())
 
     def _may_remain(self) -> bool:
-        return self.sent and not self.delivered
+        return self.sent and not self.delivered and not self.gone
 
     async def _park(self, actions: list[str], deadline: float) -> bool:
         """Write `defer` until it reads back `defer`, or the deadline passes."""
@@ -662,7 +676,13 @@ class Drill:
         seen = await self._observe_all([t for t in tasks if self.cluster.can_exec(t)])
         holding = [t for t, o in seen.items() if o.entries]
         if not holding:
+            unread = [t for t, o in seen.items() if not o.answered]
+            if unread or not seen:
+                actions.append("cannot tell whether it is still queued: no mailq reading "
+                               f"from {', '.join(unread) or 'any task'}")
+                return
             actions.append("message not queued on any task: nothing to drain")
+            self.gone = True
             return
         runner = holding[0]
         actions.append(f"draining {', '.join(sorted({e.qid for e in seen[runner].entries}))}:"
@@ -685,6 +705,20 @@ class Drill:
         return [f"{where} may still be queued (it stays deferred while the sinkhole defers, "
                 "and returns to its sender after sendmail's queue lifetime); drain it with "
                 "step 6 + 7 of the runbook, or `selfcheckd drill` again"]
+
+
+def _still_queued(seen: dict[str, Observation], qid: str | None) -> list[str]:
+    return [t for t, o in seen.items() if o.source == "mailq" and (qid or "?") in o.qids]
+
+
+def _unread(seen: dict[str, Observation]) -> list[str]:
+    return [t for t, o in seen.items() if o.source == "mailq" and not o.answered]
+
+
+def _said(text: str) -> list[str]:
+    """What a mailq that lists nothing of ours printed (its last lines), for the evidence."""
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    return lines[-MAX_SAID_LINES:]
 
 
 def _unique(lines: list[str]) -> list[str]:

@@ -106,6 +106,8 @@ class FakeCluster:
     log: list[LogLine] = field(default_factory=list)
     calls: list[tuple[str, str]] = field(default_factory=list)
     hooks: dict[str, Callable[[], None]] = field(default_factory=dict)
+    # What a task's mailq prints instead of its queue (Debian's mailq exits 0 on errors).
+    mailq_says: dict[str, str] = field(default_factory=dict)
     closed: bool = False
 
     def __post_init__(self) -> None:
@@ -173,6 +175,8 @@ class FakeCluster:
         await asyncio.sleep(0)
         if not self.exec_enabled:
             raise ExecUnavailableError(task)
+        if task in self.mailq_says:
+            return self.mailq_says[task]
         return format_mailq(self.queues[task])
 
     async def run_queue(self, task: str) -> str:

@@ -82,6 +82,53 @@ async def test_queue_lost_at_replacement_fails_at_step_5(tmp_path: Path) -> None
     assert modes.mode == "defer"
 
 
+# Debian's `mailq -C {task_dir}/sendmail.cf` before the task's start command wrote its cf.
+MAILQ_NO_CF = ("MSP Queue status...\n/t/task-3/sendmail.cf: line 0: cannot open: No such file "
+               "or directory\nMTA Queue status...\n/t/task-3/sendmail.cf: line 0: cannot open: "
+               "No such file or directory\n")
+MAILQ_NO_QUEUE = "MTA Queue status...\ncan not chdir(/var/spool/mqueue/): Permission denied\n"
+
+
+async def test_a_replacement_whose_mailq_cannot_answer_yet_is_waited_for(
+        tmp_path: Path) -> None:
+    """A replacement whose mailq prints an error and exits 0 (Debian's wrapper, before the
+    task wrote its cf) is no reading: step 5 polls until it answers and passes, never
+    "not listed by task-3" (a false exit 1 on a healthy shared queue)."""
+    modes = FakeModes()
+    cluster = FakeCluster(modes)
+    cluster.hooks["stop_task"] = lambda: cluster.mailq_says.update({"task-3": MAILQ_NO_CF})
+    # Step 3 reads mailq twice, step 5's first poll twice (task-3's fails): the 6th call
+    # (step 5's second poll of task-3) finds the task ready.
+    cluster.hooks["mailq:6"] = lambda: cluster.mailq_says.clear()
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster)
+    journal = await drill.run()
+    assert journal.result == "passed", journal.error
+    assert step(journal, 5)["evidence"]["tasks"]["task-3"]["listed"] == [journal.queue_id]
+
+
+async def test_a_mailq_that_cannot_read_the_queue_is_not_a_drained_queue(
+        tmp_path: Path) -> None:
+    """After the flip every mailq prints an error (exit 0) and the message is in fact still
+    queued: step 8 aborts (exit 3, no reading), never passes as "gone from every task"; the
+    cleanup says it cannot tell whether the message is still queued."""
+    modes = FakeModes()
+    cluster = FakeCluster(modes)
+
+    async def no_delivery(task: str) -> str:
+        cluster.mailq_says.update(dict.fromkeys(cluster.queues, MAILQ_NO_QUEUE))
+        return ""
+
+    cluster.run_queue = no_delivery  # type: ignore[method-assign]
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster)
+    journal = await drill.run()
+    assert (journal.result, journal.exit_code, journal.failed_step) == (
+        "aborted", 3, "8 drained")
+    assert "gave no queue listing: MTA Queue status... can not chdir" in (journal.error or "")
+    assert any(a.startswith("cannot tell whether it is still queued")
+               for a in journal.cleanup["actions"])
+    assert journal.cleanup["left"] and modes.mode == "defer"
+
+
 async def test_failed_drill_drains_the_message_in_cleanup(tmp_path: Path) -> None:
     """When a step fails with the message still queued, the cleanup delivers it (accept,
     queue run) and parks in defer again."""
