@@ -61,6 +61,9 @@ SEND_TIMEOUT = 60.0
 # Kept from the interrupt budget for stopping the local tasks and printing the journal.
 CLOSE_RESERVE = 3.0
 PARK_RETRY = (1.0, 10.0)  # first and longest wait between parking attempts
+# A cancellation can be swallowed (Python 3.11's asyncio.wait_for returns a result that
+# arrived with it; aiosmtplib reads every SMTP reply through it): cancel again this often.
+RECANCEL = 0.5
 MAX_EVIDENCE_LINES = 40
 MAX_SAID_LINES = 10  # of a mailq that does not list the message: what it said instead
 _QID = r"[0-9A-Za-z]{8}\d{3,}"
@@ -154,6 +157,7 @@ class Drill:
         self._signals = 0
         self._interrupted_at: float | None = None
         self._steps_task: asyncio.Task[None] | None = None
+        self._recancel: asyncio.TimerHandle | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._failures: list[tuple[str, str]] = []
         self._lock_fd: int | None = None
@@ -168,7 +172,7 @@ class Drill:
             self.journal.interrupted_by = why
         if self._phase == "steps" and self._steps_task is not None and self._signals == 1:
             self._say(f"drill: {why}: stopping; the cleanup runs (parks the sinkhole in defer)")
-            self._steps_task.cancel()
+            self._cancel_steps()
         elif self._phase == "cleanup" and self._signals >= 3:
             self._say(f"drill: {why} again: exiting NOW, the cleanup did not finish: the "
                       f"sinkhole may not be in defer ({self.modes.describe()})")
@@ -178,6 +182,15 @@ class Drill:
                 self._drain_task.cancel()
             self._say(f"drill: {why}: the cleanup still parks the sinkhole in defer "
                       "(a third signal exits at once)")
+
+    def _cancel_steps(self) -> None:
+        """Cancel the steps, and again until they have ended: one cancellation may be
+        swallowed (RECANCEL); `_step` also refuses to start a step once interrupted."""
+        task = self._steps_task
+        if task is None or task.done():
+            return
+        task.cancel()
+        self._recancel = asyncio.get_running_loop().call_later(RECANCEL, self._cancel_steps)
 
     # -- the run -------------------------------------------------------------------------
 
@@ -196,6 +209,9 @@ class Drill:
             except asyncio.CancelledError:  # our caller is cancelled: a signal too
                 self.interrupt("cancelled")
                 await asyncio.wait({self._steps_task})
+            finally:
+                if self._recancel is not None:
+                    self._recancel.cancel()
             self._steps_task.result()
         except DrillRefusedError as exc:
             j.result, j.error = "refused", str(exc)
@@ -278,6 +294,8 @@ class Drill:
         self.current = rec
         self.journal.steps.append(rec)
         try:
+            if self._interrupted_at is not None:  # its cancellation was swallowed
+                raise asyncio.CancelledError
             rec.summary = await body(rec)
             rec.ok = True
         except asyncio.CancelledError:

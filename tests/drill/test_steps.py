@@ -182,6 +182,34 @@ async def test_sigterm_during_step_5_aborts_and_parks_in_defer(tmp_path: Path) -
     assert cluster.closed
 
 
+async def test_a_signal_is_not_lost_when_a_library_swallows_the_cancellation(
+        tmp_path: Path) -> None:
+    """A signal that arrives together with an SMTP reply still stops the drill (Python
+    3.11's asyncio.wait_for, through which aiosmtplib reads every reply, then returns the
+    reply and drops the cancellation): exit 3, aborted, no step after it runs."""
+    import asyncio
+
+    modes = FakeModes()
+    cluster = FakeCluster(modes)
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster)
+    submit = cluster.send
+
+    async def send(*args: Any) -> str:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[str] = loop.create_future()
+        loop.call_soon(reply.set_result, await submit(*args))
+        loop.call_soon(drill.interrupt, "SIGTERM")  # in the same loop turn as the reply
+        return await asyncio.wait_for(reply, 10)
+
+    drill.send = send
+    journal = await drill.run()
+    assert (journal.result, journal.exit_code) == ("aborted", 3)
+    assert journal.interrupted_by == "SIGTERM"
+    assert [s["step"] for s in journal.as_dict()["steps"]][-1] <= 3
+    assert ("stop_task", "task-1") not in cluster.calls and "accept" not in modes.writes
+    assert modes.mode == "defer"
+
+
 async def test_second_signal_during_cleanup_still_parks(tmp_path: Path) -> None:
     """A second signal while the cleanup drains cancels the drain, never the parking."""
     modes = FakeModes()
