@@ -61,6 +61,7 @@ SEND_TIMEOUT = 60.0
 # Kept from the interrupt budget for stopping the local tasks and printing the journal.
 CLOSE_RESERVE = 3.0
 PARK_RETRY = (1.0, 10.0)  # first and longest wait between parking attempts
+PARK_MIN_ATTEMPT = 1.0  # one parking attempt's least time, whatever the deadline
 # A cancellation can be swallowed (Python 3.11's asyncio.wait_for returns a result that
 # arrived with it; aiosmtplib reads every SMTP reply through it): cancel again this often.
 RECANCEL = 0.5
@@ -158,6 +159,7 @@ class Drill:
         self._interrupted_at: float | None = None
         self._steps_task: asyncio.Task[None] | None = None
         self._recancel: asyncio.TimerHandle | None = None
+        self._park_limit: asyncio.Timeout | None = None  # the parking attempt under way
         self._drain_task: asyncio.Task[None] | None = None
         self._failures: list[tuple[str, str]] = []
         self._lock_fd: int | None = None
@@ -180,6 +182,11 @@ class Drill:
         elif self._phase == "cleanup":
             if self._drain_task is not None and not self._drain_task.done():
                 self._drain_task.cancel()
+            limit = self._park_limit
+            if limit is not None:  # parking goes on, but within the interrupt budget
+                when, current = _loop_time_for(self._cleanup_deadline(), self.clock), limit.when()
+                if current is None or when < current:
+                    limit.reschedule(when)
             self._say(f"drill: {why}: the cleanup still parks the sinkhole in defer "
                       "(a third signal exits at once)")
 
@@ -666,13 +673,20 @@ class Drill:
         return self.sent and not self.delivered and not self.gone
 
     async def _park(self, actions: list[str], deadline: float) -> bool:
-        """Write `defer` until it reads back `defer`, or the deadline passes."""
+        """Write `defer` until it reads back `defer`, or the deadline passes. Each attempt
+        and each wait ends by the deadline, and a signal brings it forward to the
+        interrupt budget's (`interrupt` reschedules the one under way)."""
         attempt = 0
         while True:
             attempt += 1
+            deadline = self._within_budget(deadline)
+            # An attempt gets at least PARK_MIN_ATTEMPT even when the steps ate the time.
+            ends = max(deadline, self.clock() + PARK_MIN_ATTEMPT)
             try:
-                await self._write_mode("defer")
-                back = await self._read_mode()
+                async with asyncio.timeout_at(_loop_time_for(ends, self.clock)) as limit:
+                    self._park_limit = limit
+                    await self._write_mode("defer")
+                    back = await self._read_mode()
                 if back == "defer":
                     actions.append(f"parked in defer ({self.modes.describe()}, "
                                    f"attempt {attempt})")
@@ -680,13 +694,31 @@ class Drill:
                 problem = f"reads back {back!r}"
             except DrillAbortedError as exc:
                 problem = str(exc)
+            except TimeoutError:
+                problem = "no answer before the cleanup's deadline"
+            finally:
+                self._park_limit = None
+            deadline = self._within_budget(deadline)
             wait = min(PARK_RETRY[0] * 2 ** (attempt - 1), PARK_RETRY[1])
             if self.clock() + wait > deadline:
                 actions.append(f"could not park in defer after {attempt} attempt(s): {problem}")
                 return False
             self._say(f"drill cleanup: parking in defer failed ({problem}); retrying in "
                       f"{wait:g} s")
-            await self.sleep(wait)
+            try:
+                async with asyncio.timeout_at(_loop_time_for(deadline, self.clock)) as limit:
+                    self._park_limit = limit
+                    await self.sleep(wait)
+            except TimeoutError:
+                pass  # a signal brought the deadline forward: one last attempt
+            finally:
+                self._park_limit = None
+
+    def _within_budget(self, deadline: float) -> float:
+        """`deadline`, or the interrupt budget's when a signal came (whichever is first)."""
+        if self._interrupted_at is None:
+            return deadline
+        return min(deadline, self._cleanup_deadline())
 
     async def _drain(self, actions: list[str]) -> None:
         """The message may still be queued: accept, queue run, check (defer comes after)."""

@@ -52,6 +52,11 @@ class FakeModes:
         self.fail_writes_after: int | None = None  # writes that succeed before failing
         self.failures_left: int | None = None  # failed calls before it answers again
         self.on_write: Callable[[str], None] | None = None
+        # From this write on (1-based), every write hangs until cancelled (a blackholed
+        # SSM endpoint); on_hang is told when one starts hanging.
+        self.hang_from: int | None = None
+        self.on_hang: Callable[[], None] | None = None
+        self.calls = 0  # writes attempted
 
     def describe(self) -> str:
         return "ssm:/cabal/sinkhole_mode"
@@ -72,6 +77,11 @@ class FakeModes:
         return self.mode
 
     async def write(self, mode: str) -> None:
+        self.calls += 1
+        if self.hang_from is not None and self.calls >= self.hang_from:
+            if self.on_hang is not None:
+                self.on_hang()
+            await asyncio.Event().wait()
         if self.fail_writes_after is not None and len(self.writes) >= self.fail_writes_after:
             self.failing = True
             self.fail_writes_after = None

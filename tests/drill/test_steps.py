@@ -275,6 +275,60 @@ async def test_ssm_down_for_good_exits_4_loudly(tmp_path: Path) -> None:
     assert "aws ssm put-parameter --name /cabal/sinkhole_mode --value defer" in lines.getvalue()
 
 
+async def test_a_signal_during_the_cleanups_retries_cuts_them_to_the_budget(
+        tmp_path: Path) -> None:
+    """SSM down from step 6 on, then SIGTERM while the cleanup retries its parking (for up
+    to cleanup_timeout = 300 s): the retries stop within interrupt_budget of the signal,
+    exit 4, never 300 s past ECS' 30 s."""
+    modes = FakeModes()
+    modes.fail_writes_after = 1
+    drill, _, _, _ = make(tmp_path, modes=modes, cleanup_timeout=300)
+    clock = drill.clock
+    signalled: list[float] = []
+    write = modes.write
+
+    async def counting_write(mode: str) -> None:
+        if drill._phase == "cleanup" and modes.calls == 3 and not signalled:
+            signalled.append(clock())
+            drill.interrupt("SIGTERM")
+        await write(mode)
+
+    modes.write = counting_write  # type: ignore[method-assign]
+    journal = await drill.run()
+    assert journal.exit_code == 4 and journal.cleanup["ok"] is False and signalled
+    assert clock() - signalled[0] <= drill.cfg.interrupt_budget
+
+
+async def test_a_hanging_ssm_cannot_hold_the_exit_past_the_budget(tmp_path: Path) -> None:
+    """A blackholed SSM (every call hangs) and SIGTERM during step 6: each parking attempt
+    is cut at the interrupt budget's deadline; the drill ends, exit 4, loudly."""
+    import asyncio
+
+    modes = FakeModes()
+    modes.hang_from = 2  # step 1's defer is written; step 6's accept hangs, so does defer
+    drill, _, _, lines = make(tmp_path, modes=modes, interrupt_budget=4)
+    modes.on_hang = lambda: asyncio.get_running_loop().call_soon(drill.interrupt, "SIGTERM")
+    async with asyncio.timeout(20):
+        journal = await drill.run()
+    assert (journal.exit_code, journal.failed_step) == (4, "6 flip")
+    assert "DRILL CLEANUP FAILED" in lines.getvalue()
+
+
+async def test_a_signal_cuts_a_hanging_parking_attempt_short(tmp_path: Path) -> None:
+    """The cleanup after a failed step parks under cleanup_timeout (300 s); SSM hangs and a
+    SIGTERM arrives during that attempt: the attempt is cut at the interrupt budget."""
+    import asyncio
+
+    modes = FakeModes()
+    modes.hang_from = 2  # the cleanup's parking is the second write
+    drill, _, _, _ = make(tmp_path, modes=modes, interrupt_budget=4, cleanup_timeout=300,
+                          cluster=FakeCluster(modes, shared=False))
+    modes.on_hang = lambda: asyncio.get_running_loop().call_soon(drill.interrupt, "SIGTERM")
+    async with asyncio.timeout(20):
+        journal = await drill.run()
+    assert (journal.exit_code, journal.failed_step) == (4, "3 queued")
+
+
 async def test_keep_going_checks_every_step_after_a_failure(tmp_path: Path) -> None:
     """--keep-going: a failed step 3 is recorded and steps 4-8 still run; exit 1."""
     modes = FakeModes()
