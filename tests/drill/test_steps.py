@@ -452,7 +452,15 @@ async def test_each_flip_waits_out_the_mode_cache(tmp_path: Path) -> None:
     assert step(journal, 6)["evidence"]["waited_for_mode_cache"] == 31
 
 
-@pytest.mark.parametrize("env", ["prod", "Production", " PROD "])
+@pytest.mark.parametrize("env", ["prod", "Production", " PROD ", "prod-eu-west-1",
+                                 "eu_prod", "prod2", "us-east-1.production", "live"])
 def test_prod_spellings_are_refused(env: str) -> None:
-    """Every spelling of production is refused."""
+    """Every spelling of production is refused, also as a word of a longer name."""
     assert drill_config(environment=env).refused
+
+
+@pytest.mark.parametrize("env", ["stage", "staging", "preprod", "nonprod", "demo",
+                                 "delivery-test"])
+def test_other_environments_run(env: str) -> None:
+    """Names that only contain the letters of prod or live are not production."""
+    assert not drill_config(environment=env).refused
