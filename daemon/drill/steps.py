@@ -66,6 +66,10 @@ PARK_MIN_ATTEMPT = 1.0  # one parking attempt's least time, whatever the deadlin
 # arrived with it; aiosmtplib reads every SMTP reply through it): cancel again this often.
 RECANCEL = 0.5
 MAX_EVIDENCE_LINES = 40
+# Why a queue run passes a deferred message by: sendmail's MinQueueAge (5m on smtp-out).
+MIN_QUEUE_AGE_HINT = ("sendmail skips a message tried less than MinQueueAge ago; give the "
+                      "queue run -OMinQueueAge=0 ([drill.local] run_queue, [drill.ecs] "
+                      "run_queue_command; docs/drill.md)")
 MAX_SAID_LINES = 10  # of a mailq that does not list the message: what it said instead
 _QID = r"[0-9A-Za-z]{8}\d{3,}"
 
@@ -151,6 +155,7 @@ class Drill:
         self.sent = False
         self.delivered = False
         self.gone = False  # every task's mailq answered without it (lost, not delivered)
+        self.run_skipped = False  # step 7's queue run did not try the message
         self.replacements: list[str] = []
         self.since = wall()  # log searches start here
         self._armed = False
@@ -452,6 +457,12 @@ class Drill:
             rec.evidence.update(trigger="exec", task=runner)
             output = await self.cluster.run_queue(runner)
             rec.evidence["output"] = output.splitlines()[-MAX_EVIDENCE_LINES:]
+            # `sendmail -q -v` says `Running .../<qid>` for each message it tries.
+            self.run_skipped = self.qid is not None and self.qid not in output
+            rec.evidence["tried"] = not self.run_skipped
+            if self.run_skipped:
+                return f"queue run on {runner} ended without trying {self.qid} (another " \
+                       "runner may hold it; else MinQueueAge skipped it)"
             return f"queue run on {runner} ended"
         why = "trigger = wait" if self.cfg.trigger == "wait" else "no task can run a command"
         rec.evidence.update(trigger="wait", why=why, retry_timeout=self.cfg.retry_timeout)
@@ -604,7 +615,9 @@ class Drill:
         still = _still_queued(seen, qid)
         if still:
             return f"queue id {qid} still queued after the flip on " + ", ".join(
-                f"{t} ({seen[t].status(qid) or 'no status'})" for t in still)
+                f"{t} ({seen[t].status(qid) or 'no status'})" for t in still) + (
+                f"; the queue run of step 7 did not try it: {MIN_QUEUE_AGE_HINT}"
+                if self.run_skipped else "")
         unread = _unread(seen)
         if unread:
             return f"mailq unreadable on {', '.join(unread)}: " \
@@ -740,10 +753,13 @@ class Drill:
         await self._write_mode("accept")
         if self.cfg.mode_cache > 0:
             await self.sleep(self.cfg.mode_cache + 1)
-        await self.cluster.run_queue(runner)
+        output = await self.cluster.run_queue(runner)
         after = await self._observe_all(holding)
         if any(o.entries for o in after.values()):
-            actions.append("still queued after the drain's queue run")
+            qids = {e.qid for o in after.values() for e in o.entries}
+            actions.append("still queued after the drain's queue run" + (
+                f", which did not try it: {MIN_QUEUE_AGE_HINT}"
+                if not any(q in output for q in qids) else ""))
         else:
             self.delivered = True
             actions.append("drained: gone from every task")

@@ -192,9 +192,11 @@ class FakeCluster:
     async def run_queue(self, task: str) -> str:
         self.calls.append(("run_queue", task))
         self._hook("run_queue")
-        for msg in list(self.queues[task].values()):
+        ran = list(self.queues[task].values())
+        for msg in ran:
             self._attempt(task, msg)
-        return "Running /var/spool/mqueue/... (sequence 1 of 1)\n"
+        return "".join(f"Running /var/spool/mqueue/{msg.qid} (sequence {i} of {len(ran)})\n"
+                       for i, msg in enumerate(ran, 1))
 
     async def stop_task(self, task: str, reason: str) -> None:
         self.calls.append(("stop_task", task))

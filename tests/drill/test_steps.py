@@ -54,6 +54,7 @@ async def test_shared_queue_passes_with_the_same_queue_id_before_and_after(
     assert all(e["listed"] == [qid] for e in after.values()) and "task-3" in after
     assert any("Deferred: 421 4.3.2" in line for line in after["task-3"]["lines"])
     assert [m.qid for m in cluster.delivered] == [qid]
+    assert step(journal, 7)["evidence"]["tried"] is True
     assert modes.mode == "defer" and journal.cleanup["ok"] is True
     assert len([ln for ln in lines.getvalue().splitlines() if ln.startswith("drill step")]) == 9
 
@@ -407,6 +408,29 @@ async def test_not_delivered_after_the_flip_fails_step_8(tmp_path: Path) -> None
     journal = await drill.run()
     assert (journal.exit_code, journal.failed_step) == (1, "8 drained")
     assert "still queued after the flip" in (journal.error or "")
+
+
+async def test_a_queue_run_that_skips_the_message_is_named_as_the_cause(
+        tmp_path: Path) -> None:
+    """The issue's example queue run (`sendmail -q -v`, no -OMinQueueAge=0) on a cluster
+    with MinQueueAge: the run ends without trying the message, which stays deferred.
+    Step 7 says the run did not try it and step 8's failure names MinQueueAge and the
+    fix, not only "still queued after the flip"; so does the drain."""
+    modes = FakeModes()
+    cluster = FakeCluster(modes)
+
+    async def skipping_run(task: str) -> str:
+        return ""  # what `sendmail -q -v` printed when MinQueueAge skipped the message
+
+    cluster.run_queue = skipping_run  # type: ignore[method-assign]
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster)
+    journal = await drill.run()
+    assert (journal.exit_code, journal.failed_step) == (1, "8 drained")
+    assert step(journal, 7)["evidence"]["tried"] is False
+    assert "without trying" in step(journal, 7)["summary"]
+    assert "did not try it" in (journal.error or "")
+    assert "-OMinQueueAge=0" in (journal.error or "")
+    assert any("which did not try it" in a for a in journal.cleanup["actions"])
 
 
 async def test_another_drill_holding_the_lock_is_refused(tmp_path: Path) -> None:
