@@ -92,8 +92,15 @@ class SessionManagerPluginExec:
                 await asyncio.shield(proc.wait())
         lines = data.decode("utf-8", errors="replace").replace("\r\n", "\n").splitlines()
         # The plugin's own lines around the command's output.
-        return "\n".join(ln for ln in lines if not ln.startswith(
-            ("Starting session with SessionId", "Exiting session with sessionId"))) + "\n"
+        output = [ln for ln in lines if not ln.startswith(
+            ("Starting session with SessionId", "Exiting session with sessionId"))]
+        if proc.returncode != 0:
+            # The session itself failed (the command's own status never comes back: ECS
+            # Exec does not return it): its text is no output of the command.
+            said = next((ln.strip() for ln in reversed(output) if ln.strip()), "no output")
+            raise DrillAbortedError(f"ECS Exec {command!r} on {task}: {self.plugin} exited "
+                                    f"{proc.returncode}: {said[:300]}")
+        return "\n".join(output) + "\n"
 
 
 class EcsCluster:
