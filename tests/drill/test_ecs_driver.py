@@ -231,3 +231,31 @@ async def test_a_session_manager_plugin_that_fails_is_no_mailq_output(world: Wor
             await cluster.close()
     assert "session-manager-plugin exited 1" in str(err.value)
     assert "connection reset by peer" in str(err.value)
+
+
+async def test_exec_timeout_bounds_the_whole_ecs_exec(world: World, tmp_path: Path) -> None:
+    """exec_timeout is one ECS Exec command, session included: an exec stuck before its
+    plugin runs (ExecuteCommand hanging) still ends at it, as an unread task."""
+    import asyncio
+
+    from daemon.drill.driver import DrillAbortedError
+
+    class StuckExec:
+        async def run(self, *_args: Any) -> str:
+            await asyncio.Event().wait()  # ExecuteCommand that never answers
+            return ""
+
+    async with ecs_proxy(world) as proxy:
+        cfg = config(proxy, tmp_path)
+        assert cfg.drill is not None and cfg.drill.ecs is not None
+        ecs_cfg = cfg.drill.ecs.model_copy(update={"exec_timeout": 0.5})
+        cluster = EcsCluster(ecs_cfg, exec_=StuckExec())
+        await cluster.open(lambda _call: None)
+        try:
+            task = (await cluster.tasks())[0]
+            async with asyncio.timeout(10):
+                with pytest.raises(DrillAbortedError) as err:
+                    await cluster.mailq(task)
+        finally:
+            await cluster.close()
+    assert "no end within 0.5 s" in str(err.value)

@@ -180,8 +180,10 @@ class EcsCluster:
         self._record({"call": "ecs:ExecuteCommand", "task": task,
                       "container": self.cfg.container, "command": command})
         try:
-            return await self.exec.run(self._ecs, self.cfg.cluster, task, self.cfg.container,
-                                       command, self.cfg.exec_timeout)
+            # exec_timeout is the whole command, ExecuteCommand and the session included.
+            async with asyncio.timeout(self.cfg.exec_timeout):
+                return await self.exec.run(self._ecs, self.cfg.cluster, task,
+                                           self.cfg.container, command, self.cfg.exec_timeout)
         except TimeoutError:
             raise DrillAbortedError(f"ECS Exec {command!r} on {task}: no end within "
                                     f"{self.cfg.exec_timeout:g} s") from None
