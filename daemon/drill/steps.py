@@ -394,9 +394,14 @@ class Drill:
             rec.evidence["waited_for_mode_cache"] = self.cfg.mode_cache + 1
             await self.sleep(self.cfg.mode_cache + 1)
 
+    def _cache_note(self) -> str:
+        if self.cfg.mode_cache > 0:
+            return f"(waited {self.cfg.mode_cache + 1:g} s for the listener's cache)"
+        return "(mode_cache = 0: no wait for a listener cache)"
+
     async def _park_step(self, rec: StepRecord) -> str:
         await self._set_mode("defer", rec)
-        return f"mode defer (waited {self.cfg.mode_cache + 1:g} s for the listener's cache)"
+        return f"mode defer {self._cache_note()}"
 
     async def _send(self, rec: StepRecord) -> str:
         domain = self.cfg.sender.rpartition("@")[2]
@@ -447,7 +452,7 @@ class Drill:
 
     async def _flip(self, rec: StepRecord) -> str:
         await self._set_mode("accept", rec)
-        return f"mode accept (waited {self.cfg.mode_cache + 1:g} s for the listener's cache)"
+        return f"mode accept {self._cache_note()}"
 
     async def _retry(self, rec: StepRecord) -> str:
         tasks = await self.cluster.tasks()

@@ -476,6 +476,15 @@ async def test_each_flip_waits_out_the_mode_cache(tmp_path: Path) -> None:
     assert step(journal, 6)["evidence"]["waited_for_mode_cache"] == 31
 
 
+async def test_without_a_mode_cache_no_wait_is_claimed(tmp_path: Path) -> None:
+    """mode_cache = 0: steps 1 and 6 neither wait nor say they waited."""
+    drill, _, _, _ = make(tmp_path, mode_cache=0)
+    journal = await drill.run()
+    assert "waited_for_mode_cache" not in step(journal, 1)["evidence"]
+    assert "waited" not in step(journal, 1)["summary"] + step(journal, 6)["summary"]
+    assert "mode_cache = 0" in step(journal, 6)["summary"]
+
+
 @pytest.mark.parametrize("env", ["prod", "Production", " PROD ", "prod-eu-west-1",
                                  "eu_prod", "prod2", "us-east-1.production", "live"])
 def test_prod_spellings_are_refused(env: str) -> None:
