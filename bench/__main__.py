@@ -156,11 +156,14 @@ def hard_scan_rows(workdir: Path, lines: int, leaks: int, seed: int, runs: int) 
 def live_rows(facts: MailLogFacts) -> list[Row]:
     from bench.scan import live_rate
 
-    r = live_rate(facts.path)
-    return [("live watcher: FileTail batches -> `LineProcessor.feed_batch`",
-             f"{r.lines_per_second:,.0f} lines/s, {r.cpu_per_million:.2f} s CPU per million "
-             f"lines (reading alone {r.read_cpu / r.lines * 1e6:.2f} s)",
-             ratio(r.cpu_per_million, r.read_cpu / r.lines * 1e6), "reading alone")]
+    rows = []
+    for label, queue in (("", False), (" with queue health (QueueTracker)", True)):
+        r = live_rate(facts.path, queue=queue)
+        rows.append((f"live watcher: FileTail batches -> `LineProcessor.feed_batch`{label}",
+                     f"{r.lines_per_second:,.0f} lines/s, {r.cpu_per_million:.2f} s CPU per "
+                     f"million lines (reading alone {r.read_cpu / r.lines * 1e6:.2f} s)",
+                     ratio(r.cpu_per_million, r.read_cpu / r.lines * 1e6), "reading alone"))
+    return rows
 
 
 def soak_rows(workdir: Path, runs: int) -> list[Row]:

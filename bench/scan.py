@@ -123,12 +123,14 @@ class LiveRate:
         return self.cpu / self.lines * 1e6
 
 
-async def _drain(path: Path, feed: bool) -> tuple[int, float, float]:
+async def _drain(path: Path, feed: bool, queue: bool = False) -> tuple[int, float, float]:
     from daemon.logwatch.detector import LeakDetector
     from daemon.logwatch.pipeline import LineProcessor
+    from daemon.logwatch.queue import QueueTracker
     from daemon.logwatch.sources.file import FileTail
 
-    processor = LineProcessor(LeakDetector([DOMAIN], ["qp-test-*@*"]))
+    tracker = QueueTracker(clock=time.time) if queue else None
+    processor = LineProcessor(LeakDetector([DOMAIN], ["qp-test-*@*"]), queue=tracker)
     tail = FileTail(path, from_beginning=True)
     lines = 0
     started, cpu = time.perf_counter(), time.process_time()
@@ -145,8 +147,9 @@ async def _drain(path: Path, feed: bool) -> tuple[int, float, float]:
     return lines, time.perf_counter() - started, time.process_time() - cpu
 
 
-def live_rate(path: Path) -> LiveRate:
-    """The running watcher's path today: FileTail batches fed to LineProcessor.feed_batch."""
+def live_rate(path: Path, queue: bool = False) -> LiveRate:
+    """The running watcher's path today: FileTail batches fed to LineProcessor.feed_batch;
+    `queue`: with queue health (a QueueTracker fed too, as `selfcheckd run` does)."""
     _, _, read_cpu = asyncio.run(_drain(path, feed=False))
-    lines, seconds, cpu = asyncio.run(_drain(path, feed=True))
+    lines, seconds, cpu = asyncio.run(_drain(path, feed=True, queue=queue))
     return LiveRate(lines, seconds, cpu, read_cpu)

@@ -415,6 +415,7 @@ class Daemon:
                      "alerts": a.count, "attempts": a.attempts, "last_error": a.last_error,
                      "age": round(lw.outbox.age(a), 3)}
                     for a in lw.outbox.pending()],
+                "queue": lw.queue_status(),
             }
         return {
             "version": __version__,

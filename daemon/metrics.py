@@ -360,6 +360,33 @@ class Metrics:
             "Queue ids the leak watcher remembers (bounded by leakwatch.max_tracked_messages).",
             registry=r,
         )
+        # -- the shared queue, per task (docs/queue-health.md) --------------------------------
+        self.mta_deferred_silent = Gauge(
+            "mta_deferred_silent_messages",
+            "Deferred messages with no line for longer than leakwatch.queue_silent_after: no "
+            "queue runner retries them.", registry=r,
+        )
+        self.mta_oldest_silent = Gauge(
+            "mta_oldest_silent_deferred_seconds",
+            "Seconds since the last line of the longest silent deferred message (0 when none).",
+            registry=r,
+        )
+        self.mta_handoffs = Counter(
+            "mta_queue_handoffs",
+            "Attempts on a deferred message logged by another task than its previous line "
+            "(the shared queue at work; a replacement taking over its predecessor's retries).",
+            registry=r,
+        )
+        self.mta_queue_errors = Counter(
+            "mta_queue_errors",
+            "Lines in which the MTA reports an error of its queue, by kind: lock, permission, "
+            "space, other.", ["kind"], registry=r,
+        )
+        self.mta_tasks_logging = Gauge(
+            "mta_tasks_logging",
+            "Tasks (log streams, else syslog hosts) that logged an MTA line within "
+            "leakwatch.queue_silent_after.", registry=r,
+        )
 
     def watch_degraded(self, source: Callable[[], dict[str, str]]) -> None:
         """Export `source()` ({component: reason code}) as selfcheckd_component_degraded."""

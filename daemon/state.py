@@ -129,13 +129,23 @@ class QueueMessageState(_Section):
     last_seen: float
     hosts: list[str] = Field(default_factory=list)
     log_streams: list[str] = Field(default_factory=list)
+    # Absent in files written before tasks were kept (the streams, else the hosts, then).
+    tasks: list[str] = Field(default_factory=list)
+    last_task: str | None = None
     recipients: list[QueueRecipientState] = Field(default_factory=list)
 
 
+class QueueTaskState(_Section):
+    task: str = Field(min_length=1)
+    last_line: float
+
+
 class QueueState(_Section):
-    """The queue tracker's messages (daemon/logwatch/queue.py), least recently active first."""
+    """The queue tracker's messages (daemon/logwatch/queue.py), least recently active first,
+    and the tasks' latest lines, least recently heard first."""
 
     messages: list[QueueMessageState] = Field(default_factory=list)
+    tasks: list[QueueTaskState] = Field(default_factory=list)
 
 
 class FenceState(_Section):

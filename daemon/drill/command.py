@@ -80,17 +80,39 @@ def write_journal(journal: Journal, path: Path) -> str | None:
     return None
 
 
+def journal_writable(path: Path) -> str | None:
+    """Can `write_journal` write `path`? The problem, or None (tried with its temp file)."""
+    if path.is_dir():
+        return f"cannot write the journal to {path}: it is a directory"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        tmp.unlink()
+    except OSError as exc:
+        return f"cannot write the journal to {path}: {exc.strerror or exc}"
+    return None
+
+
 def run(config: Config, args: Any) -> int:
     if config.drill is None:
         print("selfcheckd drill: config: drill: no [drill] section (docs/drill.md)",
               file=sys.stderr)
         return 2
+    if args.journal is not None:  # the evidence asked for must not be lost after the drill
+        problem = journal_writable(args.journal)
+        if problem:
+            print(f"selfcheckd drill: {problem}; nothing was done", file=sys.stderr)
+            return 2
     drill = build_drill(config, keep_going=args.keep_going)
     journal = asyncio.run(run_with_signals(drill))
     if args.journal is not None:
         problem = write_journal(journal, args.journal)
         if problem:
-            print(f"selfcheckd drill: {problem}", file=sys.stderr)
+            print(f"selfcheckd drill: {problem}" + ("" if args.json else
+                  "; the journal follows on stdout instead"), file=sys.stderr)
+            if not args.json:
+                journal.dump(sys.stdout)
+                sys.stdout.flush()
     if args.json:
         journal.dump(sys.stdout)
         sys.stdout.flush()

@@ -23,7 +23,10 @@ from daemon.config_base import (
 )
 
 # Environments where the drill refuses to run: it stops a task and flips the sinkhole.
+# Any of these words in the name counts (`prod-eu-west-1`, `eu_prod`, `prod2`), not a
+# word that merely contains one (`preprod`, `nonprod`).
 PRODUCTION = frozenset({"prod", "production", "prd", "live"})
+_ENV_WORDS = re.compile(r"[a-z]+")
 
 _SCHEDULE_WORDS = {"hourly": 3600.0, "daily": 86400.0, "weekly": 604800.0}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -164,7 +167,8 @@ class DrillConfig(StrictModel):
 
     @property
     def refused(self) -> bool:
-        return self.environment.strip().lower() in PRODUCTION
+        return any(word in PRODUCTION
+                   for word in _ENV_WORDS.findall(self.environment.lower()))
 
     @property
     def schedule_interval(self) -> float | None:

@@ -11,6 +11,15 @@ Long addresses are cut to the column (`<nobody-20261207171328-75e96c@sinkhole`).
 A queue id may carry a mark (`*` being delivered now, `X` load too high, `-`
 too young to run). Debian's `mailq` prints the MSP queue and the MTA queue one
 after the other; both are read. An empty queue says `... is empty`.
+
+An exit status proves nothing: Debian's `mailq` is a shell wrapper that exits 0
+even when sendmail could not read its configuration or its queue directory
+(`sendmail -bp` itself exits 78), and ECS Exec never returns the command's exit
+status (aws/amazon-ecs-agent#2846). So `unanswered` recognises an answer by its
+shape: every queue section ends in `Total requests: N`, says `... is empty`, or
+heads its listing with `QUEUE (N requests)`. Anything else (`cannot open`,
+`can not chdir(...)`, `mailq: not found`) is no reading at all, never an empty
+queue.
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ _ENTRY = re.compile(
 # The last status, after the body type when sendmail knows it (`      7BIT   (Deferred: ...)`).
 _STATUS = re.compile(r"^\s+(?:[0-9A-Z]+\s+)?\((?P<status>.*)\)\s*$")
 _SMTP_4XX = re.compile(r"\b4\d\d\b")
+# What only a queue listing says (see the module docstring); Debian's section headers.
+_ANSWER = re.compile(r"^\s*(?:Total requests: \d+|\S.* is empty|\S+ \(\d+ requests?\b.*\))\s*$")
+_SECTION = re.compile(r"^\s*(?:MSP|MTA) Queue status\.\.\.\s*$")
 
 
 @dataclass
@@ -81,6 +93,25 @@ def parse_mailq(text: str) -> list[QueueEntry]:
             current.recipients.append(stripped)
         current.lines.append(line)
     return entries
+
+
+def unanswered(text: str) -> str | None:
+    """None when `text` is mailq's answer (each queue section it prints lists its queue or
+    says it is empty); else what it said instead (its first line), for the evidence."""
+    sections: list[tuple[str, list[str]]] = [("", [])]
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if _SECTION.match(line):
+            sections.append((line.strip(), []))
+        elif line.strip():
+            sections[-1][1].append(line)
+    if len(sections) > 1 and not sections[0][1]:
+        sections = sections[1:]  # Debian's wrapper: only its sections count
+    for header, lines in sections:
+        if not any(_ANSWER.match(line) for line in lines):
+            said = lines[0].strip() if lines else "no output"
+            return f"{header} {said}".strip()[:300]
+    return None
 
 
 def entries_for(text: str, recipient: str) -> list[QueueEntry]:

@@ -47,7 +47,7 @@ from daemon.drill.driver import (
     ModeStore,
 )
 from daemon.drill.journal import Journal, StepRecord
-from daemon.drill.mailq import QueueEntry, entries_for
+from daemon.drill.mailq import QueueEntry, entries_for, unanswered
 from daemon.drill.send import drill_message, send_message
 from daemon.sinkhole import MODES
 
@@ -61,7 +61,16 @@ SEND_TIMEOUT = 60.0
 # Kept from the interrupt budget for stopping the local tasks and printing the journal.
 CLOSE_RESERVE = 3.0
 PARK_RETRY = (1.0, 10.0)  # first and longest wait between parking attempts
+PARK_MIN_ATTEMPT = 1.0  # one parking attempt's least time, whatever the deadline
+# A cancellation can be swallowed (Python 3.11's asyncio.wait_for returns a result that
+# arrived with it; aiosmtplib reads every SMTP reply through it): cancel again this often.
+RECANCEL = 0.5
 MAX_EVIDENCE_LINES = 40
+# Why a queue run passes a deferred message by: sendmail's MinQueueAge (5m on smtp-out).
+MIN_QUEUE_AGE_HINT = ("sendmail skips a message tried less than MinQueueAge ago; give the "
+                      "queue run -OMinQueueAge=0 ([drill.local] run_queue, [drill.ecs] "
+                      "run_queue_command; docs/drill.md)")
+MAX_SAID_LINES = 10  # of a mailq that does not list the message: what it said instead
 _QID = r"[0-9A-Za-z]{8}\d{3,}"
 
 
@@ -74,6 +83,7 @@ class Observation:
     answered: bool = False  # a definite reading (mailq ran; a log search returned)
     entries: list[QueueEntry] = field(default_factory=list)  # mailq: listed copies
     log_lines: list[str] = field(default_factory=list)
+    said: list[str] = field(default_factory=list)  # mailq's lines when it lists nothing of ours
     error: str | None = None
 
     @property
@@ -94,6 +104,8 @@ class Observation:
                  else self.log_lines)
         out: dict[str, Any] = {"source": self.source, "listed": sorted(self.qids),
                                "lines": lines[-MAX_EVIDENCE_LINES:]}
+        if self.said:
+            out["said"] = self.said
         if self.error:
             out["error"] = self.error
         return out
@@ -142,6 +154,8 @@ class Drill:
         self.qid: str | None = None
         self.sent = False
         self.delivered = False
+        self.gone = False  # every task's mailq answered without it (lost, not delivered)
+        self.run_skipped = False  # step 7's queue run did not try the message
         self.replacements: list[str] = []
         self.since = wall()  # log searches start here
         self._armed = False
@@ -149,6 +163,8 @@ class Drill:
         self._signals = 0
         self._interrupted_at: float | None = None
         self._steps_task: asyncio.Task[None] | None = None
+        self._recancel: asyncio.TimerHandle | None = None
+        self._park_limit: asyncio.Timeout | None = None  # the parking attempt under way
         self._drain_task: asyncio.Task[None] | None = None
         self._failures: list[tuple[str, str]] = []
         self._lock_fd: int | None = None
@@ -163,7 +179,7 @@ class Drill:
             self.journal.interrupted_by = why
         if self._phase == "steps" and self._steps_task is not None and self._signals == 1:
             self._say(f"drill: {why}: stopping; the cleanup runs (parks the sinkhole in defer)")
-            self._steps_task.cancel()
+            self._cancel_steps()
         elif self._phase == "cleanup" and self._signals >= 3:
             self._say(f"drill: {why} again: exiting NOW, the cleanup did not finish: the "
                       f"sinkhole may not be in defer ({self.modes.describe()})")
@@ -171,8 +187,22 @@ class Drill:
         elif self._phase == "cleanup":
             if self._drain_task is not None and not self._drain_task.done():
                 self._drain_task.cancel()
+            limit = self._park_limit
+            if limit is not None:  # parking goes on, but within the interrupt budget
+                when, current = _loop_time_for(self._cleanup_deadline(), self.clock), limit.when()
+                if current is None or when < current:
+                    limit.reschedule(when)
             self._say(f"drill: {why}: the cleanup still parks the sinkhole in defer "
                       "(a third signal exits at once)")
+
+    def _cancel_steps(self) -> None:
+        """Cancel the steps, and again until they have ended: one cancellation may be
+        swallowed (RECANCEL); `_step` also refuses to start a step once interrupted."""
+        task = self._steps_task
+        if task is None or task.done():
+            return
+        task.cancel()
+        self._recancel = asyncio.get_running_loop().call_later(RECANCEL, self._cancel_steps)
 
     # -- the run -------------------------------------------------------------------------
 
@@ -191,6 +221,9 @@ class Drill:
             except asyncio.CancelledError:  # our caller is cancelled: a signal too
                 self.interrupt("cancelled")
                 await asyncio.wait({self._steps_task})
+            finally:
+                if self._recancel is not None:
+                    self._recancel.cancel()
             self._steps_task.result()
         except DrillRefusedError as exc:
             j.result, j.error = "refused", str(exc)
@@ -273,6 +306,8 @@ class Drill:
         self.current = rec
         self.journal.steps.append(rec)
         try:
+            if self._interrupted_at is not None:  # its cancellation was swallowed
+                raise asyncio.CancelledError
             rec.summary = await body(rec)
             rec.ok = True
         except asyncio.CancelledError:
@@ -359,9 +394,14 @@ class Drill:
             rec.evidence["waited_for_mode_cache"] = self.cfg.mode_cache + 1
             await self.sleep(self.cfg.mode_cache + 1)
 
+    def _cache_note(self) -> str:
+        if self.cfg.mode_cache > 0:
+            return f"(waited {self.cfg.mode_cache + 1:g} s for the listener's cache)"
+        return "(mode_cache = 0: no wait for a listener cache)"
+
     async def _park_step(self, rec: StepRecord) -> str:
         await self._set_mode("defer", rec)
-        return f"mode defer (waited {self.cfg.mode_cache + 1:g} s for the listener's cache)"
+        return f"mode defer {self._cache_note()}"
 
     async def _send(self, rec: StepRecord) -> str:
         domain = self.cfg.sender.rpartition("@")[2]
@@ -412,7 +452,7 @@ class Drill:
 
     async def _flip(self, rec: StepRecord) -> str:
         await self._set_mode("accept", rec)
-        return f"mode accept (waited {self.cfg.mode_cache + 1:g} s for the listener's cache)"
+        return f"mode accept {self._cache_note()}"
 
     async def _retry(self, rec: StepRecord) -> str:
         tasks = await self.cluster.tasks()
@@ -422,6 +462,12 @@ class Drill:
             rec.evidence.update(trigger="exec", task=runner)
             output = await self.cluster.run_queue(runner)
             rec.evidence["output"] = output.splitlines()[-MAX_EVIDENCE_LINES:]
+            # `sendmail -q -v` says `Running .../<qid>` for each message it tries.
+            self.run_skipped = self.qid is not None and self.qid not in output
+            rec.evidence["tried"] = not self.run_skipped
+            if self.run_skipped:
+                return f"queue run on {runner} ended without trying {self.qid} (another " \
+                       "runner may hold it; else MinQueueAge skipped it)"
             return f"queue run on {runner} ended"
         why = "trigger = wait" if self.cfg.trigger == "wait" else "no task can run a command"
         rec.evidence.update(trigger="wait", why=why, retry_timeout=self.cfg.retry_timeout)
@@ -449,8 +495,15 @@ class Drill:
                 obs.error = str(exc)
                 return obs
             else:
+                problem = unanswered(text)
+                if problem is not None:  # an error that exited 0: no reading at all
+                    obs.error = f"mailq on {task} gave no queue listing: {problem}"
+                    obs.said = _said(text)
+                    return obs
                 obs.answered = True
                 obs.entries = entries_for(text, self.recipient)
+                if not obs.entries:
+                    obs.said = _said(text)
                 return obs
         obs = Observation(task=task, source="log")
         if self.logs is None:
@@ -544,6 +597,8 @@ class Drill:
                 how = f"; {len(sent)} stat=Sent line" if sent is not None else ""
                 return f"{self.qid} gone from {len(tasks)} task(s){how}"
             if self.clock() >= deadline:
+                if not _still_queued(seen, self.qid) and _unread(seen):
+                    raise DrillAbortedError(verdict)  # no reading, no verdict on the queue
                 raise DrillFailedError(verdict)
             await self.sleep(self.cfg.poll_interval)
 
@@ -562,11 +617,13 @@ class Drill:
 
     def _judge_gone(self, seen: dict[str, Observation], sent: list[str] | None) -> str | None:
         qid = self.qid or "?"
-        still = [t for t, o in seen.items() if o.source == "mailq" and qid in o.qids]
+        still = _still_queued(seen, qid)
         if still:
             return f"queue id {qid} still queued after the flip on " + ", ".join(
-                f"{t} ({seen[t].status(qid) or 'no status'})" for t in still)
-        unread = [t for t, o in seen.items() if o.source == "mailq" and not o.answered]
+                f"{t} ({seen[t].status(qid) or 'no status'})" for t in still) + (
+                f"; the queue run of step 7 did not try it: {MIN_QUEUE_AGE_HINT}"
+                if self.run_skipped else "")
+        unread = _unread(seen)
         if unread:
             return f"mailq unreadable on {', '.join(unread)}: " \
                    f"{seen[unread[0]].error or 'no answer'}"
@@ -631,16 +688,23 @@ class Drill:
         self._say(rec.line())
 
     def _may_remain(self) -> bool:
-        return self.sent and not self.delivered
+        return self.sent and not self.delivered and not self.gone
 
     async def _park(self, actions: list[str], deadline: float) -> bool:
-        """Write `defer` until it reads back `defer`, or the deadline passes."""
+        """Write `defer` until it reads back `defer`, or the deadline passes. Each attempt
+        and each wait ends by the deadline, and a signal brings it forward to the
+        interrupt budget's (`interrupt` reschedules the one under way)."""
         attempt = 0
         while True:
             attempt += 1
+            deadline = self._within_budget(deadline)
+            # An attempt gets at least PARK_MIN_ATTEMPT even when the steps ate the time.
+            ends = max(deadline, self.clock() + PARK_MIN_ATTEMPT)
             try:
-                await self._write_mode("defer")
-                back = await self._read_mode()
+                async with asyncio.timeout_at(_loop_time_for(ends, self.clock)) as limit:
+                    self._park_limit = limit
+                    await self._write_mode("defer")
+                    back = await self._read_mode()
                 if back == "defer":
                     actions.append(f"parked in defer ({self.modes.describe()}, "
                                    f"attempt {attempt})")
@@ -648,13 +712,31 @@ class Drill:
                 problem = f"reads back {back!r}"
             except DrillAbortedError as exc:
                 problem = str(exc)
+            except TimeoutError:
+                problem = "no answer before the cleanup's deadline"
+            finally:
+                self._park_limit = None
+            deadline = self._within_budget(deadline)
             wait = min(PARK_RETRY[0] * 2 ** (attempt - 1), PARK_RETRY[1])
             if self.clock() + wait > deadline:
                 actions.append(f"could not park in defer after {attempt} attempt(s): {problem}")
                 return False
             self._say(f"drill cleanup: parking in defer failed ({problem}); retrying in "
                       f"{wait:g} s")
-            await self.sleep(wait)
+            try:
+                async with asyncio.timeout_at(_loop_time_for(deadline, self.clock)) as limit:
+                    self._park_limit = limit
+                    await self.sleep(wait)
+            except TimeoutError:
+                pass  # a signal brought the deadline forward: one last attempt
+            finally:
+                self._park_limit = None
+
+    def _within_budget(self, deadline: float) -> float:
+        """`deadline`, or the interrupt budget's when a signal came (whichever is first)."""
+        if self._interrupted_at is None:
+            return deadline
+        return min(deadline, self._cleanup_deadline())
 
     async def _drain(self, actions: list[str]) -> None:
         """The message may still be queued: accept, queue run, check (defer comes after)."""
@@ -662,7 +744,13 @@ class Drill:
         seen = await self._observe_all([t for t in tasks if self.cluster.can_exec(t)])
         holding = [t for t, o in seen.items() if o.entries]
         if not holding:
+            unread = [t for t, o in seen.items() if not o.answered]
+            if unread or not seen:
+                actions.append("cannot tell whether it is still queued: no mailq reading "
+                               f"from {', '.join(unread) or 'any task'}")
+                return
             actions.append("message not queued on any task: nothing to drain")
+            self.gone = True
             return
         runner = holding[0]
         actions.append(f"draining {', '.join(sorted({e.qid for e in seen[runner].entries}))}:"
@@ -670,10 +758,13 @@ class Drill:
         await self._write_mode("accept")
         if self.cfg.mode_cache > 0:
             await self.sleep(self.cfg.mode_cache + 1)
-        await self.cluster.run_queue(runner)
+        output = await self.cluster.run_queue(runner)
         after = await self._observe_all(holding)
         if any(o.entries for o in after.values()):
-            actions.append("still queued after the drain's queue run")
+            qids = {e.qid for o in after.values() for e in o.entries}
+            actions.append("still queued after the drain's queue run" + (
+                f", which did not try it: {MIN_QUEUE_AGE_HINT}"
+                if not any(q in output for q in qids) else ""))
         else:
             self.delivered = True
             actions.append("drained: gone from every task")
@@ -685,6 +776,20 @@ class Drill:
         return [f"{where} may still be queued (it stays deferred while the sinkhole defers, "
                 "and returns to its sender after sendmail's queue lifetime); drain it with "
                 "step 6 + 7 of the runbook, or `selfcheckd drill` again"]
+
+
+def _still_queued(seen: dict[str, Observation], qid: str | None) -> list[str]:
+    return [t for t, o in seen.items() if o.source == "mailq" and (qid or "?") in o.qids]
+
+
+def _unread(seen: dict[str, Observation]) -> list[str]:
+    return [t for t, o in seen.items() if o.source == "mailq" and not o.answered]
+
+
+def _said(text: str) -> list[str]:
+    """What a mailq that lists nothing of ours printed (its last lines), for the evidence."""
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    return lines[-MAX_SAID_LINES:]
 
 
 def _unique(lines: list[str]) -> list[str]:

@@ -202,14 +202,19 @@ class SendmailCluster:
         return self
 
     def close(self) -> None:
-        """Stop every task still running, then the collector."""
-        for task in self.running():
-            self.stop_task(task)
-        self.collector.stop()
-        if self._queue_mounted:
-            # Lazily: a process that outlived its task may still hold a file open there.
-            run([binary("umount"), "--lazy", str(self.queue_dir)])
-            self._queue_mounted = False
+        """Stop every task still running, then the collector; unmount a tmpfs queue even
+        when stopping failed (a mount must not outlive the cluster)."""
+        try:
+            for task in self.running():
+                self.stop_task(task)
+        finally:
+            try:
+                self.collector.stop()
+            finally:
+                if self._queue_mounted:
+                    # Lazily: a process that outlived its task may still hold a file there.
+                    run([binary("umount"), "--lazy", str(self.queue_dir)])
+                    self._queue_mounted = False
 
     def __enter__(self) -> SendmailCluster:
         return self

@@ -168,6 +168,9 @@ class LeakWatchConfig(StrictModel):
     # messages are tracked and saved in the state file.
     queue_retention: PositiveFloat = 518_400.0
     max_tracked_messages: int = Field(default=20_000, ge=100, le=100_000)
+    # A deferred message with no line for this long is silent: no queue runner retries it
+    # (2700 s: three of sendmail's 15-minute queue runs).
+    queue_silent_after: PositiveFloat = 2700.0
     # Where the watcher keeps what must survive a restart: the source's position
     # (CloudWatch cursor, file offset), the detector's memory, undelivered alerts.
     # A path, or s3://bucket/key (read whole at takeover, written conditionally).
@@ -193,6 +196,15 @@ class LeakWatchConfig(StrictModel):
         if isinstance(self.state_file, S3Location):
             return None
         return self.state_file if self.state_file is not None else self.cloudwatch.state_file
+
+    @field_validator("queue_silent_after")
+    @classmethod
+    def _silent_before_forgotten(cls, value: float, info: ValidationInfo) -> float:
+        retention = info.data.get("queue_retention")
+        if isinstance(retention, float) and value >= retention:
+            raise ValueError(f"must be shorter than leakwatch.queue_retention ({retention:g} s): "
+                             "a message is forgotten before it could be silent")
+        return value
 
     @property
     def state_s3(self) -> S3Location | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from daemon.logwatch.detector import Finding, LeakDetector
 from daemon.logwatch.parser import Delivery, LineKind, QueueAdd, parse_line
-from daemon.logwatch.queue import SENDMAIL_RETURN, QueueTracker
+from daemon.logwatch.queue import QueueTracker
 
 
 @dataclass(slots=True)
@@ -67,8 +67,8 @@ class LineProcessor:
             counts.unparsed += 1
         if record.mta:
             counts.mta += 1
-            if self.queue is not None and SENDMAIL_RETURN in line:
-                self.queue.see_return(line, stream)
+            if self.queue is not None:
+                self.queue.see_other(line, stream)
         return []
 
     def feed_batch(self, lines: list[str], streams: list[str] | None = None) -> list[Finding]:

@@ -28,7 +28,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -240,14 +240,15 @@ def _lines(fh: BinaryIO, max_line: int) -> LineReader:
 
 def run(args: argparse.Namespace, config: LeakWatchConfig,
         out: TextIO | None = None, err: TextIO | None = None, *,
-        max_line: int = MAX_LINE_BYTES) -> int:
+        max_line: int = MAX_LINE_BYTES, clock: Callable[[], float] = time.time) -> int:
     """Scan once; return the exit status (0 clean, 1 leaks, 2 bad input/config, 3 blind).
 
-    `max_line`: longer lines are counted and skipped (a test seam; the cap of every path)."""
+    `max_line`: longer lines are counted and skipped (a test seam; the cap of every path).
+    `clock`: now, for --queue's silence (and the end of a CloudWatch window)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     if getattr(args, "queue", False) or getattr(args, "queue_id", None) is not None:
-        return run_queue(args, config, out, err, max_line=max_line)
+        return run_queue(args, config, out, err, max_line=max_line, clock=clock)
     detector = LeakDetector(config.domains, config.allowed_senders,
                             config.max_tracked_queue_ids,
                             scan_senders(config.max_tracked_queue_ids))
@@ -331,7 +332,7 @@ class QueueScan:
         # The scan's clock is the input's own newest line: retention ages messages
         # relative to the end of what was read, as the daemon would have at that time.
         self.queue = QueueTracker(config.queue_retention, config.max_tracked_messages,
-                                  keep_delays=False)
+                                  keep_delays=False, silent_after=config.queue_silent_after)
         detector = LeakDetector(config.domains, config.allowed_senders,
                                 config.max_tracked_queue_ids,
                                 scan_senders(config.max_tracked_queue_ids))
@@ -371,15 +372,25 @@ class QueueScan:
             self.out.write(line + "\n" if stream is None else f"[{stream}] {line}\n")
 
 
-def message_lines(msg: Message, label: str) -> list[str]:
+def message_lines(msg: Message, label: str, silence: dict[str, Any]) -> list[str]:
     """A message as text: one head line, then one indented line per recipient."""
     head = (f"{label} queue_id={msg.queue_id} sender={format_sender(msg.sender)} "
             f"first_seen={iso(msg.first_seen)} last_seen={iso(msg.last_seen)} "
             f"attempts={msg.attempts} hosts={','.join(msg.hosts) or '-'}")
     if msg.log_streams:
         head += f" log_streams={','.join(msg.log_streams)}"
+    head += (f" tasks={','.join(msg.tasks) or '-'} "
+             f"silent={'true' if silence['silent'] else 'false'} "
+             f"since_last_line={silence['since_last_line']:.0f}")
     return [head, *(f"  to={address} result={r.result.value} attempts={r.attempts} "
                     f"stat={r.stat}" for address, r in msg.recipients.items())]
+
+
+def silence(queue: QueueTracker, msg: Message, now: float) -> dict[str, Any]:
+    """Whether a message is silent now, and the seconds since its last line."""
+    since = max(0.0, now - msg.last_seen)
+    return {"silent": queue.silent_for(msg, now) is not None,
+            "since_last_line": round(since, 3)}
 
 
 async def _fetch_cloudwatch(config: LeakWatchConfig, since: float, clock: float,
@@ -402,8 +413,13 @@ async def _fetch_cloudwatch(config: LeakWatchConfig, since: float, clock: float,
 
 
 def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
-              err: TextIO, *, max_line: int = MAX_LINE_BYTES) -> int:
-    """`scan --queue` / `scan --queue-id ID`; the exit status."""
+              err: TextIO, *, max_line: int = MAX_LINE_BYTES,
+              clock: Callable[[], float] = time.time) -> int:
+    """`scan --queue` / `scan --queue-id ID`; the exit status.
+
+    Silence is judged at `clock()` (never before the input's newest line), as the daemon
+    judges it at its clock: a deferred message of a log that goes on to now is silent
+    once no line touched it for `queue_silent_after`."""
     as_json = bool(args.json)
     queue_id: str | None = args.queue_id
     if queue_id is not None and not _QUEUE_ID.fullmatch(queue_id):
@@ -422,7 +438,7 @@ def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
 
             try:
                 lines, streams = asyncio.run(
-                    _fetch_cloudwatch(config, since, time.time(), queue_id))
+                    _fetch_cloudwatch(config, since, clock(), queue_id))
             except RETRYABLE as exc:
                 err.write(_cloudwatch_failure(exc))
                 return EXIT_BAD_INPUT
@@ -451,9 +467,10 @@ def run_queue(args: argparse.Namespace, config: LeakWatchConfig, out: TextIO,
     seconds = time.monotonic() - started
     scan.too_long = reader.too_long if reader is not None else 0
     scan.max_line = max_line
+    now = max(clock(), scan.queue.newest or 0.0)
     if queue_id is not None:
-        return _finish_history(scan, queue_id, source, seconds, err)
-    return _finish_queue(scan, source, seconds, err, args.file)
+        return _finish_history(scan, queue_id, source, seconds, err, now)
+    return _finish_queue(scan, source, seconds, err, args.file, now)
 
 
 def _not_a_mail_log(read: int, source: str, file: str | None) -> str:
@@ -474,7 +491,7 @@ def _is_gzip(path: Path) -> bool:
 
 
 def _finish_queue(scan: QueueScan, source: str, seconds: float, err: TextIO,
-                  file: str | None) -> int:
+                  file: str | None, now: float) -> int:
     summary = _summary(scan.processor, scan.report, source, seconds, scan.too_long)
     if summary["lines"] and not summary["mta_lines"]:
         err.write(_not_a_mail_log(summary["lines"], source, file))
@@ -482,39 +499,52 @@ def _finish_queue(scan: QueueScan, source: str, seconds: float, err: TextIO,
     queue = scan.queue
     queue.expire()  # past the retention before the input's end: returned or gone
     deferred = queue.deferred_messages()
+    silent = 0
     for msg in deferred:
+        quiet = silence(queue, msg, now)
+        silent += quiet["silent"]
         if scan.as_json:
-            scan.out.write(json.dumps({"type": "deferred", **msg.as_dict()}) + "\n")
+            scan.out.write(json.dumps({"type": "deferred", **msg.as_dict(), **quiet}) + "\n")
         else:
-            scan.out.write("\n".join(message_lines(msg, "DEFERRED")) + "\n")
+            scan.out.write("\n".join(message_lines(msg, "DEFERRED", quiet)) + "\n")
     scan.out.flush()
     summary["deliveries"] = {r.value: queue.counts[r] for r in Result}
     summary["deferred_messages"] = len(deferred)
+    summary["silent_messages"] = silent
+    summary["handoffs"] = queue.handoffs
+    summary["queue_errors"] = {k.value: n for k, n in queue.errors.items()}
+    summary["tasks"] = queue.task_listing(now)
     _print_summary(summary, scan.as_json, err, scan.max_line)
     if not scan.as_json:
         counts = ",".join(f"{r}:{n}" for r, n in summary["deliveries"].items())
-        err.write(f"queue_summary deferred_messages={len(deferred)} deliveries={counts}\n")
+        errors = ",".join(f"{k}:{n}" for k, n in summary["queue_errors"].items())
+        tasks = ",".join(t["task"] for t in summary["tasks"]) or "-"
+        err.write(f"queue_summary deferred_messages={len(deferred)} silent_messages={silent} "
+                  f"handoffs={queue.handoffs} deliveries={counts} queue_errors={errors} "
+                  f"tasks={tasks}\n")
     if deferred:
         return EXIT_DEFERRED
     return EXIT_BLIND if _blind(summary) else EXIT_CLEAN
 
 
 def _finish_history(scan: QueueScan, queue_id: str, source: str, seconds: float,
-                    err: TextIO) -> int:
+                    err: TextIO, now: float) -> int:
     scan.out.flush()
     msg = scan.queue.get(queue_id)
     deferred = msg is not None and msg.deferred > 0
+    quiet = None if msg is None else silence(scan.queue, msg, now)
     if scan.as_json:
         err.write(json.dumps({
             "type": "summary", "source": source, "lines": scan.lines, "queue_id": queue_id,
             "matched": scan.matched, "deferred": deferred,
-            "message": None if msg is None else msg.as_dict(), "seconds": round(seconds, 3),
+            "message": None if msg is None or quiet is None else {**msg.as_dict(), **quiet},
+            "seconds": round(seconds, 3),
         }) + "\n")
     else:
         err.write(f"scan_summary source={source} lines={scan.lines} queue_id={queue_id} "
                   f"matched={scan.matched} deferred={'true' if deferred else 'false'}\n")
-        if msg is not None:
-            err.write("\n".join(message_lines(msg, "MESSAGE")) + "\n")
+        if msg is not None and quiet is not None:
+            err.write("\n".join(message_lines(msg, "MESSAGE", quiet)) + "\n")
     if not scan.matched:
         err.write(f"scan: no line for queue id {queue_id} in {source}\n")
         return EXIT_NOT_FOUND

@@ -31,7 +31,8 @@ from daemon.logwatch.config import FileSource, LeakWatchConfig
 from daemon.logwatch.detector import LOGLEVEL_HINT, Finding, LeakDetector, format_sender
 from daemon.logwatch.parser import line_timestamp, timestamp_to_epoch
 from daemon.logwatch.pipeline import LineCounts, LineProcessor
-from daemon.logwatch.queue import Message, QueueTracker, Result
+from daemon.logwatch.queue import Message, QueueTracker, Result, iso
+from daemon.logwatch.queue_errors import ErrorKind
 from daemon.logwatch.saving import SAVE_TIMEOUT, Saver
 from daemon.logwatch.sinkhole_mode import SinkholeModeWatcher
 from daemon.logwatch.sources import EndOfInput, LineSource, SourceError
@@ -65,6 +66,8 @@ MIN_DEADLINE = 15.0
 POSITION_SAVE_INTERVAL = 5.0
 # Messages past the queue retention are looked for at most this often (seconds).
 QUEUE_EXPIRE_INTERVAL = 60.0
+# /status lists at most this many silent messages (the longest silent first).
+STATUS_SILENT_LISTED = 20
 
 
 def leak_summary(f: Finding) -> str:
@@ -254,11 +257,14 @@ class LeakWatch:
         self.detector = LeakDetector(
             config.domains, config.allowed_senders, config.max_tracked_queue_ids)
         self.queue = QueueTracker(config.queue_retention, config.max_tracked_messages,
-                                  clock=wall, wall=wall)
+                                  clock=wall, wall=wall,
+                                  silent_after=config.queue_silent_after)
         self.processor = LineProcessor(self.detector, clock=clock, queue=self.queue)
         self._bind_queue_metrics(self.queue)
         self._flushed_results = dict(self.queue.counts)
         self._flushed_skips = self._skips()
+        self._flushed_handoffs = self.queue.handoffs
+        self._flushed_errors = dict(self.queue.errors)
         self._expired_at = clock()
         self._evicted_warned = False
         # The state file, or the S3 object a caller built (its fence: daemon/ha.py).
@@ -397,12 +403,14 @@ class LeakWatch:
             alerts = [Alert(**a.model_dump()) for a in state.outbox]
             messages = [] if state.queue is None else [
                 Message.from_state(m.model_dump()) for m in state.queue.messages]
+            tasks = [] if state.queue is None else [
+                (t.task, t.last_line) for t in state.queue.tasks]
         except (ValueError, TypeError, KeyError) as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
         if state.detector is not None:
             self.detector.restore(state.detector.senders, state.detector.reported)
         if state.queue is not None:
-            self.queue.restore(messages)
+            self.queue.restore(messages, tasks)
             self.queue.expire()
         if state.cloudwatch is not None and self.poller is not None:
             self.poller.restore(state.cloudwatch.cursor_ms, state.cloudwatch.seen)
@@ -435,7 +443,7 @@ class LeakWatch:
         document: dict[str, Any] = {
             "detector": {"senders": trim(detector["senders"]), "reported": trim(reported)},
             "outbox": self.outbox.snapshot() if self.outbox is not None else self._orphans,
-            "queue": {"messages": self.queue.state()},
+            "queue": {"messages": self.queue.state(), "tasks": self.queue.task_state()},
         }
         if isinstance(self.state, S3StateStore) and (fence := self.state.fence()) is not None:
             document["fence"] = fence  # who wrote it: the lease's holder and token
@@ -526,16 +534,41 @@ class LeakWatch:
         m = self.metrics
         if queue is None:
             for gauge in (m.mta_deferred_messages, m.mta_oldest_deferred,
-                          m.mta_tracked_messages):
+                          m.mta_tracked_messages, m.mta_deferred_silent, m.mta_oldest_silent,
+                          m.mta_tasks_logging):
                 gauge.set_function(lambda: 0.0)
             return
         for result in Result:
             m.mta_deliveries.labels(result=result.value)  # every result shows, from 0
         for reason in ("truncated", "duplicate"):
             m.mta_skipped_lines.labels(reason=reason)
+        for kind in ErrorKind:
+            m.mta_queue_errors.labels(kind=kind.value)
         m.mta_deferred_messages.set_function(queue.deferred_count)
         m.mta_oldest_deferred.set_function(lambda: queue.oldest_deferred_age(self._wall()))
         m.mta_tracked_messages.set_function(queue.tracked_count)
+        m.mta_deferred_silent.set_function(lambda: queue.silent_count(self._wall()))
+        m.mta_oldest_silent.set_function(lambda: queue.oldest_silent_age(self._wall()))
+        m.mta_tasks_logging.set_function(lambda: queue.tasks_logging(self._wall()))
+
+    def queue_status(self) -> dict[str, Any]:
+        """The shared queue as /status shows it: silence, hand-offs, tasks, errors."""
+        queue, now = self.queue, self._wall()
+        return {
+            "silent_after": queue.silent_after,
+            # Silence is judged at this time: now, or the last read of the whole log.
+            "judged_at": iso(queue.reference(now)),
+            "deferred_messages": queue.deferred_count(),
+            "silent_messages": [
+                {"queue_id": m.queue_id, "last_line": iso(m.last_seen),
+                 "seconds_since_last_line": round(queue.reference(now) - m.last_seen, 3),
+                 "last_task": m.last_task}
+                for m in queue.silent_messages(now)[:STATUS_SILENT_LISTED]],
+            "handoffs": queue.handoffs,
+            "tasks": queue.task_listing(now),
+            "errors": {"counts": {k.value: n for k, n in queue.errors.items()},
+                       "recent": queue.recent_error_lines()},
+        }
 
     def _skips(self) -> dict[str, int]:
         return {"truncated": self.queue.truncated, "duplicate": self.queue.duplicates}
@@ -555,6 +588,13 @@ class LeakWatch:
         self._flushed_skips = skips
         for delay in queue.take_delays():
             m.mta_delivery_delay.observe(delay)
+        if delta := queue.handoffs - self._flushed_handoffs:
+            m.mta_handoffs.inc(delta)
+        self._flushed_handoffs = queue.handoffs
+        for kind, value in queue.errors.items():
+            if delta := value - self._flushed_errors[kind]:
+                m.mta_queue_errors.labels(kind=kind.value).inc(delta)
+        self._flushed_errors = dict(queue.errors)
         if self._clock() - self._expired_at >= QUEUE_EXPIRE_INTERVAL:
             self._expired_at = self._clock()
             queue.expire()
@@ -601,6 +641,11 @@ class LeakWatch:
             streams = self.poller.last_streams
         # The detector counts the findings reported now; the queue tracker takes the lines.
         findings = self.processor.feed_batch(batch, streams)
+        # Silence is judged up to what was read: a backlog still being read, at its newest
+        # line; a read that reached the end, at now; a source that fails, at its last read.
+        self.queue.reading_backlog = self.source.more_pending
+        if not self.source.more_pending:
+            self.queue.read_up_to = self._wall()
         self._flush_queue()
         # Sender lookups take seconds, and the outbox saves meanwhile: until a finding is
         # in the outbox, a save neither marks it reported nor moves the read past its

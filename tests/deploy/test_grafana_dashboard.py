@@ -168,3 +168,19 @@ def test_every_query_parses_with_promtool(tmp_path: Path) -> None:
     exprs = expressions()
     assert len(exprs) >= 20
     check_expressions_parse(exprs, tmp_path)
+
+
+def test_dashboard_shows_the_scheduled_drill_after_every_earlier_panel() -> None:
+    """The scheduled drill's last result, time since a pass, duration and runs by result, in
+    panels after the DNS ones (new panels go at the end)."""
+    exprs = list(expressions().values())
+
+    def shown(pattern: str) -> bool:
+        return any(re.search(pattern, e) for e in exprs)
+
+    assert shown(r"max by \(result\) \(selfcheck_drill_last_result\{[^}]*\}\) == 1")
+    assert shown(r"time\(\) - max\(selfcheck_drill_last_success_timestamp_seconds")
+    assert shown(r"selfcheck_drill_duration_seconds")
+    assert shown(r"sum by \(result\) \(increase\(selfcheck_drill_runs_total")
+    titles = [p["title"] for p in load()["panels"]]
+    assert titles.index("Last drill result") > titles.index("Undecided DNS checks ($window)")

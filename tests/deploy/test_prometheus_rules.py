@@ -40,6 +40,8 @@ EXPECTED_ALERTS = {
     # DNS and sending reputation: the [[dns]] entries' verdicts.
     "SendingIpBlocklisted", "MailAuthDnsBroken", "SendingIpReverseDnsBroken",
     "MtaStsPolicyBroken", "MailMxBroken", "DnsCheckUndecided",
+    # the shared queue: mail nobody retries, perms desynced, lock-contention storms.
+    "MtaDeferredMessageSilent", "MtaQueuePermissionErrors", "MtaQueueLockStorm",
     # two tasks, one leader ([ha]): none, two, and a task that cannot reach the lease.
     "SelfcheckdNoLeader", "SelfcheckdTwoLeaders", "SelfcheckdLeaseErrors",
 }

@@ -52,6 +52,11 @@ class FakeModes:
         self.fail_writes_after: int | None = None  # writes that succeed before failing
         self.failures_left: int | None = None  # failed calls before it answers again
         self.on_write: Callable[[str], None] | None = None
+        # From this write on (1-based), every write hangs until cancelled (a blackholed
+        # SSM endpoint); on_hang is told when one starts hanging.
+        self.hang_from: int | None = None
+        self.on_hang: Callable[[], None] | None = None
+        self.calls = 0  # writes attempted
 
     def describe(self) -> str:
         return "ssm:/cabal/sinkhole_mode"
@@ -72,6 +77,11 @@ class FakeModes:
         return self.mode
 
     async def write(self, mode: str) -> None:
+        self.calls += 1
+        if self.hang_from is not None and self.calls >= self.hang_from:
+            if self.on_hang is not None:
+                self.on_hang()
+            await asyncio.Event().wait()
         if self.fail_writes_after is not None and len(self.writes) >= self.fail_writes_after:
             self.failing = True
             self.fail_writes_after = None
@@ -106,6 +116,8 @@ class FakeCluster:
     log: list[LogLine] = field(default_factory=list)
     calls: list[tuple[str, str]] = field(default_factory=list)
     hooks: dict[str, Callable[[], None]] = field(default_factory=dict)
+    # What a task's mailq prints instead of its queue (Debian's mailq exits 0 on errors).
+    mailq_says: dict[str, str] = field(default_factory=dict)
     closed: bool = False
 
     def __post_init__(self) -> None:
@@ -173,14 +185,18 @@ class FakeCluster:
         await asyncio.sleep(0)
         if not self.exec_enabled:
             raise ExecUnavailableError(task)
+        if task in self.mailq_says:
+            return self.mailq_says[task]
         return format_mailq(self.queues[task])
 
     async def run_queue(self, task: str) -> str:
         self.calls.append(("run_queue", task))
         self._hook("run_queue")
-        for msg in list(self.queues[task].values()):
+        ran = list(self.queues[task].values())
+        for msg in ran:
             self._attempt(task, msg)
-        return "Running /var/spool/mqueue/... (sequence 1 of 1)\n"
+        return "".join(f"Running /var/spool/mqueue/{msg.qid} (sequence {i} of {len(ran)})\n"
+                       for i, msg in enumerate(ran, 1))
 
     async def stop_task(self, task: str, reason: str) -> None:
         self.calls.append(("stop_task", task))

@@ -143,3 +143,41 @@ lock_file = "{tmp_path / 'lock'}"
     journal = json.loads(out.out)
     assert journal["result"] == "refused" and journal["steps"] == []
     assert "never runs in production" in out.err
+
+
+def test_drill_command_refuses_a_journal_path_it_cannot_write_before_anything(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--journal` in a directory that does not exist: exit 2 before the drill touches
+    anything (no task started, the mode untouched), never a drill whose evidence is lost
+    after it stopped a task and flipped the sinkhole."""
+    from daemon.cli import main
+
+    mode_file = tmp_path / "mode"
+    mode_file.write_text("defer\n")
+    started = tmp_path / "started"
+    path = tmp_path / "c.toml"
+    path.write_text(BASE.replace('smtp = { host = "smtp.example.net" }',
+                                 'smtp = { host = "127.0.0.1", port = 9, security = "none" }')
+                    + f"""
+[drill]
+driver = "local"
+environment = "stage"
+sender = "qp-test-drill@example.net"
+mode_cache = 0
+settle_timeout = 5
+lock_file = "{tmp_path / 'lock'}"
+  [drill.sinkhole]
+  mode_file = "{mode_file}"
+  [drill.local]
+  replicas = 1
+  work_dir = "{tmp_path / 'work'}"
+  start = ["sh", "-c", "touch {started}; exec sleep 30"]
+  mailq = ["sh", "-c", "echo '/q is empty'"]
+  run_queue = ["true"]
+""")
+    journal = tmp_path / "no-such-dir" / "drill.json"
+    code = main(["drill", "queue-persistence", "--config", str(path), "--journal", str(journal)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"cannot write the journal to {journal}" in err and "nothing was done" in err
+    assert not started.exists() and mode_file.read_text() == "defer\n"

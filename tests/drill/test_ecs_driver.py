@@ -194,3 +194,68 @@ async def test_ecs_exec_speaks_through_the_session_manager_plugin(world: World,
     assert json.loads(call["session"])["tokenValue"] == "tok-SECRET"
     assert "tok-SECRET" not in " ".join(call["argv"])
     assert world.exec_calls == [(task, "mailq")]
+
+
+FAILING_PLUGIN = """#!{python}
+import sys
+print("\\nStarting session with SessionId: ecs-execute-command-0123", flush=True)
+print("Cannot perform start session: read tcp 10.0.0.5:55234->52.1.2.3:443: read: "
+      "connection reset by peer", flush=True)
+sys.exit(1)
+"""
+
+
+async def test_a_session_manager_plugin_that_fails_is_no_mailq_output(world: World,
+                                                                     tmp_path: Path) -> None:
+    """session-manager-plugin exiting non-zero (its session broke) is an exec that failed,
+    named with what the plugin said; never its error text read as mailq's output (an
+    empty queue: "not listed" at step 5, "gone" at step 8)."""
+    import sys
+
+    from daemon.drill.driver import DrillAbortedError
+
+    plugin = tmp_path / "session-manager-plugin"
+    plugin.write_text(FAILING_PLUGIN.format(python=sys.executable))
+    plugin.chmod(0o755)
+    async with ecs_proxy(world) as proxy:
+        cfg = config(proxy, tmp_path)
+        assert cfg.drill is not None and cfg.drill.ecs is not None
+        ecs_cfg = cfg.drill.ecs.model_copy(update={"session_manager_plugin": str(plugin)})
+        cluster = EcsCluster(ecs_cfg, ssm_endpoint="https://ssm.us-east-1.amazonaws.com")
+        await cluster.open(lambda _call: None)
+        try:
+            task = (await cluster.tasks())[0]
+            with pytest.raises(DrillAbortedError) as err:
+                await cluster.mailq(task)
+        finally:
+            await cluster.close()
+    assert "session-manager-plugin exited 1" in str(err.value)
+    assert "connection reset by peer" in str(err.value)
+
+
+async def test_exec_timeout_bounds_the_whole_ecs_exec(world: World, tmp_path: Path) -> None:
+    """exec_timeout is one ECS Exec command, session included: an exec stuck before its
+    plugin runs (ExecuteCommand hanging) still ends at it, as an unread task."""
+    import asyncio
+
+    from daemon.drill.driver import DrillAbortedError
+
+    class StuckExec:
+        async def run(self, *_args: Any) -> str:
+            await asyncio.Event().wait()  # ExecuteCommand that never answers
+            return ""
+
+    async with ecs_proxy(world) as proxy:
+        cfg = config(proxy, tmp_path)
+        assert cfg.drill is not None and cfg.drill.ecs is not None
+        ecs_cfg = cfg.drill.ecs.model_copy(update={"exec_timeout": 0.5})
+        cluster = EcsCluster(ecs_cfg, exec_=StuckExec())
+        await cluster.open(lambda _call: None)
+        try:
+            task = (await cluster.tasks())[0]
+            async with asyncio.timeout(10):
+                with pytest.raises(DrillAbortedError) as err:
+                    await cluster.mailq(task)
+        finally:
+            await cluster.close()
+    assert "no end within 0.5 s" in str(err.value)

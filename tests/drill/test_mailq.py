@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from daemon.drill.mailq import entries_for, parse_mailq
+import pytest
+
+from daemon.drill.mailq import entries_for, parse_mailq, unanswered
 
 RCPT = "nobody-20261207171328-75e96c@sinkhole.test"
 
@@ -48,3 +50,35 @@ def test_other_recipients_and_an_empty_queue() -> None:
     """Another drill's message is not ours; an empty queue lists nothing."""
     assert entries_for(PLAIN, "nobody-20261207171328-000000@sinkhole.test") == []
     assert parse_mailq("/var/spool/mqueue is empty\n\t\tTotal requests: 0\n") == []
+
+
+# Debian's `mailq` wrapper (exit status 0 in every case below), captured on Debian 12.
+DEBIAN_EMPTY = ("MSP Queue status...\n/var/spool/mqueue-client is empty\n\t\tTotal requests: 0\n"
+                "MTA Queue status...\n/var/spool/mqueue is empty\n\t\tTotal requests: 0\n")
+NO_CF = ("MSP Queue status...\n/t/task-3/sendmail.cf: line 0: cannot open: No such file or "
+         "directory\nMTA Queue status...\n/t/task-3/sendmail.cf: line 0: cannot open: No such "
+         "file or directory\n")
+NO_QUEUE_DIR = ("MSP Queue status...\n/var/spool/mqueue-client is empty\n\t\tTotal requests: "
+                "0\nMTA Queue status...\ncan not chdir(/var/spool/mqueue/): Permission denied\n")
+
+
+@pytest.mark.parametrize("text", [PLAIN, VERBOSE, DEBIAN_EMPTY, "Mail queue is empty\n",
+                                  "/var/spool/mqueue is empty\n\t\tTotal requests: 0\n"])
+def test_queue_listings_are_answers(text: str) -> None:
+    """A listing, an empty queue, and Debian's two sections are mailq answers."""
+    assert unanswered(text) is None
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    (NO_CF, "MSP Queue status... /t/task-3/sendmail.cf: line 0: cannot open"),
+    (NO_QUEUE_DIR, "MTA Queue status... can not chdir(/var/spool/mqueue/): Permission denied"),
+    ("sh: 1: mailq: not found\n", "sh: 1: mailq: not found"),
+    ("", "no output"),
+])
+def test_a_mailq_that_could_not_read_its_queue_is_no_answer(text: str, said: str) -> None:
+    """Debian's mailq exits 0 when it cannot open its cf or its queue (and ECS Exec returns
+    no exit status): such output is no reading, never an empty queue; it says what mailq
+    printed instead, per section."""
+    problem = unanswered(text)
+    assert problem is not None and problem.startswith(said)
+    assert parse_mailq(text) == []  # what the drill used to read as "not listed" / "gone"

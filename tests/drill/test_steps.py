@@ -54,6 +54,7 @@ async def test_shared_queue_passes_with_the_same_queue_id_before_and_after(
     assert all(e["listed"] == [qid] for e in after.values()) and "task-3" in after
     assert any("Deferred: 421 4.3.2" in line for line in after["task-3"]["lines"])
     assert [m.qid for m in cluster.delivered] == [qid]
+    assert step(journal, 7)["evidence"]["tried"] is True
     assert modes.mode == "defer" and journal.cleanup["ok"] is True
     assert len([ln for ln in lines.getvalue().splitlines() if ln.startswith("drill step")]) == 9
 
@@ -80,6 +81,53 @@ async def test_queue_lost_at_replacement_fails_at_step_5(tmp_path: Path) -> None
     assert (journal.exit_code, journal.failed_step) == (1, "5 survived")
     assert "not listed by task(s) task-3" in (journal.error or "")
     assert modes.mode == "defer"
+
+
+# Debian's `mailq -C {task_dir}/sendmail.cf` before the task's start command wrote its cf.
+MAILQ_NO_CF = ("MSP Queue status...\n/t/task-3/sendmail.cf: line 0: cannot open: No such file "
+               "or directory\nMTA Queue status...\n/t/task-3/sendmail.cf: line 0: cannot open: "
+               "No such file or directory\n")
+MAILQ_NO_QUEUE = "MTA Queue status...\ncan not chdir(/var/spool/mqueue/): Permission denied\n"
+
+
+async def test_a_replacement_whose_mailq_cannot_answer_yet_is_waited_for(
+        tmp_path: Path) -> None:
+    """A replacement whose mailq prints an error and exits 0 (Debian's wrapper, before the
+    task wrote its cf) is no reading: step 5 polls until it answers and passes, never
+    "not listed by task-3" (a false exit 1 on a healthy shared queue)."""
+    modes = FakeModes()
+    cluster = FakeCluster(modes)
+    cluster.hooks["stop_task"] = lambda: cluster.mailq_says.update({"task-3": MAILQ_NO_CF})
+    # Step 3 reads mailq twice, step 5's first poll twice (task-3's fails): the 6th call
+    # (step 5's second poll of task-3) finds the task ready.
+    cluster.hooks["mailq:6"] = lambda: cluster.mailq_says.clear()
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster)
+    journal = await drill.run()
+    assert journal.result == "passed", journal.error
+    assert step(journal, 5)["evidence"]["tasks"]["task-3"]["listed"] == [journal.queue_id]
+
+
+async def test_a_mailq_that_cannot_read_the_queue_is_not_a_drained_queue(
+        tmp_path: Path) -> None:
+    """After the flip every mailq prints an error (exit 0) and the message is in fact still
+    queued: step 8 aborts (exit 3, no reading), never passes as "gone from every task"; the
+    cleanup says it cannot tell whether the message is still queued."""
+    modes = FakeModes()
+    cluster = FakeCluster(modes)
+
+    async def no_delivery(task: str) -> str:
+        cluster.mailq_says.update(dict.fromkeys(cluster.queues, MAILQ_NO_QUEUE))
+        return ""
+
+    cluster.run_queue = no_delivery  # type: ignore[method-assign]
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster)
+    journal = await drill.run()
+    assert (journal.result, journal.exit_code, journal.failed_step) == (
+        "aborted", 3, "8 drained")
+    assert "gave no queue listing: MTA Queue status... can not chdir" in (journal.error or "")
+    assert any(a.startswith("cannot tell whether it is still queued")
+               for a in journal.cleanup["actions"])
+    assert journal.cleanup["left"] and modes.mode == "defer"
 
 
 async def test_failed_drill_drains_the_message_in_cleanup(tmp_path: Path) -> None:
@@ -133,6 +181,34 @@ async def test_sigterm_during_step_5_aborts_and_parks_in_defer(tmp_path: Path) -
     assert journal.cleanup["actions"][0].startswith("parked in defer")
     assert journal.cleanup["left"]  # no drain after a signal: it says what was left
     assert cluster.closed
+
+
+async def test_a_signal_is_not_lost_when_a_library_swallows_the_cancellation(
+        tmp_path: Path) -> None:
+    """A signal that arrives together with an SMTP reply still stops the drill (Python
+    3.11's asyncio.wait_for, through which aiosmtplib reads every reply, then returns the
+    reply and drops the cancellation): exit 3, aborted, no step after it runs."""
+    import asyncio
+
+    modes = FakeModes()
+    cluster = FakeCluster(modes)
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster)
+    submit = cluster.send
+
+    async def send(*args: Any) -> str:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[str] = loop.create_future()
+        loop.call_soon(reply.set_result, await submit(*args))
+        loop.call_soon(drill.interrupt, "SIGTERM")  # in the same loop turn as the reply
+        return await asyncio.wait_for(reply, 10)
+
+    drill.send = send
+    journal = await drill.run()
+    assert (journal.result, journal.exit_code) == ("aborted", 3)
+    assert journal.interrupted_by == "SIGTERM"
+    assert [s["step"] for s in journal.as_dict()["steps"]][-1] <= 3
+    assert ("stop_task", "task-1") not in cluster.calls and "accept" not in modes.writes
+    assert modes.mode == "defer"
 
 
 async def test_second_signal_during_cleanup_still_parks(tmp_path: Path) -> None:
@@ -198,6 +274,60 @@ async def test_ssm_down_for_good_exits_4_loudly(tmp_path: Path) -> None:
     assert journal.metric_result == "cleanup_failed"
     assert "DRILL CLEANUP FAILED" in lines.getvalue()
     assert "aws ssm put-parameter --name /cabal/sinkhole_mode --value defer" in lines.getvalue()
+
+
+async def test_a_signal_during_the_cleanups_retries_cuts_them_to_the_budget(
+        tmp_path: Path) -> None:
+    """SSM down from step 6 on, then SIGTERM while the cleanup retries its parking (for up
+    to cleanup_timeout = 300 s): the retries stop within interrupt_budget of the signal,
+    exit 4, never 300 s past ECS' 30 s."""
+    modes = FakeModes()
+    modes.fail_writes_after = 1
+    drill, _, _, _ = make(tmp_path, modes=modes, cleanup_timeout=300)
+    clock = drill.clock
+    signalled: list[float] = []
+    write = modes.write
+
+    async def counting_write(mode: str) -> None:
+        if drill._phase == "cleanup" and modes.calls == 3 and not signalled:
+            signalled.append(clock())
+            drill.interrupt("SIGTERM")
+        await write(mode)
+
+    modes.write = counting_write  # type: ignore[method-assign]
+    journal = await drill.run()
+    assert journal.exit_code == 4 and journal.cleanup["ok"] is False and signalled
+    assert clock() - signalled[0] <= drill.cfg.interrupt_budget
+
+
+async def test_a_hanging_ssm_cannot_hold_the_exit_past_the_budget(tmp_path: Path) -> None:
+    """A blackholed SSM (every call hangs) and SIGTERM during step 6: each parking attempt
+    is cut at the interrupt budget's deadline; the drill ends, exit 4, loudly."""
+    import asyncio
+
+    modes = FakeModes()
+    modes.hang_from = 2  # step 1's defer is written; step 6's accept hangs, so does defer
+    drill, _, _, lines = make(tmp_path, modes=modes, interrupt_budget=4)
+    modes.on_hang = lambda: asyncio.get_running_loop().call_soon(drill.interrupt, "SIGTERM")
+    async with asyncio.timeout(20):
+        journal = await drill.run()
+    assert (journal.exit_code, journal.failed_step) == (4, "6 flip")
+    assert "DRILL CLEANUP FAILED" in lines.getvalue()
+
+
+async def test_a_signal_cuts_a_hanging_parking_attempt_short(tmp_path: Path) -> None:
+    """The cleanup after a failed step parks under cleanup_timeout (300 s); SSM hangs and a
+    SIGTERM arrives during that attempt: the attempt is cut at the interrupt budget."""
+    import asyncio
+
+    modes = FakeModes()
+    modes.hang_from = 2  # the cleanup's parking is the second write
+    drill, _, _, _ = make(tmp_path, modes=modes, interrupt_budget=4, cleanup_timeout=300,
+                          cluster=FakeCluster(modes, shared=False))
+    modes.on_hang = lambda: asyncio.get_running_loop().call_soon(drill.interrupt, "SIGTERM")
+    async with asyncio.timeout(20):
+        journal = await drill.run()
+    assert (journal.exit_code, journal.failed_step) == (4, "3 queued")
 
 
 async def test_keep_going_checks_every_step_after_a_failure(tmp_path: Path) -> None:
@@ -280,6 +410,29 @@ async def test_not_delivered_after_the_flip_fails_step_8(tmp_path: Path) -> None
     assert "still queued after the flip" in (journal.error or "")
 
 
+async def test_a_queue_run_that_skips_the_message_is_named_as_the_cause(
+        tmp_path: Path) -> None:
+    """The issue's example queue run (`sendmail -q -v`, no -OMinQueueAge=0) on a cluster
+    with MinQueueAge: the run ends without trying the message, which stays deferred.
+    Step 7 says the run did not try it and step 8's failure names MinQueueAge and the
+    fix, not only "still queued after the flip"; so does the drain."""
+    modes = FakeModes()
+    cluster = FakeCluster(modes)
+
+    async def skipping_run(task: str) -> str:
+        return ""  # what `sendmail -q -v` printed when MinQueueAge skipped the message
+
+    cluster.run_queue = skipping_run  # type: ignore[method-assign]
+    drill, _, _, _ = make(tmp_path, modes=modes, cluster=cluster)
+    journal = await drill.run()
+    assert (journal.exit_code, journal.failed_step) == (1, "8 drained")
+    assert step(journal, 7)["evidence"]["tried"] is False
+    assert "without trying" in step(journal, 7)["summary"]
+    assert "did not try it" in (journal.error or "")
+    assert "-OMinQueueAge=0" in (journal.error or "")
+    assert any("which did not try it" in a for a in journal.cleanup["actions"])
+
+
 async def test_another_drill_holding_the_lock_is_refused(tmp_path: Path) -> None:
     """Two drills never overlap: the second is refused (exit 2) while the first runs."""
     first, cluster, _modes, _ = make(tmp_path)
@@ -323,7 +476,24 @@ async def test_each_flip_waits_out_the_mode_cache(tmp_path: Path) -> None:
     assert step(journal, 6)["evidence"]["waited_for_mode_cache"] == 31
 
 
-@pytest.mark.parametrize("env", ["prod", "Production", " PROD "])
+async def test_without_a_mode_cache_no_wait_is_claimed(tmp_path: Path) -> None:
+    """mode_cache = 0: steps 1 and 6 neither wait nor say they waited."""
+    drill, _, _, _ = make(tmp_path, mode_cache=0)
+    journal = await drill.run()
+    assert "waited_for_mode_cache" not in step(journal, 1)["evidence"]
+    assert "waited" not in step(journal, 1)["summary"] + step(journal, 6)["summary"]
+    assert "mode_cache = 0" in step(journal, 6)["summary"]
+
+
+@pytest.mark.parametrize("env", ["prod", "Production", " PROD ", "prod-eu-west-1",
+                                 "eu_prod", "prod2", "us-east-1.production", "live"])
 def test_prod_spellings_are_refused(env: str) -> None:
-    """Every spelling of production is refused."""
+    """Every spelling of production is refused, also as a word of a longer name."""
     assert drill_config(environment=env).refused
+
+
+@pytest.mark.parametrize("env", ["stage", "staging", "preprod", "nonprod", "demo",
+                                 "delivery-test"])
+def test_other_environments_run(env: str) -> None:
+    """Names that only contain the letters of prod or live are not production."""
+    assert not drill_config(environment=env).refused

@@ -4,11 +4,13 @@ Each test provokes one of the situations Cabalmail's soak watches for, on two re
 sendmail daemons over one queue directory, and checks the lines sendmail wrote. With
 SELFCHECKD_REFRESH_QUEUE_ERRORS=1 each test also saves its window of the cluster's log as
 tests/integration/data/queue-errors/<name>.log (the fixtures the queue-error parser is
-built and unit-tested against; see the README there).
+built and unit-tested against; see the README there). Each test also checks that
+`scan --queue` counts them by kind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -21,6 +23,7 @@ import pytest
 
 from daemon.embedded.processes import binary, wait_until
 from daemon.embedded.sendmail_config import SubmitRefused
+from tests.logwatch.harness import run_scan
 
 from .cluster_lab import LOG_WAIT, ClusterLab
 
@@ -31,10 +34,17 @@ REFRESH = "SELFCHECKD_REFRESH_QUEUE_ERRORS"
 LabFactory = Callable[..., ClusterLab]
 
 
-def _save(lab: ClusterLab, name: str, since: int) -> None:
+def _finish(lab: ClusterLab, name: str, since: int, tmp_path: Path) -> dict[str, int]:
+    """Save the window (when asked); what `scan --queue` counts in it by kind."""
     lab.sync()
+    text = lab.text(since)
     if os.environ.get(REFRESH) == "1":
-        (SAMPLES / f"{name}.log").write_text(lab.text(since))
+        (SAMPLES / f"{name}.log").write_text(text)
+    log = tmp_path / f"{name}.log"
+    log.write_text(text)
+    _, _, err = run_scan(["--file", str(log), "--queue", "--json"])
+    counts: dict[str, int] = json.loads(err.splitlines()[0])["queue_errors"]
+    return counts
 
 
 def _deferred(lab: ClusterLab, recipient: str) -> str:
@@ -57,7 +67,7 @@ def _chattr(path: Path, flag: str) -> Iterator[None]:
 
 
 def test_two_queue_runners_on_one_message_and_a_leftover_temp_file(
-    cluster_lab_factory: LabFactory,
+    cluster_lab_factory: LabFactory, tmp_path: Path,
 ) -> None:
     """A runner that reaches a message another task's runner holds logs `queueup: locked`
     (LogLevel 20 and up only); a runner that cannot write the message's temp file because
@@ -90,11 +100,12 @@ def test_two_queue_runners_on_one_message_and_a_leftover_temp_file(
                           since=since)
     finally:
         leftover.unlink(missing_ok=True)
-    _save(lab, "lock", since)
+    counts = _finish(lab, "lock", since, tmp_path)
+    assert counts["lock"] >= 2 and counts["permission"] == counts["space"] == 0
 
 
 def test_a_queue_directory_with_the_wrong_owner_mode_or_attributes(
-    cluster_lab_factory: LabFactory,
+    cluster_lab_factory: LabFactory, tmp_path: Path,
 ) -> None:
     """The "perms desynced" signal: with the queue directory owned by another user, a new
     message cannot be written and a queue run cannot enter the queue; where files cannot be
@@ -128,10 +139,14 @@ def test_a_queue_directory_with_the_wrong_owner_mode_or_attributes(
     lab.wait_for_line(rf"{qid}: bogus queue file, uid=0, gid=0, mode=100666$", since=since)
     lab.wait_for_line(rf"{qid}: Losing \./qf{qid}: bogus file uid/gid in mqueue$", since=since)
     assert (queue / f"Qf{qid}").exists() and not (queue / f"qf{qid}").exists()
-    _save(lab, "permission", since)
+    counts = _finish(lab, "permission", since, tmp_path)
+    assert counts["permission"] >= 4 and counts["other"] >= 1
+    assert counts["lock"] == counts["space"] == 0
 
 
-def test_a_full_or_read_only_queue_directory(cluster_lab_factory: LabFactory) -> None:
+def test_a_full_or_read_only_queue_directory(
+    cluster_lab_factory: LabFactory, tmp_path: Path,
+) -> None:
     """A full queue filesystem refuses new mail and the rewrite of a deferred message; a
     task started on it refuses mail for low space; a task whose queue mount is read-only
     cannot open a queue file."""
@@ -163,7 +178,8 @@ def test_a_full_or_read_only_queue_directory(cluster_lab_factory: LabFactory) ->
     lab.cluster.queue_run(two, check=False)
     lab.wait_for_line(rf"^\S+ smtp-out-2 sendmail\[\d+\]: {qid}: SYSERR\(root\): readqf: "
                       rf"no control file \./qf{qid}: Read-only file system$", since=since)
-    _save(lab, "space", since)
+    counts = _finish(lab, "space", since, tmp_path)
+    assert counts["space"] >= 5 and counts["permission"] == counts["lock"] == 0
 
 
 def _fill(path: Path) -> None:

@@ -18,6 +18,7 @@ from aiobotocore.session import get_session
 
 from daemon.logwatch import scan_command
 from daemon.logwatch.config import CloudWatchSource, LeakWatchConfig
+from daemon.logwatch.parser import timestamp_to_epoch
 from tests.logwatch.aws_fakes import Faults, fault_proxy
 from tests.logwatch.harness import run_scan, watching
 from tests.waiting import until
@@ -31,7 +32,10 @@ TASK_A, TASK_B = "smtp-out/smtp-out/task-a", "smtp-out/smtp-out/task-b"
 
 def test_queue_lists_every_message_still_deferred_as_json() -> None:
     """--queue --json: one object per deferred message, oldest first; leaks are not printed."""
-    code, out, err = run_scan(["--file", str(REAL), "--queue", "--json"])
+    last_line = timestamp_to_epoch("2026-11-23T19:31:53.567357+00:00")
+    assert last_line is not None
+    code, out, err = run_scan(["--file", str(REAL), "--queue", "--json"],
+                              clock=lambda: last_line + 60)
     messages = [json.loads(line) for line in out.splitlines()]
     assert code == 1
     assert [m["queue_id"] for m in messages] == ["6ANJUQna010773", "6ANJVrcF011285"]
@@ -41,7 +45,9 @@ def test_queue_lists_every_message_still_deferred_as_json() -> None:
                         "stat": "Deferred: 421 4.3.2 Service temporarily unavailable",
                         "attempts": 1, "last_seen": "2026-11-23T19:30:26.073041+00:00"}],
         "attempts": 1, "first_seen": "2026-11-23T19:30:26.061129+00:00",
-        "last_seen": "2026-11-23T19:30:26.073041+00:00", "hosts": ["vm"], "log_streams": []}
+        "last_seen": "2026-11-23T19:30:26.073041+00:00", "hosts": ["vm"], "log_streams": [],
+        "tasks": ["vm"], "first_task": "vm", "last_task": "vm", "silent": False,
+        "since_last_line": 147.494}
     assert messages[1]["sender"] is None  # no from= line for it
     summary = json.loads(err.splitlines()[0])
     assert summary["deferred_messages"] == 2 and summary["leaks"] == 7
@@ -51,7 +57,7 @@ def test_queue_lists_every_message_still_deferred_as_json() -> None:
 
 def test_queue_text_names_every_recipient_with_its_last_stat() -> None:
     """Text mode: a DEFERRED line per message and one indented line per recipient."""
-    code, out, err = run_scan(["--file", str(MIXED), "--queue"])
+    code, out, err = run_scan(["--file", str(MIXED), "--queue"], clock=lambda: 0)
     assert code == 1
     lines = out.splitlines()
     assert lines[0].startswith("DEFERRED queue_id=6ANJUwxy012000 sender=App@Example.COM "
@@ -60,7 +66,8 @@ def test_queue_text_names_every_recipient_with_its_last_stat() -> None:
     assert ("  to=Nobody-14@SinkHole.TEST result=deferred attempts=2 "
             "stat=Deferred: Connection refused by mx.example.org.") in lines
     assert '  to="a,b"@sinkhole.test result=sent attempts=1 stat=Sent (ok)' in lines
-    assert "queue_summary deferred_messages=1 deliveries=sent:4,deferred:1,queued:3," in err
+    assert ("queue_summary deferred_messages=1 silent_messages=0 handoffs=0 "
+            "deliveries=sent:4,deferred:1,queued:3,") in err
 
 
 def test_queue_exits_zero_when_nothing_is_deferred(tmp_path: Path) -> None:
@@ -252,8 +259,8 @@ def test_scan_queue_id_over_cloudwatch_filters_on_the_id(moto_url: str) -> None:
     code, out, faults = asyncio.run(scan(["--cloudwatch", "--since", "1h", "--queue"]))
     assert code == 1
     assert faults.patterns == [""]  # every line: queue health needs all of them
-    assert out.splitlines()[0].endswith(f"hosts=ip-10-0-1-5,ip-10-0-2-7 "
-                                        f"log_streams={TASK_A},{TASK_B}")
+    assert f"hosts=ip-10-0-1-5,ip-10-0-2-7 log_streams={TASK_A},{TASK_B} " \
+        f"tasks={TASK_A},{TASK_B} silent=false " in out.splitlines()[0]
 
 
 async def test_cloudwatch_restart_counts_only_new_events(moto_url: str, tmp_path: Path) -> None:

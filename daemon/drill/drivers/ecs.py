@@ -92,8 +92,15 @@ class SessionManagerPluginExec:
                 await asyncio.shield(proc.wait())
         lines = data.decode("utf-8", errors="replace").replace("\r\n", "\n").splitlines()
         # The plugin's own lines around the command's output.
-        return "\n".join(ln for ln in lines if not ln.startswith(
-            ("Starting session with SessionId", "Exiting session with sessionId"))) + "\n"
+        output = [ln for ln in lines if not ln.startswith(
+            ("Starting session with SessionId", "Exiting session with sessionId"))]
+        if proc.returncode != 0:
+            # The session itself failed (the command's own status never comes back: ECS
+            # Exec does not return it): its text is no output of the command.
+            said = next((ln.strip() for ln in reversed(output) if ln.strip()), "no output")
+            raise DrillAbortedError(f"ECS Exec {command!r} on {task}: {self.plugin} exited "
+                                    f"{proc.returncode}: {said[:300]}")
+        return "\n".join(output) + "\n"
 
 
 class EcsCluster:
@@ -173,8 +180,10 @@ class EcsCluster:
         self._record({"call": "ecs:ExecuteCommand", "task": task,
                       "container": self.cfg.container, "command": command})
         try:
-            return await self.exec.run(self._ecs, self.cfg.cluster, task, self.cfg.container,
-                                       command, self.cfg.exec_timeout)
+            # exec_timeout is the whole command, ExecuteCommand and the session included.
+            async with asyncio.timeout(self.cfg.exec_timeout):
+                return await self.exec.run(self._ecs, self.cfg.cluster, task,
+                                           self.cfg.container, command, self.cfg.exec_timeout)
         except TimeoutError:
             raise DrillAbortedError(f"ECS Exec {command!r} on {task}: no end within "
                                     f"{self.cfg.exec_timeout:g} s") from None

@@ -3,7 +3,9 @@
 `[drill.local] start` runs one task (`{task}` a fresh name, `{task_dir}` its own
 directory under `work_dir`); `mailq` and `run_queue` act on one. The driver
 starts `replicas` tasks at preflight and stops what it started when the drill
-ends. A task is steady when its process is alive and its `mailq` exits 0.
+ends. A task is steady when its process is alive and its `mailq` answers: exits 0
+with a queue listing (Debian's `mailq` exits 0 whatever happened, so the listing
+is what counts: daemon.drill.mailq.unanswered).
 Stopping one is SIGTERM to its process group, SIGKILL after `stop_grace`; the
 replacement (as ECS starts one) is the same `start` under a new name.
 """
@@ -28,6 +30,7 @@ import structlog
 
 from daemon.drill.config import LocalDriver
 from daemon.drill.driver import DrillAbortedError, Recorder, Steady
+from daemon.drill.mailq import unanswered
 
 log = structlog.get_logger("daemon.drill.local")
 
@@ -171,9 +174,15 @@ class LocalCluster:
             problem = ""
             for name in sorted(self.tasks_):
                 try:
-                    await self._command("mailq", self.cfg.mailq, name, record=False)
+                    text = await self._command("mailq", self.cfg.mailq, name, record=False)
                 except DrillAbortedError as exc:
                     problem = str(exc)
+                    break
+                # Debian's mailq exits 0 even when it cannot read its cf or queue yet
+                # (a start command still writing {task_dir}/sendmail.cf): not ready.
+                said = unanswered(text)
+                if said is not None:
+                    problem = f"mailq on {name} gave no queue listing: {said}"
                     break
             if not problem:
                 return
