@@ -111,6 +111,22 @@ class VolumeIO:
             ) from None
         self._abandoned = None
 
+    async def settle(self, timeout: float) -> bool:
+        """Give an abandoned worker up to `timeout` s to end; False if it is still alive.
+
+        A save cancelled by its caller (a stop, a leader stepping down) kills its worker;
+        a healthy one is gone in milliseconds, and waiting for it here lets it be reaped
+        before the event loop closes (else the daemon leaves a zombie, and asyncio warns).
+        """
+        if self._abandoned is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._abandoned[0].done), timeout)
+        except TimeoutError:
+            return False
+        self._abandoned = None
+        return True
+
     async def write(self, path: Path, payload: bytes, timeout: float | None) -> None:
         """Write `payload` to `path` atomically (temporary file, fsync, rename, fsync)."""
         answer, _ = await self._run(["write", str(path), str(len(payload))], payload,

@@ -50,6 +50,7 @@ from daemon.state import (
     parse_state,
     trim,
 )
+from daemon.state_io import KILL_GRACE
 from daemon.state_s3 import S3StateStore
 from daemon.supervisor import Component, Progress
 
@@ -477,6 +478,9 @@ class LeakWatch:
                               and self.state.last_error is None)
         if isinstance(self.state, S3StateStore):
             await self.state.close()  # a reload's new watcher may reuse it: a new client
+        else:  # a write cut short killed its worker: reap it (not past the time left)
+            left = KILL_GRACE if timeout is None else timeout - (loop.time() - started)
+            await self.state.io.settle(max(0.0, min(KILL_GRACE, left)))
         # A reload may drop [leakwatch]: no deferred message and no pending alert may stay
         # on /metrics, ageing, for a watcher that is gone (a new one binds its own). The
         # alerts themselves stay in the state file.
