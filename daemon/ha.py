@@ -65,12 +65,9 @@ from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionClosedError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    NoRegionError,
 )
 
+from daemon.aws_errors import error_reason as aws_error_reason
 from daemon.metrics import Metrics
 from daemon.supervisor import Progress
 from daemon.threads import in_daemon_thread
@@ -100,11 +97,6 @@ LEADERSHIP_TICK = 10.0
 # Stopping or starting the leader's work takes at most about this long (each of its
 # steps is bounded); the leadership loop's progress deadline allows for it.
 TRANSITION_BOUND = 60.0
-_THROTTLED = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException",
-                        "RequestLimitExceeded", "Throttling"})
-_DENIED = frozenset({"AccessDeniedException", "UnrecognizedClientException",
-                     "InvalidSignatureException", "ExpiredTokenException",
-                     "MissingAuthenticationTokenException"})
 # The DynamoDB actions selfcheckd calls on the lease table (UpdateItem: take, renew,
 # release; GetItem: `config-check --connect`): the task role grants exactly these.
 IAM_ACTIONS = ("dynamodb:UpdateItem", "dynamodb:GetItem")
@@ -234,26 +226,9 @@ def create_dynamodb_client(cfg: HaConfig, timeout: float) -> Any:
 
 
 def error_reason(exc: BaseException) -> str:
-    """A bounded label for selfcheckd_lease_errors_total{reason}."""
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in _THROTTLED:
-            return "throttled"
-        if code in _DENIED:
-            return "access_denied"
-        if code == "ResourceNotFoundException":
-            return "no_table"
-        return "api_error"
-    if isinstance(exc, NoCredentialsError):
-        return "credentials"
-    if isinstance(exc, NoRegionError):
-        return "config"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, (EndpointConnectionError, ConnectionClosedError, aiohttp.ClientError,
-                        OSError)):
-        return "connection"
-    return "other"
+    """A bounded label for selfcheckd_lease_errors_total{reason} (a missing table: no_table)."""
+    reason = aws_error_reason(exc)
+    return "no_table" if reason == "not_found" else reason
 
 
 def error_text(exc: BaseException) -> str:

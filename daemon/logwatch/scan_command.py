@@ -221,7 +221,7 @@ def _source_problem(args: argparse.Namespace) -> str | None:
 
 
 def _cloudwatch_failure(exc: BaseException) -> str:
-    from daemon.logwatch.sources.cloudwatch import error_reason
+    from daemon.aws_errors import error_reason
 
     return (f"scan: CloudWatch query failed ({error_reason(exc)}): "
             f"{type(exc).__name__}: {exc}\n")

@@ -19,13 +19,9 @@ import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
+from daemon.aws_errors import error_reason
 from daemon.logwatch.config import SinkholeModeWatch
-from daemon.logwatch.sources.cloudwatch import (
-    BOTO_ATTEMPTS,
-    RETRYABLE,
-    call_deadline,
-    error_reason,
-)
+from daemon.logwatch.sources.cloudwatch import BOTO_ATTEMPTS, RETRYABLE, call_deadline
 from daemon.metrics import Metrics
 from daemon.retry import Backoff
 from daemon.supervisor import Progress

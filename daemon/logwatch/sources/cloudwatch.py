@@ -32,12 +32,9 @@ from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionClosedError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    NoRegionError,
 )
 
+from daemon.aws_errors import error_reason
 from daemon.logwatch.config import CloudWatchSource
 from daemon.logwatch.parser import QueueAdd, parse_line
 from daemon.logwatch.sources import SourceError
@@ -60,30 +57,6 @@ BOTO_MAX_RETRY_DELAY = 20.0
 def call_deadline(request_timeout: float) -> float:
     """Deadline of one API call including botocore's retries and their backoff."""
     return request_timeout * BOTO_ATTEMPTS + BOTO_MAX_RETRY_DELAY * (BOTO_ATTEMPTS - 1)
-
-
-def error_reason(exc: BaseException) -> str:
-    """A bounded label for leakwatch_errors_total{reason}."""
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("ThrottlingException", "Throttling", "TooManyRequestsException"):
-            return "throttled"
-        if code in ("AccessDeniedException", "UnrecognizedClientException",
-                    "ExpiredTokenException", "InvalidSignatureException"):
-            return "access_denied"
-        if code == "ResourceNotFoundException":
-            return "not_found"
-        return "api_error"
-    if isinstance(exc, NoCredentialsError):
-        return "credentials"
-    if isinstance(exc, NoRegionError):
-        return "config"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, (EndpointConnectionError, ConnectionClosedError,
-                        aiohttp.ClientError, OSError)):
-        return "connection"
-    return "other"
 
 
 # What a poll may raise that is worth a retry (everything else is a bug).
